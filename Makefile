@@ -1,0 +1,139 @@
+# The one entry point for every check, used the same way on a laptop and by .ci/run:
+#
+#   make setup        .venv with the dev requirements (Python 3.12 preferred)
+#   make test         lint, sanity, units, integration - in that order, stops at the first failure
+#   make build        collection tarball in .build/dist, installed and read back with ansible-doc
+#
+# Single targets: lint sanity units integration build main. Extra arguments:
+#   make sanity SANITY_ARGS='--test pep8'   make sanity SANITY_PYTHON=3.12
+#   make units PYTEST_ARGS='-k placement -x'
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+
+VENV := .venv
+VENV_BIN := $(abspath $(VENV))/bin
+PY := $(VENV_BIN)/python
+STAMP := $(VENV)/.requirements-installed
+
+# ansible-core 2.20+ needs Python 3.12; pyenv's newest 3.12 first, then whatever is on PATH.
+BOOTSTRAP_PYTHON ?= $(firstword \
+    $(lastword $(sort $(wildcard $(HOME)/.pyenv/versions/3.12.*/bin/python3.12))) \
+    $(shell command -v python3.12) \
+    $(shell command -v python3))
+
+# ansible-test only accepts a collection that sits at ansible_collections/<namespace>/<name>; it
+# runs on a copy of the tree minus what .gitignore names (venvs, build and test output, caches).
+COLLECTION_DIR := .build/ansible_collections/gpuvirt/kvm
+DIST_DIR := .build/dist
+
+# Empty: the multi-version tests (compile, import) run on every Python that ansible-test supports
+# and finds - module_utils must work on the managed hosts' Python 3.9 too - and the rest on the
+# venv's. `make sanity SANITY_PYTHON=3.12` checks one version only.
+SANITY_PYTHON ?=
+SANITY_ARGS ?=
+# pyenv's shims answer only for its selected version, so put each installed version's bin on PATH.
+empty :=
+space := $(empty) $(empty)
+SANITY_PATH := $(subst $(space),:,$(strip $(VENV_BIN) $(wildcard $(HOME)/.pyenv/versions/3.*/bin)))
+PYTEST_ARGS ?=
+
+# Recipes run the venv's tools (ansible-test, ansible-galaxy, ansible-doc) and scripts they start.
+RUN := PATH="$(VENV_BIN):$$PATH"
+
+LINT_PY_PATHS = $(wildcard plugins tests bench tools .ci)
+SHELL_SCRIPTS = $(wildcard .ci/run tools/*.sh tests/integration/*.sh)
+
+.PHONY: help setup lint sanity units integration test build main sync clean
+
+help:
+	@sed -n '1,/^$$/p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+
+setup: $(STAMP)
+
+$(STAMP): requirements-dev.txt
+	@test -n "$(BOOTSTRAP_PYTHON)" || { echo "setup: no python3.12 or python3 found on PATH" >&2; exit 1; }
+	test -x $(PY) || $(BOOTSTRAP_PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	@touch $@
+
+lint: setup sync
+	$(RUN) ruff check $(LINT_PY_PATHS)
+	$(RUN) yamllint --strict .
+	@command -v shellcheck >/dev/null || { \
+	  echo "lint: shellcheck is missing; install it (apt-get install shellcheck) or run .ci/run" >&2; \
+	  exit 1; }
+	shellcheck $(SHELL_SCRIPTS)
+	@# ansible-lint resolves gpuvirt.kvm.* in tasks (and checks their arguments) only when the
+	@# collection sits in a collections path: the synced copy under .build is one.
+	$(RUN) ANSIBLE_COLLECTIONS_PATH="$(abspath .build)" ansible-lint
+
+# Copies the tree for ansible-test; files ignored by git never reach it, tests/output survives.
+# The copy's git repository has no commits: ansible-test lists its files as untracked ones.
+sync:
+	@command -v rsync >/dev/null || { echo "sync: rsync is missing (apt-get install rsync)" >&2; exit 1; }
+	mkdir -p $(COLLECTION_DIR)
+	rsync -a --delete --exclude=/.git --exclude=/tests/output --filter=':- .gitignore' \
+	  ./ $(COLLECTION_DIR)/
+	@# ansible-test lists files with git from the nearest .git upwards; without one of its own the
+	@# copy would belong to this repository, where .build/ is ignored, and every test would skip.
+	test -d $(COLLECTION_DIR)/.git || git -C $(COLLECTION_DIR) init --quiet
+
+sanity: setup sync
+	$(PY) .ci/ansible_test_pip_standin.py >/dev/null
+	cd $(COLLECTION_DIR) && PATH="$(SANITY_PATH):$$PATH" ansible-test sanity --venv --color no \
+	  $(if $(SANITY_PYTHON),--python $(SANITY_PYTHON)) $(SANITY_ARGS)
+
+units: setup
+	$(RUN) python -m pytest $(PYTEST_ARGS)
+
+# The integration suite drives a real libvirtd; tests/integration/run.sh owns how.
+integration: setup
+	@if [ -f tests/integration/run.sh ]; then \
+	  $(RUN) bash tests/integration/run.sh; \
+	else \
+	  echo "integration: tests/integration/run.sh does not exist yet, nothing to run"; \
+	fi
+
+test:
+	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory sanity
+	$(MAKE) --no-print-directory units
+	$(MAKE) --no-print-directory integration
+
+# Builds from the same git-filtered copy that sanity checks, installs the tarball into an empty
+# collections path and renders every module's documentation from the installed copy.
+build: setup sync
+	rm -rf $(DIST_DIR) && mkdir -p $(DIST_DIR)
+	cd $(COLLECTION_DIR) && $(RUN) ansible-galaxy collection build --force \
+	  --output-path $(abspath $(DIST_DIR))
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	tarball=$$(ls $(DIST_DIR)/gpuvirt-kvm-*.tar.gz) && \
+	$(RUN) ansible-galaxy collection install --offline -p "$$tmp" "$$tarball" && \
+	modules=$$(cd "$$tmp/ansible_collections/gpuvirt/kvm" && \
+	  ls plugins/modules/*.py 2>/dev/null | xargs -r -n1 basename | sed 's/\.py$$//' | grep -v '^__init__$$' || true) && \
+	if [ -z "$$modules" ]; then \
+	  echo "build: the tarball has no modules yet, no documentation to render"; \
+	else \
+	  for m in $$modules; do \
+	    echo "build: ansible-doc gpuvirt.kvm.$$m"; \
+	    $(RUN) ANSIBLE_COLLECTIONS_PATH="$$tmp" ANSIBLE_COLLECTIONS_SCAN_SYS_PATH=false \
+	      ansible-doc --json -t module "gpuvirt.kvm.$$m" | \
+	      $(PY) -c 'import json, sys; d = json.load(sys.stdin); sys.exit(0 if d else 1)' || \
+	      { echo "build: ansible-doc could not render gpuvirt.kvm.$$m" >&2; exit 1; }; \
+	  done; \
+	fi
+	@echo "build: $$(ls $(DIST_DIR)/gpuvirt-kvm-*.tar.gz)"
+
+main: setup
+	@if [ -f tools/main-job.sh ]; then \
+	  $(RUN) bash tools/main-job.sh; \
+	else \
+	  echo "main: tools/main-job.sh does not exist yet" >&2; exit 1; \
+	fi
+
+clean:
+	rm -rf .build/ansible_collections $(DIST_DIR) .pytest_cache .ruff_cache .hypothesis

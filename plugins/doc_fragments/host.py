@@ -1,0 +1,74 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) gpuvirt.kvm contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+
+class ModuleDocFragment:
+    # Options shared by every module that reads the host's topology and places VMs on it.
+    DOCUMENTATION = r"""
+options:
+  sysfs_root:
+    description:
+      - Where sysfs is mounted. Topology (PCI devices, IOMMU groups, NUMA nodes, CPUs) is read
+        from here.
+      - Point it at a tree laid out like C(/sys) to plan against another host's topology, for
+        example one of the fixture hosts that C(tests/fixtures/sysfs_builder.py) writes.
+    type: path
+    default: /sys
+  proc_root:
+    description:
+      - Where procfs is mounted. The kernel command line is read from C(cmdline) below it.
+    type: path
+    default: /proc
+  platform:
+    description:
+      - The platform whose partition rules, NVSwitch rules and template sizes apply.
+      - V(auto) detects it from the GPUs and NVSwitches found (their PCI IDs and counts), and
+        falls back to V(generic).
+      - A name (V(dgx2), V(dgx-a100), V(dgx-h100), V(generic)), or the path of a YAML or JSON
+        file that describes a platform with the same fields (see the platforms guide in
+        C(docs/platforms.md)).
+    type: str
+    default: auto
+  nvidia_smi_topo:
+    description:
+      - The text that C(nvidia-smi topo -m) printed on this host while its GPUs were on the
+        NVIDIA driver. NVLink counts from it refine placement on hosts without a partition
+        table (V(generic)). Malformed text is an error.
+    type: str
+  unhealthy_gpus:
+    description:
+      - PCI addresses (C(0000:34:00.0)) of GPUs that failed a health check (double-bit ECC,
+        NVLink training error, unexpected XID). They are never placed, and VMs that already
+        hold them are reported.
+    type: list
+    elements: str
+    default: []
+  reserved_cpus:
+    description:
+      - Host CPUs kept for the host itself and for QEMU's emulator threads, in kernel list
+        syntax (C(0,1,48,49) or C(0-1,48-49)). Guests never get them.
+      - By default the first core of every NUMA node, with its hyper-thread siblings.
+      - An empty string reserves none.
+    type: str
+  reserved_memory_mb:
+    description:
+      - MiB of every NUMA node kept for the host. Guests are placed in what is left.
+      - By default the larger of 2048 MiB and 5% of the node.
+    type: int
+"""
+
+    LIBVIRT = r"""
+options:
+  uri:
+    description:
+      - The libvirt connection URI.
+      - If not set, the environment variable E(LIBVIRT_DEFAULT_URI) is used, then
+        V(qemu:///system).
+    type: str
+requirements:
+  - libvirt-python (C(python3-libvirt) on Debian and Ubuntu) on the managed host
+"""

@@ -1,0 +1,120 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) gpuvirt.kvm contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Parser for the text of ``nvidia-smi topo -m``. Private to this collection.
+
+The collection never runs nvidia-smi itself (the host's GPUs are meant to be on vfio-pci, where
+nvidia-smi cannot see them); a user passes the text captured while the GPUs were still on the
+NVIDIA driver, and NVLink counts from it refine placement on hosts without a platform table.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
+_DEVICE_LABEL_RE = re.compile(r"^(GPU\d+|NIC\d+|mlx\d+_\d+)$")
+_LINK_RE = re.compile(r"^(X|NV\d+|PIX|PXB|PHB|NODE|SYS|SOC|PSB)$")
+_TRAILING_LABELS = ("CPU Affinity", "NUMA Affinity", "GPU NUMA ID")
+
+
+class NvidiaSmiTopoError(ValueError):
+    """The text is not the output of ``nvidia-smi topo -m``."""
+
+
+@dataclass
+class NvidiaSmiTopo:
+    """The GPU-to-GPU part of ``nvidia-smi topo -m``, GPUs by nvidia-smi index."""
+
+    gpu_count: int
+    links: dict = field(default_factory=dict)  # (i, j) -> "NV12" | "PIX" | ... for i != j
+    cpu_affinity: dict = field(default_factory=dict)  # i -> "0-23,48-71" (as printed)
+    numa_affinity: dict = field(default_factory=dict)  # i -> int or None
+
+    def nvlinks(self, i, j):
+        """Number of bonded NVLinks between GPUs i and j (0 when they talk over PCIe)."""
+        link = self.links.get((i, j), "")
+        return int(link[2:]) if link.startswith("NV") else 0
+
+    def nvlink_matrix(self):
+        """{(i, j): count} for every pair joined by NVLink."""
+        return {k: self.nvlinks(*k) for k in self.links if self.nvlinks(*k)}
+
+
+def _error(message):
+    return NvidiaSmiTopoError(
+        "nvidia_smi_topo: %s; pass the unmodified output of 'nvidia-smi topo -m' "
+        "(captured while the GPUs were bound to the nvidia driver), or leave it unset" % message
+    )
+
+
+def parse_topo_matrix(text):
+    """Parse ``nvidia-smi topo -m`` output. Raises NvidiaSmiTopoError on anything else."""
+    if not isinstance(text, str) or not text.strip():
+        raise _error("the text is empty")
+    lines = [_ANSI_RE.sub("", line).rstrip() for line in text.splitlines()]
+    header_at = None
+    for n, line in enumerate(lines):
+        tokens = line.split()
+        # The header starts with GPU0 (often indented); a row starts with GPU0 followed by X.
+        if tokens and tokens[0] == "GPU0" and (len(tokens) < 2 or tokens[1] != "X"):
+            header_at = n
+            break
+    if header_at is None:
+        raise _error("no header line with the column 'GPU0' was found")
+    header = lines[header_at]
+    for label in _TRAILING_LABELS:
+        header = header.replace(label, "")
+    columns = header.split()
+    if not all(_DEVICE_LABEL_RE.match(c) for c in columns):
+        raise _error("unexpected column names in the header: %s" % " ".join(columns))
+    gpu_columns = [c for c in columns if c.startswith("GPU")]
+    expected = ["GPU%d" % i for i in range(len(gpu_columns))]
+    if gpu_columns != expected:
+        raise _error("GPU columns are not GPU0..GPU%d in order" % (len(gpu_columns) - 1))
+    topo = NvidiaSmiTopo(gpu_count=len(gpu_columns))
+    seen = set()
+    for line in lines[header_at + 1:]:
+        tokens = line.split()
+        if not tokens:
+            if seen:
+                break
+            continue
+        if tokens[0] == "Legend:" or tokens[0].endswith("Legend:"):
+            break
+        label = tokens[0]
+        if not label.startswith("GPU"):
+            continue  # NIC rows are not needed for GPU placement
+        if not re.match(r"^GPU\d+$", label):
+            raise _error("unexpected row label %r" % label)
+        i = int(label[3:])
+        if i >= topo.gpu_count:
+            raise _error("row %s has no matching column" % label)
+        cells = tokens[1:1 + len(columns)]
+        if len(cells) < len(columns):
+            raise _error("row %s has %d cells, expected %d" % (label, len(cells), len(columns)))
+        for col, cell in zip(columns, cells):
+            if not _LINK_RE.match(cell):
+                raise _error("row %s column %s holds %r, not a link type" % (label, col, cell))
+            if col.startswith("GPU"):
+                j = int(col[3:])
+                if (i == j) != (cell == "X"):
+                    raise _error("row %s column %s: 'X' must be exactly on the diagonal" % (label, col))
+                if i != j:
+                    topo.links[(i, j)] = "SYS" if cell == "SOC" else cell
+        rest = tokens[1 + len(columns):]
+        if rest:
+            topo.cpu_affinity[i] = rest[0]
+        if len(rest) > 1:
+            topo.numa_affinity[i] = int(rest[1]) if rest[1].isdigit() else None
+        seen.add(i)
+    missing = sorted(set(range(topo.gpu_count)) - seen)
+    if missing:
+        raise _error("no row for GPU%s" % ", GPU".join(str(m) for m in missing))
+    for (i, j), link in topo.links.items():
+        if topo.links.get((j, i)) != link:
+            raise _error("GPU%d-GPU%d is %s but GPU%d-GPU%d is %s (the matrix must be "
+                         "symmetric)" % (i, j, link, j, i, topo.links.get((j, i))))
+    return topo

@@ -1,0 +1,698 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) gpuvirt.kvm contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Platform data: PCI allow-lists, partitions, NVSwitch rules, template sizes. Private.
+
+Kept as Python data because AnsiballZ ships only Python from module_utils to managed hosts.
+Sources are in docs/hardware.md (a copy of the project's hardware notes).
+
+Vocabulary used throughout:
+
+- GPU *index*: position of a GPU in PCI bus order among the platform's GPUs on this host (the
+  order ``nvidia-smi`` and ``nvidia-vm --gpu-index`` use).
+- *physical ID*: Fabric Manager's GPU ID (the GPU module ID on H100 and later).
+- *partition*: a placeable block of GPU indexes. On DGX-2 (full NVSwitch passthrough) these are
+  the PCIe-aligned blocks; on A100/H100 they are Fabric Manager's partitions translated to
+  indexes through ``physical_ids``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+
+try:
+    import yaml
+except ImportError:  # PyYAML is optional on managed hosts; JSON files still work.
+    yaml = None
+
+NVIDIA = 0x10DE
+PMC_SIERRA = 0x11F8
+
+# PCI classes (base << 8 | sub): GPUs show as 3D controller, or VGA on some PCIe cards.
+GPU_CLASSES = (0x0302, 0x0300)
+NVSWITCH_CLASSES = (0x0680,)
+
+# Match on class + an allow-list of device IDs, never on one ID.
+GPU_IDS = {
+    (NVIDIA, 0x1DB8): "Tesla V100-SXM3-32GB",
+    (NVIDIA, 0x20B0): "A100-SXM4-40GB",
+    (NVIDIA, 0x20B2): "A100-SXM4-80GB",
+    (NVIDIA, 0x2330): "H100-SXM5-80GB",
+    (NVIDIA, 0x2335): "H200-SXM-141GB",
+    (NVIDIA, 0x2336): "H200-SXM-141GB",
+}
+NVSWITCH_IDS = {
+    (NVIDIA, 0x1AC2): "NVSwitch gen 1",
+    (NVIDIA, 0x1AF1): "NVSwitch gen 2",
+    (NVIDIA, 0x22A3): "NVSwitch gen 3",
+    (NVIDIA, 0x22A4): "NVSwitch gen 3",
+}
+
+FABRIC_FULL_PASSTHROUGH = "full_passthrough"  # VMs get GPUs and their NVSwitches (DGX-2 KVM)
+FABRIC_SHARED_NVSWITCH = "shared_nvswitch"  # switches stay with the host/service VM (FM)
+FABRIC_NONE = "none"
+FABRICS = (FABRIC_FULL_PASSTHROUGH, FABRIC_SHARED_NVSWITCH, FABRIC_NONE)
+
+# nvidia-vm's OS disk size is not published; a VM's OS disk is a qcow2 overlay, so this is only
+# the virtual size the guest sees. Overridable per platform (os_disk_gb) and per template.
+DEFAULT_OS_DISK_GB = 50
+
+TEMPLATE_FIELDS = ("vcpus", "memory_mb", "os_disk_gb")
+
+
+class PlatformError(Exception):
+    """A platform name or file cannot be used on this host."""
+
+
+@dataclass(frozen=True)
+class FmPartition:
+    """One Fabric Manager partition as NVIDIA publishes it (members are physical IDs)."""
+
+    id: int
+    members: tuple
+    nvlinks_per_gpu: int
+
+
+@dataclass(frozen=True)
+class Platform:
+    """What a platform looks like and which GPU blocks a VM may get on it."""
+
+    name: str
+    description: str
+    gpu_ids: tuple  # (vendor, device) pairs, a subset of GPU_IDS
+    nvswitch_ids: tuple  # a subset of NVSWITCH_IDS
+    gpu_count: int  # 0: any (generic)
+    nvswitch_count: int
+    fabric: str  # one of FABRICS
+    partitions: dict = field(default_factory=dict)  # size -> tuple of index tuples; {}: any
+    partition_nvswitches: dict = field(default_factory=dict)  # index tuple -> NVSwitch indexes
+    physical_ids: tuple = ()  # index -> FM physical ID
+    fm_partitions: dict = field(default_factory=dict)  # FM partition id -> FmPartition
+    templates: dict = field(default_factory=dict)  # GPU count -> {field: value} overrides
+    os_disk_gb: int = DEFAULT_OS_DISK_GB
+    extra_passthrough_ids: dict = field(default_factory=dict)  # (vendor, device) -> why
+    sizes: tuple = ()  # generic platforms only: GPU counts allowed (); () means any that fits
+    source: str = "built-in"
+
+    @property
+    def partitioned(self):
+        """True when VMs may only get the listed partitions (every known platform)."""
+        return bool(self.partitions)
+
+    @property
+    def allowed_sizes(self):
+        """GPU counts this platform can place; () means any count that fits (generic)."""
+        return tuple(sorted(self.partitions)) if self.partitions else tuple(self.sizes)
+
+    def partitions_of(self, size):
+        return self.partitions.get(size, ())
+
+    def nvswitches_for(self, block):
+        """NVSwitch indexes that go with a block of GPU indexes (none unless full passthrough)."""
+        if self.fabric != FABRIC_FULL_PASSTHROUGH:
+            return ()
+        return self.partition_nvswitches.get(tuple(sorted(block)), ())
+
+    def fm_partition_for(self, block):
+        """The Fabric Manager partition ID whose members are exactly this block, or None."""
+        wanted = sorted(self.physical_ids[i] for i in block if i < len(self.physical_ids))
+        if len(wanted) != len(block):
+            return None
+        for pid in sorted(self.fm_partitions):
+            if sorted(self.fm_partitions[pid].members) == wanted:
+                return pid
+        return None
+
+    def template_override(self, gpus):
+        """Explicit template numbers for a GPU count ({} when the host-derived default applies)."""
+        return dict(self.templates.get(gpus, {}))
+
+    def to_dict(self):
+        """The platform as plain data, in the platform file format."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "gpu_ids": [_format_id(i) for i in self.gpu_ids],
+            "nvswitch_ids": [_format_id(i) for i in self.nvswitch_ids],
+            "gpu_count": self.gpu_count,
+            "nvswitch_count": self.nvswitch_count,
+            "fabric": self.fabric,
+            "physical_ids": list(self.physical_ids),
+            "fm_partitions": {
+                str(p.id): {"members": list(p.members), "nvlinks_per_gpu": p.nvlinks_per_gpu}
+                for p in (self.fm_partitions[k] for k in sorted(self.fm_partitions))
+            },
+            "partitions": {
+                str(size): [
+                    {"gpus": list(block), "nvswitches": list(self.nvswitches_for(block))}
+                    if self.nvswitches_for(block) else list(block)
+                    for block in self.partitions[size]
+                ]
+                for size in sorted(self.partitions, reverse=True)
+            },
+            "allowed_sizes": list(self.allowed_sizes),
+            "templates": {str(k): dict(v) for k, v in sorted(self.templates.items())},
+            "os_disk_gb": self.os_disk_gb,
+            "extra_passthrough_ids": {
+                _format_id(k): v for k, v in sorted(self.extra_passthrough_ids.items())
+            },
+        }
+
+
+def _format_id(pair):
+    return "%04x:%04x" % pair
+
+
+def _fm_table(rows):
+    return {pid: FmPartition(pid, tuple(members), links) for pid, members, links in rows}
+
+
+def partitions_from_fm(fm_partitions, physical_ids):
+    """Translate FM partitions to index blocks, keeping those whose GPUs are all present."""
+    index_of = {pid: i for i, pid in enumerate(physical_ids)}
+    by_size = {}
+    for pid in sorted(fm_partitions):
+        members = fm_partitions[pid].members
+        if not all(m in index_of for m in members):
+            continue
+        block = tuple(sorted(index_of[m] for m in members))
+        blocks = by_size.setdefault(len(block), [])
+        if block not in blocks:
+            blocks.append(block)
+    return {size: tuple(sorted(blocks)) for size, blocks in by_size.items()}
+
+
+# --- DGX-2 / HGX-2 -----------------------------------------------------------------------------
+
+def _r(a, b):
+    return tuple(range(a, b + 1))
+
+
+_DGX2_FM = _fm_table(
+    [(0, _r(1, 16), 6), (1, _r(1, 8), 6), (2, _r(9, 16), 6),
+     (3, (1, 4, 6, 7, 9, 12, 14, 15), 5), (4, (2, 3, 5, 8, 10, 11, 13, 16), 5),
+     (5, (1, 4, 6, 7), 5), (6, (2, 3, 5, 8), 5), (7, (9, 12, 14, 15), 5),
+     (8, (10, 11, 13, 16), 5)]
+    + [(9 + k, pair, 5) for k, pair in enumerate(
+        [(1, 4), (2, 3), (5, 8), (6, 7), (9, 12), (10, 11), (13, 16), (14, 15)])]
+    + [(pid, (pid - 16,), 0) for pid in range(17, 33)]
+)
+
+
+def _dgx2_blocks():
+    """PCIe-aligned blocks (hardware.md section 3) and their NVSwitch subsets.
+
+    GPUs 0-7 sit on baseboard 0 with NVSwitch indexes 0-5, GPUs 8-15 on baseboard 1 with 6-11.
+    A quad gets 3 of its board's switches (first quad 0-2, second quad 3-5) and a pair gets one
+    switch *of its quad's three* (pair j of quad q: switch 3q + j). Nesting the subsets this way
+    (rather than "pair j of a board gets switch j") keeps every GPU-disjoint set of blocks
+    switch-disjoint too: with switch j for pair j, quad 0-3 (switches 0-2) and pair 4-5
+    (switch 2) would both need switch 2.
+    """
+    partitions = {1: [], 2: [], 4: [], 8: [], 16: []}
+    switches = {}
+    for size in partitions:
+        for start in range(0, 16, size):
+            block = _r(start, start + size - 1)
+            partitions[size].append(block)
+            board = start // 8
+            base = 6 * board
+            if size == 16:
+                sw = _r(0, 11)
+            elif size == 8:
+                sw = _r(base, base + 5)
+            elif size == 4:
+                quad = (start % 8) // 4
+                sw = _r(base + 3 * quad, base + 3 * quad + 2)
+            elif size == 2:
+                quad, j = divmod((start % 8) // 2, 2)
+                sw = (base + 3 * quad + j,)
+            else:
+                sw = ()
+            if sw:
+                switches[block] = sw
+    return {k: tuple(v) for k, v in partitions.items()}, switches
+
+
+_DGX2_PARTITIONS, _DGX2_SWITCHES = _dgx2_blocks()
+
+# --- DGX / HGX A100 ----------------------------------------------------------------------------
+
+_A100_FM = _fm_table(
+    [(0, _r(1, 16), 12), (1, _r(1, 8), 12), (2, _r(9, 16), 12),
+     (3, _r(1, 4) + _r(9, 12), 12), (4, _r(5, 8) + _r(13, 16), 12),
+     (5, _r(1, 4) + _r(13, 16), 12), (6, _r(5, 8) + _r(9, 12), 12),
+     (7, _r(1, 4), 12), (8, _r(5, 8), 12), (9, _r(9, 12), 12), (10, _r(13, 16), 12)]
+    + [(11 + k, (2 * k + 1, 2 * k + 2), 12) for k in range(8)]
+    + [(pid, (pid - 18,), 0) for pid in range(19, 35)]
+)
+
+# --- DGX / HGX H100 and H200 -------------------------------------------------------------------
+
+_H100_FM = _fm_table(
+    [(0, _r(1, 8), 18), (1, _r(1, 4), 18), (2, _r(5, 8), 18),
+     (3, (1, 3), 18), (4, (2, 4), 18), (5, (5, 7), 18), (6, (6, 8), 18)]
+    + [(pid, (pid - 6,), 0) for pid in range(7, 15)]
+)
+
+_A100_PHYSICAL = _r(1, 8)
+# Module 1..8 in PCI bus order (1b 43 52 61 9d c3 d1 df on the published H200 system).
+_H100_PHYSICAL = _r(1, 8)
+
+PLATFORMS = {
+    "dgx2": Platform(
+        name="dgx2",
+        description="NVIDIA DGX-2 / HGX-2: 16 V100-SXM3, 12 NVSwitch gen 1, GPUs and NVSwitches "
+                    "passed through to VMs (DGX-2 KVM model)",
+        gpu_ids=((NVIDIA, 0x1DB8),),
+        nvswitch_ids=((NVIDIA, 0x1AC2),),
+        gpu_count=16,
+        nvswitch_count=12,
+        fabric=FABRIC_FULL_PASSTHROUGH,
+        partitions=_DGX2_PARTITIONS,
+        partition_nvswitches=_DGX2_SWITCHES,
+        # The FM physical ID <-> PCI order map of DGX-2 is not published; identity is a
+        # placeholder that only matters to a future shared-NVSwitch mode (override in a file).
+        physical_ids=_r(1, 16),
+        fm_partitions=_DGX2_FM,
+    ),
+    "dgx-a100": Platform(
+        name="dgx-a100",
+        description="NVIDIA DGX / HGX A100 8-GPU: 8 A100-SXM4, 6 NVSwitch gen 2 kept by the "
+                    "host (shared NVSwitch, Fabric Manager partitions)",
+        gpu_ids=((NVIDIA, 0x20B0), (NVIDIA, 0x20B2)),
+        nvswitch_ids=((NVIDIA, 0x1AF1),),
+        gpu_count=8,
+        nvswitch_count=6,
+        fabric=FABRIC_SHARED_NVSWITCH,
+        partitions=partitions_from_fm(_A100_FM, _A100_PHYSICAL),
+        physical_ids=_A100_PHYSICAL,
+        fm_partitions=_A100_FM,
+    ),
+    "dgx-h100": Platform(
+        name="dgx-h100",
+        description="NVIDIA DGX / HGX H100 and H200 8-GPU: 8 GPUs, 4 NVSwitch gen 3 kept by the "
+                    "host or a service VM (shared NVSwitch, Fabric Manager partitions)",
+        gpu_ids=((NVIDIA, 0x2330), (NVIDIA, 0x2335), (NVIDIA, 0x2336)),
+        nvswitch_ids=((NVIDIA, 0x22A3), (NVIDIA, 0x22A4)),
+        gpu_count=8,
+        nvswitch_count=4,
+        fabric=FABRIC_SHARED_NVSWITCH,
+        partitions=partitions_from_fm(_H100_FM, _H100_PHYSICAL),
+        physical_ids=_H100_PHYSICAL,
+        fm_partitions=_H100_FM,
+        extra_passthrough_ids={
+            (PMC_SIERRA, 0x4128): "PMC-Sierra memory controller: goes to the Fabric Manager "
+                                  "service VM together with the NVSwitches, never to a tenant",
+        },
+    ),
+    "generic": Platform(
+        name="generic",
+        description="Any PCIe GPU server: no fixed partitions, GPU sets chosen by PCIe/NVLink "
+                    "topology",
+        gpu_ids=tuple(sorted(GPU_IDS)),
+        nvswitch_ids=tuple(sorted(NVSWITCH_IDS)),
+        gpu_count=0,
+        nvswitch_count=0,
+        fabric=FABRIC_NONE,
+    ),
+}
+
+KNOWN_NAMES = tuple(PLATFORMS)
+
+
+# --- detection ---------------------------------------------------------------------------------
+
+def host_gpus(topology, ids=None):
+    """GPUs of the host in PCI bus order (all allow-listed models unless ids is given)."""
+    return topology.devices_matching(ids if ids is not None else GPU_IDS, GPU_CLASSES)
+
+
+def host_nvswitches(topology, ids=None):
+    return topology.devices_matching(ids if ids is not None else NVSWITCH_IDS, NVSWITCH_CLASSES)
+
+
+def _describe(devices, names):
+    counts = {}
+    for dev in devices:
+        label = names.get(dev.id_pair, _format_id(dev.id_pair))
+        counts[label] = counts.get(label, 0) + 1
+    return ", ".join("%d x %s" % (n, label) for label, n in sorted(counts.items()))
+
+
+def detect(topology):
+    """The known platform matching the host's GPU and NVSwitch IDs and counts, and why."""
+    gpus = host_gpus(topology)
+    switches = host_nvswitches(topology)
+    found = "%d GPU%s%s and %d NVSwitch%s%s" % (
+        len(gpus), "" if len(gpus) == 1 else "s",
+        " (%s)" % _describe(gpus, GPU_IDS) if gpus else "",
+        len(switches), "" if len(switches) == 1 else "es",
+        " (%s)" % _describe(switches, NVSWITCH_IDS) if switches else "",
+    )
+    near = []
+    for name, plat in PLATFORMS.items():
+        if not plat.gpu_count:
+            continue
+        ids_ok = gpus and all(g.id_pair in plat.gpu_ids for g in gpus) and all(
+            s.id_pair in plat.nvswitch_ids for s in switches)
+        if ids_ok and len(gpus) == plat.gpu_count and len(switches) == plat.nvswitch_count:
+            return plat, "found %s: matches %s" % (found, name)
+        if ids_ok:
+            near.append("%s needs %d GPUs and %d NVSwitches" % (
+                name, plat.gpu_count, plat.nvswitch_count))
+    if not gpus:
+        why = "found no allow-listed NVIDIA GPU: generic"
+    elif near:
+        why = "found %s: %s; using generic (a missing GPU or switch also lands here: check " \
+              "lspci and the GPUs' health)" % (found, "; ".join(near))
+    else:
+        why = "found %s: no known platform has these devices; using generic" % found
+    return PLATFORMS["generic"], why
+
+
+# --- platform files ----------------------------------------------------------------------------
+
+_FILE_KEYS = (
+    "name", "description", "base", "gpu_ids", "nvswitch_ids", "gpu_count", "nvswitch_count",
+    "fabric", "physical_ids", "fm_partitions", "partitions", "allowed_sizes", "templates",
+    "os_disk_gb", "extra_passthrough_ids",
+)
+
+
+def get_platform(name_or_path, topology=None):
+    """Resolve the ``platform`` option: auto, a known name, or a YAML/JSON file path."""
+    if name_or_path is None or name_or_path == "auto":
+        if topology is None:
+            raise PlatformError("platform: 'auto' needs the host topology to detect the platform")
+        return detect(topology)[0]
+    if not isinstance(name_or_path, str):
+        raise PlatformError(
+            "platform: expected 'auto', a platform name or a file path, got %r" % (name_or_path,))
+    if name_or_path in PLATFORMS:
+        plat = PLATFORMS[name_or_path]
+    elif os.path.sep in name_or_path or os.path.splitext(name_or_path)[1] or os.path.exists(
+            name_or_path):
+        plat = platform_from_dict(load_platform_file(name_or_path), source=name_or_path)
+    else:
+        raise PlatformError(
+            "platform: %r is not a known platform; use auto, one of %s, or the path of a YAML or "
+            "JSON platform file" % (name_or_path, ", ".join(KNOWN_NAMES)))
+    if topology is not None:
+        check_host(plat, topology)
+    return plat
+
+
+def load_platform_file(path):
+    """Read a platform file (JSON, or YAML when PyYAML is importable) into a dict."""
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlatformError("platform: cannot read platform file %r: %s; give a readable YAML or "
+                            "JSON file" % (path, exc)) from exc
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".json" or (ext not in (".yml", ".yaml") and text.lstrip().startswith("{")):
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise PlatformError("platform: file %r is not valid JSON: %s" % (path, exc)) from exc
+    else:
+        if yaml is None:
+            raise PlatformError(
+                "platform: file %r is YAML but PyYAML is not importable on this host; install "
+                "PyYAML (python3-yaml) or give the platform file as JSON" % path)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise PlatformError("platform: file %r is not valid YAML: %s" % (path, exc)) from exc
+    if not isinstance(data, dict):
+        raise PlatformError("platform: file %r must hold a mapping of platform fields (%s), not "
+                            "%s" % (path, ", ".join(_FILE_KEYS), type(data).__name__))
+    return data
+
+
+def _bad(source, msg):
+    return PlatformError("platform: %s: %s" % (source, msg))
+
+
+def _int_value(source, key, value, minimum=0):
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            value = int(str(value), 10)
+        except ValueError as exc:
+            raise _bad(source, "%s must be an integer, got %r" % (key, value)) from exc
+    if value < minimum:
+        raise _bad(source, "%s must be >= %d, got %d" % (key, minimum, value))
+    return value
+
+
+def _parse_id(source, key, text):
+    if isinstance(text, (list, tuple)) and len(text) == 2:
+        return (_int_value(source, key, text[0]), _int_value(source, key, text[1]))
+    try:
+        vendor, device = str(text).lower().split(":")
+        return (int(vendor, 16), int(device, 16))
+    except ValueError as exc:
+        raise _bad(source, "%s: %r is not a PCI ID; write it as vendor:device in hex, e.g. "
+                           "10de:20b2" % (key, text)) from exc
+
+
+def _size_keys(source, key, mapping):
+    """Integer keys of a size-indexed mapping; two spellings of one size are an error."""
+    if not isinstance(mapping, dict):
+        raise _bad(source, "%s must be a mapping of GPU count -> ..., got %s" % (
+            key, type(mapping).__name__))
+    result = {}
+    for raw, value in mapping.items():
+        size = _int_value(source, "%s key" % key, raw, minimum=0)
+        if size in result:
+            raise _bad(source, "%s lists size %d twice (%r); keep one entry per size" % (
+                key, size, raw))
+        result[size] = value
+    return result
+
+
+def platform_from_dict(data, source="platform file"):
+    """Build and validate a Platform from file data (raises PlatformError naming the fix)."""
+    unknown = sorted(str(k) for k in data if k not in _FILE_KEYS)
+    if unknown:
+        raise _bad(source, "unknown field(s) %s; accepted fields: %s" % (
+            ", ".join(unknown), ", ".join(_FILE_KEYS)))
+    base_name = data.get("base")
+    if base_name is not None:
+        if base_name not in PLATFORMS:
+            raise _bad(source, "base %r is not a known platform; use one of %s" % (
+                base_name, ", ".join(KNOWN_NAMES)))
+        base = PLATFORMS[base_name]
+    else:
+        if "name" not in data:
+            raise _bad(source, "missing field 'name' (or give 'base: <known platform>' to start "
+                               "from one)")
+        base = Platform(name="", description="", gpu_ids=tuple(sorted(GPU_IDS)),
+                        nvswitch_ids=tuple(sorted(NVSWITCH_IDS)), gpu_count=0, nvswitch_count=0,
+                        fabric=FABRIC_NONE)
+    changes = {"source": source}
+    name = data.get("name", base.name)
+    if not isinstance(name, str) or not name:
+        raise _bad(source, "name must be a non-empty string")
+    changes["name"] = name
+    changes["description"] = str(data.get("description", base.description or name))
+    for key in ("gpu_ids", "nvswitch_ids"):
+        if key in data:
+            values = data[key]
+            if not isinstance(values, list):
+                raise _bad(source, "%s must be a list of vendor:device IDs" % key)
+            changes[key] = tuple(_parse_id(source, key, v) for v in values)
+            allowed = GPU_IDS if key == "gpu_ids" else NVSWITCH_IDS
+            for pair in changes[key]:
+                if pair not in allowed:
+                    raise _bad(source, "%s: %s is not in the collection's allow-list (%s)" % (
+                        key, _format_id(pair), ", ".join(_format_id(p) for p in sorted(allowed))))
+    for key in ("gpu_count", "nvswitch_count", "os_disk_gb"):
+        if key in data:
+            changes[key] = _int_value(source, key, data[key], minimum=1 if key == "os_disk_gb"
+                                      else 0)
+    fabric = data.get("fabric", base.fabric)
+    if fabric not in FABRICS:
+        raise _bad(source, "fabric %r is not one of %s" % (fabric, ", ".join(FABRICS)))
+    changes["fabric"] = fabric
+    gpu_count = changes.get("gpu_count", base.gpu_count)
+    nvswitch_count = changes.get("nvswitch_count", base.nvswitch_count)
+
+    physical_ids = base.physical_ids
+    if "physical_ids" in data:
+        raw = data["physical_ids"]
+        if not isinstance(raw, list):
+            raise _bad(source, "physical_ids must be a list: GPU index -> physical ID")
+        physical_ids = tuple(_int_value(source, "physical_ids", v, 0) for v in raw)
+        if len(set(physical_ids)) != len(physical_ids):
+            raise _bad(source, "physical_ids lists an ID twice: %s" % list(physical_ids))
+    if gpu_count and physical_ids and len(physical_ids) != gpu_count:
+        if "physical_ids" in data:
+            raise _bad(source, "physical_ids has %d entries but gpu_count is %d; give one "
+                               "physical ID per GPU index" % (len(physical_ids), gpu_count))
+        physical_ids = _r(1, gpu_count)
+    if gpu_count and not physical_ids:
+        physical_ids = _r(1, gpu_count)
+    changes["physical_ids"] = physical_ids
+
+    fm = base.fm_partitions
+    if "fm_partitions" in data:
+        fm = {}
+        for pid, entry in _size_keys(source, "fm_partitions", data["fm_partitions"]).items():
+            if isinstance(entry, dict):
+                members = entry.get("members")
+                links = entry.get("nvlinks_per_gpu", 0)
+            else:
+                members, links = entry, 0
+            if not isinstance(members, list) or not members:
+                raise _bad(source, "fm_partitions %d: members must be a list of physical IDs" % pid)
+            fm[pid] = FmPartition(pid, tuple(_int_value(source, "fm_partitions", m)
+                                             for m in members),
+                                  _int_value(source, "nvlinks_per_gpu", links))
+    changes["fm_partitions"] = fm
+
+    if "partitions" in data:
+        partitions, switches = _parse_partitions(source, data["partitions"], physical_ids,
+                                                 gpu_count, nvswitch_count)
+    elif fabric == FABRIC_SHARED_NVSWITCH and fm and (
+            "physical_ids" in data or "fm_partitions" in data or base_name is None):
+        partitions, switches = partitions_from_fm(fm, physical_ids), {}
+    else:
+        partitions, switches = base.partitions, base.partition_nvswitches
+    changes["partitions"] = partitions
+    changes["partition_nvswitches"] = switches
+
+    if "allowed_sizes" in data:
+        raw = data["allowed_sizes"]
+        if not isinstance(raw, list):
+            raise _bad(source, "allowed_sizes must be a list of GPU counts")
+        allowed = sorted(set(_int_value(source, "allowed_sizes", v, 1) for v in raw))
+        extra = sorted(set(partitions) - set(allowed))
+        if extra:
+            raise _bad(source, "partitions list size(s) %s that allowed_sizes %s does not "
+                               "allow; add them to allowed_sizes or drop those partitions" % (
+                                   ", ".join(map(str, extra)), allowed))
+        empty = [s for s in allowed if partitions and s not in partitions]
+        if empty:
+            raise _bad(source, "allowed_sizes has size(s) %s with no partition on this platform "
+                               "(sizes with partitions: %s)" % (
+                                   ", ".join(map(str, empty)),
+                                   ", ".join(map(str, sorted(partitions)))))
+        if not partitions:
+            changes["sizes"] = tuple(allowed)
+
+    if "templates" in data:
+        templates = {}
+        for size, entry in _size_keys(source, "templates", data["templates"]).items():
+            if not isinstance(entry, dict):
+                raise _bad(source, "templates %d must be a mapping with %s" % (
+                    size, ", ".join(TEMPLATE_FIELDS)))
+            bad = sorted(str(k) for k in entry if k not in TEMPLATE_FIELDS)
+            if bad:
+                raise _bad(source, "templates %d: unknown field(s) %s; accepted: %s" % (
+                    size, ", ".join(bad), ", ".join(TEMPLATE_FIELDS)))
+            templates[size] = {k: _int_value(source, "templates %d %s" % (size, k), v, 1)
+                               for k, v in entry.items()}
+        changes["templates"] = templates
+    if "extra_passthrough_ids" in data:
+        raw = data["extra_passthrough_ids"]
+        if isinstance(raw, list):
+            raw = {k: "" for k in raw}
+        if not isinstance(raw, dict):
+            raise _bad(source, "extra_passthrough_ids must map vendor:device -> why")
+        changes["extra_passthrough_ids"] = {
+            _parse_id(source, "extra_passthrough_ids", k): str(v) for k, v in raw.items()}
+    return replace(base, **changes)
+
+
+def _parse_partitions(source, raw, physical_ids, gpu_count, nvswitch_count):
+    """File partitions -> ({size: blocks}, {block: nvswitch indexes})."""
+    partitions = {}
+    switches = {}
+    index_of = {pid: i for i, pid in enumerate(physical_ids)}
+    for size, entries in _size_keys(source, "partitions", raw).items():
+        if size < 1:
+            raise _bad(source, "partitions: size %d is not a GPU count >= 1" % size)
+        if not isinstance(entries, list):
+            raise _bad(source, "partitions %d must be a list of partitions" % size)
+        blocks = []
+        for entry in entries:
+            sw = ()
+            if isinstance(entry, dict):
+                bad = sorted(str(k) for k in entry if k not in ("gpus", "physical_ids",
+                                                                 "nvswitches"))
+                if bad or ("gpus" in entry) == ("physical_ids" in entry):
+                    raise _bad(source, "partitions %d: %r must have exactly one of gpus "
+                                       "(indexes) or physical_ids, and optionally nvswitches"
+                               % (size, entry))
+                if "physical_ids" in entry:
+                    members = []
+                    for pid in _int_list(source, size, entry["physical_ids"]):
+                        if pid not in index_of:
+                            raise _bad(source, "partition %s (size %d) names physical ID %d, "
+                                               "which no GPU of this platform has (physical_ids:"
+                                               " %s); fix the partition or physical_ids" % (
+                                                   entry["physical_ids"], size, pid,
+                                                   list(physical_ids)))
+                        members.append(index_of[pid])
+                else:
+                    members = _int_list(source, size, entry["gpus"])
+                if entry.get("nvswitches"):
+                    sw = tuple(sorted(_int_list(source, size, entry["nvswitches"])))
+            else:
+                members = _int_list(source, size, entry)
+            block = tuple(sorted(members))
+            if len(set(block)) != len(block):
+                raise _bad(source, "partition %s (size %d) names a GPU twice" % (list(block),
+                                                                                    size))
+            if len(block) != size:
+                raise _bad(source, "partition %s has %d GPUs but is listed under size %d; list "
+                                   "each partition under its own GPU count" % (
+                                       list(block), len(block), size))
+            if gpu_count and block[-1] >= gpu_count:
+                raise _bad(source, "partition %s (size %d) names GPU index %d, but the platform "
+                                   "has %d GPUs (indexes 0-%d); fix the partition or gpu_count" % (
+                                       list(block), size, block[-1], gpu_count, gpu_count - 1))
+            for s in sw:
+                if s >= nvswitch_count:
+                    raise _bad(source, "partition %s names NVSwitch index %d, but the platform "
+                                       "has %d NVSwitches" % (list(block), s, nvswitch_count))
+            if block in blocks:
+                raise _bad(source, "partition %s is listed twice under size %d" % (
+                    list(block), size))
+            blocks.append(block)
+            if sw:
+                switches[block] = sw
+        partitions[size] = tuple(sorted(blocks))
+    return partitions, switches
+
+
+def _int_list(source, size, value):
+    if not isinstance(value, list) or not value:
+        raise _bad(source, "partitions %d: %r is not a list of GPU indexes" % (size, value))
+    return [_int_value(source, "partitions %d" % size, v) for v in value]
+
+
+def check_host(platform, topology):
+    """Raise PlatformError when the platform cannot describe this host's GPUs."""
+    gpus = host_gpus(topology, platform.gpu_ids)
+    if platform.gpu_count and len(gpus) != platform.gpu_count:
+        raise PlatformError(
+            "platform: %s expects %d GPUs (%s) but this host has %d; GPU indexes would not line "
+            "up with its partitions. Use platform: auto (falls back to generic) or a platform "
+            "file that matches the host" % (
+                platform.name, platform.gpu_count,
+                ", ".join(_format_id(i) for i in platform.gpu_ids), len(gpus)))
+    for size, blocks in platform.partitions.items():
+        for block in blocks:
+            if block and block[-1] >= len(gpus):
+                raise PlatformError(
+                    "platform: %s partition %s (size %d) names GPU index %d, but this host has %d "
+                    "GPUs (indexes 0-%d); fix the partition in the platform file" % (
+                        platform.name, list(block), size, block[-1], len(gpus),
+                        len(gpus) - 1))

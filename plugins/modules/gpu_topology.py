@@ -1,0 +1,308 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright (c) gpuvirt.kvm contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: gpu_topology
+short_description: Discover a GPU server's topology and plan GPU VMs on it
+version_added: 0.1.0
+description:
+  - Reads the host's PCI devices, IOMMU groups, NUMA nodes and CPUs from sysfs, recognises
+    GPUs and NVSwitches by PCI class and an allow-list of device IDs, and detects the platform
+    (DGX-2, DGX/HGX A100, DGX/HGX H100/H200, or a generic PCIe server).
+  - Reads which GPUs, NVSwitches and CPUs the defined libvirt domains (running or not) already
+    hold, when libvirt at O(uri) can be reached.
+  - Reports whether the host is ready for passthrough (IOMMU, kernel arguments, vfio-pci
+    binding) and what to do where it is not.
+  - Optionally plans a list of VM requests on the host without changing anything, the way
+    M(gpuvirt.kvm.kvm_vm) would place them.
+  - Never changes the host.
+author:
+  - gpuvirt.kvm contributors
+extends_documentation_fragment:
+  - gpuvirt.kvm.host
+  - gpuvirt.kvm.host.LIBVIRT
+attributes:
+  check_mode:
+    support: full
+    description: The module never changes anything, so check mode runs it unchanged.
+  diff_mode:
+    support: none
+  idempotent:
+    support: full
+    description: Read-only; it always returns RV(ignore:changed=false).
+options:
+  plan:
+    description:
+      - VM requests to place on this host, jointly and largest first, as
+        M(gpuvirt.kvm.kvm_layout) would. Nothing is created.
+      - Each request is placed or gets an C(error) that says why; one failing request does not
+        stop the others.
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      name:
+        description: The VM's name. Names must be unique within the plan.
+        type: str
+        required: true
+      gpus:
+        description:
+          - How many GPUs. V(0) makes a CPU-only VM.
+          - On a partitioned platform the allowed counts are its partition sizes (for example
+            1, 2, 4, 8 and 16 on a DGX-2).
+        type: int
+        default: 0
+      gpu_index:
+        description:
+          - Exact placement as C(nvidia-vm create --gpu-index) took it, the lowest GPU index
+            (PCI bus order) of the block. It must start a partition of size O(plan[].gpus).
+        type: int
+      vcpus:
+        description: vCPUs. By default the platform template for the GPU count, else the
+          GPUs' share of their NUMA nodes' unreserved CPUs.
+        type: int
+      memory:
+        description: Memory in MiB, or a string with a unit such as V(64GiB). By default the
+          template size.
+        type: raw
+      cpu_policy:
+        description:
+          - V(dedicated) pins each vCPU to its own host CPU that no other VM holds, thread
+            siblings together.
+          - V(shared) lets the vCPUs float over the unreserved CPUs of the VM's NUMA nodes.
+        type: str
+        choices: [dedicated, shared]
+        default: dedicated
+      hugepages:
+        description: Back the memory with hugepages reserved on the VM's NUMA nodes.
+        type: bool
+        default: false
+notes:
+  - GPUs are indexed in PCI bus order, as C(nvidia-smi) and C(nvidia-vm) index them.
+  - Allocations live in libvirt's domain XML; there is no other state to drift.
+"""
+
+EXAMPLES = r"""
+- name: Read this host's topology and readiness
+  gpuvirt.kvm.gpu_topology:
+  register: topo
+
+- name: Fail early when the host is not ready for passthrough
+  ansible.builtin.assert:
+    that: topo.readiness.ready
+    fail_msg: "{{ topo.readiness.actions }}"
+
+- name: Plan a mixed day of tenants on a DGX-2 without creating anything
+  gpuvirt.kvm.gpu_topology:
+    platform: dgx2
+    plan:
+      - {name: train-a, gpus: 8}
+      - {name: train-b, gpus: 4}
+      - {name: dev-c, gpus: 2}
+      - {name: dev-d, gpus: 1, memory: 64GiB}
+      - {name: dev-e, gpus: 1, gpu_index: 15}
+  register: day
+
+- name: Show the allocation map
+  ansible.builtin.debug:
+    msg: "{{ day.allocation_map }}"
+
+- name: Keep a GPU with a double-bit ECC error out of every plan
+  gpuvirt.kvm.gpu_topology:
+    unhealthy_gpus: ["0000:b7:00.0"]
+    nvidia_smi_topo: "{{ lookup('ansible.builtin.file', 'topo-' ~ inventory_hostname ~ '.txt') }}"
+"""
+
+RETURN = r"""
+platform:
+  description: The platform whose rules apply, and how it was chosen.
+  returned: success
+  type: dict
+  contains:
+    name: {description: Platform name., type: str, sample: dgx2}
+    description: {description: What it is., type: str, sample: NVIDIA DGX-2 / HGX-2 (16 V100, 12 NVSwitch)}
+    reason: {description: Why this platform was chosen., type: str, sample: "16 GPUs 10de:1db8 and 12 NVSwitches 10de:1ac2 match dgx2"}
+    fabric: {description: How NVSwitches are shared (V(full_passthrough), V(shared_nvswitch) or V(none))., type: str, sample: full_passthrough}
+    allowed_sizes: {description: GPU counts a VM may have., type: list, elements: int, sample: [1, 2, 4, 8, 16]}
+gpus:
+  description: Every GPU found, in PCI bus order.
+  returned: success
+  type: list
+  elements: dict
+  sample:
+    - {index: 0, bdf: "0000:34:00.0", model: Tesla V100-SXM3-32GB, numa_node: 0, iommu_group: 40,
+       iommu_group_members: ["0000:34:00.0"], driver: vfio-pci, allocated_to: train-a, healthy: true}
+nvswitches:
+  description: Every NVSwitch found, in PCI bus order, with the same keys as RV(gpus).
+  returned: success
+  type: list
+  elements: dict
+numa_nodes:
+  description: NUMA nodes with their CPUs, memory and hugepages.
+  returned: success
+  type: list
+  elements: dict
+  sample:
+    - {id: 0, cpus: "0-23,48-71", reserved_cpus: "0,48", memory_mb: 773784, memory_free_mb: 770000,
+       hugepages: {"2048": {total: 0, free: 0}, "1048576": {total: 0, free: 0}}}
+free_blocks:
+  description: Free healthy GPUs as the largest placeable blocks, by size.
+  returned: success
+  type: dict
+  sample: {"8": 1, "4": 1}
+allocations:
+  description: What the defined libvirt domains hold (empty when libvirt was not reached).
+  returned: success
+  type: list
+  elements: dict
+  sample:
+    - {name: train-a, active: true, managed: true, gpus: ["0000:34:00.0"], nvswitches: [], cpus: "2-3,50-51"}
+libvirt:
+  description: Whether allocations could be read from libvirt, and if not, why.
+  returned: success
+  type: dict
+  sample: {uri: "qemu:///system", reachable: false, error: "cannot connect to libvirt ..."}
+readiness:
+  description: Whether the host can pass its GPUs through, and what to do where it cannot.
+  returned: success
+  type: dict
+  contains:
+    ready: {description: Everything below is in order., type: bool}
+    iommu_enabled: {description: The kernel made IOMMU groups., type: bool}
+    kernel_args: {description: Wanted kernel arguments and whether each is present., type: dict}
+    not_on_vfio:
+      description: GPUs and NVSwitches bound to another driver (or none), with that driver.
+      type: list
+      elements: dict
+    shared_groups:
+      description: IOMMU groups that hold a GPU or NVSwitch together with other endpoint
+        devices, which would be passed through with it.
+      type: list
+      elements: dict
+    actions: {description: What to do, one line each., type: list, elements: str}
+plan:
+  description: One entry per O(plan) request, in the order given.
+  returned: success
+  type: list
+  elements: dict
+  sample:
+    - {name: train-a, gpus: ["0000:34:00.0"], gpu_indexes: [0], nvswitches: [], numa_nodes: [0],
+       cpus: [2, 50, 3, 51], emulator_cpus: [0, 48], vcpus: 4, memory_mb: 65536}
+    - {name: too-big, error: "request 'too-big' (16 GPUs): no free 16-GPU block: ..."}
+allocation_map:
+  description: The allocations and the plan as readable lines, GPU by GPU.
+  returned: success
+  type: list
+  elements: str
+"""
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._common import (
+    host_argspec,
+    libvirt_argspec,
+    resolve_uri,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import (
+    LibvirtGateway,
+    LibvirtGatewayError,
+    has_libvirt,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._nvidia_smi import (
+    NvidiaSmiTopoError,
+    parse_topo_matrix,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import PlacementError
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
+    PlatformError,
+    detect,
+    get_platform,
+    host_gpus,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._report import (
+    RequestError,
+    build,
+    requests_from_options,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import (
+    TopologyError,
+    read_host,
+)
+
+
+def _read_domains(module, uri):
+    """Allocations of every defined domain, or [] with a warning when libvirt is out of reach."""
+    status = {"uri": uri, "reachable": False, "error": None}
+    if not has_libvirt():
+        status["error"] = missing_required_lib("libvirt-python")
+        module.warn("allocations not read: %s" % status["error"])
+        return [], status
+    try:
+        with LibvirtGateway(uri) as gateway:
+            domains = gateway.allocations()
+    except LibvirtGatewayError as exc:
+        status["error"] = str(exc)
+        module.warn("allocations not read (every GPU is shown free): %s" % exc)
+        return [], status
+    status["reachable"] = True
+    return domains, status
+
+
+def main():
+    argument_spec = dict(
+        plan=dict(
+            type="list", elements="dict", default=[],
+            options=dict(
+                name=dict(type="str", required=True),
+                gpus=dict(type="int", default=0),
+                gpu_index=dict(type="int"),
+                vcpus=dict(type="int"),
+                memory=dict(type="raw"),
+                cpu_policy=dict(type="str", choices=["dedicated", "shared"], default="dedicated"),
+                hugepages=dict(type="bool", default=False),
+            ),
+        ),
+    )
+    argument_spec.update(host_argspec())
+    argument_spec.update(libvirt_argspec())
+    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
+    p = module.params
+
+    try:
+        requests = requests_from_options(p["plan"])
+        topology = read_host(p["sysfs_root"], p["proc_root"])
+        platform = get_platform(p["platform"], topology)
+        reason = detect(topology)[1] if p["platform"] == "auto" else "named by the platform option"
+        nvlinks = None
+        if p["nvidia_smi_topo"]:
+            smi = parse_topo_matrix(p["nvidia_smi_topo"])
+            found = len(host_gpus(topology, platform.gpu_ids))
+            if smi.gpu_count != found:
+                raise NvidiaSmiTopoError(
+                    "nvidia_smi_topo: lists %d GPUs but %d were found under sysfs_root %s; give "
+                    "the text captured on this host" % (smi.gpu_count, found, p["sysfs_root"]))
+            nvlinks = smi.nvlink_matrix()
+    except (RequestError, TopologyError, PlatformError, NvidiaSmiTopoError) as exc:
+        module.fail_json(msg=str(exc))
+
+    domains, libvirt_status = _read_domains(module, resolve_uri(p["uri"]))
+    try:
+        result = build(
+            topology, platform, reason, domains, requests,
+            reserved_cpus=p["reserved_cpus"], reserved_memory_mb=p["reserved_memory_mb"],
+            unhealthy_gpus=p["unhealthy_gpus"], nvlinks=nvlinks,
+        )
+    except PlacementError as exc:  # a host-wide setting (reserved_cpus, unhealthy_gpus) is bad
+        module.fail_json(msg=str(exc))
+    for warning in result.pop("warnings"):
+        module.warn(warning)
+    module.exit_json(changed=False, libvirt=libvirt_status, **result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+# -*- coding: utf-8 -*-
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""nvidia-smi topo -m parsing, on captured and fixture texts."""
+
+import os
+
+import pytest
+
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._nvidia_smi import (
+    NvidiaSmiTopoError,
+    parse_topo_matrix,
+)
+
+HERE = os.path.dirname(__file__)
+TEXTS = os.path.join(HERE, "..", "..", "..", "fixtures", "nvidia-smi")
+
+
+def text(name):
+    with open(os.path.join(TEXTS, name), encoding="utf-8") as handle:
+        return handle.read()
+
+
+def test_real_h100_capture_with_ansi_header():
+    topo = parse_topo_matrix(text("h100-cloud-vm.txt"))
+    assert topo.gpu_count == 1
+    assert topo.links == {}
+    assert topo.cpu_affinity == {0: "0-15"}
+    assert topo.numa_affinity == {0: 0}
+
+
+def test_dgx2_all_pairs_nv6_and_nic_column_ignored():
+    topo = parse_topo_matrix(text("dgx2.txt"))
+    assert topo.gpu_count == 16
+    assert len(topo.links) == 16 * 15
+    assert {topo.nvlinks(i, j) for (i, j) in topo.links} == {6}
+    assert topo.cpu_affinity[8] == "24-47,72-95"
+    assert topo.numa_affinity[15] == 1
+
+
+def test_pcie_bridge_pair():
+    topo = parse_topo_matrix(text("pcie-4gpu.txt"))
+    assert topo.nvlink_matrix() == {(0, 1): 12, (1, 0): 12}
+    assert topo.links[(0, 2)] == "PHB"
+    assert topo.nvlinks(2, 3) == 0
+
+
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ("", "empty"),
+        ("hello world\n", "no header"),
+        ("\tGPU0\tGPU1\nGPU0\t X\tNV4\n", "no row for GPU1"),
+        ("\tGPU0\tGPU1\nGPU0\t X\tNV4\nGPU1\tPIX\t X\n", "symmetric"),
+        ("\tGPU0\tGPU1\nGPU0\t X\tFAST\nGPU1\tFAST\t X\n", "not a link type"),
+        ("\tGPU0\tGPU1\nGPU0\t NV2\tNV4\nGPU1\tNV4\t X\n", "diagonal"),
+        ("\tGPU0\tGPU2\nGPU0\t X\tNV4\nGPU2\tNV4\t X\n", "in order"),
+        ("\tGPU0\tGPU1\nGPU0\t X\nGPU1\tNV4\t X\n", "cells"),
+    ],
+)
+def test_malformed_text_names_the_option(bad, words):
+    with pytest.raises(NvidiaSmiTopoError) as err:
+        parse_topo_matrix(bad)
+    assert "nvidia_smi_topo" in str(err.value)
+    assert words in str(err.value)
