@@ -609,7 +609,7 @@ class HostState(object):
         if old is not None:
             held = tuple(sorted(self.model.gpu_index[_normalise_bdf(b)] for b in old.gpus
                                 if _normalise_bdf(b) in self.model.gpu_index))
-            if len(old.gpus) == request.gpus and (
+            if len(held) == len(old.gpus) == request.gpus and (
                     request.gpu_index is None or (held and held[0] == request.gpu_index)):
                 if _same_size(old, request):
                     return self._placement_from(old)
@@ -620,6 +620,8 @@ class HostState(object):
                                         if _normalise_bdf(b) in self.model.switch_index))
                 fixed = _Block(held, switches, self.model.gpu_count, self.model.gpu_node)
                 try:
+                    if not held:
+                        return self._commit(request, self._fit_cpu_only(request))
                     return self._commit(request, self._fit(request, [fixed], fixed_gpus=True))
                 except PlacementError:
                     self._record(old)
@@ -984,7 +986,7 @@ class HostState(object):
         )
 
     def plan(self, requests):
-        """Place requests jointly, largest first; [(request, Placement or PlacementError)]."""
+        """Place and record requests jointly, largest first; [(request, Placement or error)]."""
         requests = list(requests)
         results = [None] * len(requests)
         seen = {}
@@ -1254,8 +1256,9 @@ class Fleet(object):
             free = key[0]
             largest[free] = largest.get(free, 0) + len(self.buckets[key])
         most = max(largest) if largest else 0
-        text = "request %r (%d GPUs): no host of %d has a free %d-GPU block (most free GPUs on " \
-               "one host: %d)" % (request.name, request.gpus, len(self.names), request.gpus, most)
+        text = "request %r (%d GPU%s): no host of %d has a free %d-GPU block (most free GPUs " \
+               "on one host: %d)" % (request.name, request.gpus, "" if request.gpus == 1 else "s",
+                                     len(self.names), request.gpus, most)
         if errors:
             text += "; hosts with free GPUs but short CPUs/memory: " + "; ".join(errors)
         return text
@@ -1310,5 +1313,5 @@ class Fleet(object):
 
 
 def plan_fleet(hosts, requests, strategy="best"):
-    """Place requests over [(host name, HostState)]: best-fit host, largest requests first."""
+    """Place requests over [(host name, HostState)] (recorded in those states), largest first."""
     return Fleet(hosts).plan(requests, strategy)

@@ -599,3 +599,11 @@ def test_first_fit_on_a_generic_host_takes_the_lowest_gpus():
     s = state("pcie4", nvlinks={(0, 2): 4})
     assert first_fit(s, Request("a", gpus=2)).gpu_indexes == (0, 1)
     assert s.place(Request("b", gpus=2)).gpu_indexes == (2, 3)
+
+
+def test_cpu_only_vm_resized_in_place():
+    s = state()
+    place(s, "svc", 0, vcpus=2, memory_mb=2048)
+    bigger = place(s, "svc", 0, vcpus=6, memory_mb=2048)
+    assert bigger.vcpus == 6 and len(bigger.cpus) == 6 and bigger.gpus == ()
+    assert sum(1 for holder in s.cpu_holder.values() if holder == "svc") == 6
