@@ -779,7 +779,7 @@ class HostState(object):
             tpl = self.template(request.gpus)
             if tpl is None:
                 raise PlacementError(
-                    "%s: set vcpus and memory_mb: this host has no GPUs to size a default "
+                    "%s: set vcpus and memory: this host has no GPUs to size a default "
                     "template from and the platform defines no template for %d GPUs" % (
                         self._prefix(request), request.gpus))
             vcpus = tpl.vcpus if vcpus is None else vcpus
@@ -802,7 +802,7 @@ class HostState(object):
         else:
             where = "every free %d-GPU block is short; first choice %s" % (
                 request.gpus, format_indexes(first_block.indexes))
-        raise PlacementError("%s: %s (%s); lower vcpus/memory_mb, release a VM, or change "
+        raise PlacementError("%s: %s (%s); lower vcpus/memory, release a VM, or change "
                              "reserved_cpus/reserved_memory_mb" % (
                                  self._prefix(request), first_error, where))
 
@@ -817,7 +817,7 @@ class HostState(object):
             if short is None:
                 return None, (node,), [vcpus], [memory]
             first_error = first_error or short
-        raise PlacementError("%s: %s; lower vcpus/memory_mb or release a VM" % (
+        raise PlacementError("%s: %s; lower vcpus/memory or release a VM" % (
             self._prefix(request), first_error or "this host has no NUMA node"))
 
     def _shortage(self, request, nodes, vcpus, memory):
