@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
     FABRIC_SHARED_NVSWITCH,
-    host_gpus,
-    host_nvswitches,
+    platform_gpus,
+    platform_nvswitches,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import (
     LINK_NODE,
@@ -194,8 +194,8 @@ class _HostModel(object):
     def __init__(self, topology, platform, reserved_cpus, reserved_memory_mb, nvlinks):
         self.topology = topology
         self.platform = platform
-        gpus = host_gpus(topology, platform.gpu_ids)
-        switches = host_nvswitches(topology, platform.nvswitch_ids)
+        gpus = platform_gpus(topology, platform)
+        switches = platform_nvswitches(topology, platform)
         self.gpu_bdfs = tuple(d.bdf for d in gpus)
         self.switch_bdfs = tuple(d.bdf for d in switches)
         self.gpu_count = len(gpus)

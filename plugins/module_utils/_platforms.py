@@ -96,6 +96,10 @@ class Platform:
     extra_passthrough_ids: dict = field(default_factory=dict)  # (vendor, device) -> why
     sizes: tuple = ()  # generic platforms only: GPU counts allowed (); () means any that fits
     source: str = "built-in"
+    # PCI classes (base << 8 | sub) a device must have to count as a GPU / an NVSwitch. A platform
+    # file may widen them, e.g. for stand-in devices in a lab or a new device class.
+    gpu_classes: tuple = GPU_CLASSES
+    nvswitch_classes: tuple = NVSWITCH_CLASSES
 
     @property
     def partitioned(self):
@@ -159,6 +163,8 @@ class Platform:
             "extra_passthrough_ids": {
                 _format_id(k): v for k, v in sorted(self.extra_passthrough_ids.items())
             },
+            "gpu_classes": ["0x%04x" % c for c in self.gpu_classes],
+            "nvswitch_classes": ["0x%04x" % c for c in self.nvswitch_classes],
         }
 
 
@@ -326,13 +332,26 @@ KNOWN_NAMES = tuple(PLATFORMS)
 
 # --- detection ---------------------------------------------------------------------------------
 
-def host_gpus(topology, ids=None):
+def host_gpus(topology, ids=None, classes=None):
     """GPUs of the host in PCI bus order (all allow-listed models unless ids is given)."""
-    return topology.devices_matching(ids if ids is not None else GPU_IDS, GPU_CLASSES)
+    return topology.devices_matching(ids if ids is not None else GPU_IDS,
+                                     classes if classes is not None else GPU_CLASSES)
 
 
-def host_nvswitches(topology, ids=None):
-    return topology.devices_matching(ids if ids is not None else NVSWITCH_IDS, NVSWITCH_CLASSES)
+def host_nvswitches(topology, ids=None, classes=None):
+    """NVSwitches of the host in PCI bus order (all allow-listed models unless ids is given)."""
+    return topology.devices_matching(ids if ids is not None else NVSWITCH_IDS,
+                                     classes if classes is not None else NVSWITCH_CLASSES)
+
+
+def platform_gpus(topology, platform):
+    """The host's GPUs as this platform counts them (its IDs and classes), PCI bus order."""
+    return host_gpus(topology, platform.gpu_ids, platform.gpu_classes)
+
+
+def platform_nvswitches(topology, platform):
+    """The host's NVSwitches as this platform counts them, PCI bus order."""
+    return host_nvswitches(topology, platform.nvswitch_ids, platform.nvswitch_classes)
 
 
 def _describe(devices, names):
@@ -379,7 +398,7 @@ def detect(topology):
 _FILE_KEYS = (
     "name", "description", "base", "gpu_ids", "nvswitch_ids", "gpu_count", "nvswitch_count",
     "fabric", "physical_ids", "fm_partitions", "partitions", "allowed_sizes", "templates",
-    "os_disk_gb", "extra_passthrough_ids",
+    "os_disk_gb", "extra_passthrough_ids", "gpu_classes", "nvswitch_classes",
 )
 
 
@@ -506,12 +525,23 @@ def platform_from_dict(data, source="platform file"):
             values = data[key]
             if not isinstance(values, list):
                 raise _bad(source, "%s must be a list of vendor:device IDs" % key)
+            # IDs outside the built-in allow-list are the file author's explicit choice (a new
+            # model, or stand-in devices in a lab); the class check still applies to them.
             changes[key] = tuple(_parse_id(source, key, v) for v in values)
-            allowed = GPU_IDS if key == "gpu_ids" else NVSWITCH_IDS
-            for pair in changes[key]:
-                if pair not in allowed:
-                    raise _bad(source, "%s: %s is not in the collection's allow-list (%s)" % (
-                        key, _format_id(pair), ", ".join(_format_id(p) for p in sorted(allowed))))
+    for key in ("gpu_classes", "nvswitch_classes"):
+        if key in data:
+            values = data[key]
+            if not isinstance(values, list) or not values:
+                raise _bad(source, "%s must be a non-empty list of PCI classes such as 0x0302"
+                           % key)
+            try:
+                changes[key] = tuple(int(str(v), 16) for v in values)
+            except ValueError:
+                raise _bad(source, "%s: %r holds something that is not a hex PCI class such "
+                                   "as 0x0302" % (key, values))
+            if any(not 0 < c <= 0xFFFF for c in changes[key]):
+                raise _bad(source, "%s: give 16-bit classes (base and sub class), e.g. 0x0302"
+                           % key)
     for key in ("gpu_count", "nvswitch_count", "os_disk_gb"):
         if key in data:
             changes[key] = _int_value(source, key, data[key], minimum=1 if key == "os_disk_gb"
@@ -680,7 +710,7 @@ def _int_list(source, size, value):
 
 def check_host(platform, topology):
     """Raise PlatformError when the platform cannot describe this host's GPUs."""
-    gpus = host_gpus(topology, platform.gpu_ids)
+    gpus = platform_gpus(topology, platform)
     if platform.gpu_count and len(gpus) != platform.gpu_count:
         raise PlatformError(
             "platform: %s expects %d GPUs (%s) but this host has %d; GPU indexes would not line "

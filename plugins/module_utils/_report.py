@@ -21,8 +21,8 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import (
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
     GPU_IDS,
     NVSWITCH_IDS,
-    host_gpus,
-    host_nvswitches,
+    platform_gpus,
+    platform_nvswitches,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._readiness import assess
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import format_cpulist
@@ -145,8 +145,8 @@ def _placement_entry(request, outcome):
 def build(topology, platform, platform_reason, domains, requests, reserved_cpus=None,
           reserved_memory_mb=None, unhealthy_gpus=(), nvlinks=None):
     """The whole gpu_topology result. Raises PlacementError for bad host-wide settings."""
-    gpus = host_gpus(topology, platform.gpu_ids)
-    switches = host_nvswitches(topology, platform.nvswitch_ids)
+    gpus = platform_gpus(topology, platform)
+    switches = platform_nvswitches(topology, platform)
     unhealthy = set(unhealthy_gpus)
     allocations = allocations_from_domains(domains, [g.bdf for g in gpus],
                                            [s.bdf for s in switches])

@@ -222,7 +222,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
     PlatformError,
     detect,
     get_platform,
-    host_gpus,
+    platform_gpus,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._report import (
     RequestError,
@@ -281,7 +281,7 @@ def main():
         nvlinks = None
         if p["nvidia_smi_topo"]:
             smi = parse_topo_matrix(p["nvidia_smi_topo"])
-            found = len(host_gpus(topology, platform.gpu_ids))
+            found = len(platform_gpus(topology, platform))
             if smi.gpu_count != found:
                 raise NvidiaSmiTopoError(
                     "nvidia_smi_topo: lists %d GPUs but %d were found under sysfs_root %s; give "

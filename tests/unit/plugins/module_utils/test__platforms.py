@@ -8,6 +8,8 @@ import json
 import pytest
 import topo_factory
 
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import read_host
+
 from ansible_collections.gpuvirt.kvm.plugins.module_utils import _platforms
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
     GPU_IDS,
@@ -204,7 +206,9 @@ def test_file_partitions_by_physical_id_and_nvswitches(tmp_path):
     ("base.json", {"base": "dgx-9000"}, "base 'dgx-9000' is not a known platform"),
     ("fabric.json", {"base": "dgx2", "fabric": "magic"}, "fabric 'magic' is not one of"),
     ("ids.json", {"base": "dgx2", "gpu_ids": ["10de-1db8"]}, "is not a PCI ID"),
-    ("notallowed.json", {"base": "dgx2", "gpu_ids": ["10de:ffff"]}, "not in the collection's"),
+    ("classes.json", {"name": "lab", "gpu_ids": ["8086:10d3"], "gpu_classes": ["nic"]},
+     "not a hex PCI class"),
+    ("classes2.json", {"name": "lab", "gpu_classes": []}, "non-empty list"),
     ("index.json", {"base": "dgx-h100", "partitions": {"2": [[6, 8]]}},
      "names GPU index 8, but the platform has 8 GPUs"),
     ("physid.json", {"base": "dgx-h100", "partitions": {"2": [{"physical_ids": [7, 12]}]}},
@@ -257,3 +261,21 @@ def test_missing_file(tmp_path):
     with pytest.raises(PlatformError) as err:
         get_platform(str(tmp_path / "nope.yml"))
     assert "cannot read platform file" in str(err.value)
+
+
+def test_file_may_declare_stand_in_devices(tmp_path, host_tree):
+    """A lab's stand-ins (NICs named as GPUs) count only through an explicit platform file."""
+    sysfs, proc = host_tree("pcie-4gpu")
+    topo = read_host(sysfs, proc)
+    nics = sorted(d.bdf for d in topo.pci.values() if d.id_pair == (0x8086, 0x1521))
+    assert nics == ["0000:06:00.0", "0000:06:00.1"]
+    path = tmp_path / "lab.json"
+    path.write_text(json.dumps({"name": "lab", "gpu_ids": ["8086:1521"],
+                                "gpu_classes": ["0x0200"]}))
+    lab = get_platform(str(path))
+    assert lab.gpu_classes == (0x0200,)
+    assert [d.bdf for d in _platforms.platform_gpus(topo, lab)] == nics
+    # Without the class widened, the same IDs are not GPUs; the built-in list never has NICs.
+    path.write_text(json.dumps({"name": "lab", "gpu_ids": ["8086:1521"]}))
+    assert _platforms.platform_gpus(topo, get_platform(str(path))) == []
+    assert not set(nics) & {d.bdf for d in _platforms.host_gpus(topo)}
