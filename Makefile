@@ -39,6 +39,9 @@ empty :=
 space := $(empty) $(empty)
 SANITY_PATH := $(subst $(space),:,$(strip $(VENV_BIN) $(wildcard $(HOME)/.pyenv/versions/3.*/bin)))
 PYTEST_ARGS ?=
+# make integration INTEGRATION_TARGETS=gpu_topology runs one target.
+INTEGRATION_TARGETS ?=
+MAIN_ARGS ?=
 
 # Recipes run the venv's tools (ansible-test, ansible-galaxy, ansible-doc) and scripts they start.
 RUN := PATH="$(VENV_BIN):$$PATH"
@@ -46,12 +49,16 @@ RUN := PATH="$(VENV_BIN):$$PATH"
 LINT_PY_PATHS = $(wildcard plugins tests bench tools .ci)
 SHELL_SCRIPTS = $(wildcard .ci/run tools/*.sh tests/integration/*.sh)
 
-.PHONY: help setup lint sanity units integration test build main sync clean
+.PHONY: help system-deps setup lint sanity units integration test build main sync clean
 
 help:
 	@sed -n '1,/^$$/p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
 
-setup: $(STAMP)
+setup: system-deps $(STAMP)
+
+# Debian packages (libvirt, QEMU, the libvirt-python build deps); quiet when all are present.
+system-deps:
+	@bash tools/install-system-deps.sh
 
 $(STAMP): requirements-dev.txt
 	@test -n "$(BOOTSTRAP_PYTHON)" || { echo "setup: no python3.12 or python3 found on PATH" >&2; exit 1; }
@@ -91,12 +98,8 @@ units: setup
 	$(RUN) python -m pytest $(PYTEST_ARGS)
 
 # The integration suite drives a real libvirtd; tests/integration/run.sh owns how.
-integration: setup
-	@if [ -f tests/integration/run.sh ]; then \
-	  $(RUN) bash tests/integration/run.sh; \
-	else \
-	  echo "integration: tests/integration/run.sh does not exist yet, nothing to run"; \
-	fi
+integration: setup sync
+	$(RUN) bash tests/integration/run.sh $(INTEGRATION_TARGETS)
 
 test:
 	$(MAKE) --no-print-directory lint
@@ -128,12 +131,8 @@ build: setup sync
 	fi
 	@echo "build: $$(ls $(DIST_DIR)/gpuvirt-kvm-*.tar.gz)"
 
-main: setup
-	@if [ -f tools/main-job.sh ]; then \
-	  $(RUN) bash tools/main-job.sh; \
-	else \
-	  echo "main: tools/main-job.sh does not exist yet" >&2; exit 1; \
-	fi
+main: setup sync
+	$(RUN) bash tools/main-job.sh $(MAIN_ARGS)
 
 clean:
 	rm -rf .build/ansible_collections $(DIST_DIR) .pytest_cache .ruff_cache .hypothesis

@@ -10,7 +10,7 @@ import os
 import sys
 
 try:
-    import ansible_collections.gpuvirt.kvm.plugins.module_utils  # noqa: F401
+    import ansible_collections.gpuvirt.kvm.plugins.module_utils  # noqa: F401 pylint: disable=unused-import
 except ImportError:
     _repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     _farm = os.path.join(_repo, ".build", "pytest")

@@ -27,19 +27,20 @@ mkdir -p "$out"
   done
 } > "$out/pci.txt" 2>&1
 {
-  ls -la /sys/bus/pci/devices | head -5
-  ls -la /sys/kernel/iommu_groups 2>&1 | head -5
+  find /sys/bus/pci/devices -maxdepth 1 -printf '%p -> %l\n' | head -5
+  find /sys/kernel/iommu_groups -mindepth 1 -maxdepth 1 | head -5
   for n in /sys/devices/system/node/node*; do
-    echo "NODE $n cpulist=$(cat $n/cpulist)"; head -3 $n/meminfo
-    ls $n/hugepages 2>/dev/null
-    for h in $n/hugepages/*; do echo "  $h nr=$(cat $h/nr_hugepages) free=$(cat $h/free_hugepages)"; done
+    echo "NODE $n cpulist=$(cat "$n/cpulist")"; head -3 "$n/meminfo"
+    for h in "$n"/hugepages/hugepages-*; do
+      [ -d "$h" ] && echo "  $h nr=$(cat "$h/nr_hugepages") free=$(cat "$h/free_hugepages")"
+    done
   done
   echo "online=$(cat /sys/devices/system/cpu/online)"
   for c in /sys/devices/system/cpu/cpu[0-9]*; do
-    t=$c/topology; echo "$(basename $c) pkg=$(cat $t/physical_package_id 2>/dev/null) core=$(cat $t/core_id 2>/dev/null) sib=$(cat $t/thread_siblings_list 2>/dev/null)"
+    t=$c/topology
+    echo "$(basename "$c") pkg=$(cat "$t/physical_package_id" 2>/dev/null) core=$(cat "$t/core_id" 2>/dev/null) sib=$(cat "$t/thread_siblings_list" 2>/dev/null)"
   done | head -40
-  echo "== class/iommu"; ls -la /sys/class/iommu 2>&1
-  echo "== dmar/ivrs"; ls /sys/firmware/acpi/tables 2>&1 | head
+  echo "== class/iommu"; find /sys/class/iommu -mindepth 1 -maxdepth 1 2>&1
+  echo "== acpi tables"; find /sys/firmware/acpi/tables -maxdepth 1 -type f -printf '%f\n' 2>&1 | head
 } > "$out/system.txt" 2>&1
-# A tarball of the sysfs files (not symlink targets) for the GPU and its bridges.
 echo "captured into $out"

@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/env python
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Print what gpuvirt.kvm discovers on a host, without Ansible: the same code gpu_topology runs.
 
@@ -27,7 +27,7 @@ def _import_collection():
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--sysfs-root", default="/sys")
     parser.add_argument("--proc-root", default="/proc")
     parser.add_argument("--platform", default="auto")
@@ -56,7 +56,7 @@ def main():
                 smi = _nvidia_smi.parse_topo_matrix(handle.read())
             nvlinks = smi.nvlink_matrix()
         requests = _report.requests_from_options([
-            {"name": p.split(":")[0], "gpus": int(p.split(":")[1]) if ":" in p else 0}
+            {"name": p.split(":", 1)[0], "gpus": int(p.split(":", 1)[1]) if ":" in p else 0}
             for p in args.plan
         ])
         result = _report.build(topo, platform, reason, [], requests, nvlinks=nvlinks)

@@ -123,6 +123,35 @@ def _to_kib(value, unit):
     return value * _UNITS.get(unit.lower(), 1024) // 1024
 
 
+def disk_sources(xml_text, volume_path=None):
+    """File and block paths of a domain's disks and of the backingStore chains in its XML."""
+    root = ET.fromstring(xml_text)
+    paths = []
+
+    def source_path(element, kind):
+        source = element.find("source")
+        if source is None:
+            return None
+        if kind == "file":
+            return source.get("file")
+        if kind == "block":
+            return source.get("dev")
+        if kind == "volume" and volume_path is not None:
+            return volume_path(source.get("pool"), source.get("volume"))
+        return None  # network disks (rbd, iscsi, nbd) have no local file to protect
+
+    for disk in root.findall("./devices/disk"):
+        element, kind = disk, disk.get("type", "file")
+        # libvirt nests the chain: <disk><source/><backingStore type=..><source/><backingStore>..
+        while element is not None:
+            path = source_path(element, kind)
+            if path and path not in paths:
+                paths.append(path)
+            element = element.find("backingStore")
+            kind = element.get("type", "file") if element is not None else None
+    return tuple(paths)
+
+
 class LibvirtGateway:
     """A connection to one libvirt daemon."""
 
@@ -135,7 +164,7 @@ class LibvirtGateway:
         except libvirt.libvirtError as exc:
             raise LibvirtGatewayError(
                 "cannot connect to libvirt at uri %r: %s" % (uri, exc.get_error_message())
-            )
+            ) from exc
 
     def close(self):
         try:
@@ -155,7 +184,7 @@ class LibvirtGateway:
         try:
             domains = self.conn.listAllDomains(0)
         except libvirt.libvirtError as exc:
-            raise LibvirtGatewayError("cannot list domains at %r: %s" % (self.uri, exc))
+            raise LibvirtGatewayError("cannot list domains at %r: %s" % (self.uri, exc)) from exc
         for dom in domains:
             try:
                 xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
@@ -163,6 +192,42 @@ class LibvirtGateway:
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                     continue  # undefined while we listed
-                raise LibvirtGatewayError("cannot read domain %s: %s" % (dom.name(), exc))
+                raise LibvirtGatewayError("cannot read domain %s: %s" % (dom.name(), exc)) from exc
             result.append(parse_allocation(xml, active=active))
         return sorted(result, key=lambda a: a.name)
+
+    def _volume_path(self, pool, volume):
+        try:
+            return self.conn.storagePoolLookupByName(pool).storageVolLookupByName(volume).path()
+        except libvirt.libvirtError:
+            return None  # a pool that is gone holds no file we could protect
+
+    def disk_chains(self):
+        """{domain name: disk paths with their backing chains}, as libvirt reports them.
+
+        Inactive domains report only what their XML names; running ones also the backing
+        chain libvirt probed at start (live XML). Callers that must know the whole chain of an
+        inactive domain's disks follow it with qemu-img (module_utils._images).
+        """
+        result = {}
+        try:
+            domains = self.conn.listAllDomains(0)
+        except libvirt.libvirtError as exc:
+            raise LibvirtGatewayError("cannot list domains at %r: %s" % (self.uri, exc)) from exc
+        for dom in domains:
+            try:
+                xmls = [dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)]
+                if dom.isActive():
+                    xmls.append(dom.XMLDesc(0))
+                name = dom.name()
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    continue  # undefined while we listed
+                raise LibvirtGatewayError("cannot read domain %s: %s" % (dom.name(), exc)) from exc
+            paths = []
+            for xml in xmls:
+                for path in disk_sources(xml, self._volume_path):
+                    if path not in paths:
+                        paths.append(path)
+            result[name] = tuple(paths)
+        return result

@@ -101,7 +101,8 @@ def parse_topo_matrix(text):
             if col.startswith("GPU"):
                 j = int(col[3:])
                 if (i == j) != (cell == "X"):
-                    raise _error("row %s column %s: 'X' must be exactly on the diagonal" % (label, col))
+                    raise _error("row %s column %s: 'X' must be exactly on the diagonal"
+                                 % (label, col))
                 if i != j:
                     topo.links[(i, j)] = "SYS" if cell == "SOC" else cell
         rest = tokens[1 + len(columns):]

@@ -227,7 +227,7 @@ class _HostModel(object):
             self.nvlinks[(min(a, b), max(a, b))] = int(count)
         self.pair_score = None
         if not self.partitioned:
-            self.pair_score = [[0] * self.gpu_count for _ in range(self.gpu_count)]
+            self.pair_score = [[0] * self.gpu_count for _dummy in range(self.gpu_count)]
             for a in range(self.gpu_count):
                 for b in range(a + 1, self.gpu_count):
                     link = topology.link(self.gpu_bdfs[a], self.gpu_bdfs[b])

@@ -538,7 +538,7 @@ def platform_from_dict(data, source="platform file"):
                 changes[key] = tuple(int(str(v), 16) for v in values)
             except ValueError:
                 raise _bad(source, "%s: %r holds something that is not a hex PCI class such "
-                                   "as 0x0302" % (key, values))
+                                   "as 0x0302" % (key, values)) from None
             if any(not 0 < c <= 0xFFFF for c in changes[key]):
                 raise _bad(source, "%s: give 16-bit classes (base and sub class), e.g. 0x0302"
                            % key)
@@ -654,8 +654,8 @@ def _parse_partitions(source, raw, physical_ids, gpu_count, nvswitch_count):
         for entry in entries:
             sw = ()
             if isinstance(entry, dict):
-                bad = sorted(str(k) for k in entry if k not in ("gpus", "physical_ids",
-                                                                 "nvswitches"))
+                known = ("gpus", "physical_ids", "nvswitches")
+                bad = sorted(str(k) for k in entry if k not in known)
                 if bad or ("gpus" in entry) == ("physical_ids" in entry):
                     raise _bad(source, "partitions %d: %r must have exactly one of gpus "
                                        "(indexes) or physical_ids, and optionally nvswitches"
@@ -678,8 +678,8 @@ def _parse_partitions(source, raw, physical_ids, gpu_count, nvswitch_count):
                 members = _int_list(source, size, entry)
             block = tuple(sorted(members))
             if len(set(block)) != len(block):
-                raise _bad(source, "partition %s (size %d) names a GPU twice" % (list(block),
-                                                                                    size))
+                raise _bad(source, "partition %s (size %d) names a GPU twice"
+                           % (list(block), size))
             if len(block) != size:
                 raise _bad(source, "partition %s has %d GPUs but is listed under size %d; list "
                                    "each partition under its own GPU count" % (

@@ -51,8 +51,9 @@ def requests_from_options(entries, option="plan"):
             raise RequestError("%s.gpus is %d; give 0 (CPU-only) or more" % (where, gpus))
         gpu_index = entry.get("gpu_index")
         if gpu_index is not None and gpus == 0:
-            raise RequestError("%s.gpu_index is set but %s.gpus is 0; give gpus too "
-                               "(gpu_index is the first GPU of a gpus-sized block)" % (where, where))
+            raise RequestError(
+                "%s.gpu_index is set but %s.gpus is 0; give gpus too (gpu_index is the first "
+                "GPU of a gpus-sized block)" % (where, where))
         if gpu_index is not None and gpu_index < 0:
             raise RequestError("%s.gpu_index is %d; GPU indexes start at 0" % (where, gpu_index))
         memory = entry.get("memory")
@@ -61,7 +62,7 @@ def requests_from_options(entries, option="plan"):
             try:
                 memory_mb = parse_size_mb(memory, "%s.memory" % where)
             except ValueError as exc:
-                raise RequestError(str(exc))
+                raise RequestError(str(exc)) from exc
         vcpus = entry.get("vcpus")
         if vcpus is not None and vcpus < 1:
             raise RequestError("%s.vcpus is %d; give 1 or more" % (where, vcpus))

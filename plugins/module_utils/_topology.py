@@ -314,7 +314,8 @@ class SysfsReader:
             cmdline = _read(os.path.join(self.proc_root, "cmdline"))
             cpuinfo = _read(os.path.join(self.proc_root, "cpuinfo"), default="")
         except OSError as exc:
-            raise TopologyError("cannot read host topology under %r: %s" % (self.sysfs_root, exc))
+            raise TopologyError(
+                "cannot read host topology under %r: %s" % (self.sysfs_root, exc)) from exc
         return HostTopology(
             pci=pci, cpus=cpus, numa_nodes=nodes, cmdline=cmdline, iommu_groups=groups,
             sysfs_root=self.sysfs_root, proc_root=self.proc_root,
@@ -376,9 +377,10 @@ class SysfsReader:
                     m = re.match(r"^hugepages-(\d+)kB$", name)
                     if not m:
                         continue
+                    pool = os.path.join(hp_dir, name)
                     hugepages[int(m.group(1))] = {
-                        "total": _int(_read(os.path.join(hp_dir, name, "nr_hugepages"), "0"), default=0),
-                        "free": _int(_read(os.path.join(hp_dir, name, "free_hugepages"), "0"), default=0),
+                        "total": _int(_read(os.path.join(pool, "nr_hugepages"), "0"), default=0),
+                        "free": _int(_read(os.path.join(pool, "free_hugepages"), "0"), default=0),
                     }
             node_cpus = tuple(sorted(c for c, info in cpus.items() if info.node == node_id))
             nodes.append(NumaNode(id=node_id, cpus=node_cpus, memory_total_kb=total,

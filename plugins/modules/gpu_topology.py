@@ -22,7 +22,7 @@ description:
     M(gpuvirt.kvm.kvm_vm) would place them.
   - Never changes the host.
 author:
-  - gpuvirt.kvm contributors
+  - gpuvirt.kvm contributors (@gpuvirt)
 extends_documentation_fragment:
   - gpuvirt.kvm.host
   - gpuvirt.kvm.host.LIBVIRT
@@ -32,6 +32,7 @@ attributes:
     description: The module never changes anything, so check mode runs it unchanged.
   diff_mode:
     support: none
+    description: Nothing changes, so there is nothing to diff.
   idempotent:
     support: full
     description: Read-only; it always returns RV(ignore:changed=false).
@@ -125,9 +126,12 @@ platform:
   type: dict
   contains:
     name: {description: Platform name., type: str, sample: dgx2}
-    description: {description: What it is., type: str, sample: NVIDIA DGX-2 / HGX-2 (16 V100, 12 NVSwitch)}
+    description: {description: What it is., type: str, sample: "NVIDIA DGX-2 / HGX-2 (16 V100, 12 NVSwitch)"}
     reason: {description: Why this platform was chosen., type: str, sample: "16 GPUs 10de:1db8 and 12 NVSwitches 10de:1ac2 match dgx2"}
-    fabric: {description: How NVSwitches are shared (V(full_passthrough), V(shared_nvswitch) or V(none))., type: str, sample: full_passthrough}
+    fabric:
+      description: How NVSwitches are shared, V(full_passthrough), V(shared_nvswitch) or V(none).
+      type: str
+      sample: full_passthrough
     allowed_sizes: {description: GPU counts a VM may have., type: list, elements: int, sample: [1, 2, 4, 8, 16]}
 gpus:
   description: Every GPU found, in PCI bus order.
@@ -184,7 +188,7 @@ readiness:
         devices, which would be passed through with it.
       type: list
       elements: dict
-    actions: {description: What to do, one line each., type: list, elements: str}
+    actions: {description: "What to do, one line each.", type: list, elements: str}
 plan:
   description: One entry per O(plan) request, in the order given.
   returned: success

@@ -50,7 +50,7 @@ def test_cloud_vm_matches_the_capture(host_tree):
     resources = {}
     for line in _read(os.path.join(CAPTURED, "pci.txt")).splitlines():
         if line.startswith("DEV "):
-            _, bdf, _, link = line.split()
+            _dummy, bdf, _dummy2, link = line.split()
             devices += 1
             assert os.readlink(os.path.join(sysfs_root, "bus", "pci", "devices", bdf)) == link
             resources[bdf] = []

@@ -429,7 +429,7 @@ def test_plan_largest_first_results_in_input_order():
     reqs = [Request("s", gpus=1), Request("bad", gpus=3), Request("b", gpus=8),
             Request("m", gpus=4), Request("t", gpus=2)]
     out = s.plan(reqs)
-    assert [req.name for req, _ in out] == ["s", "bad", "b", "m", "t"]
+    assert [req.name for req, _outcome in out] == ["s", "bad", "b", "m", "t"]
     got = {req.name: res for req, res in out}
     assert isinstance(got["bad"], PlacementError) and "1, 2, 4, 8, 16" in str(got["bad"])
     assert got["b"].gpu_indexes == r(0, 7)
@@ -515,7 +515,7 @@ def test_fleet_sticky_vm_stays_on_its_host():
 def test_fleet_is_deterministic_and_never_oversubscribes():
     base = state()
     reqs = [Request("r%d" % k, gpus=(1, 2, 4, 8, 16)[k * 7 % 5]) for k in range(200)]
-    plans = [plan_fleet([("h%d" % i, base.copy()) for i in range(20)], reqs) for _ in range(2)]
+    plans = [plan_fleet([("h%d" % i, base.copy()) for i in range(20)], reqs) for _dummy in range(2)]
     assert [(a.request.name, a.host, a.placement.gpu_indexes) for a in plans[0].assignments] == \
         [(a.request.name, a.host, a.placement.gpu_indexes) for a in plans[1].assignments]
     used = {}

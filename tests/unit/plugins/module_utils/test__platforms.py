@@ -8,8 +8,6 @@ import json
 import pytest
 import topo_factory
 
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import read_host
-
 from ansible_collections.gpuvirt.kvm.plugins.module_utils import _platforms
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
     GPU_IDS,
@@ -20,6 +18,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
     get_platform,
     platform_from_dict,
 )
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import read_host
 
 
 def _r(a, b):
