@@ -10,6 +10,7 @@ Every other module talks to libvirt through :class:`LibvirtGateway`; tests swap 
 
 from __future__ import annotations
 
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
@@ -231,3 +232,141 @@ class LibvirtGateway:
                         paths.append(path)
             result[name] = tuple(paths)
         return result
+
+    # --- domain lifecycle --------------------------------------------------------------------
+    # Every call maps libvirt's exception to LibvirtGatewayError carrying libvirt's own words.
+
+    def _lookup(self, name):
+        try:
+            return self.conn.lookupByName(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise LibvirtGatewayError("cannot look up domain %s: %s" % (name, exc)) from exc
+
+    def exists(self, name):
+        return self._lookup(name) is not None
+
+    def state(self, name):
+        """'running', 'paused', 'shutoff', 'shutdown' (in progress), 'crashed', ... or None."""
+        dom = self._lookup(name)
+        if dom is None:
+            return None
+        try:
+            code = dom.state()[0]
+        except libvirt.libvirtError as exc:
+            raise LibvirtGatewayError("cannot read the state of %s: %s" % (name, exc)) from exc
+        return _STATES.get(code, "unknown")
+
+    def domain_xml(self, name, inactive=True):
+        """The domain's XML (inactive: as defined, which is what the next start uses)."""
+        dom = self._lookup(name)
+        if dom is None:
+            raise LibvirtGatewayError("domain %s does not exist" % name)
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        try:
+            return dom.XMLDesc(flags)
+        except libvirt.libvirtError as exc:
+            raise LibvirtGatewayError("cannot read domain %s: %s" % (name, exc)) from exc
+
+    def define(self, xml):
+        """Define (or redefine) a domain from XML; returns its name."""
+        try:
+            return self.conn.defineXML(xml).name()
+        except libvirt.libvirtError as exc:
+            raise LibvirtGatewayError("libvirt refused the domain definition: %s"
+                                      % exc.get_error_message()) from exc
+
+    def start(self, name):
+        dom = self._require(name)
+        try:
+            dom.create()
+        except libvirt.libvirtError as exc:
+            raise LibvirtGatewayError("cannot start %s: %s" % (name, exc.get_error_message())) \
+                from exc
+
+    def destroy(self, name):
+        """Power a domain off at once (no guest shutdown). A stopped domain is left as is."""
+        dom = self._require(name)
+        try:
+            if dom.isActive():
+                dom.destroy()
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
+                return  # it stopped between the check and the call
+            raise LibvirtGatewayError("cannot destroy %s: %s" % (name, exc.get_error_message())) \
+                from exc
+
+    def shutdown(self, name, timeout, force=False, poll=0.2):
+        """ACPI shutdown, wait up to timeout seconds; then destroy if force, else raise.
+
+        Returns 'shutdown' when the guest powered off by itself, 'destroyed' when forced.
+        """
+        dom = self._require(name)
+        try:
+            if not dom.isActive():
+                return "shutdown"
+            dom.shutdown()
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:
+                raise LibvirtGatewayError("cannot shut down %s: %s"
+                                          % (name, exc.get_error_message())) from exc
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.state(name) in ("shutoff", None):
+                return "shutdown"
+            time.sleep(poll)
+        if not force:
+            raise LibvirtGatewayError(
+                "%s did not power off within %d s of an ACPI shutdown (the guest may have no OS "
+                "or ignore ACPI); set force: true to power it off, or raise timeout"
+                % (name, timeout))
+        self.destroy(name)
+        return "destroyed"
+
+    def undefine(self, name):
+        """Undefine a stopped domain with its NVRAM, managed save and snapshot metadata."""
+        dom = self._require(name)
+        flags = 0
+        for flag in ("VIR_DOMAIN_UNDEFINE_NVRAM", "VIR_DOMAIN_UNDEFINE_MANAGED_SAVE",
+                     "VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA",
+                     "VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA"):
+            flags |= getattr(libvirt, flag, 0)
+        try:
+            dom.undefineFlags(flags)
+        except libvirt.libvirtError as exc:
+            raise LibvirtGatewayError("cannot undefine %s: %s" % (name, exc.get_error_message())) \
+                from exc
+
+    def _require(self, name):
+        dom = self._lookup(name)
+        if dom is None:
+            raise LibvirtGatewayError("domain %s does not exist" % name)
+        return dom
+
+    def networks(self):
+        """{network name: active?} for every libvirt network."""
+        try:
+            return {n.name(): bool(n.isActive()) for n in self.conn.listAllNetworks(0)}
+        except libvirt.libvirtError as exc:
+            raise LibvirtGatewayError("cannot list networks at %r: %s" % (self.uri, exc)) from exc
+
+    def domain_names(self):
+        try:
+            return sorted(d.name() for d in self.conn.listAllDomains(0))
+        except libvirt.libvirtError as exc:
+            raise LibvirtGatewayError("cannot list domains at %r: %s" % (self.uri, exc)) from exc
+
+
+_STATES = {}
+if libvirt is not None:
+    _STATES = {
+        libvirt.VIR_DOMAIN_NOSTATE: "nostate",
+        libvirt.VIR_DOMAIN_RUNNING: "running",
+        libvirt.VIR_DOMAIN_BLOCKED: "running",
+        libvirt.VIR_DOMAIN_PAUSED: "paused",
+        libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown",
+        libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+        libvirt.VIR_DOMAIN_CRASHED: "crashed",
+        libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+    }
