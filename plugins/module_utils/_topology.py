@@ -465,3 +465,13 @@ def _meminfo_kb(text, key):
 def read_host(sysfs_root="/sys", proc_root="/proc"):
     """Discover the host's topology. Raises TopologyError with an actionable message."""
     return SysfsReader(sysfs_root, proc_root).read()
+
+
+def read_bridges(sysfs_root="/sys"):
+    """Names of the host's network bridges (interfaces with a ``bridge`` folder in sysfs)."""
+    net = os.path.join(sysfs_root, "class", "net")
+    try:
+        names = os.listdir(net)
+    except OSError:
+        return ()
+    return tuple(sorted(n for n in names if os.path.isdir(os.path.join(net, n, "bridge"))))

@@ -1,0 +1,654 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) gpuvirt.kvm contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Desired VMs vs the domains libvirt holds -> actions, and carrying them out. Private.
+
+kvm_vm and kvm_layout are thin shells over this module: they parse options into VmRequest
+values, hold the host lock while `Planner.plan()` reads allocations and places, and hand each
+resulting `VmPlan` to `Applier.apply()`. Every side effect is guarded by check mode at the
+point where it happens, and `changed`, the diff and the action list come from one comparison
+(the plan), never from a second path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+
+from ansible_collections.gpuvirt.kvm.plugins.module_utils import _images, _seed
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain import Domain
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import LibvirtGatewayError
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import (
+    HostState,
+    PlacementError,
+    Request,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._report import allocations_from_domains
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._units import parse_size_mb
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_spec import (
+    DiskSpec,
+    NetworkSpec,
+    SpecError,
+    VmSpec,
+    build_domain,
+    make_spec,
+    spec_diff,
+)
+
+PREPARE = "prepare"  # files and definitions: done under the host lock, one VM after another
+POWER = "power"  # start, stop, undefine, remove: outside the lock, VMs in parallel
+PREPARE_STEPS = ("create_overlay", "create_data_disk", "write_seed", "define", "redefine")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+STATES = ("present", "running", "stopped", "absent")
+DEFAULT_DISK_DIR = "/var/lib/gpuvirt/disks"
+
+
+class VmError(Exception):
+    """A VM cannot be converged; the message names the VM, the option and the fix."""
+
+
+@dataclass(frozen=True)
+class VmRequest:
+    """One VM as the user declared it (kvm_vm's options, or one entry of kvm_layout's vms)."""
+
+    name: str
+    state: str = "running"
+    gpus: int = 0
+    gpu_index: int | None = None
+    image: str | None = None
+    vcpus: int | None = None
+    memory_mb: int | None = None
+    os_disk_gb: int | None = None
+    data_disk_gb: int | None = None
+    networks: tuple = ()  # NetworkSpec with mac possibly None
+    cloud_init: dict | None = None
+    cpu_policy: str = "dedicated"
+    hugepages: bool = False
+    cpu_mode: str | None = None
+    cpu_disable_features: tuple = ()
+    domain_type: str = "kvm"
+    firmware: str = "bios"
+    force: bool = False
+    timeout: int = 120
+    remove_data: bool = False
+    recreate: bool = False
+    owner_tag: str | None = None
+
+
+def _size_gb(value, option):
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        mib = value * 1024  # a bare number is GiB for disks
+    else:
+        text = str(value).strip()
+        mib = parse_size_mb(int(text) * 1024 if text.isdigit() else text, option)
+    if mib % 1024:
+        raise VmError("%s: %r is not a whole number of GiB" % (option, value))
+    return mib // 1024
+
+
+def request_from_params(p, where=""):
+    """Validate kvm_vm-style options (a dict) into a VmRequest. Raises VmError."""
+    prefix = where + "." if where else ""
+    name = p.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise VmError(
+            "%sname: %r is not a valid VM name; use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit" % (prefix, name))
+    state = p.get("state") or "running"
+    if state not in STATES:
+        raise VmError("%sstate: %r is not one of %s" % (prefix, state, ", ".join(STATES)))
+    if p.get("remove_data") and state != "absent":
+        raise VmError("%sremove_data: only valid with state: absent (the data disk of %s is "
+                      "kept otherwise)" % (prefix, name))
+    gpus = p.get("gpus") or 0
+    if gpus < 0:
+        raise VmError("%sgpus: %d; give 0 (CPU-only) or more" % (prefix, gpus))
+    if p.get("gpu_index") is not None and gpus == 0:
+        raise VmError("%sgpu_index: set, but gpus is 0; give gpus too (gpu_index is the first "
+                      "GPU of a gpus-sized block)" % prefix)
+    memory_mb = None
+    if p.get("memory") is not None:
+        try:
+            memory_mb = parse_size_mb(p["memory"], prefix + "memory")
+        except ValueError as exc:
+            raise VmError(str(exc)) from exc
+    try:
+        os_disk_gb = _size_gb(p.get("os_disk_size"), prefix + "os_disk_size")
+        data_disk_gb = _size_gb(p.get("data_disk_size"), prefix + "data_disk_size")
+    except ValueError as exc:
+        raise VmError(str(exc)) from exc
+    if p.get("vcpus") is not None and p["vcpus"] < 1:
+        raise VmError("%svcpus: %d; give 1 or more" % (prefix, p["vcpus"]))
+    networks = []
+    raw_networks = p.get("networks")
+    if raw_networks is None:
+        raw_networks = [{"network": "default"}]
+    for n, net in enumerate(raw_networks):
+        kinds = [k for k in ("network", "bridge", "user") if net.get(k)]
+        if len(kinds) != 1:
+            raise VmError("%snetworks[%d]: give exactly one of network (a libvirt network), "
+                          "bridge (a host bridge) or user: true, got %s" % (
+                              prefix, n, ", ".join(sorted(k for k in net if net[k])) or "none"))
+        kind = kinds[0]
+        networks.append(NetworkSpec(type=kind, source=None if kind == "user" else net[kind],
+                                    mac=net.get("mac")))
+    timeout = p.get("timeout")
+    timeout = 120 if timeout is None else timeout
+    if timeout < 0:
+        raise VmError("%stimeout: %d; give seconds >= 0" % (prefix, timeout))
+    return VmRequest(
+        name=name, state=state, gpus=gpus, gpu_index=p.get("gpu_index"), image=p.get("image"),
+        vcpus=p.get("vcpus"), memory_mb=memory_mb, os_disk_gb=os_disk_gb,
+        data_disk_gb=data_disk_gb, networks=tuple(networks), cloud_init=p.get("cloud_init"),
+        cpu_policy=p.get("cpu_policy") or "dedicated", hugepages=bool(p.get("hugepages")),
+        cpu_mode=p.get("cpu_mode"), cpu_disable_features=tuple(p.get("cpu_disable_features") or ()),
+        domain_type=p.get("domain_type") or "kvm", firmware=p.get("firmware") or "bios",
+        force=bool(p.get("force")), timeout=timeout, remove_data=bool(p.get("remove_data")),
+        recreate=bool(p.get("recreate")), owner_tag=p.get("owner_tag"),
+    )
+
+
+@dataclass
+class HostContext:
+    """What one run knows about the host: read once, shared by every VM of a layout."""
+
+    topology: object
+    platform: object
+    store: object  # _images.ImageStore
+    disk_dir: str = DEFAULT_DISK_DIR
+    reserved_cpus: object = None
+    reserved_memory_mb: object = None
+    unhealthy_gpus: tuple = ()
+    nvlinks: dict | None = None
+    bridges: tuple = ()  # host bridges (from sysfs)
+
+
+@dataclass
+class VmPlan:
+    """What converging one VM means: the comparison, and the steps that follow from it."""
+
+    request: VmRequest
+    exists: bool = False
+    active: bool = False
+    uuid: str | None = None
+    actual: VmSpec | None = None
+    desired: VmSpec | None = None
+    diff: dict = field(default_factory=dict)
+    steps: list = field(default_factory=list)  # ("create_overlay", ...), in order
+    files_to_remove: list = field(default_factory=list)
+    kept: list = field(default_factory=list)  # data disks left in place on absent
+    reboot_required: bool = False
+    seed_files: dict | None = None
+    error: str | None = None
+    undo: list = field(default_factory=list)  # what this run did, to undo on failure
+
+    @property
+    def changed(self):
+        return bool(self.steps)
+
+
+def disk_paths(disk_dir, name):
+    """Where a VM's own files live (named after the VM, so a rerun finds them)."""
+    return {
+        "os": os.path.join(disk_dir, "%s-os.qcow2" % name),
+        "data": os.path.join(disk_dir, "%s-data.qcow2" % name),
+        "seed": os.path.join(disk_dir, "%s-seed.iso" % name),
+    }
+
+
+class Planner:
+    """Reads what libvirt holds and decides, for each requested VM, what must happen."""
+
+    def __init__(self, gateway, ctx):
+        self.gateway = gateway
+        self.ctx = ctx
+
+    def read_domains(self):
+        return {d.name: d for d in self.gateway.allocations()}
+
+    def plan(self, requests):
+        """[VmPlan] in request order (an unplaceable VM gets .error, the others still plan)."""
+        domains = self.read_domains()
+        for req in requests:
+            dom = domains.get(req.name)
+            if dom is not None and not dom.managed:
+                raise VmError(
+                    "%s: a domain of that name exists and was not created by gpuvirt.kvm (it has "
+                    "no gpuvirt metadata); it is left alone - choose another name" % req.name)
+        state = HostState(
+            self.ctx.topology, self.ctx.platform,
+            allocations=allocations_from_domains(list(domains.values()),
+                                                 _gpu_bdfs(self.ctx), _switch_bdfs(self.ctx)),
+            reserved_cpus=self.ctx.reserved_cpus, reserved_memory_mb=self.ctx.reserved_memory_mb,
+            unhealthy_gpus=self.ctx.unhealthy_gpus, nvlinks=self.ctx.nvlinks)
+        networks = None
+        plans = []
+        placing = []
+        for req in requests:
+            vp = VmPlan(request=req)
+            dom = domains.get(req.name)
+            if dom is not None:
+                vp.exists, vp.active, vp.uuid = True, dom.active, dom.uuid
+                vp.actual = VmSpec.from_domain(
+                    Domain.from_xml(self.gateway.domain_xml(req.name)))
+            plans.append(vp)
+            if req.state == "absent":
+                state.release(req.name)  # what it frees is free for the others in this run
+                continue
+            if vp.exists and vp.actual is not None and len(vp.actual.gpus) != req.gpus \
+                    and vp.active and not req.recreate:
+                vp.error = (
+                    "%s: gpus is %d but the running VM holds %d GPU(s); a GPU count change "
+                    "re-places the VM: set recreate: true to stop, re-place and restart it"
+                    % (req.name, req.gpus, len(vp.actual.gpus)))
+                continue
+            if networks is None:
+                networks = self.gateway.networks()
+            try:
+                self._check_networks(req, networks)
+            except VmError as exc:
+                vp.error = str(exc)
+                continue
+            placing.append(vp)
+        outcomes = state.plan([Request(
+            name=vp.request.name, gpus=vp.request.gpus, gpu_index=vp.request.gpu_index,
+            vcpus=vp.request.vcpus, memory_mb=vp.request.memory_mb,
+            cpu_policy=vp.request.cpu_policy, hugepages=vp.request.hugepages)
+            for vp in placing])
+        for vp, (_req, outcome) in zip(placing, outcomes):
+            if isinstance(outcome, PlacementError):
+                vp.error = str(outcome)
+                continue
+            try:
+                self._desired(vp, outcome)
+            except (VmError, SpecError, _images.ImagesError) as exc:
+                vp.error = str(exc)
+        for vp in plans:
+            if vp.error is None:
+                self._steps(vp)
+        return plans
+
+    # --- desired state ---------------------------------------------------------------------
+
+    def _check_networks(self, req, networks):
+        for n, net in enumerate(req.networks):
+            if net.type == "network":
+                if net.source not in networks:
+                    raise VmError("%s: networks[%d].network: libvirt has no network %r (it has: "
+                                  "%s); create it or pick one of those" % (
+                                      req.name, n, net.source, ", ".join(sorted(networks))
+                                      or "none"))
+                if not networks[net.source]:
+                    raise VmError("%s: networks[%d].network: %r is not active; start it "
+                                  "(virsh net-start %s)" % (req.name, n, net.source, net.source))
+            elif net.type == "bridge" and net.source not in self.ctx.bridges:
+                raise VmError("%s: networks[%d].bridge: the host has no bridge %r (bridges: %s)"
+                              % (req.name, n, net.source, ", ".join(self.ctx.bridges) or "none"))
+
+    def _desired(self, vp, placement):
+        req = vp.request
+        paths = disk_paths(self.ctx.disk_dir, req.name)
+        actual_disks = {d.role: d for d in vp.actual.disks} if vp.actual else {}
+        disks = []
+        image_name = image_version = None
+        if "os" in actual_disks:
+            # An existing OS disk stays on the base it was made from: re-basing an overlay
+            # would corrupt it.
+            os_disk = actual_disks["os"]
+            image_name, image_version = vp.actual.image, vp.actual.image_version
+            if req.image and vp.actual.image and req.image not in (
+                    vp.actual.image, "%s-%s" % (vp.actual.image, vp.actual.image_version)):
+                raise VmError(
+                    "%s: image: the OS disk is an overlay on %s-%s; to move the VM to %s, remove "
+                    "it (state: absent keeps the data disk) and create it again" % (
+                        req.name, vp.actual.image, vp.actual.image_version, req.image))
+            disks.append(replace(os_disk, size_gb=req.os_disk_gb or os_disk.size_gb))
+        elif req.image:
+            image = self.ctx.store.resolve(req.image)
+            image_name, image_version = image.name, image.version
+            disks.append(DiskSpec(role="os", path=paths["os"], format="qcow2",
+                                  size_gb=req.os_disk_gb, backing=os.path.realpath(image.path),
+                                  backing_format=image.format))
+        if req.data_disk_gb is not None or "data" in actual_disks:
+            current = actual_disks.get("data")
+            disks.append(DiskSpec(role="data", path=current.path if current else paths["data"],
+                                  format="qcow2",
+                                  size_gb=req.data_disk_gb or (current.size_gb if current
+                                                               else None)))
+        if req.cloud_init:
+            vp.seed_files = _seed.render(req.name, req.cloud_init)
+            disks.append(DiskSpec(role="seed", path=paths["seed"], format="raw"))
+        vp.desired = make_spec(
+            placement, self.ctx.topology, disks=disks, networks=req.networks,
+            domain_type=req.domain_type, cpu_mode=req.cpu_mode,
+            cpu_disable_features=req.cpu_disable_features, firmware=req.firmware,
+            template=str(req.gpus), image=image_name, image_version=image_version,
+            owner_tag=req.owner_tag)
+
+    # --- steps -----------------------------------------------------------------------------
+
+    def _steps(self, vp):
+        req = vp.request
+        name = req.name
+        if req.state == "absent":
+            if vp.exists:
+                if vp.active:
+                    vp.steps.append(("stop", name))
+                vp.steps.append(("undefine", name))
+            own = disk_paths(self.ctx.disk_dir, name)
+            disks = {d.role: d.path for d in vp.actual.disks} if vp.actual else {}
+            for role in ("os", "seed"):
+                path = disks.get(role, own[role])
+                if os.path.lexists(path):
+                    vp.files_to_remove.append(path)
+                    vp.steps.append(("remove_file", path))
+            data = disks.get("data", own["data"])
+            if os.path.lexists(data):
+                if req.remove_data:
+                    vp.files_to_remove.append(data)
+                    vp.steps.append(("remove_file", data))
+                else:
+                    vp.kept.append(data)
+            vp.diff = spec_diff(vp.actual, None) if vp.actual else {}
+            return
+        vp.diff = spec_diff(vp.actual, vp.desired)
+        # A running VM whose GPU count changes (recreate: true) is redefined first - libvirt
+        # keeps the new definition for the next start - then stopped and started again.
+        recreate = vp.exists and vp.actual is not None and \
+            len(vp.actual.gpus) != len(vp.desired.gpus) and vp.active
+        for disk in vp.desired.disks:
+            if disk.role == "os" and not os.path.lexists(disk.path):
+                vp.steps.append(("create_overlay", disk.path))
+            elif disk.role == "data" and not os.path.lexists(disk.path):
+                vp.steps.append(("create_data_disk", disk.path))
+            elif disk.role == "seed":
+                current = _seed_digest(vp.actual)
+                if not os.path.lexists(disk.path) or current != _seed.digest(vp.seed_files):
+                    vp.steps.append(("write_seed", disk.path))
+        if not vp.exists:
+            vp.steps.append(("define", name))
+        elif vp.diff:
+            vp.steps.append(("redefine", name))
+            vp.reboot_required = vp.active and not recreate
+        if recreate or (req.state == "stopped" and vp.active):
+            vp.steps.append(("stop", name))
+        if (recreate and req.state != "stopped") or (req.state == "running" and not vp.active):
+            vp.steps.append(("start", name))
+
+
+def _seed_digest(spec):
+    return None if spec is None else getattr(spec, "seed_digest", None)
+
+
+def _gpu_bdfs(ctx):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import platform_gpus
+
+    return [d.bdf for d in platform_gpus(ctx.topology, ctx.platform)]
+
+
+def _switch_bdfs(ctx):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
+        platform_nvswitches,
+    )
+
+    return [d.bdf for d in platform_nvswitches(ctx.topology, ctx.platform)]
+
+
+class Applier:
+    """Carries out a VmPlan's steps; undoes a failed create in reverse and re-raises."""
+
+    def __init__(self, gateway, ctx, check_mode=False):
+        self.gateway = gateway
+        self.ctx = ctx
+        self.check_mode = check_mode
+
+    def apply(self, vp, phase=None):
+        """Run the plan's steps of one phase (PREPARE, POWER, or all); returns action lines.
+
+        What a failed run had done in this call or an earlier phase is undone in reverse, and
+        VmError carries the cause.
+        """
+        actions = []
+        req = vp.request
+        try:
+            for step, target in vp.steps:
+                if phase is not None and (step in PREPARE_STEPS) != (phase == PREPARE):
+                    continue
+                actions.append(self._describe(step, target, vp))
+                if self.check_mode:
+                    continue
+                self._do(step, target, vp, vp.undo)
+        except (LibvirtGatewayError, _images.ImagesError, _seed.SeedError, OSError) as exc:
+            rolled = self._rollback(vp.undo)
+            vp.undo = []
+            raise VmError("%s: %s failed: %s%s" % (
+                req.name, actions[-1] if actions else "converge", exc,
+                "; rolled back: %s" % ", ".join(rolled) if rolled else "")) from exc
+        return actions
+
+    def _describe(self, step, target, vp):
+        words = {
+            "create_overlay": "create OS disk overlay %s on %s" % (
+                target, next((d.backing for d in vp.desired.disks if d.role == "os"), "?"))
+            if vp.desired else "create OS disk overlay %s" % target,
+            "create_data_disk": "create data disk %s" % target,
+            "write_seed": "write cloud-init seed %s" % target,
+            "define": "define %s" % target,
+            "redefine": "redefine %s" % target,
+            "start": "start %s" % target,
+            "stop": "stop %s" % target,
+            "undefine": "undefine %s" % target,
+            "remove_file": "remove %s" % target,
+        }
+        return words[step]
+
+    def _do(self, step, target, vp, undo):
+        req = vp.request
+        if step in ("create_overlay", "create_data_disk", "write_seed"):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+        if step == "create_overlay":
+            disk = next(d for d in vp.desired.disks if d.role == "os")
+            _images.create_overlay(disk.backing, disk.path, disk.size_gb)
+            undo.append(("remove_file", disk.path))
+        elif step == "create_data_disk":
+            disk = next(d for d in vp.desired.disks if d.role == "data")
+            _images.create_disk(disk.path, disk.size_gb)
+            undo.append(("remove_file", disk.path))
+        elif step == "write_seed":
+            existed = os.path.lexists(target)
+            _seed.write_iso(target, vp.seed_files)
+            if not existed:
+                undo.append(("remove_file", target))
+        elif step in ("define", "redefine"):
+            domain = build_domain(vp.desired, self.ctx.topology, uuid=vp.uuid)
+            self.gateway.define(domain.to_xml())
+            if step == "define":
+                undo.append(("undefine", target))
+        elif step == "start":
+            self.gateway.start(target)
+            undo.append(("destroy", target))
+        elif step == "stop":
+            self.gateway.shutdown(target, req.timeout, force=req.force)
+        elif step == "undefine":
+            self.gateway.undefine(target)
+        elif step == "remove_file":
+            if os.path.lexists(target):
+                os.unlink(target)
+
+    def _rollback(self, undo):
+        done = []
+        for step, target in reversed(undo):
+            try:
+                if step == "remove_file" and os.path.lexists(target):
+                    os.unlink(target)
+                elif step == "undefine" and self.gateway.exists(target):
+                    self.gateway.destroy(target)
+                    self.gateway.undefine(target)
+                elif step == "destroy" and self.gateway.exists(target):
+                    self.gateway.destroy(target)
+                done.append("%s %s" % (step, target))
+            except (LibvirtGatewayError, OSError):
+                done.append("%s %s (FAILED, clean up by hand)" % (step, target))
+        return done
+
+
+# --- the module-facing entry points ---------------------------------------------------------
+
+def vm_argspec():
+    """kvm_vm's own options (the host, libvirt and lock options come from their helpers)."""
+    return dict(
+        name=dict(type="str", required=True),
+        state=dict(type="str", choices=list(STATES), default="running"),
+        gpus=dict(type="int", default=0),
+        gpu_index=dict(type="int"),
+        image=dict(type="str"),
+        store=dict(type="path", default=_images.DEFAULT_STORE),
+        disk_dir=dict(type="path", default=DEFAULT_DISK_DIR),
+        vcpus=dict(type="int"),
+        memory=dict(type="raw"),
+        os_disk_size=dict(type="raw"),
+        data_disk_size=dict(type="raw"),
+        networks=dict(type="list", elements="dict", options=dict(
+            network=dict(type="str"), bridge=dict(type="str"), user=dict(type="bool"),
+            mac=dict(type="str"))),
+        cloud_init=dict(type="dict", options=dict(
+            hostname=dict(type="str"), user=dict(type="str"),
+            ssh_authorized_keys=dict(type="list", elements="str", no_log=False),
+            password_hash=dict(type="str", no_log=True))),
+        cpu_policy=dict(type="str", choices=["dedicated", "shared"], default="dedicated"),
+        hugepages=dict(type="bool", default=False),
+        cpu_mode=dict(type="str", choices=["host-passthrough", "host-model", "maximum"]),
+        cpu_disable_features=dict(type="list", elements="str", default=[]),
+        domain_type=dict(type="str", choices=["kvm", "qemu"], default="kvm"),
+        firmware=dict(type="str", choices=["bios", "ovmf"], default="bios"),
+        force=dict(type="bool", default=False),
+        timeout=dict(type="int", default=120),
+        remove_data=dict(type="bool", default=False),
+        recreate=dict(type="bool", default=False),
+        owner_tag=dict(type="str"),
+    )
+
+
+def host_context(p):
+    """Read the host once for a run (topology, platform, NVLinks, bridges, image store)."""
+    # Imported here so that _vm stays importable where only part of the stack is needed.
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._nvidia_smi import (
+        NvidiaSmiTopoError,
+        parse_topo_matrix,
+    )
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
+        PlatformError,
+        get_platform,
+    )
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import (
+        TopologyError,
+        read_bridges,
+        read_host,
+    )
+
+    try:
+        topology = read_host(p["sysfs_root"], p["proc_root"])
+        platform = get_platform(p["platform"], topology)
+        nvlinks = None
+        if p.get("nvidia_smi_topo"):
+            nvlinks = parse_topo_matrix(p["nvidia_smi_topo"]).nvlink_matrix()
+    except (TopologyError, PlatformError, NvidiaSmiTopoError) as exc:
+        raise VmError(str(exc)) from exc
+    return HostContext(
+        topology=topology, platform=platform, store=_images.ImageStore(p["store"]),
+        disk_dir=p["disk_dir"], reserved_cpus=p.get("reserved_cpus"),
+        reserved_memory_mb=p.get("reserved_memory_mb"),
+        unhealthy_gpus=tuple(p.get("unhealthy_gpus") or ()), nvlinks=nvlinks,
+        bridges=read_bridges(p["sysfs_root"]))
+
+
+def _vm_result(gateway, ctx, vp, actions, check_mode):
+    req = vp.request
+    spec = vp.desired if req.state != "absent" else None
+    if spec is None and req.state != "absent":
+        spec = vp.actual
+    if req.state == "absent":
+        state = "absent"
+    elif check_mode or gateway is None:
+        state = {"running": "running", "stopped": "shutoff"}.get(
+            req.state, "running" if vp.active else "shutoff")
+    else:
+        state = gateway.state(req.name) or "absent"
+    vm = {"name": req.name, "state": state}
+    if spec is not None:
+        index = {b: i for i, b in enumerate(_gpu_bdfs(ctx))}
+        vm.update({
+            "gpus": list(spec.gpus),
+            "gpu_indexes": [index[b] for b in spec.gpus if b in index],
+            "nvswitches": list(spec.nvswitches),
+            "cpus": list(spec.cpus), "emulator_cpus": list(spec.emulator_cpus),
+            "numa_nodes": list(spec.numa_nodes), "vcpus": spec.vcpus,
+            "memory_mb": spec.memory_mb, "disks": [d.to_dict() for d in spec.disks],
+            "macs": [n.mac for n in spec.networks], "spec": spec.to_dict(),
+        })
+    before = {k: v["before"] for k, v in vp.diff.items()}
+    after = {k: v["after"] for k, v in vp.diff.items()}
+    if vp.steps and not vp.exists:
+        before = {"state": "absent"}
+    if req.state == "absent" and vp.exists:
+        after = {"state": "absent"}
+    return {
+        "changed": vp.changed, "actions": actions, "vm": vm,
+        "reboot_required": vp.reboot_required, "kept_data_disks": list(vp.kept),
+        "diff": {"before": before, "after": after}, "error": vp.error,
+    }
+
+
+def converge(gateway, ctx, requests, check_mode=False, lock=None, workers=1):
+    """Plan and apply; returns one result dict per request (errors in result['error']).
+
+    Reading allocations, placing, creating files and defining domains happen under the host
+    lock (serialised); starting and stopping happen after it is released, up to `workers`
+    VMs at a time.
+    """
+    applier = Applier(gateway, ctx, check_mode)
+    results = {}
+    actions = {}
+    # Check mode takes no lock: it changes nothing, and must not create the lock's folder.
+    if lock is not None and not check_mode:
+        lock.acquire()
+    try:
+        plans = Planner(gateway, ctx).plan(requests)
+        for vp in plans:
+            if vp.error is not None:
+                continue
+            try:
+                actions[vp.request.name] = applier.apply(vp, PREPARE)
+            except VmError as exc:
+                vp.error = str(exc)
+    finally:
+        if lock is not None and lock.locked:
+            lock.release()
+
+    def power(vp):
+        try:
+            actions[vp.request.name] += applier.apply(vp, POWER)
+        except VmError as exc:
+            vp.error = str(exc)
+
+    todo = [vp for vp in plans if vp.error is None]
+    if workers > 1 and len(todo) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(workers, len(todo))) as pool:
+            list(pool.map(power, todo))
+    else:
+        for vp in todo:
+            power(vp)
+    for vp in plans:
+        results[vp.request.name] = _vm_result(
+            gateway, ctx, vp, actions.get(vp.request.name, []), check_mode)
+        if vp.error is not None:
+            results[vp.request.name]["changed"] = bool(actions.get(vp.request.name)) and \
+                not check_mode
+    return [results[r.name] for r in requests]

@@ -1,0 +1,309 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright (c) gpuvirt.kvm contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: kvm_vm
+short_description: Create, start, stop and remove one GPU VM placed on the host's real topology
+version_added: 0.1.0
+description:
+  - Declares one VM, as C(nvidia-vm create/delete) did on DGX-2, but idempotently: the GPUs,
+    NVSwitches, vCPUs and memory come from the host's topology (see M(gpuvirt.kvm.gpu_topology))
+    and the VM keeps them across runs.
+  - The OS disk is a qcow2 overlay on an image from the store of M(gpuvirt.kvm.kvm_image), so
+    creating it takes the same time for any image size. A data disk, when asked for, is a
+    separate file that survives O(state=absent) unless O(remove_data=true).
+  - Allocation happens under a host-wide lock, from reading what other domains hold to defining
+    this one, so concurrent runs on one host never hand out a device twice.
+  - Creating is transactional (overlay, seed ISO, define, start); a failure undoes every step
+    and reports the cause.
+  - The allocation lives in the domain's XML (its hostdevs, cputune and a C(<metadata>) element
+    of the collection); there is no other state.
+author:
+  - gpuvirt.kvm contributors (@gpuvirt)
+extends_documentation_fragment:
+  - gpuvirt.kvm.host
+  - gpuvirt.kvm.host.LIBVIRT
+  - gpuvirt.kvm.lock
+attributes:
+  check_mode:
+    support: full
+    description: Check mode places the VM and returns the whole plan (RV(vm), RV(actions)) and
+      the diff, and changes nothing.
+  diff_mode:
+    support: full
+    description: The diff is semantic (placement, pinning, memory, disks, devices), not XML.
+  idempotent:
+    support: full
+options:
+  name:
+    description:
+      - The domain name. Letters, digits, C(.), C(_) and C(-); 1 to 64 characters, starting with
+        a letter or digit.
+    type: str
+    required: true
+  state:
+    description:
+      - V(present) defines the VM (placing it if new) and leaves its power state alone.
+      - V(running) defines it if needed and starts it.
+      - V(stopped) defines it if needed and shuts it down with ACPI, waiting up to O(timeout);
+        with O(force=true) it is then powered off.
+      - V(absent) stops it (as V(stopped)), undefines it and removes its OS disk overlay and
+        seed ISO. The data disk stays unless O(remove_data=true).
+    type: str
+    choices: [present, running, stopped, absent]
+    default: running
+  gpus:
+    description:
+      - How many GPUs. V(0) makes a CPU-only VM. Allowed counts come from the platform
+        (1, 2, 4, 8, 16 on DGX-2).
+      - Changing the count of an existing VM re-places it; on a running VM that needs
+        O(recreate=true).
+    type: int
+    default: 0
+  gpu_index:
+    description:
+      - Exact placement (nvidia-vm's C(--gpu-index)): the lowest GPU index of the block. It must
+        start a partition of O(gpus) GPUs on this platform, and be free.
+    type: int
+  image:
+    description:
+      - The base image of the OS disk, from the store at O(store): a name (resolved through its
+        default alias) or C(name-version). Required when the VM is created with an OS disk.
+    type: str
+  store:
+    description: The image store of M(gpuvirt.kvm.kvm_image).
+    type: path
+    default: /var/lib/gpuvirt/images
+  disk_dir:
+    description: Where the VM's overlay, data disk and seed ISO are created.
+    type: path
+    default: /var/lib/gpuvirt/disks
+  vcpus:
+    description: vCPUs. Default from the template for the GPU count (platform data, else the
+      GPUs' share of their NUMA nodes).
+    type: int
+  memory:
+    description: Memory in MiB, or a string with a unit such as V(64GiB). Default from the
+      template.
+    type: raw
+  os_disk_size:
+    description: Virtual size of the OS disk overlay, in GiB or with a unit. Default the image's
+      own size.
+    type: raw
+  data_disk_size:
+    description: Size of a separate data disk, in GiB or with a unit. None when not set.
+    type: raw
+  networks:
+    description:
+      - NICs, each a libvirt network or a host bridge. Multiqueue virtio (queues = vCPUs,
+        capped at 8).
+    type: list
+    elements: dict
+    default: [{network: default}]
+    suboptions:
+      network: {description: A libvirt network (must exist)., type: str}
+      bridge: {description: A host bridge (must exist)., type: str}
+      user:
+        description: QEMU user-mode networking (outbound NAT, no inbound; single queue). For
+          labs and tests; give exactly one of O(networks[].network), O(networks[].bridge) or
+          this.
+        type: bool
+      mac:
+        description: The MAC. By default derived from the VM name and the NIC's position, so it
+          is stable across re-creation.
+        type: str
+  cloud_init:
+    description: A NoCloud seed ISO for the guest.
+    type: dict
+    suboptions:
+      hostname: {description: Guest hostname (default the VM name)., type: str}
+      user: {description: A user to create, with passwordless sudo., type: str}
+      ssh_authorized_keys: {description: Keys for that user., type: list, elements: str}
+      password_hash: {description: Its password hash (crypt format)., type: str, no_log: true}
+  cpu_policy:
+    description: V(dedicated) pins vCPUs 1:1 to host CPUs no other VM holds; V(shared) lets them
+      float over the node's unreserved CPUs.
+    type: str
+    choices: [dedicated, shared]
+    default: dedicated
+  hugepages:
+    description: Back memory with hugepages reserved on the VM's NUMA nodes.
+    type: bool
+    default: false
+  cpu_mode:
+    description: The guest CPU model mode. V(maximum) for TCG (O(domain_type=qemu)).
+    type: str
+    choices: [host-passthrough, host-model, maximum]
+    default: host-passthrough
+  cpu_disable_features:
+    description: CPU features to hide from the guest (for example V(arch-capabilities) on hosts
+      whose KVM cannot virtualise that MSR).
+    type: list
+    elements: str
+    default: []
+  domain_type:
+    description: V(kvm) on real hosts; V(qemu) runs the guest under TCG emulation.
+    type: str
+    choices: [kvm, qemu]
+    default: kvm
+  firmware:
+    description: V(ovmf) boots with UEFI (needed for large-BAR multi-GPU guests); V(bios) else.
+    type: str
+    choices: [bios, ovmf]
+    default: bios
+  force:
+    description: Power the VM off when an ACPI shutdown does not finish within O(timeout).
+    type: bool
+    default: false
+  timeout:
+    description: Seconds to wait for a state transition (ACPI shutdown).
+    type: int
+    default: 120
+  remove_data:
+    description: With O(state=absent), also delete the data disk. Only valid with V(absent).
+    type: bool
+    default: false
+  recreate:
+    description: Allow a change of GPU count on a running VM (it is stopped, re-placed and
+      started again).
+    type: bool
+    default: false
+  owner_tag:
+    description: A free-form tag recorded in the VM's metadata (a tenant or team).
+    type: str
+"""
+
+EXAMPLES = r"""
+- name: A 4-GPU VM from the default dgx-os image, running
+  gpuvirt.kvm.kvm_vm:
+    name: train-a
+    gpus: 4
+    image: dgx-os
+    data_disk_size: 500GiB
+    cloud_init:
+      user: ubuntu
+      ssh_authorized_keys: ["{{ lookup('ansible.builtin.file', '~/.ssh/id_ed25519.pub') }}"]
+
+- name: nvidia-vm style exact placement on GPUs 8-15
+  gpuvirt.kvm.kvm_vm:
+    name: train-b
+    gpus: 8
+    gpu_index: 8
+    image: dgx-os-6.2
+
+- name: Stop it, powering it off if the guest ignores ACPI for 5 minutes
+  gpuvirt.kvm.kvm_vm:
+    name: train-b
+    state: stopped
+    timeout: 300
+    force: true
+
+- name: Remove it; its data disk stays (the result says where)
+  gpuvirt.kvm.kvm_vm:
+    name: train-a
+    state: absent
+    force: true
+"""
+
+RETURN = r"""
+vm:
+  description: The VM as it is after the run (as it would be, in check mode).
+  returned: success
+  type: dict
+  contains:
+    name: {description: Domain name., type: str, sample: train-a}
+    state: {description: Power state (V(running), V(shutoff), ...) or V(absent)., type: str, sample: running}
+    gpus: {description: GPU PCI addresses., type: list, elements: str, sample: ["0000:34:00.0"]}
+    gpu_indexes: {description: GPU indexes (PCI bus order)., type: list, elements: int, sample: [0]}
+    nvswitches: {description: NVSwitch PCI addresses passed through with the GPUs., type: list, elements: str}
+    cpus: {description: Host CPUs of vCPU 0, 1, ... (dedicated) or the floating set (shared)., type: list, elements: int}
+    emulator_cpus: {description: Host CPUs of QEMU's emulator and I/O threads., type: list, elements: int}
+    numa_nodes: {description: Host NUMA nodes holding the VM's CPUs and memory., type: list, elements: int}
+    vcpus: {description: vCPU count., type: int}
+    memory_mb: {description: Memory in MiB., type: int}
+    disks: {description: Disks with role (V(os), V(data), V(seed)), path, format and backing image., type: list, elements: dict}
+    macs: {description: MAC addresses of the NICs, in order., type: list, elements: str}
+    spec: {description: The whole semantic description compared between runs., type: dict}
+actions:
+  description: What was done (or would be, in check mode), in order.
+  returned: always
+  type: list
+  elements: str
+  sample: ["create OS disk overlay /var/lib/gpuvirt/disks/train-a-os.qcow2 on ...", "define train-a", "start train-a"]
+reboot_required:
+  description: The definition changed while the VM ran; the change applies at its next boot.
+  returned: success
+  type: bool
+kept_data_disks:
+  description: Data disks left in place by O(state=absent) (delete them with O(remove_data=true)).
+  returned: success
+  type: list
+  elements: str
+"""
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.gpuvirt.kvm.plugins.module_utils import _images
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._common import (
+    host_argspec,
+    libvirt_argspec,
+    resolve_uri,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import (
+    LibvirtGateway,
+    LibvirtGatewayError,
+    has_libvirt,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._lock import (
+    HostLock,
+    HostLockError,
+    lock_argspec,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm import (
+    VmError,
+    converge,
+    host_context,
+    request_from_params,
+    vm_argspec,
+)
+
+
+def main():
+    argument_spec = vm_argspec()
+    argument_spec.update(host_argspec())
+    argument_spec.update(libvirt_argspec())
+    argument_spec.update(lock_argspec())
+    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
+    if not has_libvirt():
+        module.fail_json(msg=missing_required_lib("libvirt-python"))
+    p = module.params
+    try:
+        request = request_from_params(p)
+    except VmError as exc:
+        module.fail_json(msg=str(exc))
+    try:
+        gateway = LibvirtGateway(resolve_uri(p["uri"]))
+    except LibvirtGatewayError as exc:
+        module.fail_json(msg="uri: %s" % exc)
+    try:
+        with gateway:
+            ctx = host_context(p)
+            results = converge(gateway, ctx, [request], check_mode=module.check_mode,
+                               lock=HostLock(p["lock_path"], p["lock_timeout"],
+                                             owner="kvm_vm %s" % request.name))
+    except (VmError, HostLockError, LibvirtGatewayError, _images.ImagesError) as exc:
+        module.fail_json(msg=str(exc), changed=False)
+    result = results[0]
+    if result.get("error"):
+        module.fail_json(msg=result["error"], changed=result["changed"],
+                         actions=result["actions"])
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
