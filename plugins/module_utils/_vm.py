@@ -652,3 +652,50 @@ def converge(gateway, ctx, requests, check_mode=False, lock=None, workers=1):
             results[vp.request.name]["changed"] = bool(actions.get(vp.request.name)) and \
                 not check_mode
     return [results[r.name] for r in requests]
+
+
+LAYOUT_VM_KEYS = tuple(k for k in vm_argspec() if k not in ("store", "disk_dir"))
+
+
+def layout_requests(module, gateway, p):
+    """kvm_layout's entries (defaults merged, validated like kvm_vm's) + exclusive removals."""
+    defaults = dict(p.get("defaults") or {})
+    bad = sorted(k for k in defaults if k not in LAYOUT_VM_KEYS or k == "name")
+    if bad:
+        raise VmError("defaults: unknown option(s) %s; accepted: %s" % (
+            ", ".join(bad), ", ".join(k for k in LAYOUT_VM_KEYS if k != "name")))
+    spec = vm_argspec()
+    requests = []
+    seen = {}
+    for n, entry in enumerate(p["vms"]):
+        where = "vms[%d]" % n
+        if not isinstance(entry, dict):
+            raise VmError("%s: expected a dict of kvm_vm options, got %r" % (where, entry))
+        bad = sorted(k for k in entry if k not in LAYOUT_VM_KEYS)
+        if bad:
+            raise VmError("%s: unknown option(s) %s; accepted: %s" % (
+                where, ", ".join(bad), ", ".join(LAYOUT_VM_KEYS)))
+        merged = {k: v.get("default") for k, v in spec.items()}
+        merged.update(defaults)
+        merged.update(entry)
+        secret = (merged.get("cloud_init") or {}).get("password_hash")
+        if secret:
+            module.no_log_values.add(secret)  # entries are plain dicts: no argspec no_log here
+        req = request_from_params(merged, where)
+        if req.name in seen:
+            raise VmError("%s.name: %r is listed twice (also %s); names must be unique" % (
+                where, req.name, seen[req.name]))
+        seen[req.name] = where
+        requests.append(req)
+    removed = []
+    if p.get("exclusive"):
+        listed = {r.name for r in requests}
+        for dom in gateway.allocations():
+            if dom.managed and dom.name not in listed:
+                merged = {k: v.get("default") for k, v in spec.items()}
+                merged.update({k: v for k, v in defaults.items()
+                               if k in ("force", "timeout")})
+                merged.update({"name": dom.name, "state": "absent"})
+                requests.append(request_from_params(merged, "exclusive"))
+                removed.append(dom.name)
+    return requests, removed

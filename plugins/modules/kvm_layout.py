@@ -1,0 +1,185 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright (c) gpuvirt.kvm contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: kvm_layout
+short_description: Converge a host's whole GPU-VM layout in one run
+version_added: 0.1.0
+description:
+  - Declares every GPU VM of a host at once (each entry takes the options of
+    M(gpuvirt.kvm.kvm_vm)), places them jointly, largest first, so that a mixed day of tenants
+    fits where one-by-one placement could fragment the GPUs, and converges them.
+  - Files and definitions are made under the host-wide allocation lock, one VM after another;
+    VMs are then started and stopped in parallel (O(workers) at a time), so a 16-VM host does
+    not take 16 times one VM.
+  - With O(exclusive=true), VMs that this collection created and that are not listed are
+    stopped (ACPI, then powered off after O(defaults.timeout) when O(defaults.force)) and
+    removed; their data disks are kept. Domains the collection did not create are never
+    touched.
+  - A VM that cannot be placed or converged is reported in RV(vms) with its error; the others
+    still converge, and the task fails at the end naming the failed VMs.
+author:
+  - gpuvirt.kvm contributors (@gpuvirt)
+extends_documentation_fragment:
+  - gpuvirt.kvm.host
+  - gpuvirt.kvm.host.LIBVIRT
+  - gpuvirt.kvm.lock
+attributes:
+  check_mode:
+    support: full
+    description: Places every VM and returns the plan, the actions and the diff; changes nothing.
+  diff_mode:
+    support: full
+    description: One semantic before/after per VM, keyed by VM name.
+  idempotent:
+    support: full
+options:
+  vms:
+    description:
+      - The VMs, each a dict of M(gpuvirt.kvm.kvm_vm) options (C(name) required; C(gpus),
+        C(gpu_index), C(image), C(vcpus), C(memory), C(os_disk_size), C(data_disk_size),
+        C(networks), C(cloud_init), C(cpu_policy), C(hugepages), C(cpu_mode),
+        C(cpu_disable_features), C(domain_type), C(firmware), C(state), C(force), C(timeout),
+        C(remove_data), C(recreate), C(owner_tag)).
+      - Names must be unique.
+    type: list
+    elements: dict
+    required: true
+  defaults:
+    description: Options applied to every entry of O(vms) that does not set them itself.
+    type: dict
+    default: {}
+  exclusive:
+    description: Remove the VMs this collection created that O(vms) does not list.
+    type: bool
+    default: false
+  store:
+    description: The image store of M(gpuvirt.kvm.kvm_image).
+    type: path
+    default: /var/lib/gpuvirt/images
+  disk_dir:
+    description: Where the VMs' overlays, data disks and seed ISOs are created.
+    type: path
+    default: /var/lib/gpuvirt/disks
+  workers:
+    description: How many VMs are started or stopped at the same time.
+    type: int
+    default: 16
+"""
+
+EXAMPLES = r"""
+- name: The day layout of a DGX-2, nothing else managed by gpuvirt left on it
+  gpuvirt.kvm.kvm_layout:
+    exclusive: true
+    defaults:
+      image: dgx-os
+      force: true
+      timeout: 300
+    vms:
+      - {name: train-a, gpus: 8}
+      - {name: train-b, gpus: 4}
+      - {name: dev-c, gpus: 2}
+      - {name: dev-d, gpus: 1}
+      - {name: dev-e, gpus: 1, data_disk_size: 200GiB}
+"""
+
+RETURN = r"""
+vms:
+  description: One entry per VM of O(vms), then one per VM removed by O(exclusive), each with the
+    keys M(gpuvirt.kvm.kvm_vm) returns (C(vm), C(actions), C(changed), C(reboot_required),
+    C(kept_data_disks)) and C(error) when that VM failed.
+  returned: always
+  type: list
+  elements: dict
+actions:
+  description: Every action, prefixed with its VM's name.
+  returned: always
+  type: list
+  elements: str
+  sample: ["train-a: define train-a", "train-a: start train-a"]
+removed:
+  description: VMs removed because O(exclusive=true) and they were not listed.
+  returned: always
+  type: list
+  elements: str
+"""
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.gpuvirt.kvm.plugins.module_utils import _images
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._common import (
+    host_argspec,
+    libvirt_argspec,
+    resolve_uri,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import (
+    LibvirtGateway,
+    LibvirtGatewayError,
+    has_libvirt,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._lock import (
+    HostLock,
+    HostLockError,
+    lock_argspec,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm import (
+    DEFAULT_DISK_DIR,
+    VmError,
+    converge,
+    host_context,
+    layout_requests,
+)
+
+
+def main():
+    argument_spec = dict(
+        vms=dict(type="list", elements="dict", required=True),
+        defaults=dict(type="dict", default={}),
+        exclusive=dict(type="bool", default=False),
+        store=dict(type="path", default=_images.DEFAULT_STORE),
+        disk_dir=dict(type="path", default=DEFAULT_DISK_DIR),
+        workers=dict(type="int", default=16),
+    )
+    argument_spec.update(host_argspec())
+    argument_spec.update(libvirt_argspec())
+    argument_spec.update(lock_argspec())
+    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
+    if not has_libvirt():
+        module.fail_json(msg=missing_required_lib("libvirt-python"))
+    p = module.params
+    if p["workers"] < 1:
+        module.fail_json(msg="workers: %d; give 1 or more" % p["workers"])
+    try:
+        gateway = LibvirtGateway(resolve_uri(p["uri"]))
+    except LibvirtGatewayError as exc:
+        module.fail_json(msg="uri: %s" % exc)
+    try:
+        with gateway:
+            requests, removed = layout_requests(module, gateway, p)
+            ctx = host_context(p)
+            results = converge(gateway, ctx, requests, check_mode=module.check_mode,
+                               lock=HostLock(p["lock_path"], p["lock_timeout"],
+                                             owner="kvm_layout"),
+                               workers=p["workers"])
+    except (VmError, HostLockError, LibvirtGatewayError, _images.ImagesError) as exc:
+        module.fail_json(msg=str(exc), changed=False)
+    actions = ["%s: %s" % (r["vm"]["name"], a) for r in results for a in r["actions"]]
+    failed = [r for r in results if r.get("error")]
+    diff = {"before": {r["vm"]["name"]: r["diff"]["before"] for r in results if r["changed"]},
+            "after": {r["vm"]["name"]: r["diff"]["after"] for r in results if r["changed"]}}
+    for r in results:
+        r.pop("diff")
+    outcome = dict(changed=any(r["changed"] for r in results), vms=results, actions=actions,
+                   removed=removed, diff=diff)
+    if failed:
+        module.fail_json(msg="; ".join(r["error"] for r in failed), **outcome)
+    module.exit_json(**outcome)
+
+
+if __name__ == "__main__":
+    main()
