@@ -394,8 +394,6 @@ def _serialize(el, prefixes, pretty=True, predeclare=()):
 
 def _parse(text):
     """Parse XML text; returns (root element, {uri: prefix} as the document declared them)."""
-    if isinstance(text, bytes):
-        text = text.decode("utf-8")
     parser = ET.XMLPullParser(events=("start-ns", "start"))
     root = None
     namespaces = {}
@@ -555,7 +553,8 @@ class Allocation:
                   image=child("image"), image_version=child("image_version"),
                   owner_tag=child("owner_tag"), gpus=_split_list(child("gpus")),
                   nvswitches=_split_list(child("nvswitches")),
-                  numa_nodes=tuple(int(n) for n in _split_list(child("numa_nodes"))),
+                  numa_nodes=tuple(_num(n, "<gpuvirt:numa_nodes>")
+                                   for n in _split_list(child("numa_nodes"))),
                   disks=[AllocationDisk.from_element(d) for d in r.subs(_ns("disk"))])
         obj.extras = r.finish()
         return obj

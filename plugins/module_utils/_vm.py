@@ -591,6 +591,9 @@ def _vm_result(gateway, ctx, vp, actions, check_mode):
             "memory_mb": spec.memory_mb, "disks": [d.to_dict() for d in spec.disks],
             "macs": [n.mac for n in spec.networks], "spec": spec.to_dict(),
         })
+        if vp.desired is not None:
+            # The definition this run would make (check mode) or made: what libvirt is given.
+            vm["xml"] = build_domain(vp.desired, ctx.topology, uuid=vp.uuid).to_xml()
     before = {k: v["before"] for k, v in vp.diff.items()}
     after = {k: v["after"] for k, v in vp.diff.items()}
     if vp.steps and not vp.exists:

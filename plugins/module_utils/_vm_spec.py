@@ -314,6 +314,7 @@ def make_spec(placement, topology, disks=(), networks=(), domain_type="kvm", cpu
         raise SpecError("machine: %r is not supported; GPU VMs use q35 (PCIe)" % (machine,))
     if firmware not in FIRMWARES:
         raise SpecError("firmware: %r is not one of %s" % (firmware, ", ".join(FIRMWARES)))
+    _check_hugepages(placement)
     name = placement.name
     disk_specs = _check_disks(disks)
     net_specs = _check_networks(name, networks, placement.vcpus)
@@ -334,6 +335,24 @@ def make_spec(placement, topology, disks=(), networks=(), domain_type="kvm", cpu
         template=None if template is None else str(template), image=image,
         image_version=image_version, owner_tag=owner_tag,
     )
+
+
+def _check_hugepages(placement):
+    page_mb = (placement.hugepage_kb or 0) // 1024
+    if not page_mb:
+        return
+    # QEMU backs each guest NUMA cell (or the whole memory) with one hugetlbfs file, whose
+    # size must be a whole number of pages.
+    parts = placement.memory_by_node or {None: placement.memory_mb}
+    for node, mb in sorted(parts.items(), key=lambda kv: str(kv[0])):
+        if mb % page_mb:
+            where = "" if node is None or len(parts) == 1 else " (%d MiB of it on NUMA node %s)" % (
+                mb, node)
+            raise SpecError(
+                "memory: %d MiB%s is not a whole number of %d MiB hugepages; give memory as a "
+                "multiple of %d MiB%s, or set hugepages: false" % (
+                    placement.memory_mb, where, page_mb, page_mb * max(1, len(parts)),
+                    " (it is split over %d NUMA nodes)" % len(parts) if len(parts) > 1 else ""))
 
 
 def _check_disks(disks):
@@ -714,7 +733,7 @@ def _spec_from_domain(dom):
         policy = POLICY_DEDICATED
         cpus = tuple(c for p in pins for c in p.cpuset)
     else:
-        policy = POLICY_SHARED if alloc.cpu_policy in (None, POLICY_SHARED) else alloc.cpu_policy
+        policy = POLICY_SHARED  # whatever the metadata says: no pins means floating vCPUs
         cpus = tuple(dom.vcpu.cpuset or ()) if dom.vcpu is not None else ()
     numa = dom.numatune
     nodes = tuple(numa.nodeset or ()) if numa is not None else ()

@@ -27,7 +27,7 @@ description:
   - Never removes or replaces an image while any libvirt domain's disk chain (the disk and its
     backing files) uses it, or while another image in the store is built on it.
 author:
-  - gpuvirt.kvm contributors
+  - gpuvirt.kvm contributors (@gpuvirt)
 extends_documentation_fragment:
   - gpuvirt.kvm.host.LIBVIRT
   - gpuvirt.kvm.lock
@@ -73,14 +73,15 @@ options:
     description:
       - The image's digest, V(sha256:<hex>) or V(sha512:<hex>). Required when O(src) is a URL.
       - The copied or downloaded content must match it, or nothing is installed.
-      - Also makes reruns cheap: the installed version is compared with the digest recorded
-        when it was installed, without reading the source.
+      - It also makes reruns cheap. The installed version is compared with the digest
+        recorded when it was installed, without reading the source.
     type: str
   package:
     description:
-      - A Debian package that ships the image, as NVIDIA shipped C(dgx-kvm-image-*): a package
-        name, installed with C(apt-get) from the host's repositories when it is not installed,
-        or the path of a C(.deb) file, installed with C(dpkg -i) unless that version is installed.
+      - A Debian package that ships the image, as NVIDIA shipped C(dgx-kvm-image-*). Either a
+        package name, installed with C(apt-get) from the host's repositories when it is not
+        installed, or the path of a C(.deb) file, installed with C(dpkg -i) unless that version
+        is installed.
       - The image is the one C(.qcow2), C(.qcow), C(.img) or C(.raw) file the package ships
         (O(package_image) chooses when it ships several). It is copied into the store, so
         removing or upgrading the package never pulls a base image from under a VM's disk.
@@ -181,7 +182,7 @@ image:
     path: {description: The image file., type: str, sample: /var/lib/gpuvirt/images/dgx-os-6.2.qcow2}
     format: {description: V(qcow2) or V(raw)., type: str, sample: qcow2}
     size: {description: File size in bytes (0 when predicted in check mode)., type: int, sample: 912261120}
-    virtual_size: {description: Disk size the guest sees, in bytes., type: int, sample: 21474836480}
+    virtual_size: {description: "Disk size the guest sees, in bytes.", type: int, sample: 21474836480}
     sha256: {description: SHA-256 of the file when known., type: str, sample: 9f2c...e1}
     source: {description: Where it was installed from., type: str, sample: https://mirror.example.com/images/dgx-os-6.2.qcow2}
     is_default: {description: Whether the default alias of its name points to it., type: bool, sample: true}

@@ -229,6 +229,7 @@ vm:
     disks: {description: Disks with role (V(os), V(data), V(seed)), path, format and backing image., type: list, elements: dict}
     macs: {description: MAC addresses of the NICs, in order., type: list, elements: str}
     spec: {description: The whole semantic description compared between runs., type: dict}
+    xml: {description: The domain XML this run defined or (check mode) would define., type: str}
 actions:
   description: What was done (or would be, in check mode), in order.
   returned: always

@@ -558,8 +558,8 @@ def build_deb(tmp_path, files, name="gpuvirt-unit-image", version="1.0"):
 
 def test_deb_contents_and_image_choice(tmp_path):
     deb = build_deb(tmp_path, {
-        "/usr/share/img/a.qcow2": lambda p: qcow2(p),
-        "/usr/share/img/b.img": lambda p: raw_disk(p),
+        "/usr/share/img/a.qcow2": qcow2,
+        "/usr/share/img/b.img": raw_disk,
         "/usr/share/doc/x/README": lambda p: p.write_text("x"),
     })
     packages = DebianPackages()
@@ -580,7 +580,7 @@ def test_deb_contents_and_image_choice(tmp_path):
 
 
 def test_package_check_mode_installs_nothing(store, tmp_path):
-    deb = build_deb(tmp_path, {"/usr/share/gpuvirt-unit-image/a.qcow2": lambda p: qcow2(p)},
+    deb = build_deb(tmp_path, {"/usr/share/gpuvirt-unit-image/a.qcow2": qcow2},
                     name="gpuvirt-unit-never-installed")
     result = run(store, True, name="x", version="1", package=deb)
     assert result["changed"]

@@ -27,7 +27,7 @@ def _hold(path, ready, release, owner="holder"):
 
 
 def _critical_section(path, log, rounds):
-    for _ in range(rounds):
+    for _round in range(rounds):
         with HostLock(path, timeout=30):
             # Each entry is written in two steps with a pause between: an overlap would show
             # up as two "in" lines in a row.
@@ -68,7 +68,7 @@ def test_held_is_false_for_a_missing_file(tmp_path):
 def test_mutual_exclusion_between_processes(tmp_path):
     path = str(tmp_path / "alloc.lock")
     log = str(tmp_path / "log")
-    procs = [CTX.Process(target=_critical_section, args=(path, log, 5)) for _ in range(4)]
+    procs = [CTX.Process(target=_critical_section, args=(path, log, 5)) for _proc in range(4)]
     for proc in procs:
         proc.start()
     for proc in procs:

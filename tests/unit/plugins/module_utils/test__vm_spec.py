@@ -13,8 +13,8 @@ import uuid
 import xml.etree.ElementTree as ET
 
 import pytest
-import sysfs_builder
 
+import sysfs_builder
 from ansible_collections.gpuvirt.kvm.plugins.module_utils import _libvirt
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain import Domain, format_cpuset
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import (
@@ -24,6 +24,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import (
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import PLATFORMS
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import (
+    Bar,
     PciDevice,
     read_host,
 )
@@ -191,10 +192,11 @@ def test_dgx2(host, tmp_path, gpus):
         assert guest_bus_cell(root, hostdev) == spec.numa_nodes.index(topo.pci[bdf].numa_node)
 
 
-def test_dgx2_guest_addresses_are_one_device_per_root_port(host):
+def test_dgx2_guest_addresses_are_one_device_per_root_port(host, tmp_path):
     topo = host("dgx2")
     _, spec = placed(topo, "dgx2", Request("vm", gpus=8))
     dom = build_domain(spec, topo)
+    validate(dom.to_xml(), tmp_path)
     ports = [c.index for c in dom.controllers if c.model == "pcie-root-port"]
     assert sorted(h.address.bus for h in dom.hostdevs) == sorted(ports)
     assert all((h.address.slot, h.address.function) == (0, 0) for h in dom.hostdevs)
@@ -266,6 +268,36 @@ def test_hugepages_on_the_pcie_host(host, tmp_path):
     assert (page.get("size"), page.get("unit"), page.get("nodeset")) == ("1048576", "KiB", None)
 
 
+@pytest.fixture(scope="module")
+def dgx2_hugepages(tmp_path_factory):
+    """The dgx2 fixture host with 64 x 1 GiB hugepages reserved on each node."""
+    desc = copy.deepcopy(sysfs_builder.load_host("dgx2"))
+    desc["numa"]["hugepages"] = {1048576: 64}
+    return read_host(*sysfs_builder.build(desc, str(tmp_path_factory.mktemp("dgx2-huge"))))
+
+
+def test_hugepages_multi_node(dgx2_hugepages, tmp_path):
+    topo = dgx2_hugepages
+    placement, spec = placed(topo, "dgx2", Request("huge16", gpus=16, vcpus=32,
+                                                   memory_mb=64 * 1024, hugepages=True))
+    assert spec.hugepage_kb == 1048576 and spec.memory_by_node == {0: 32768, 1: 32768}
+    root = check_common(placement, spec, topo, tmp_path)
+    page = root.find("./memoryBacking/hugepages/page")
+    assert (page.get("size"), page.get("nodeset")) == ("1048576", "0-1")  # both guest cells
+    assert [c.get("memory") for c in root.findall("./cpu/numa/cell")] == [
+        str(32 * GIB_KIB)] * 2
+
+
+def test_hugepages_need_whole_pages_per_cell(dgx2_hugepages):
+    topo = dgx2_hugepages
+    placement = HostState(topo, PLATFORMS["dgx2"]).place(
+        Request("odd", gpus=16, vcpus=32, memory_mb=63 * 1024, hugepages=True))
+    with pytest.raises(SpecError, match=r"memory: 64512 MiB \(32256 MiB of it on NUMA node 0\) "
+                                        r"is not a whole number of 1024 MiB hugepages; give "
+                                        r"memory as a multiple of 2048 MiB"):
+        make_spec(placement, topo)
+
+
 def test_cpu_only_vm(host, tmp_path):
     topo = host("dgx2")
     placement = HostState(topo, PLATFORMS["dgx2"]).place(
@@ -289,13 +321,15 @@ def test_cpu_only_vm(host, tmp_path):
     validate(xml, tmp_path)
 
 
-def test_guest_threads_follow_host_siblings(host):
+def test_guest_threads_follow_host_siblings(host, tmp_path):
     topo = host("dgx2")
     state = HostState(topo, PLATFORMS["dgx2"])
     even = make_spec(state.place(Request("even", gpus=1, vcpus=6, memory_mb=4096)), topo)
     odd = make_spec(state.place(Request("odd", gpus=1, vcpus=3, memory_mb=4096)), topo)
     for spec, threads in ((even, 2), (odd, 1)):
-        cpu = build_domain(spec, topo).cpu
+        dom = build_domain(spec, topo)
+        validate(dom.to_xml(), tmp_path)
+        cpu = dom.cpu
         assert cpu.threads == threads
         assert cpu.sockets * cpu.cores * cpu.threads == spec.vcpus
 
@@ -368,8 +402,10 @@ def test_ovmf(host, tmp_path):
     assert os_.nvram == "/var/lib/libvirt/qemu/nvram/uefi_VARS.fd"
     assert os_.nvram_template == "/usr/share/OVMF/OVMF_VARS_4M.fd"
     custom = build_domain(spec, topo, ovmf_code="/opt/ovmf/CODE.fd",
-                          ovmf_vars="/opt/ovmf/VARS.fd", nvram_dir="/srv/nvram/").os
-    assert (custom.loader, custom.nvram) == ("/opt/ovmf/CODE.fd", "/srv/nvram/uefi_VARS.fd")
+                          ovmf_vars="/opt/ovmf/VARS.fd", nvram_dir="/srv/nvram/")
+    assert (custom.os.loader, custom.os.nvram) == ("/opt/ovmf/CODE.fd",
+                                                   "/srv/nvram/uefi_VARS.fd")
+    validate(custom.to_xml(), tmp_path)
     xml = build_domain(spec, topo).to_xml()
     assert VmSpec.from_domain(Domain.from_xml(xml)).firmware == "ovmf"
     validate(xml, tmp_path)
@@ -390,10 +426,11 @@ def test_tcg_defaults_to_the_maximum_cpu(host, tmp_path):
     assert (model.mode, model.check, model.migratable) == ("host-model", None, None)
 
 
-def test_disks(host):
+def test_disks(host, tmp_path):
     topo = host("dgx2")
     _, spec = placed(topo, "dgx2", Request("d", gpus=1))
     dom = build_domain(spec, topo)
+    validate(dom.to_xml(), tmp_path)
     os_disk, data, seed = dom.disks
     assert (os_disk.target_dev, os_disk.target_bus, os_disk.boot_order) == ("vda", "virtio", 1)
     assert (os_disk.cache, os_disk.io, os_disk.discard, os_disk.iothread) == (
@@ -417,7 +454,7 @@ def test_networks_and_macs():
     assert normalize_mac("5254.00aa.bb0c") == "52:54:00:aa:bb:0c"
 
 
-def test_network_specs(host):
+def test_network_specs(host, tmp_path):
     topo = host("dgx2")
     placement = HostState(topo, PLATFORMS["dgx2"]).place(
         Request("n", gpus=0, vcpus=12, memory_mb=1024))
@@ -429,7 +466,9 @@ def test_network_specs(host):
         ("network", "default", 8), ("bridge", "br0", 2), ("user", None, None)]
     assert spec.networks[0].mac == derive_mac("n", 0)
     assert spec.networks[1].mac == "52:54:00:00:00:aa"
-    nics = build_domain(spec, topo).interfaces
+    dom = build_domain(spec, topo)
+    validate(dom.to_xml(), tmp_path)
+    nics = dom.interfaces
     assert [(i.type, i.source, i.model, i.queues, i.driver_name) for i in nics] == [
         ("network", "default", "virtio", 8, None), ("bridge", "br0", "virtio", 2, None),
         ("user", None, "virtio", None, None)]
@@ -489,7 +528,6 @@ def test_gpu_not_on_this_host(host):
 # --- small parts ----------------------------------------------------------------------------------
 
 def _dev(*bars):
-    from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import Bar
     return PciDevice(bdf="0000:01:00.0", vendor=0x10DE, device=0x2330, class_code=0x030200,
                      driver=None, numa_node=0, iommu_group=1,
                      bars=tuple(Bar(index=i, start=0, size=s, flags=f)
@@ -551,13 +589,12 @@ def test_tiny_vm_runs_on_this_host():
     if shutil.which("qemu-img") is None:
         pytest.skip("qemu-img is not installed")
     topo = read_host()
+    name = "gpuvirt-unit-%s" % uuid.uuid4().hex[:8]
     try:
         placement = HostState(topo, PLATFORMS["generic"]).place(
-            Request("tiny", gpus=0, vcpus=1, memory_mb=64))
+            Request(name, gpus=0, vcpus=1, memory_mb=64))
     except PlacementError as exc:
         pytest.skip("this machine has no unreserved CPU to pin: %s" % exc)
-    name = "gpuvirt-unit-%s" % uuid.uuid4().hex[:8]
-    placement = placement.__class__(**dict(placement.__dict__, name=name))
     # QEMU runs as its own user: the folder must be reachable (pytest's tmp_path is 0700), and
     # on a disk (cache='none' opens with O_DIRECT, which tmpfs refuses).
     folder = tempfile.mkdtemp(prefix="gpuvirt-unit-", dir="/var/tmp")
