@@ -16,7 +16,9 @@ description:
 positional: _input
 options:
   _input:
-    description: A C(vm) dictionary from M(gpuvirt.kvm.kvm_vm) or one of RV(gpuvirt.kvm.kvm_layout#module:vms)' C(vm).
+    description:
+      - A C(vm) dictionary from M(gpuvirt.kvm.kvm_vm), or the C(vm) of one of
+        RV(gpuvirt.kvm.kvm_layout#module:vms).
     type: dict
     required: true
 author:
@@ -31,7 +33,9 @@ EXAMPLES = r"""
 
 RETURN = r"""
 _value:
-  description: The line, for example C(train-a  running  GPUs 0-7 (8)  46 vCPUs on 1-23,49-71 (dedicated)  728 GiB  node 0).
+  description:
+    - The line, for example
+      C(train-a running GPUs 0-7 (8) 46 vCPU(s\) on 1-23,49-71 (dedicated\) 729 GiB node 0).
   type: str
 """
 

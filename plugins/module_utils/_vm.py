@@ -329,6 +329,13 @@ class Planner:
             cpu_disable_features=req.cpu_disable_features, firmware=req.firmware,
             template=str(req.gpus), image=image_name, image_version=image_version,
             owner_tag=req.owner_tag)
+        actual = vp.actual
+        if actual is not None and actual.cpu_policy == vp.desired.cpu_policy == "dedicated" \
+                and sorted(actual.cpus) == sorted(vp.desired.cpus):
+            # A sticky placement comes back from libvirt's allocation summary as a sorted CPU
+            # set; keep the VM's own vCPU -> host CPU map (siblings paired), or every run would
+            # redefine it with sorted pins that split the guest's SMT pairs.
+            vp.desired = replace(vp.desired, cpus=actual.cpus)
 
     # --- steps -----------------------------------------------------------------------------
 
