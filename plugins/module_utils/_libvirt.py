@@ -14,14 +14,16 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
+# The namespace of the collection's own <metadata> element lives with the XML model.
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain import (
+    METADATA_NS,
+)
+
 try:
     import libvirt
 except ImportError:  # reported by the module with missing_required_lib()
     libvirt = None
 
-# The namespace of the collection's own <metadata> element in a domain's XML.
-METADATA_NS = "https://gpuvirt.invalid/xmlns/kvm/1"
-METADATA_PREFIX = "gpuvirt"
 
 DEFAULT_URI = "qemu:///system"
 
@@ -106,6 +108,8 @@ def parse_allocation(xml_text, active=False):
     if meta_el is not None:
         metadata = dict(meta_el.attrib)
         for child in meta_el:
+            if child.attrib:
+                continue  # records such as <gpuvirt:disk target= role=/>, not flat values
             tag = child.tag.split("}", 1)[-1]
             metadata[tag] = child.text or ""
     return DomainAllocation(
