@@ -532,6 +532,7 @@ class Allocation:
     image: str | None = None
     image_version: str | None = None
     owner_tag: str | None = None
+    seed_digest: str | None = None  # content hash of the cloud-init seed files
     gpus: tuple = ()
     nvswitches: tuple = ()
     numa_nodes: tuple = ()
@@ -550,7 +551,8 @@ class Allocation:
 
         obj = cls(owner=r.get("owner"), created_by=r.get("created_by"),
                   template=r.get("template"), cpu_policy=r.get("cpu_policy"),
-                  image=child("image"), image_version=child("image_version"),
+                  seed_digest=r.get("seed_digest"), image=child("image"),
+                  image_version=child("image_version"),
                   owner_tag=child("owner_tag"), gpus=_split_list(child("gpus")),
                   nvswitches=_split_list(child("nvswitches")),
                   numa_nodes=tuple(_num(n, "<gpuvirt:numa_nodes>")
@@ -561,7 +563,8 @@ class Allocation:
 
     def to_element(self):
         el = _element(self.TAG, [("owner", self.owner), ("created_by", self.created_by),
-                                 ("template", self.template), ("cpu_policy", self.cpu_policy)],
+                                 ("template", self.template), ("cpu_policy", self.cpu_policy),
+                                 ("seed_digest", self.seed_digest)],
                       self.extras)
         for tag, value in (("image", self.image), ("image_version", self.image_version),
                            ("owner_tag", self.owner_tag),

@@ -328,7 +328,8 @@ class Planner:
             domain_type=req.domain_type, cpu_mode=req.cpu_mode,
             cpu_disable_features=req.cpu_disable_features, firmware=req.firmware,
             template=str(req.gpus), image=image_name, image_version=image_version,
-            owner_tag=req.owner_tag)
+            owner_tag=req.owner_tag,
+            seed_digest=_seed.digest(vp.seed_files) if vp.seed_files else None)
         actual = vp.actual
         if actual is not None and actual.cpu_policy == vp.desired.cpu_policy == "dedicated" \
                 and sorted(actual.cpus) == sorted(vp.desired.cpus):
@@ -374,8 +375,8 @@ class Planner:
             elif disk.role == "data" and not os.path.lexists(disk.path):
                 vp.steps.append(("create_data_disk", disk.path))
             elif disk.role == "seed":
-                current = _seed_digest(vp.actual)
-                if not os.path.lexists(disk.path) or current != _seed.digest(vp.seed_files):
+                current = vp.actual.seed_digest if vp.actual is not None else None
+                if not os.path.lexists(disk.path) or current != vp.desired.seed_digest:
                     vp.steps.append(("write_seed", disk.path))
         if not vp.exists:
             vp.steps.append(("define", name))
@@ -386,10 +387,6 @@ class Planner:
             vp.steps.append(("stop", name))
         if (recreate and req.state != "stopped") or (req.state == "running" and not vp.active):
             vp.steps.append(("start", name))
-
-
-def _seed_digest(spec):
-    return None if spec is None else getattr(spec, "seed_digest", None)
 
 
 def _gpu_bdfs(ctx):

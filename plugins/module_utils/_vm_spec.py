@@ -162,6 +162,7 @@ class VmSpec:
     image: str | None = None
     image_version: str | None = None
     owner_tag: str | None = None
+    seed_digest: str | None = None  # cloud-init seed content hash (a change rewrites the ISO)
 
     @property
     def hostdevs(self):
@@ -195,6 +196,7 @@ class VmSpec:
             "image": self.image,
             "image_version": self.image_version,
             "owner_tag": self.owner_tag,
+            "seed_digest": self.seed_digest,
         }
 
     @classmethod
@@ -290,7 +292,7 @@ def group_members(bdfs, topology, option="gpus"):
 
 def make_spec(placement, topology, disks=(), networks=(), domain_type="kvm", cpu_mode=None,
               cpu_disable_features=(), machine="q35", firmware="bios", template=None,
-              image=None, image_version=None, owner_tag=None):
+              image=None, image_version=None, owner_tag=None, seed_digest=None):
     """The spec of a VM placed on this host (placement from _placement, sizes already in it)."""
     if domain_type not in DOMAIN_TYPES:
         raise SpecError("domain_type: %r is not one of %s; use kvm (hardware virtualisation) or "
@@ -333,7 +335,7 @@ def make_spec(placement, topology, disks=(), networks=(), domain_type="kvm", cpu
         disks=disk_specs, networks=net_specs, cpu_mode=cpu_mode,
         cpu_disable_features=tuple(features), machine=machine, firmware=firmware,
         template=None if template is None else str(template), image=image,
-        image_version=image_version, owner_tag=owner_tag,
+        image_version=image_version, owner_tag=owner_tag, seed_digest=seed_digest,
     )
 
 
@@ -586,7 +588,8 @@ def build_domain(spec, topology, uuid=None, ovmf_code=DEFAULT_OVMF_CODE,
     dom.metadata = [Allocation(
         owner=COLLECTION, created_by=created_by, template=spec.template,
         cpu_policy=spec.cpu_policy, image=spec.image, image_version=spec.image_version,
-        owner_tag=spec.owner_tag, gpus=tuple(spec.gpus), nvswitches=tuple(spec.nvswitches),
+        owner_tag=spec.owner_tag, seed_digest=spec.seed_digest, gpus=tuple(spec.gpus),
+        nvswitches=tuple(spec.nvswitches),
         numa_nodes=tuple(spec.numa_nodes),
         disks=[AllocationDisk(target=t, role=d.role, size_gb=d.size_gb)
                for t, d in _disk_targets(spec.disks)])]
@@ -774,6 +777,7 @@ def _spec_from_domain(dom):
             f.name for f in cpu.features if f.policy == "disable"),
         machine=_machine_family(os_.machine), firmware=firmware, template=alloc.template,
         image=alloc.image, image_version=alloc.image_version, owner_tag=alloc.owner_tag,
+        seed_digest=alloc.seed_digest,
     )
 
 
