@@ -248,7 +248,7 @@ def _element(tag, attrs=(), extras=None, text=None):
 def _sub(parent, tag, attrs=(), extras=None, text=None, force=False):
     """Append a child read into the parent's fields, when a field or a kept extra needs it."""
     sub_extras = extras.sub.get(tag) if extras else None
-    if not force and text is None and not sub_extras and all(v is None for _, v in attrs):
+    if not force and text is None and not sub_extras and all(v is None for _key, v in attrs):
         return None
     el = _element(tag, attrs, sub_extras, text)
     if sub_extras:

@@ -78,8 +78,10 @@ def write_iso(path, files):
         tmp_iso = os.path.join(folder, "seed.iso")
         argv = [tool, "-quiet", "-output", tmp_iso, "-volid", "cidata", "-joliet", "-rock"]
         argv += [os.path.join(folder, n) for n in sorted(files)]
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False,
-                              env=dict(os.environ, LANG="C", LC_ALL="C"))
+        # Not AnsibleModule.run_command: this runs outside modules too (tests, tools).
+        proc = subprocess.run(  # pylint: disable=ansible-bad-function
+            argv, capture_output=True, text=True, check=False,
+            env=dict(os.environ, LANG="C", LC_ALL="C"))
         if proc.returncode != 0:
             raise SeedError("%s failed (exit %d): %s" % (os.path.basename(tool), proc.returncode,
                                                          proc.stderr.strip()))

@@ -469,15 +469,21 @@ class Applier:
             if not existed:
                 undo.append(("remove_file", target))
         elif step in ("define", "redefine"):
+            previous = self.gateway.domain_xml(target) if step == "redefine" else None
             domain = build_domain(vp.desired, self.ctx.topology, uuid=vp.uuid)
             self.gateway.define(domain.to_xml())
             if step == "define":
                 undo.append(("undefine", target))
+            else:
+                undo.append(("restore_definition", (target, previous)))
         elif step == "start":
             self.gateway.start(target)
             undo.append(("destroy", target))
         elif step == "stop":
             self.gateway.shutdown(target, req.timeout, force=req.force)
+            if ("start", target) in vp.steps:
+                # A recreate (stop, start): undone last, once the old definition is back.
+                undo.insert(0, ("start", target))
         elif step == "undefine":
             self.gateway.undefine(target)
         elif step == "remove_file":
@@ -495,6 +501,11 @@ class Applier:
                     self.gateway.undefine(target)
                 elif step == "destroy" and self.gateway.exists(target):
                     self.gateway.destroy(target)
+                elif step == "restore_definition":
+                    target, previous = target
+                    self.gateway.define(previous)
+                elif step == "start" and self.gateway.state(target) == "shutoff":
+                    self.gateway.start(target)
                 done.append("%s %s" % (step, target))
             except (LibvirtGatewayError, OSError):
                 done.append("%s %s (FAILED, clean up by hand)" % (step, target))

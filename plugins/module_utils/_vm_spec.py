@@ -363,8 +363,8 @@ def _check_disks(disks):
     for n, disk in enumerate(disks or ()):
         where = "disks[%d]" % n
         if disk.role not in DISK_ROLES:
-            raise SpecError("%s.role: %r is not one of %s" % (where, disk.role,
-                                                               ", ".join(DISK_ROLES)))
+            raise SpecError("%s.role: %r is not one of %s"
+                            % (where, disk.role, ", ".join(DISK_ROLES)))
         if disk.role in ("os", "seed") and disk.role in roles:
             raise SpecError("%s: a VM has one %s disk, %s is one already" % (
                 where, disk.role, roles[disk.role]))
@@ -373,8 +373,8 @@ def _check_disks(disks):
             raise SpecError("%s.path: %r is not an absolute path" % (where, disk.path))
         fmt = "raw" if disk.role == "seed" else disk.format
         if fmt not in DISK_FORMATS:
-            raise SpecError("%s.format: %r is not one of %s" % (where, disk.format,
-                                                                 ", ".join(DISK_FORMATS)))
+            raise SpecError("%s.format: %r is not one of %s"
+                            % (where, disk.format, ", ".join(DISK_FORMATS)))
         if disk.backing is not None and fmt != "qcow2":
             raise SpecError("%s: a disk with a backing image must be qcow2, not %s" % (
                 where, fmt))
@@ -392,8 +392,8 @@ def _check_networks(name, networks, vcpus):
     for n, net in enumerate(networks or ()):
         where = "networks[%d]" % n
         if net.type not in NETWORK_TYPES:
-            raise SpecError("%s.type: %r is not one of %s" % (where, net.type,
-                                                               ", ".join(NETWORK_TYPES)))
+            raise SpecError("%s.type: %r is not one of %s"
+                            % (where, net.type, ", ".join(NETWORK_TYPES)))
         if net.type in ("network", "bridge") and not net.source:
             raise SpecError("%s: type %s needs the %s name in source" % (
                 where, net.type, "libvirt network" if net.type == "network" else "host bridge"))
@@ -801,4 +801,3 @@ def _disk_specs(dom, alloc):
             backing=backing.source if backing else None,
             backing_format=backing.format if backing else None))
     return tuple(result)
-

@@ -18,8 +18,8 @@ description:
     VMs are then started and stopped in parallel (O(workers) at a time), so a 16-VM host does
     not take 16 times one VM.
   - With O(exclusive=true), VMs that this collection created and that are not listed are
-    stopped (ACPI, then powered off after O(defaults.timeout) when O(defaults.force)) and
-    removed; their data disks are kept. Domains the collection did not create are never
+    stopped (ACPI, then powered off after the C(timeout) of O(defaults) when its C(force) is
+    true) and removed; their data disks are kept. Domains the collection did not create are never
     touched.
   - A VM that cannot be placed or converged is reported in RV(vms) with its error; the others
     still converge, and the task fails at the end naming the failed VMs.
@@ -38,6 +38,7 @@ attributes:
     description: One semantic before/after per VM, keyed by VM name.
   idempotent:
     support: full
+    description: A second run with the same layout reports no change.
 options:
   vms:
     description:

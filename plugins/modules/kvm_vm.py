@@ -11,7 +11,7 @@ module: kvm_vm
 short_description: Create, start, stop and remove one GPU VM placed on the host's real topology
 version_added: 0.1.0
 description:
-  - Declares one VM, as C(nvidia-vm create/delete) did on DGX-2, but idempotently: the GPUs,
+  - Declares one VM, as C(nvidia-vm create/delete) did on DGX-2, but idempotently. The GPUs,
     NVSwitches, vCPUs and memory come from the host's topology (see M(gpuvirt.kvm.gpu_topology))
     and the VM keeps them across runs.
   - The OS disk is a qcow2 overlay on an image from the store of M(gpuvirt.kvm.kvm_image), so
@@ -39,6 +39,7 @@ attributes:
     description: The diff is semantic (placement, pinning, memory, disks, devices), not XML.
   idempotent:
     support: full
+    description: A second run with the same options reports no change.
 options:
   name:
     description:
@@ -67,12 +68,12 @@ options:
     default: 0
   gpu_index:
     description:
-      - Exact placement (nvidia-vm's C(--gpu-index)): the lowest GPU index of the block. It must
+      - Exact placement, as nvidia-vm's C(--gpu-index) took it - the lowest GPU index of the block. It must
         start a partition of O(gpus) GPUs on this platform, and be free.
     type: int
   image:
     description:
-      - The base image of the OS disk, from the store at O(store): a name (resolved through its
+      - The base image of the OS disk, from the store at O(store) - a name (resolved through its
         default alias) or C(name-version). Required when the VM is created with an OS disk.
     type: str
   store:
@@ -100,11 +101,11 @@ options:
     type: raw
   networks:
     description:
-      - NICs, each a libvirt network or a host bridge. Multiqueue virtio (queues = vCPUs,
-        capped at 8).
+      - NICs, each a libvirt network, a host bridge or QEMU user networking. Multiqueue virtio
+        (queues = vCPUs, capped at 8).
+      - When not set, one NIC on the libvirt network V(default).
     type: list
     elements: dict
-    default: [{network: default}]
     suboptions:
       network: {description: A libvirt network (must exist)., type: str}
       bridge: {description: A host bridge (must exist)., type: str}
@@ -122,9 +123,9 @@ options:
     type: dict
     suboptions:
       hostname: {description: Guest hostname (default the VM name)., type: str}
-      user: {description: A user to create, with passwordless sudo., type: str}
+      user: {description: "A user to create, with passwordless sudo.", type: str}
       ssh_authorized_keys: {description: Keys for that user., type: list, elements: str}
-      password_hash: {description: Its password hash (crypt format)., type: str, no_log: true}
+      password_hash: {description: Its password hash (crypt format)., type: str}
   cpu_policy:
     description: V(dedicated) pins vCPUs 1:1 to host CPUs no other VM holds; V(shared) lets them
       float over the node's unreserved CPUs.
@@ -136,10 +137,11 @@ options:
     type: bool
     default: false
   cpu_mode:
-    description: The guest CPU model mode. V(maximum) for TCG (O(domain_type=qemu)).
+    description:
+      - The guest CPU model mode. When not set, V(host-passthrough), or V(maximum) with
+        O(domain_type=qemu) (TCG cannot pass the host CPU through).
     type: str
     choices: [host-passthrough, host-model, maximum]
-    default: host-passthrough
   cpu_disable_features:
     description: CPU features to hide from the guest (for example V(arch-capabilities) on hosts
       whose KVM cannot virtualise that MSR).
@@ -216,20 +218,60 @@ vm:
   returned: success
   type: dict
   contains:
-    name: {description: Domain name., type: str, sample: train-a}
-    state: {description: Power state (V(running), V(shutoff), ...) or V(absent)., type: str, sample: running}
-    gpus: {description: GPU PCI addresses., type: list, elements: str, sample: ["0000:34:00.0"]}
-    gpu_indexes: {description: GPU indexes (PCI bus order)., type: list, elements: int, sample: [0]}
-    nvswitches: {description: NVSwitch PCI addresses passed through with the GPUs., type: list, elements: str}
-    cpus: {description: Host CPUs of vCPU 0, 1, ... (dedicated) or the floating set (shared)., type: list, elements: int}
-    emulator_cpus: {description: Host CPUs of QEMU's emulator and I/O threads., type: list, elements: int}
-    numa_nodes: {description: Host NUMA nodes holding the VM's CPUs and memory., type: list, elements: int}
-    vcpus: {description: vCPU count., type: int}
-    memory_mb: {description: Memory in MiB., type: int}
-    disks: {description: Disks with role (V(os), V(data), V(seed)), path, format and backing image., type: list, elements: dict}
-    macs: {description: MAC addresses of the NICs, in order., type: list, elements: str}
-    spec: {description: The whole semantic description compared between runs., type: dict}
-    xml: {description: The domain XML this run defined or (check mode) would define., type: str}
+    name:
+      description: Domain name.
+      type: str
+      sample: train-a
+    state:
+      description: Power state (V(running), V(shutoff), and so on), or V(absent).
+      type: str
+      sample: running
+    gpus:
+      description: GPU PCI addresses.
+      type: list
+      elements: str
+      sample: ["0000:34:00.0"]
+    gpu_indexes:
+      description: GPU indexes, in PCI bus order.
+      type: list
+      elements: int
+      sample: [0]
+    nvswitches:
+      description: NVSwitch PCI addresses passed through with the GPUs.
+      type: list
+      elements: str
+    cpus:
+      description: Host CPUs of vCPU 0, 1 and so on (dedicated), or the floating set (shared).
+      type: list
+      elements: int
+    emulator_cpus:
+      description: Host CPUs of QEMU's emulator and I/O threads.
+      type: list
+      elements: int
+    numa_nodes:
+      description: Host NUMA nodes holding the VM's CPUs and memory.
+      type: list
+      elements: int
+    vcpus:
+      description: vCPU count.
+      type: int
+    memory_mb:
+      description: Memory in MiB.
+      type: int
+    disks:
+      description: Disks, each with role (V(os), V(data) or V(seed)), path, format and backing image.
+      type: list
+      elements: dict
+    macs:
+      description: MAC addresses of the NICs, in order.
+      type: list
+      elements: str
+    spec:
+      description: The whole semantic description compared between runs.
+      type: dict
+    xml:
+      description: The domain XML this run defined or, in check mode, would define.
+      type: str
 actions:
   description: What was done (or would be, in check mode), in order.
   returned: always

@@ -128,8 +128,8 @@ def test_format_cpuset_compresses():
 
 
 @pytest.mark.parametrize("bdf, expected", [
-    ("0000:34:00.0", "0000:34:00.0"), ("34:00.1", "0000:34:00.1"), ("0001:C1:1F.7",
-                                                                       "0001:c1:1f.7"),
+    ("0000:34:00.0", "0000:34:00.0"), ("34:00.1", "0000:34:00.1"),
+    ("0001:C1:1F.7", "0001:c1:1f.7"),
 ])
 def test_address_from_bdf(bdf, expected):
     assert Address.pci(bdf).bdf == expected

@@ -3,6 +3,7 @@
 """Placement -> VmSpec -> domain XML on the fixture hosts, and on this machine's libvirt."""
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -194,7 +195,7 @@ def test_dgx2(host, tmp_path, gpus):
 
 def test_dgx2_guest_addresses_are_one_device_per_root_port(host, tmp_path):
     topo = host("dgx2")
-    _, spec = placed(topo, "dgx2", Request("vm", gpus=8))
+    _placement, spec = placed(topo, "dgx2", Request("vm", gpus=8))
     dom = build_domain(spec, topo)
     validate(dom.to_xml(), tmp_path)
     ports = [c.index for c in dom.controllers if c.model == "pcie-root-port"]
@@ -395,7 +396,7 @@ def test_a_group_shared_with_another_gpu_is_refused(grouped_host):
 
 def test_ovmf(host, tmp_path):
     topo = host("dgx-h100")
-    _, spec = placed(topo, "dgx-h100", Request("uefi", gpus=2), firmware="ovmf")
+    _placement, spec = placed(topo, "dgx-h100", Request("uefi", gpus=2), firmware="ovmf")
     os_ = build_domain(spec, topo).os
     assert (os_.loader, os_.loader_readonly, os_.loader_type) == (
         "/usr/share/OVMF/OVMF_CODE_4M.fd", True, "pflash")
@@ -428,7 +429,7 @@ def test_tcg_defaults_to_the_maximum_cpu(host, tmp_path):
 
 def test_disks(host, tmp_path):
     topo = host("dgx2")
-    _, spec = placed(topo, "dgx2", Request("d", gpus=1))
+    _placement, spec = placed(topo, "dgx2", Request("d", gpus=1))
     dom = build_domain(spec, topo)
     validate(dom.to_xml(), tmp_path)
     os_disk, data, seed = dom.disks
@@ -545,12 +546,12 @@ def test_mmio64_window():
 
 def test_to_dict_is_json_and_diff_names_fields(host):
     topo = host("dgx2")
-    _, spec = placed(topo, "dgx2", Request("j", gpus=2))
+    _placement, spec = placed(topo, "dgx2", Request("j", gpus=2))
     data = spec.to_dict()
     assert json.loads(json.dumps(data)) == data
     assert data["memory_by_node"] == {"0": spec.memory_mb}
     assert spec_diff(spec, spec) == {}
-    bigger = VmSpec(**dict(spec.__dict__, memory_mb=spec.memory_mb * 2, owner_tag="t"))
+    bigger = dataclasses.replace(spec, memory_mb=spec.memory_mb * 2, owner_tag="t")
     assert spec_diff(spec, bigger) == {
         "memory_mb": {"before": spec.memory_mb, "after": spec.memory_mb * 2},
         "owner_tag": {"before": None, "after": "t"}}
@@ -639,7 +640,7 @@ def test_libvirt_accepts_a_dgx2_gpu_vm(host):
     libvirt, conn = _connect()
     topo = host("dgx2")
     name = "gpuvirt-unit-%s" % uuid.uuid4().hex[:8]
-    _, spec = placed(topo, "dgx2", Request(name, gpus=16), firmware="ovmf")
+    _placement, spec = placed(topo, "dgx2", Request(name, gpus=16), firmware="ovmf")
     try:
         dom = conn.defineXML(build_domain(spec, topo).to_xml())
         stored = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
