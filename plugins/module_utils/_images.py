@@ -607,12 +607,30 @@ class ImageStore:
                     "image: %s has no default version (%s); give name-version, or make one "
                     "the default with gpuvirt.kvm.kvm_image state=default"
                     % (ref, ", ".join(i.version for i in named)))
-            return self.get(ref, default, images)
+            return self._inside(self.get(ref, default, images), images)
         for image in images:
             if image.ref == ref:
-                return image
+                return self._inside(image, images)
         raise ImagesError("image: %r is not installed; %s. Install it with gpuvirt.kvm.kvm_image"
                           % (ref, self.describe(images)))
+
+    def _inside(self, image, images):
+        """``image`` if its whole backing chain is in the store, else ImagesError."""
+        # A file put into the store by hand is adopted without kvm_image's checks; an overlay
+        # on it would depend on a file the store does not manage (and may change or vanish).
+        by_path = {os.path.realpath(i.path): i for i in images}
+        current, seen = image, set()
+        while current is not None and current.backing and current.path not in seen:
+            seen.add(current.path)
+            backing = os.path.realpath(os.path.join(os.path.dirname(current.path),
+                                                    current.backing))
+            if backing not in by_path:
+                raise ImagesError(
+                    "image: %s (%s) is built on %s, which is not an image in the store %s; "
+                    "install that base with gpuvirt.kvm.kvm_image, or use another image"
+                    % (image.ref, image.path, backing, self.root))
+            current = by_path[backing]
+        return image
 
     # -- staging (content into the store under a temporary name)
     def _make_root(self):

@@ -119,3 +119,12 @@ def parse_topo_matrix(text):
             raise _error("GPU%d-GPU%d is %s but GPU%d-GPU%d is %s (the matrix must be "
                          "symmetric)" % (i, j, link, j, i, topo.links.get((j, i))))
     return topo
+
+
+def nvlinks_for_host(text, gpus_found, sysfs_root):
+    """Parse the text and check it describes this host's GPUs; the NVLink matrix."""
+    topo = parse_topo_matrix(text)
+    if topo.gpu_count != gpus_found:
+        raise _error("lists %d GPUs but %d were found under sysfs_root %s; use the text "
+                     "captured on this host" % (topo.gpu_count, gpus_found, sysfs_root))
+    return topo.nvlink_matrix()

@@ -830,9 +830,15 @@ class HostState(object):
                     return "needs %d vCPUs on NUMA node %d, %d free: %s" % (
                         need, node, have, self._cpu_use_text(node))
         else:
-            for node in nodes:
-                if not m.node_cpus.get(node):
+            for node, need in zip(nodes, vcpus):
+                have = len(m.node_cpus.get(node, ()))
+                if not have:
                     return "NUMA node %d has no unreserved CPU for shared vCPUs" % node
+                if need > have:
+                    # Overcommit is across VMs; one VM's vCPUs outnumbering the CPUs they float
+                    # over only makes its own vCPUs preempt each other.
+                    return "needs %d shared vCPUs on NUMA node %d, which has %d unreserved " \
+                           "CPUs" % (need, node, have)
         page = self._page_size(request, nodes, memory)
         if page < 0:
             return ("hugepages requested but NUMA node(s) %s have no hugepage pool; reserve "

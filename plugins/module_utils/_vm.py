@@ -220,12 +220,16 @@ class Planner:
                 raise VmError(
                     "%s: a domain of that name exists and was not created by gpuvirt.kvm (it has "
                     "no gpuvirt metadata); it is left alone - choose another name" % req.name)
-        state = HostState(
-            self.ctx.topology, self.ctx.platform,
-            allocations=allocations_from_domains(list(domains.values()),
-                                                 _gpu_bdfs(self.ctx), _switch_bdfs(self.ctx)),
-            reserved_cpus=self.ctx.reserved_cpus, reserved_memory_mb=self.ctx.reserved_memory_mb,
-            unhealthy_gpus=self.ctx.unhealthy_gpus, nvlinks=self.ctx.nvlinks)
+        try:
+            state = HostState(
+                self.ctx.topology, self.ctx.platform,
+                allocations=allocations_from_domains(list(domains.values()),
+                                                     _gpu_bdfs(self.ctx), _switch_bdfs(self.ctx)),
+                reserved_cpus=self.ctx.reserved_cpus,
+                reserved_memory_mb=self.ctx.reserved_memory_mb,
+                unhealthy_gpus=self.ctx.unhealthy_gpus, nvlinks=self.ctx.nvlinks)
+        except PlacementError as exc:  # host-wide options (reserved_cpus, ...) are bad
+            raise VmError(str(exc)) from exc
         networks = None
         plans = []
         placing = []
@@ -554,11 +558,12 @@ def host_context(p):
     # Imported here so that _vm stays importable where only part of the stack is needed.
     from ansible_collections.gpuvirt.kvm.plugins.module_utils._nvidia_smi import (
         NvidiaSmiTopoError,
-        parse_topo_matrix,
+        nvlinks_for_host,
     )
     from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
         PlatformError,
         get_platform,
+        platform_gpus,
     )
     from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import (
         TopologyError,
@@ -571,7 +576,8 @@ def host_context(p):
         platform = get_platform(p["platform"], topology)
         nvlinks = None
         if p.get("nvidia_smi_topo"):
-            nvlinks = parse_topo_matrix(p["nvidia_smi_topo"]).nvlink_matrix()
+            nvlinks = nvlinks_for_host(p["nvidia_smi_topo"],
+                                       len(platform_gpus(topology, platform)), p["sysfs_root"])
     except (TopologyError, PlatformError, NvidiaSmiTopoError) as exc:
         raise VmError(str(exc)) from exc
     return HostContext(

@@ -219,7 +219,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import (
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._nvidia_smi import (
     NvidiaSmiTopoError,
-    parse_topo_matrix,
+    nvlinks_for_host,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import PlacementError
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
@@ -284,13 +284,8 @@ def main():
         reason = detect(topology)[1] if p["platform"] == "auto" else "named by the platform option"
         nvlinks = None
         if p["nvidia_smi_topo"]:
-            smi = parse_topo_matrix(p["nvidia_smi_topo"])
-            found = len(platform_gpus(topology, platform))
-            if smi.gpu_count != found:
-                raise NvidiaSmiTopoError(
-                    "nvidia_smi_topo: lists %d GPUs but %d were found under sysfs_root %s; give "
-                    "the text captured on this host" % (smi.gpu_count, found, p["sysfs_root"]))
-            nvlinks = smi.nvlink_matrix()
+            nvlinks = nvlinks_for_host(p["nvidia_smi_topo"],
+                                       len(platform_gpus(topology, platform)), p["sysfs_root"])
     except (RequestError, TopologyError, PlatformError, NvidiaSmiTopoError) as exc:
         module.fail_json(msg=str(exc))
 

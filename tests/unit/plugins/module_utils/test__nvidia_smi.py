@@ -62,3 +62,13 @@ def test_malformed_text_names_the_option(bad, words):
         parse_topo_matrix(bad)
     assert "nvidia_smi_topo" in str(err.value)
     assert words in str(err.value)
+
+
+def test_text_of_another_host_is_refused():
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._nvidia_smi import (
+        nvlinks_for_host,
+    )
+
+    assert nvlinks_for_host(text("pcie-4gpu.txt"), 4, "/sys") == {(0, 1): 12, (1, 0): 12}
+    with pytest.raises(NvidiaSmiTopoError, match="lists 16 GPUs but 4 were found"):
+        nvlinks_for_host(text("dgx2.txt"), 4, "/sys")
