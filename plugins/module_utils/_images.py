@@ -212,15 +212,22 @@ def _size_arg(size_gb, what):
     return mib * 1024 * 1024
 
 
-def create_overlay(base, path, size_gb=None):
-    """A qcow2 overlay at ``path`` on the versioned ``base`` (O(1) in the base's size)."""
+def create_overlay(base, path, size_gb=None, base_format=None, read_back=True):
+    """A qcow2 overlay at ``path`` on the versioned ``base`` (O(1) in the base's size).
+
+    ``base_format`` (known from the store's records) spares probing the base when no size is
+    asked for; ``read_back=False`` spares reading the new overlay back (returns None).
+    """
     # realpath: an overlay on the default alias would change under a VM when the default moves.
     base = os.path.realpath(base)
     path = os.path.abspath(path)
     if os.path.lexists(path):
         raise ImagesError("cannot create overlay %s: the file exists" % path)
-    base_info = info(base, backing_chain=False)
-    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", base_info.format, path]
+    base_info = None
+    if base_format is None or size_gb is not None:
+        base_info = info(base, backing_chain=False)
+        base_format = base_info.format
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", base_format, path]
     if size_gb is not None:
         size = _size_arg(size_gb, "size")
         if size < base_info.virtual_size:
@@ -232,7 +239,7 @@ def create_overlay(base, path, size_gb=None):
         _run(argv)
     except ImagesError as exc:
         raise ImagesError("cannot create overlay %s on %s: %s" % (path, base, exc)) from exc
-    return info(path, backing_chain=False)
+    return info(path, backing_chain=False) if read_back else None
 
 
 def create_disk(path, size_gb, fmt="qcow2"):

@@ -178,6 +178,10 @@ class LibvirtGateway:
                 "cannot connect to libvirt at uri %r: %s" % (uri, exc.get_error_message())
             ) from exc
 
+    def reopen(self):
+        """A new connection to the same daemon (one per worker thread; close it after use)."""
+        return LibvirtGateway(self.uri)
+
     def close(self):
         try:
             self.conn.close()
@@ -314,6 +318,11 @@ class LibvirtGateway:
         Returns 'shutdown' when the guest powered off by itself, 'destroyed' when forced.
         """
         dom = self._require(name)
+        if force and timeout <= 0:
+            # No grace period asked for: power off at once, as virsh destroy does.
+            was_active = dom.isActive()
+            self.destroy(name)
+            return "destroyed" if was_active else "shutdown"
         try:
             if not dom.isActive():
                 return "shutdown"

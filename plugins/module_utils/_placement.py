@@ -672,8 +672,9 @@ class HostState(object):
         n = request.gpus
         prefix = self._prefix(request)
         if n > m.gpu_count:
-            raise PlacementError("%s: this host has %d GPU%s (%s platform)" % (
-                prefix, m.gpu_count, "" if m.gpu_count == 1 else "s", m.platform.name))
+            raise PlacementError("%s: this host has %d GPU%s (%s platform); set gpus to %d or "
+                                 "fewer" % (prefix, m.gpu_count, "" if m.gpu_count == 1 else "s",
+                                            m.platform.name, m.gpu_count))
         if m.partitioned:
             if n not in m.blocks_by_size:
                 raise PlacementError(

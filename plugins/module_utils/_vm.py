@@ -461,7 +461,9 @@ class Applier:
             os.makedirs(os.path.dirname(target), exist_ok=True)
         if step == "create_overlay":
             disk = next(d for d in vp.desired.disks if d.role == "os")
-            _images.create_overlay(disk.backing, disk.path, disk.size_gb)
+            # The store verified the base's format at install: no need to probe it per VM.
+            _images.create_overlay(disk.backing, disk.path, disk.size_gb,
+                                   base_format=disk.backing_format, read_back=False)
             undo.append(("remove_file", disk.path))
         elif step == "create_data_disk":
             disk = next(d for d in vp.desired.disks if d.role == "data")
@@ -654,18 +656,26 @@ def converge(gateway, ctx, requests, check_mode=False, lock=None, workers=1):
         if lock is not None and lock.locked:
             lock.release()
 
-    def power(vp):
+    def power(vp, own_connection=False):
         try:
-            actions[vp.request.name] += applier.apply(vp, POWER)
-        except VmError as exc:
+            if own_connection and any(s not in PREPARE_STEPS for s, _t in vp.steps):
+                # libvirtd serves at most max_client_requests (default 5) calls of one
+                # connection at a time: 16 starts over a shared connection queue in waves.
+                with gateway.reopen() as own:
+                    actions[vp.request.name] += Applier(own, ctx, check_mode).apply(vp, POWER)
+            else:
+                actions[vp.request.name] += applier.apply(vp, POWER)
+        except (VmError, LibvirtGatewayError) as exc:
             vp.error = str(exc)
 
     todo = [vp for vp in plans if vp.error is None]
     if workers > 1 and len(todo) > 1:
         from concurrent.futures import ThreadPoolExecutor
 
+        # test:/// hypervisors are private to each connection: keep the shared one there.
+        own = not gateway.uri.startswith("test:")
         with ThreadPoolExecutor(max_workers=min(workers, len(todo))) as pool:
-            list(pool.map(power, todo))
+            list(pool.map(lambda vp: power(vp, own), todo))
     else:
         for vp in todo:
             power(vp)
