@@ -4,11 +4,11 @@
 """Converge benchmark: N tiny VMs created, re-run and torn down with kvm_layout, against floors.
 
 Usage: .venv/bin/python bench/converge.py [--quick] [--vms 16] [--rounds R] [--no-peer]
-                                          [--exclusive] [--keep]
+                                          [--exclusive] [--keep] [--collections-path DIR]
 
 Runs on this machine's real libvirt (qemu:///system) and QEMU/KVM. Measured in the same run,
-interleaved round by round (floor, ours, peer) so that load from other work on the host hits
-all three alike, best of R rounds:
+interleaved round by round (floor, ours, in-process, peer) so that load from other work on
+the host hits them alike, best of R rounds:
 
   floor  the same steps done directly, 16 threads: `qemu-img create -b BASE` + `virsh define`
          + `virsh start` per VM; `virsh destroy` + `virsh undefine` + rm overlay to tear down.
@@ -18,7 +18,12 @@ all three alike, best of R rounds:
   ours   one `ansible-playbook` run of gpuvirt.kvm.kvm_layout with the N VMs (create), the same
          run again (no-op: must report changed=false), and a teardown run (every VM
          state: absent with force: true, timeout: 0 - an OS-less guest ignores ACPI, so the
-         shutdown is a power-off at once, as `virsh destroy` in the floor).
+         shutdown is a power-off at once, as `virsh destroy` in the floor). Not
+         `exclusive: true, vms: []`: that also removes every other gpuvirt VM on the host
+         (other people's test VMs on a shared machine); --exclusive uses it when none exist.
+  in-process  what kvm_layout runs, without Ansible: module_utils._vm.converge() called in
+         this process with the same options (shows the collection's own cost apart from
+         Ansible's fixed cost per run: start-up, AnsiballZ, the module's imports).
   peer   the same job as users write it today with community.libvirt (pip package `ansible`,
          in a separate venv at .build/bench-venv): loops of `command: qemu-img create`,
          `template` of the domain XML, `virt: command=define`, `virt: state=running`; teardown
@@ -47,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import fcntl
 import json
 import os
 import platform
@@ -67,6 +73,7 @@ OUR_VENV = os.path.join(REPO, ".venv")
 PEER_VENV = os.path.join(REPO, ".build", "bench-venv")
 FARM = os.path.join(REPO, ".build", "pytest")  # same symlink farm as tests/conftest.py
 SCRATCH_PARENT = "/var/tmp"  # libvirt's qemu user must traverse it (not a private /tmp)
+RUN_LOCK = os.path.join(SCRATCH_PARENT, "gpuvirt-bench.lock")
 GPUVIRT_NS = "https://gpuvirt.invalid/xmlns/kvm/1"
 IMAGE = "benchtiny"
 TARGETS = {"create": 1.3, "teardown": 1.5}
@@ -78,28 +85,97 @@ class BenchError(Exception):
     """The benchmark cannot go on (the message says what failed)."""
 
 
-def _import_collection():
+def _import_collection(path):
     """Make ansible_collections.gpuvirt.kvm importable (and findable by ansible-playbook)."""
-    link = os.path.join(FARM, "ansible_collections", "gpuvirt", "kvm")
-    if not os.path.islink(link):
+    link = os.path.join(path, "ansible_collections", "gpuvirt", "kvm")
+    if path == FARM and not os.path.islink(link):
         os.makedirs(os.path.dirname(link), exist_ok=True)
         try:
             os.symlink(REPO, link)
         except FileExistsError:
             pass
-    sys.path.insert(0, FARM)
+    if not os.path.isdir(link):
+        raise BenchError("%s holds no ansible_collections/gpuvirt/kvm" % path)
+    sys.path.insert(0, path)
 
 
 def sh(argv, check=True, **kw):
     """Run a command in C.UTF-8 (Ansible needs UTF-8); raise BenchError with stderr if it fails."""
     env = dict(os.environ, LANG="C.UTF-8", LC_ALL="C.UTF-8")
     env.update(kw.pop("env", {}))
-    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                          check=False, text=True, **kw)
+    # When the benchmark is stopped, the whole tree goes (an ansible-playbook's module process
+    # would otherwise go on defining VMs after the cleanup).
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            text=True, **kw)
+    try:
+        out, err = proc.communicate()
+    except BaseException:  # SystemExit from SIGTERM, KeyboardInterrupt: stop the tree, re-raise
+        _kill_tree(proc)
+        raise
+    proc = subprocess.CompletedProcess(argv, proc.returncode, out, err)
     if check and proc.returncode != 0:
         raise BenchError("%s failed (%d): %s" % (" ".join(argv), proc.returncode,
                                                  (proc.stderr or proc.stdout).strip()[-2000:]))
     return proc
+
+
+def _process_tree(pid):
+    """``pid`` and its descendants, from /proc (parents before children)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry, encoding="utf-8") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop(0)
+        tree.append(current)
+        todo.extend(children.get(current, ()))
+    return tree
+
+
+def _signal(pid, signum):
+    try:
+        os.kill(pid, signum)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _kill_tree(proc):
+    """SIGKILL ``proc`` and every descendant, and wait until they are gone (10 s at most).
+
+    By tree, not by process group: ansible-playbook's workers call setsid(), so a group kill
+    would leave the module process running.
+    """
+    stopped = []
+    for _dummy in range(5):  # stop top-down until no new child appears, so none escapes
+        fresh = [p for p in _process_tree(proc.pid) if p not in stopped]
+        if not fresh:
+            break
+        stopped += [p for p in fresh if _signal(p, signal.SIGSTOP)]
+    for pid in stopped:
+        _signal(pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(
+            os.path.exists("/proc/%d" % p) and _process_state(p) not in ("Z", None)
+            for p in stopped):
+        time.sleep(0.05)
+
+
+def _process_state(pid):
+    try:
+        with open("/proc/%d/stat" % pid, encoding="utf-8") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
 
 
 # --- the host -------------------------------------------------------------------------------
@@ -302,8 +378,8 @@ class Ansible:
                       for name, _s, host in run.tasks if host.get("failed")]
             msgs = []
             for name, msg, results in failed:
-                if results:
-                    msg = "; ".join(str(r.get("msg")) for r in results if r.get("failed"))
+                if results:  # a loop: the items carry the messages
+                    msg = "; ".join(sorted({str(r["msg"]) for r in results if r.get("msg")}))
                 msgs.append("%s: %s" % (name, msg))
             raise BenchError("%s failed (rc %d): %s" % (
                 os.path.basename(playbook), proc.returncode,
@@ -411,6 +487,55 @@ class Ours:
 
     def teardown(self):
         return self.ansible.run(self.teardown_pb)
+
+
+class InProcess:
+    """kvm_layout's own work without Ansible: module_utils._vm.converge() in this process."""
+
+    def __init__(self, names, common, disk_dir):
+        from ansible_collections.gpuvirt.kvm.plugins.module_utils import (
+            _common,
+            _libvirt,
+            _lock,
+            _vm,
+        )
+
+        self.vm, self.libvirt, self.lock = _vm, _libvirt, _lock
+        params = {}
+        for spec in (_common.host_argspec(), _common.libvirt_argspec(), _lock.lock_argspec()):
+            params.update({k: v.get("default") for k, v in spec.items()})
+        params.update(common, disk_dir=disk_dir, exclusive=False)
+        self.create_p = dict(params, vms=[{"name": n} for n in names])
+        self.teardown_p = dict(params, defaults={"force": True, "timeout": 0},
+                               vms=[{"name": n, "state": "absent"} for n in names])
+        self.changed_noop = None
+
+    def _converge(self, params):
+        class NoLog:  # layout_requests records cloud-init secrets here; none in this layout
+            no_log_values = set()
+
+        with self.libvirt.LibvirtGateway(URI) as gateway:
+            requests, _removed = self.vm.layout_requests(NoLog, gateway, params)
+            results = self.vm.converge(
+                gateway, self.vm.host_context(params), requests,
+                lock=self.lock.HostLock(params["lock_path"], params["lock_timeout"],
+                                        owner="bench"),
+                workers=params["workers"])
+        errors = [r["error"] for r in results if r.get("error")]
+        if errors:
+            raise BenchError("in-process converge: %s" % "; ".join(errors))
+        return any(r["changed"] for r in results)
+
+    def create(self):
+        return timed(lambda: self._converge(self.create_p))
+
+    def noop(self):
+        start = time.perf_counter()
+        self.changed_noop = self._converge(self.create_p)
+        return time.perf_counter() - start
+
+    def teardown(self):
+        return timed(lambda: self._converge(self.teardown_p))
 
 
 class Peer:
@@ -527,10 +652,11 @@ def other_managed_domains():
 
 def converge_bench(args, scratch):
     names = vm_names(args.vms)
-    dirs = {k: os.path.join(scratch, k) for k in ("store", "floor", "ours", "peer", "lock")}
+    dirs = {k: os.path.join(scratch, k)
+            for k in ("store", "floor", "ours", "inproc", "peer", "lock")}
     for path in dirs.values():
         os.makedirs(path)
-    ours_ansible = Ansible(OUR_VENV, scratch, collections_path=FARM)
+    ours_ansible = Ansible(OUR_VENV, scratch, collections_path=args.collections_path)
     peer_ansible = None
     peer_note = None
     if args.no_peer:
@@ -565,6 +691,7 @@ def converge_bench(args, scratch):
                              "--exclusive" % ", ".join(others))
     floor = Floor(names, template, base, dirs["floor"], args.vms)
     ours = Ours(ours_ansible, scratch, names, common, args.exclusive)
+    inproc = InProcess(names, common, dirs["inproc"])
     peer = None
     if peer_ansible is not None:
         peer = Peer(peer_ansible, scratch, names, template, base, dirs["peer"])
@@ -585,6 +712,7 @@ def converge_bench(args, scratch):
             record("startup", "peer", peer_ansible.run(startup_pb))
         for variant, impl, disk_dir in (("floor", floor, dirs["floor"]),
                                         ("ours", ours, dirs["ours"]),
+                                        ("inproc", inproc, dirs["inproc"]),
                                         ("peer", peer, dirs["peer"])):
             if impl is None:
                 continue
@@ -593,24 +721,24 @@ def converge_bench(args, scratch):
             record(variant, "noop", impl.noop())
             record(variant, "teardown", impl.teardown())
             check_gone(names, disk_dir, variant)
-            print(" %s %s/%s/%s s" % (variant, *("%.2f" % wall(rows[(variant, p)][-1])
-                                               for p in ("create", "noop", "teardown"))),
-                  end="", flush=True)
+            last = [wall(rows[(variant, p)][-1]) for p in ("create", "noop", "teardown")]
+            print(" %s %.2f/%.2f/%.2f s" % (variant, *last), end="", flush=True)
         print()
-    return report(args, rows, ours, peer, peer_note)
+    return report(args, rows, ours, inproc, peer, peer_note)
 
 
 def best(values):
     return min(wall(v) for v in values)
 
 
-def report(args, rows, ours, peer, peer_note):
+def report(args, rows, ours, inproc_run, peer, peer_note):
     """Print the table and the verdicts; return the list of missed targets."""
     phases = ("create", "noop", "teardown")
     start_ours = best(rows[("startup", "ours")])
     start_peer = best(rows[("startup", "peer")]) if ("startup", "peer") in rows else None
     floor = {p: best(rows[("floor", p)]) for p in phases}
     our = {p: best(rows[("ours", p)]) for p in phases}
+    inproc = {p: best(rows[("inproc", p)]) for p in phases}
     # The round whose whole process was fastest, for the task-only time of that same run.
     our_task = {p: min(rows[("ours", p)], key=lambda r: r.wall).task_time for p in phases}
     peer_t = {p: best(rows[("peer", p)]) for p in phases} if peer is not None else None
@@ -618,11 +746,11 @@ def report(args, rows, ours, peer, peer_note):
                  for p in phases} if peer is not None else None
 
     def line(label, values, fmt="%8.2f"):
-        print("%-58s %s" % (label, " ".join(fmt % v if v is not None else "%8s" % "-"
-                                            for v in values)))
+        cells = [fmt % v if v is not None else "%8s" % "-" for v in values]
+        print("%-58s %s" % (label, " ".join(cells)))
 
-    print("\nwall seconds, best of %d round(s); %d VMs of 64 MiB, 1 vCPU" % (args.rounds,
-                                                                            args.vms))
+    print("\nwall seconds, best of %d round(s); %d VMs of 64 MiB, 1 vCPU"
+          % (args.rounds, args.vms))
     print("%-58s %8s %8s %8s" % ("", "create", "no-op", "teardown"))
     line("ansible-playbook start-up, one debug task (project venv)", [start_ours] * 3)
     if start_peer is not None:
@@ -632,6 +760,8 @@ def report(args, rows, ours, peer, peer_note):
     line("ours: kvm_layout, whole ansible-playbook (raw)", [our[p] for p in phases])
     line("ours: kvm_layout task alone (callback timing)", [our_task[p] for p in phases])
     line("ours: raw minus ansible-playbook start-up", [our[p] - start_ours for p in phases])
+    line("ours: converge() in-process, no Ansible (module_utils)",
+         [inproc[p] for p in phases])
     if peer is not None:
         line("peer: community.libvirt, whole ansible-playbook (raw)",
              [peer_t[p] for p in phases])
@@ -641,19 +771,21 @@ def report(args, rows, ours, peer, peer_note):
     line("ratio ours / floor (raw)", [our[p] / floor[p] for p in phases], "%7.2fx")
     line("ratio ours / floor (both minus start-up; floor has none)",
          [(our[p] - start_ours) / floor[p] for p in phases], "%7.2fx")
+    line("ratio in-process converge() / floor", [inproc[p] / floor[p] for p in phases],
+         "%7.2fx")
     if peer is not None:
         line("ratio ours / peer (raw)", [our[p] / peer_t[p] for p in phases], "%7.2fx")
         print("peer no-op rerun reported changed=%s (changed tasks: %s)" % (
             str(bool(peer.changed_noop)).lower(), peer.changed_noop))
     else:
         print(peer_note)
+    if inproc_run.changed_noop:
+        print("NOTE: the in-process no-op converge reported changed=true")
     if len(rows[("ours", "create")]) > 1:
-        print("every round, ours create/no-op/teardown: %s" % ", ".join(
-            "%.2f/%.2f/%.2f" % tuple(wall(rows[("ours", p)][i]) for p in phases)
-            for i in range(len(rows[("ours", "create")]))))
-        print("every round, floor create/no-op/teardown: %s" % ", ".join(
-            "%.2f/%.2f/%.2f" % tuple(wall(rows[("floor", p)][i]) for p in phases)
-            for i in range(len(rows[("floor", "create")]))))
+        for variant in ("floor", "ours", "inproc"):
+            print("every round, %s create/no-op/teardown: %s" % (variant, ", ".join(
+                "%.2f/%.2f/%.2f" % tuple(wall(rows[(variant, p)][i]) for p in phases)
+                for i in range(len(rows[(variant, "create")])))))
 
     missed = []
     print("\ntargets (judged on raw wall times):")
@@ -670,7 +802,7 @@ def report(args, rows, ours, peer, peer_note):
         "met" if ok else "MISSED"))
     if not ok:
         missed.append("no-op rerun %.2f s, changed=%s (target < %.0f s, changed=false)" % (
-            our["noop"], bool(ours.changed_noop), NOOP_LIMIT_S))
+            our["noop"], str(bool(ours.changed_noop)).lower(), NOOP_LIMIT_S))
     return missed
 
 
@@ -723,8 +855,9 @@ def overlay_bench(args, scratch):
     ok = o_ratio <= OVERLAY_RATIO_LIMIT
     print("overlay 20G / overlay 64M = %.2fx (target within %.1fx: %s); full copy 20G / 64M = "
           "%.1fx" % (o_ratio, OVERLAY_RATIO_LIMIT, "met" if ok else "MISSED", c_ratio))
-    return [] if ok else ["overlay 20G / 64M = %.2fx (target %.1fx)" % (o_ratio,
-                                                                       OVERLAY_RATIO_LIMIT)]
+    if ok:
+        return []
+    return ["overlay 20G / 64M = %.2fx (target %.1fx)" % (o_ratio, OVERLAY_RATIO_LIMIT)]
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -744,17 +877,32 @@ def main(argv=None):
                         help="tear ours down with exclusive: true, vms: [] (refused when "
                              "other gpuvirt domains exist on the host: it would remove them)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    parser.add_argument("--collections-path", default=FARM, metavar="DIR",
+                        help="benchmark the gpuvirt.kvm under DIR/ansible_collections/gpuvirt/"
+                             "kvm (default: this checkout, via %(default)s)")
     args = parser.parse_args(argv)
     if args.vms < 1:
         parser.error("--vms: give 1 or more")
     args.rounds = args.rounds or (1 if args.quick else 3)
     signal.signal(signal.SIGTERM, _sigterm)
-    _import_collection()
+    args.collections_path = os.path.abspath(args.collections_path)
+    try:
+        _import_collection(args.collections_path)
+    except BenchError as exc:
+        parser.error("--collections-path: %s" % exc)
     started = time.perf_counter()
     for tool in ("virsh", "qemu-img", "qemu-io"):
         if shutil.which(tool) is None:
             print("error: %s is not installed" % tool, file=sys.stderr)
             return 2
+    # One run at a time: the start-up cleanup would remove another run's VMs.
+    lock_fd = os.open(RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("error: another bench/converge.py holds %s; wait for it to finish" % RUN_LOCK,
+              file=sys.stderr)
+        return 2
     missed = []
     scratch = None
     try:
