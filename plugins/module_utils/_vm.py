@@ -724,7 +724,12 @@ def layout_requests(module, gateway, p):
     removed = []
     if p.get("exclusive"):
         listed = {r.name for r in requests}
+        # With an owner tag in defaults, exclusive keeps to the VMs carrying that tag: several
+        # layouts (teams, a demo) can then share one host without removing each other's VMs.
+        scope = defaults.get("owner_tag")
         for dom in gateway.allocations():
+            if scope is not None and dom.metadata.get("owner_tag") != scope:
+                continue
             if dom.managed and dom.name not in listed:
                 merged = {k: v.get("default") for k, v in spec.items()}
                 merged.update({k: v for k, v in defaults.items()

@@ -21,6 +21,8 @@ description:
     stopped (ACPI, then powered off after the C(timeout) of O(defaults) when its C(force) is
     true) and removed; their data disks are kept. Domains the collection did not create are never
     touched.
+  - When O(defaults) sets C(owner_tag), O(exclusive) considers only the VMs carrying that tag, so
+    several layouts (teams, tenants, a demo) can share a host without removing each other's VMs.
   - A VM that cannot be placed or converged is reported in RV(vms) with its error; the others
     still converge, and the task fails at the end naming the failed VMs.
 author:
@@ -56,7 +58,9 @@ options:
     type: dict
     default: {}
   exclusive:
-    description: Remove the VMs this collection created that O(vms) does not list.
+    description:
+      - Remove the VMs this collection created that O(vms) does not list (only those tagged with
+        the C(owner_tag) of O(defaults), when it sets one).
     type: bool
     default: false
   store:

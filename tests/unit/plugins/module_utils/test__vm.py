@@ -128,3 +128,34 @@ def test_absent_keeps_the_data_disk(dgx2_ctx, test_driver):
     converge(test_driver, dgx2_ctx, [req("d", state="present", data_disk_size=1)])
     out = converge(test_driver, dgx2_ctx, [req("d", state="absent", remove_data=True)])[0]
     assert out["actions"] == ["undefine d", "remove %s" % data] and not os.path.exists(data)
+
+
+class _Module:
+    """What layout_requests needs of an AnsibleModule: a place for secrets to hide."""
+
+    def __init__(self):
+        self.no_log_values = set()
+
+
+def test_exclusive_keeps_to_the_owner_tag(dgx2_ctx, test_driver):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm import layout_requests
+
+    converge(test_driver, dgx2_ctx, [req("mine", state="present", owner_tag="team-a"),
+                                     req("theirs", state="present", owner_tag="team-b"),
+                                     req("untagged", state="present")])
+    params = {"vms": [], "exclusive": True, "defaults": {"owner_tag": "team-a"}}
+    requests, removed = layout_requests(_Module(), test_driver, params)
+    assert removed == ["mine"] and [(r.name, r.state) for r in requests] == [("mine", "absent")]
+    # Without a tag every managed VM is in scope; "test" (not gpuvirt's) never is.
+    requests, removed = layout_requests(_Module(), test_driver, dict(params, defaults={}))
+    assert removed == ["mine", "theirs", "untagged"]
+
+
+def test_layout_secrets_are_hidden():
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm import layout_requests
+
+    module = _Module()
+    with pytest.raises(VmError, match="listed twice"):
+        layout_requests(module, None, {"vms": [
+            {"name": "a", "cloud_init": {"password_hash": "$6$secret"}}, {"name": "a"}]})
+    assert "$6$secret" in module.no_log_values
