@@ -8,6 +8,8 @@
 # Called by `make main` (after `make setup`); other arguments go to ansible-playbook.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Run from make (venv on PATH) or by hand: the project's venv has ansible and libvirt-python.
+[ -x .venv/bin/ansible-playbook ] && PATH="$PWD/.venv/bin:$PATH"
 state=running
 if [ "${1:-}" = "--down" ]; then
   state=absent
