@@ -41,17 +41,11 @@ _value:
 
 from ansible.errors import AnsibleFilterError
 
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import format_cpulist
+
 
 def _ranges(values):
-    values = sorted(set(values))
-    parts, i = [], 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
-            j += 1
-        parts.append(str(values[i]) if i == j else "%d-%d" % (values[i], values[j]))
-        i = j + 1
-    return ",".join(parts)
+    return format_cpulist(values)
 
 
 def vm_line(vm):

@@ -23,9 +23,9 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
-# The namespace of the collection's own <metadata> element. _libvirt.METADATA_NS holds the same
-# value (a unit test keeps them equal); it is repeated here because this module must not import
-# the libvirt gateway.
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import format_cpulist
+
+# The namespace of the collection's own <metadata> element (the libvirt gateway imports it).
 METADATA_NS = "https://gpuvirt.invalid/xmlns/kvm/1"
 METADATA_PREFIX = "gpuvirt"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -71,18 +71,7 @@ def parse_cpuset(text):
 
 def format_cpuset(values):
     """Compress ints into libvirt's set syntax ("0-3,8"); None for an empty set."""
-    values = sorted(set(int(v) for v in values))
-    if not values:
-        return None
-    parts = []
-    i = 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
-            j += 1
-        parts.append(str(values[i]) if i == j else "%d-%d" % (values[i], values[j]))
-        i = j + 1
-    return ",".join(parts)
+    return format_cpulist(int(v) for v in values) or None
 
 
 def _num(text, what):

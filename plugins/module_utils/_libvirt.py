@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 # The namespace of the collection's own <metadata> element lives with the XML model.
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain import (
     METADATA_NS,
+    parse_cpuset,
 )
 
 try:
@@ -63,19 +64,7 @@ def _bdf_of(address):
 
 def _cpus(text):
     """Expand a libvirt cpuset ("0-3,^2,8") into a sorted tuple."""
-    chosen, excluded = set(), set()
-    for part in (text or "").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        target = excluded if part.startswith("^") else chosen
-        part = part.lstrip("^")
-        if "-" in part:
-            lo, hi = part.split("-", 1)
-            target.update(range(int(lo), int(hi) + 1))
-        else:
-            target.add(int(part))
-    return tuple(sorted(chosen - excluded))
+    return parse_cpuset(text)
 
 
 def parse_allocation(xml_text, active=False):

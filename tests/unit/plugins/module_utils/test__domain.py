@@ -76,10 +76,6 @@ def test_same_allocation_as_libvirt_gateway_reads(case):
     assert before == after
 
 
-def test_metadata_namespace_matches_gateway():
-    assert METADATA_NS == _libvirt.METADATA_NS
-
-
 # --- normalisation --------------------------------------------------------------------------
 
 def test_tiny_cpu_is_normalised_like_libvirt():
