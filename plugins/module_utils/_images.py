@@ -33,13 +33,6 @@ import time
 import urllib.error
 from dataclasses import dataclass, field
 
-try:
-    from ansible.module_utils.urls import ConnectionError as UrlConnectionError
-    from ansible.module_utils.urls import open_url
-except ImportError:  # only the URL source needs it; the rest works without ansible
-    open_url = None
-    UrlConnectionError = OSError
-
 DEFAULT_STORE = "/var/lib/gpuvirt/images"
 SUPPORTED_FORMATS = ("qcow2", "raw")
 CHECKSUM_ALGORITHMS = {"sha256": 64, "sha512": 128}
@@ -660,8 +653,13 @@ class ImageStore:
 
     def stage_url(self, url, algorithms=("sha256",), timeout=60):
         """Download ``url`` into the store under a temporary name, hashing it on the way."""
-        if open_url is None:
-            raise ImagesError("src: downloading needs ansible.module_utils.urls")
+        # Imported here: only URL sources need it, and it costs every other module run
+        # (kvm_vm, kvm_layout) its import time (ssl, http, email) for nothing.
+        try:
+            from ansible.module_utils.urls import ConnectionError as UrlConnectionError
+            from ansible.module_utils.urls import open_url
+        except ImportError as exc:  # the rest of this module works without ansible
+            raise ImagesError("src: downloading needs ansible.module_utils.urls") from exc
 
         def opener():
             try:

@@ -23,11 +23,6 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 
-try:
-    import yaml
-except ImportError:  # PyYAML is optional on managed hosts; JSON files still work.
-    yaml = None
-
 NVIDIA = 0x10DE
 PMC_SIERRA = 0x11F8
 
@@ -440,6 +435,10 @@ def load_platform_file(path):
         except ValueError as exc:
             raise PlatformError("platform: file %r is not valid JSON: %s" % (path, exc)) from exc
     else:
+        try:
+            import yaml  # only platform files need it: not imported on every module run
+        except ImportError:  # PyYAML is optional on managed hosts; JSON files still work.
+            yaml = None
         if yaml is None:
             raise PlatformError(
                 "platform: file %r is YAML but PyYAML is not importable on this host; install "

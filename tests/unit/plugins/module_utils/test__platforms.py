@@ -247,7 +247,9 @@ def test_partition_beyond_this_host(tmp_path):
 
 
 def test_yaml_without_pyyaml_says_use_json(tmp_path, monkeypatch):
-    monkeypatch.setattr(_platforms, "yaml", None)
+    import sys
+
+    monkeypatch.setitem(sys.modules, "yaml", None)  # "import yaml" now raises ImportError
     path = _write(tmp_path, "p.yaml", "base: dgx2\n")
     with pytest.raises(PlatformError) as err:
         get_platform(path)
