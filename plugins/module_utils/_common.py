@@ -6,9 +6,14 @@
 
 from __future__ import annotations
 
-from ansible.module_utils.basic import env_fallback
+from ansible.module_utils.basic import env_fallback, missing_required_lib
 
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import DEFAULT_URI
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import (
+    DEFAULT_URI,
+    LibvirtGateway,
+    LibvirtGatewayError,
+    has_libvirt,
+)
 
 
 def host_argspec():
@@ -33,3 +38,13 @@ def libvirt_argspec():
 def resolve_uri(uri):
     """The URI to use: the option (or LIBVIRT_DEFAULT_URI), else qemu:///system."""
     return uri or DEFAULT_URI
+
+
+def connect_or_fail(module):
+    """A LibvirtGateway for the module's uri option, or fail_json saying what is missing."""
+    if not has_libvirt():
+        module.fail_json(msg=missing_required_lib("libvirt-python"))
+    try:
+        return LibvirtGateway(resolve_uri(module.params["uri"]))
+    except LibvirtGatewayError as exc:
+        module.fail_json(msg="uri: %s" % exc)

@@ -677,21 +677,20 @@ class ImageStore:
         algorithms = tuple(sorted(set(algorithms) | {"sha256"}))
         created = self._make_root()
         fd, path = self._temp()
+        staged = False
         try:
             with opener() as reader:
                 size, digests = _copy_hashing(reader, fd, algorithms)
             os.fchmod(fd, 0o644)
+            staged = True
         except (OSError, socket.timeout, http.client.HTTPException) as exc:
-            os.close(fd)
-            self._discard_path(path, created)
             raise ImagesError("src: cannot copy %s into the store %s: %s"
                               % (source, self.root, getattr(exc, "strerror", None) or exc)
                               ) from exc
-        except BaseException:
+        finally:
             os.close(fd)
-            self._discard_path(path, created)
-            raise
-        os.close(fd)
+            if not staged:  # any failure, Ctrl-C included, leaves no temp file behind
+                self._discard_path(path, created)
         return Staged(path=path, size=size, digests=digests, source=source, created_root=created)
 
     def _discard_path(self, path, created_root):

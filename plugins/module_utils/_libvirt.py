@@ -183,14 +183,16 @@ class LibvirtGateway:
     def __exit__(self, *exc):
         self.close()
 
+    def _list_domains(self):
+        try:
+            return self.conn.listAllDomains(0)
+        except libvirt.libvirtError as exc:
+            raise LibvirtGatewayError("cannot list domains at %r: %s" % (self.uri, exc)) from exc
+
     def allocations(self):
         """Every defined domain's allocation, running or not (a device is taken by either)."""
         result = []
-        try:
-            domains = self.conn.listAllDomains(0)
-        except libvirt.libvirtError as exc:
-            raise LibvirtGatewayError("cannot list domains at %r: %s" % (self.uri, exc)) from exc
-        for dom in domains:
+        for dom in self._list_domains():
             try:
                 xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
                 active = bool(dom.isActive())
@@ -215,11 +217,7 @@ class LibvirtGateway:
         inactive domain's disks follow it with qemu-img (module_utils._images).
         """
         result = {}
-        try:
-            domains = self.conn.listAllDomains(0)
-        except libvirt.libvirtError as exc:
-            raise LibvirtGatewayError("cannot list domains at %r: %s" % (self.uri, exc)) from exc
-        for dom in domains:
+        for dom in self._list_domains():
             try:
                 xmls = [dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)]
                 if dom.isActive():
@@ -370,7 +368,7 @@ class LibvirtGateway:
 
     def domain_names(self):
         try:
-            return sorted(d.name() for d in self.conn.listAllDomains(0))
+            return sorted(d.name() for d in self._list_domains())
         except libvirt.libvirtError as exc:
             raise LibvirtGatewayError("cannot list domains at %r: %s" % (self.uri, exc)) from exc
 

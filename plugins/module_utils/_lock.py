@@ -109,6 +109,7 @@ class HostLock:
         start = time.monotonic()
         deadline = start + self.timeout
         delay = self.poll
+        taken = False
         try:
             while True:
                 try:
@@ -128,9 +129,10 @@ class HostLock:
                 # Back off gently so many waiters do not spin, but keep the hand-over quick.
                 time.sleep(min(delay, max(deadline - now, 0.001)))
                 delay = min(delay * 1.5, 0.5)
-        except BaseException:
-            os.close(fd)
-            raise
+            taken = True
+        finally:
+            if not taken:  # timed out, failed, or interrupted (Ctrl-C): no descriptor leaks
+                os.close(fd)
         self.waited = time.monotonic() - start
         self._fd = fd
         self._depth = 1

@@ -289,19 +289,15 @@ kept_data_disks:
   elements: str
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.gpuvirt.kvm.plugins.module_utils import _images
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._common import (
+    connect_or_fail,
     host_argspec,
     libvirt_argspec,
-    resolve_uri,
 )
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import (
-    LibvirtGateway,
-    LibvirtGatewayError,
-    has_libvirt,
-)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import LibvirtGatewayError
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._lock import (
     HostLock,
     HostLockError,
@@ -322,17 +318,12 @@ def main():
     argument_spec.update(libvirt_argspec())
     argument_spec.update(lock_argspec())
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
-    if not has_libvirt():
-        module.fail_json(msg=missing_required_lib("libvirt-python"))
     p = module.params
     try:
         request = request_from_params(p)
     except VmError as exc:
         module.fail_json(msg=str(exc))
-    try:
-        gateway = LibvirtGateway(resolve_uri(p["uri"]))
-    except LibvirtGatewayError as exc:
-        module.fail_json(msg="uri: %s" % exc)
+    gateway = connect_or_fail(module)
     try:
         with gateway:
             ctx = host_context(p)
