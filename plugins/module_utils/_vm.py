@@ -669,16 +669,22 @@ def converge(gateway, ctx, requests, check_mode=False, lock=None, workers=1):
             vp.error = str(exc)
 
     todo = [vp for vp in plans if vp.error is None]
-    if workers > 1 and len(todo) > 1:
-        from concurrent.futures import ThreadPoolExecutor
+    # Two waves: VMs that only stop or go away first, then those that start. A night VM may
+    # be given the GPUs of a day VM that this same run removes; QEMU cannot open them until
+    # the day VM's QEMU has let go of them.
+    releasing = [vp for vp in todo if not any(s == "start" for s, _t in vp.steps)]
+    starting = [vp for vp in todo if any(s == "start" for s, _t in vp.steps)]
+    # test:/// hypervisors are private to each connection: keep the shared one there.
+    own = not gateway.uri.startswith("test:")
+    for wave in (releasing, starting):
+        if workers > 1 and len(wave) > 1:
+            from concurrent.futures import ThreadPoolExecutor
 
-        # test:/// hypervisors are private to each connection: keep the shared one there.
-        own = not gateway.uri.startswith("test:")
-        with ThreadPoolExecutor(max_workers=min(workers, len(todo))) as pool:
-            list(pool.map(lambda vp: power(vp, own), todo))
-    else:
-        for vp in todo:
-            power(vp)
+            with ThreadPoolExecutor(max_workers=min(workers, len(wave))) as pool:
+                list(pool.map(lambda vp: power(vp, own), wave))
+        else:
+            for vp in wave:
+                power(vp)
     for vp in plans:
         results[vp.request.name] = _vm_result(
             gateway, ctx, vp, actions.get(vp.request.name, []), check_mode)

@@ -7,6 +7,7 @@ hypervisor: define/start/undefine work on it, so the planner and applier run unm
 """
 
 import os
+import time
 
 import pytest
 
@@ -159,3 +160,44 @@ def test_layout_secrets_are_hidden():
         layout_requests(module, None, {"vms": [
             {"name": "a", "cloud_init": {"password_hash": "$6$secret"}}, {"name": "a"}]})
     assert "$6$secret" in module.no_log_values
+
+
+class _RecordingGateway(LibvirtGateway):
+    """The test driver, recording when stops end and starts begin (stops made slow)."""
+
+    def __init__(self, uri):
+        super().__init__(uri)
+        self.events = []
+
+    def shutdown(self, name, timeout, force=False):
+        time.sleep(0.2)
+        result = super().shutdown(name, timeout, force=force)
+        self.events.append(("stopped", name))
+        return result
+
+    def start(self, name):
+        self.events.append(("start", name))
+        return super().start(name)
+
+
+def test_removals_stop_before_new_vms_start(dgx2_ctx):
+    # Night: the day VMs go (exclusive) and a 16-GPU VM takes their GPUs in the same run. It
+    # must not start while a day VM still runs on those GPUs, however many workers there are.
+    if not has_libvirt():
+        pytest.skip("libvirt-python is not installed")
+    gw = _RecordingGateway("test:///default")
+    try:
+        day = [req("day-a", gpus=8), req("day-b", gpus=8)]
+        converge(gw, dgx2_ctx, day, workers=4)
+        assert gw.state("day-a") == "running" and gw.state("day-b") == "running"
+        gw.events = []
+        night = [req("day-a", state="absent", force=True, timeout=0),
+                 req("night", gpus=16),
+                 req("day-b", state="absent", force=True, timeout=0)]
+        out = converge(gw, dgx2_ctx, night, workers=4)
+        assert [r["error"] for r in out] == [None, None, None]
+        assert gw.events[-1] == ("start", "night")
+        assert sorted(gw.events[:2]) == [("stopped", "day-a"), ("stopped", "day-b")]
+        assert len(out[1]["vm"]["gpus"]) == 16
+    finally:
+        gw.close()
