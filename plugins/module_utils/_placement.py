@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
     FABRIC_SHARED_NVSWITCH,
@@ -390,6 +390,27 @@ class HostState(object):
         new.free_mask = self.free_mask
         new.free_gpus = self.free_gpus
         return new
+
+    def derive(self, allocations=(), unhealthy_gpus=()):
+        """A state of another host built like this one: the same (shared) host model, other
+        allocations and unhealthy GPUs. What HostState() would make, without rebuilding the
+        model (fleets of one hardware model share it, and its caches)."""
+        new = object.__new__(HostState)
+        new.model = self.model
+        new.warnings = []
+        new._reset()
+        new.unhealthy = frozenset()
+        new._set_unhealthy(unhealthy_gpus)
+        for alloc in allocations:
+            new._record(alloc, warn=True)
+        return new
+
+    def restore(self, alloc):
+        """Record an allocation again when all it held is still free (a failed resize); bool."""
+        if not self._is_free_for(alloc):
+            return False
+        self._record(alloc)
+        return True
 
     # --- bookkeeping -------------------------------------------------------------------------
 
@@ -1133,12 +1154,45 @@ class FleetPlan:
     unplaced: list  # (Request, reason), in request order
 
 
+class _Index(object):
+    """Buckets of hosts by free-block shape, over all hosts or over one allowed subset."""
+
+    __slots__ = ("members", "buckets", "order")
+
+    def __init__(self, members):
+        self.members = members  # frozenset of host numbers, None: every host
+        self.buckets = {}  # key -> sorted host numbers
+        self.order = []  # sorted keys of non-empty buckets
+
+    def add(self, h, key):
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            self.buckets[key] = [h]
+            bisect.insort(self.order, key)
+        else:
+            bisect.insort(bucket, h)
+
+    def remove(self, h, key):
+        bucket = self.buckets[key]
+        del bucket[bisect.bisect_left(bucket, h)]
+        if not bucket:
+            del self.buckets[key]
+            del self.order[bisect.bisect_left(self.order, key)]
+
+    def size(self):
+        return sum(len(b) for b in self.buckets.values())
+
+
 class Fleet(object):
     """Many hosts, indexed by free-block shape so a request never rescans every host.
 
     Hosts with the same (platform, free-block vector, free GPUs) form one bucket; buckets are
     kept sorted by free GPUs, so best fit ("fewest free GPUs left that still fit") walks
     buckets from the fullest and stops at the first free-GPU count where something fits.
+
+    A request may be limited to some hosts (``allowed``: host names). Each distinct allowed set
+    gets its own bucket index over the same host states, kept current as hosts fill, so a
+    limited request walks only its hosts and is placed exactly as if the others did not exist.
     """
 
     def __init__(self, hosts):
@@ -1155,63 +1209,79 @@ class Fleet(object):
             for vm in state.allocations:
                 self.vm_host[vm] = name
         self.key_of = []
-        self.buckets = {}
-        self.order = []  # sorted (free_gpus, key) of non-empty buckets
+        self._all = _Index(None)
+        self._subsets = {}  # allowed host names (as given) -> _Index
+        self.buckets = self._all.buckets
+        self.order = self._all.order
         for h, state in enumerate(self.states):
             key = self._key(state)
             self.key_of.append(key)
-            self._add(h, key)
+            self._all.add(h, key)
 
     @staticmethod
     def _key(state):
         return (state.free_gpus, id(state.model.platform), state.free_vector())
 
-    def _add(self, h, key):
-        bucket = self.buckets.get(key)
-        if bucket is None:
-            self.buckets[key] = [h]
-            bisect.insort(self.order, key)
-        else:
-            bisect.insort(bucket, h)
-
-    def _remove(self, h, key):
-        bucket = self.buckets[key]
-        del bucket[bisect.bisect_left(bucket, h)]
-        if not bucket:
-            del self.buckets[key]
-            del self.order[bisect.bisect_left(self.order, key)]
-
     def _refresh(self, h):
         key = self._key(self.states[h])
-        if key != self.key_of[h]:
-            self._remove(h, self.key_of[h])
+        old = self.key_of[h]
+        if key != old:
             self.key_of[h] = key
-            self._add(h, key)
+            self._all.remove(h, old)
+            self._all.add(h, key)
+            for idx in self._subsets.values():
+                if h in idx.members:
+                    idx.remove(h, old)
+                    idx.add(h, key)
 
-    def place(self, request, strategy="best"):
-        """Place one request on the best host; returns (host name, Placement)."""
+    def _index_for(self, allowed):
+        """The bucket index of an allowed set of host names (None: every host)."""
+        if allowed is None:
+            return self._all
+        idx = self._subsets.get(allowed) if isinstance(allowed, (frozenset, tuple)) else None
+        if idx is None:
+            members = frozenset(self.index[n] for n in allowed if n in self.index)
+            idx = _Index(members)
+            for h in sorted(members):
+                idx.add(h, self.key_of[h])
+            if isinstance(allowed, (frozenset, tuple)):
+                self._subsets[allowed] = idx
+        return idx
+
+    def place(self, request, strategy="best", allowed=None):
+        """Place one request on the best host; returns (host name, Placement).
+
+        ``allowed``: host names the request may use (None: any). Pass the same frozenset for
+        requests that share a constraint: its index is then built once and kept current.
+        """
+        idx = self._index_for(allowed)
         if request.host is not None or request.name in self.vm_host:
-            return self._place_named(request, strategy)
+            return self._place_named(request, strategy, idx)
+        if idx.members is not None and not idx.members:
+            raise PlacementError("request %r (%d GPU%s): no host is allowed for it" % (
+                request.name, request.gpus, "" if request.gpus == 1 else "s"))
         if strategy == "first_fit":
-            return self._first_fit(request)
+            return self._first_fit(request, idx)
         n = request.gpus
         errors = []
         k = 0
-        order = self.order
+        order = idx.order
+        buckets = idx.buckets
         while k < len(order):
             free = order[k][0]
             group = []
             while k < len(order) and order[k][0] == free:
                 key = order[k]
-                rep = self.states[self.buckets[key][0]]
+                rep = self.states[buckets[key][0]]
                 if free >= n and rep.can_fit_gpus(n):
                     group.append(key)
                 k += 1
             if not group:
                 continue
-            ranked = sorted(group, key=lambda key: (self._after(key, n), self.buckets[key][0]))
+            ranked = sorted(group, key=lambda key: (self._after(buckets[key][0], n),
+                                                    buckets[key][0]))
             for key in ranked:
-                for h in list(self.buckets.get(key, ())):
+                for h in list(buckets.get(key, ())):
                     try:
                         placement = self.states[h].place(request)
                     except PlacementError as exc:
@@ -1220,11 +1290,11 @@ class Fleet(object):
                             errors.append("%s: %s" % (self.names[h], exc))
                         continue
                     return self._done(h, request, placement)
-        raise PlacementError(self._why_not(request, errors))
+        raise PlacementError(self._why_not(request, errors, idx))
 
-    def _after(self, key, n):
-        """Sort key: the free-block vector left after placing n on a bucket's host (best first)."""
-        state = self.states[self.buckets[key][0]]
+    def _after(self, h, n):
+        """Sort key: the free-block vector left after placing n on host h (best first)."""
+        state = self.states[h]
         m = state.model
         if not m.partitioned or n == 0:
             return ()
@@ -1237,13 +1307,13 @@ class Fleet(object):
                     best = vec
         return best or ()
 
-    def _first_fit(self, request):
+    def _first_fit(self, request, idx):
         n = request.gpus
         errors = []
         candidates = []
-        for key in self.order:
+        for key in idx.order:
             if key[0] >= n:
-                candidates.extend(self.buckets[key])
+                candidates.extend(idx.buckets[key])
         for h in sorted(candidates):
             state = self.states[h]
             if not state.can_fit_gpus(n):
@@ -1255,22 +1325,26 @@ class Fleet(object):
                     errors.append("%s: %s" % (self.names[h], exc))
                 continue
             return self._done(h, request, placement)
-        raise PlacementError(self._why_not(request, errors))
+        raise PlacementError(self._why_not(request, errors, idx))
 
-    def _why_not(self, request, errors):
+    def _why_not(self, request, errors, idx):
         largest = {}
-        for key in self.order:
+        for key in idx.order:
             free = key[0]
-            largest[free] = largest.get(free, 0) + len(self.buckets[key])
+            largest[free] = largest.get(free, 0) + len(idx.buckets[key])
         most = max(largest) if largest else 0
-        text = "request %r (%d GPU%s): no host of %d has a free %d-GPU block (most free GPUs " \
-               "on one host: %d)" % (request.name, request.gpus, "" if request.gpus == 1 else "s",
-                                     len(self.names), request.gpus, most)
+        if idx.members is None:
+            hosts = "no host of %d" % len(self.names)
+        else:
+            hosts = "no allowed host (%d of %d)" % (len(idx.members), len(self.names))
+        text = "request %r (%d GPU%s): %s has a free %d-GPU block (most free GPUs on one " \
+               "host: %d)" % (request.name, request.gpus, "" if request.gpus == 1 else "s",
+                              hosts, request.gpus, most)
         if errors:
             text += "; hosts with free GPUs but short CPUs/memory: " + "; ".join(errors)
         return text
 
-    def _place_named(self, request, strategy):
+    def _place_named(self, request, strategy, idx=None):
         host = request.host or self.vm_host.get(request.name)
         current = self.vm_host.get(request.name)
         if current is not None and request.host is not None and request.host != current:
@@ -1281,6 +1355,14 @@ class Fleet(object):
             raise PlacementError("request %r names host %r, which is not in the fleet" % (
                 request.name, host))
         h = self.index[host]
+        if idx is not None and idx.members is not None and h not in idx.members:
+            if current is not None:
+                raise PlacementError(
+                    "request %r: the VM is already defined on %r, which is not among the hosts "
+                    "allowed for it; remove it there first or widen its constraint" % (
+                        request.name, host))
+            raise PlacementError("request %r names host %r, which is not among the hosts "
+                                 "allowed for it" % (request.name, host))
         state = self.states[h]
         placement = first_fit(state, request) if strategy == "first_fit" else state.place(request)
         return self._done(h, request, placement)
@@ -1300,16 +1382,67 @@ class Fleet(object):
         self._refresh(h)
         return host
 
-    def plan(self, requests, strategy="best"):
-        """Place requests largest first (stable); FleetPlan with results in request order."""
+    def plan(self, requests, strategy="best", allowed=None):
+        """Place requests jointly; FleetPlan with results in request order.
+
+        The order is HostState.plan's, so each host's share lands as kvm_layout places it
+        there: a defined VM whose GPU count changes gives its GPUs back first and stays on its
+        host (it keeps the old ones when the new count does not fit); defined VMs go first, then
+        the rest largest first (stable). ``allowed``: per request (same order), None or the
+        host names it may use (see place()).
+        """
         requests = list(requests)
+        allowed = list(allowed) if allowed is not None else [None] * len(requests)
+        if len(allowed) != len(requests):
+            raise PlacementError("allowed: %d entries for %d requests" % (
+                len(allowed), len(requests)))
         results = [None] * len(requests)
-        order = sorted(range(len(requests)), key=lambda k: -requests[k].gpus)
-        for k in order:
+        effective = list(requests)
+        seen = {}
+        for k, req in enumerate(requests):
+            if req.name in seen:
+                results[k] = PlacementError(
+                    "request %r appears twice (first at position %d); give each VM one entry"
+                    % (req.name, seen[req.name]))
+            else:
+                seen[req.name] = k
+        changed = {}
+        for k, req in enumerate(requests):
+            current = self.vm_host.get(req.name)
+            if results[k] is not None or current is None:
+                continue
+            if req.host is not None and req.host != current:
+                results[k] = PlacementError(
+                    "request %r names host %r, but the VM is already defined on %r; remove it "
+                    "there first or drop host" % (req.name, req.host, current))
+                continue
+            if allowed[k] is not None and current not in allowed[k]:
+                results[k] = PlacementError(
+                    "request %r: the VM is already defined on %r, which is not among the hosts "
+                    "allowed for it; remove it there first or widen its constraint" % (
+                        req.name, current))
+                continue
+            old = self.states[self.index[current]].allocations.get(req.name)
+            if old is not None and len(old.gpus) != req.gpus:
+                self.release(req.name)
+                changed[k] = (current, old)
+                effective[k] = replace(req, host=current)
+        todo = [k for k in range(len(requests)) if results[k] is None]
+        sticky = [k for k in todo if requests[k].name in self.vm_host]
+        rest = sorted((k for k in todo if requests[k].name not in self.vm_host),
+                      key=lambda k: -requests[k].gpus)
+        for k in sticky + rest:
             try:
-                results[k] = self.place(requests[k], strategy)
+                results[k] = self.place(effective[k], strategy, allowed[k])
             except PlacementError as exc:
                 results[k] = exc
+        for k, (host, old) in changed.items():
+            h = self.index[host]
+            if isinstance(results[k], PlacementError) and self.states[h].restore(old):
+                self.vm_host[old.name] = host
+                self._refresh(h)
+                results[k] = PlacementError("%s; %s keeps its current %d GPU(s) on %s" % (
+                    results[k], old.name, len(old.gpus), host))
         plan = FleetPlan(assignments=[], unplaced=[])
         for req, res in zip(requests, results):
             if isinstance(res, PlacementError):
@@ -1319,6 +1452,6 @@ class Fleet(object):
         return plan
 
 
-def plan_fleet(hosts, requests, strategy="best"):
-    """Place requests over [(host name, HostState)] (recorded in those states), largest first."""
-    return Fleet(hosts).plan(requests, strategy)
+def plan_fleet(hosts, requests, strategy="best", allowed=None):
+    """Place requests over [(host name, HostState)] (recorded in those states); see Fleet.plan."""
+    return Fleet(hosts).plan(requests, strategy, allowed)

@@ -111,6 +111,7 @@ def _device_entries(devices, names, holders, unhealthy, platform=None):
             "iommu_group_members": list(dev.iommu_group_members),
             "driver": dev.driver,
             "pcie_path": list(dev.bridges),
+            "host_bridge": dev.host_bridge,
             "allocated_to": holders.get(dev.bdf),
         }
         if unhealthy is not None:
@@ -122,7 +123,8 @@ def _device_entries(devices, names, holders, unhealthy, platform=None):
     return entries
 
 
-def _placement_entry(request, outcome):
+def placement_entry(request, outcome):
+    """One RV(plan) entry: where a request landed, or its error."""
     if isinstance(outcome, PlacementError):
         return {"name": request.name, "gpus_requested": request.gpus, "error": str(outcome)}
     return {
@@ -197,11 +199,14 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
                 "cpus": format_cpulist(dom.pinned_cpus or dom.cpuset),
                 "numa_nodes": list(dom.numa_nodes),
                 "memory_mb": dom.memory_kib // 1024,
+                "cpu_policy": POLICY_DEDICATED if dom.pinned_cpus else POLICY_SHARED,
+                "owner_tag": (dom.metadata or {}).get("owner_tag"),
             }
             for dom in domains
         ],
         "readiness": assess(topology, gpus, switches),
-        "plan": [_placement_entry(req, out) for req, out in outcomes],
+        "placement_state": placement_state(state),
+        "plan": [placement_entry(req, out) for req, out in outcomes],
         "warnings": list(state.warnings),
     }
     if requests:
@@ -209,6 +214,29 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
             str(k): v for k, v in sorted(state.free_blocks().items(), reverse=True)}
     result["allocation_map"] = allocation_map(result)
     return result
+
+
+PLACEMENT_STATE_FORMAT = 1
+
+
+def placement_state(state):
+    """What a controller needs besides gpus, nvswitches, numa_nodes and allocations to rebuild
+    this host's HostState exactly (the fleet_plan filter): the platform's data when it did not
+    come built in (a file on this host), thread siblings, the resolved memory reserve per node
+    and the NVLink counts."""
+    m = state.model
+    platform = m.platform
+    cores = set()
+    for cpu in m.topology.cpus.values():
+        if len(cpu.siblings) > 1:
+            cores.add(tuple(sorted(cpu.siblings)))
+    return {
+        "format": PLACEMENT_STATE_FORMAT,
+        "platform": None if platform.source == "built-in" else platform.to_dict(),
+        "cpu_siblings": [format_cpulist(core) for core in sorted(cores)],
+        "reserved_memory_mb": {str(n): mb for n, mb in sorted(m.reserve_mb.items())},
+        "nvlinks": [[a, b, count] for (a, b), count in sorted(m.nvlinks.items()) if count],
+    }
 
 
 def allocation_map(result):
