@@ -47,7 +47,7 @@ MAIN_ARGS ?=
 RUN := PATH="$(VENV_BIN):$$PATH"
 
 LINT_PY_PATHS = $(wildcard plugins tests bench tools .ci)
-SHELL_SCRIPTS = $(wildcard .ci/run tools/*.sh tests/integration/*.sh)
+SHELL_SCRIPTS = $(wildcard .ci/run tools/*.sh tests/integration/*.sh tests/lab/*.sh)
 
 .PHONY: help system-deps setup lint sanity units integration test build main sync clean
 
@@ -136,3 +136,28 @@ main: setup sync
 
 clean:
 	rm -rf .build/ansible_collections $(DIST_DIR) .pytest_cache .ruff_cache .hypothesis
+
+# The lab (tests/lab/README.md): a mini GPU server VM on this machine's libvirt (qemu:///system),
+# reached over 127.0.0.1 only; the inventory is tests/lab/.state/inventory.ini. lab-up builds and
+# caches the image (GPUVIRT_LAB_CACHE, default /var/cache/gpuvirt-lab) and is a no-op when the lab
+# runs; lab-down removes the domain and its overlay, never the cached image.
+#   make lab-up LAB_KERNEL_ARGS='intel_iommu=on iommu=pt'   also set kernel arguments (one reboot)
+#   make lab-up LAB_IMAGE_EXTRA_PACKAGES='qemu-system-x86 libvirt-daemon-system'   pre-install
+LAB_NAME ?= gpuvirt-lab
+LAB_SSH_PORT ?= 2299
+LAB_DOMAIN_TYPE ?= auto
+LAB_MEMORY_MB ?= 2560
+LAB_KERNEL_ARGS ?=
+LAB_IMAGE_EXTRA_PACKAGES ?=
+LAB_PYTHON = $(if $(wildcard $(PY)),$(PY),python3)
+LAB_ENV = LAB_NAME='$(LAB_NAME)' LAB_SSH_PORT='$(LAB_SSH_PORT)' LAB_DOMAIN_TYPE='$(LAB_DOMAIN_TYPE)' \
+  LAB_MEMORY_MB='$(LAB_MEMORY_MB)' LAB_KERNEL_ARGS='$(LAB_KERNEL_ARGS)' \
+  LAB_IMAGE_EXTRA_PACKAGES='$(LAB_IMAGE_EXTRA_PACKAGES)'
+
+.PHONY: lab-up lab-down
+
+lab-up: setup
+	$(LAB_ENV) $(LAB_PYTHON) tests/lab/lab.py up
+
+lab-down:
+	$(LAB_ENV) $(LAB_PYTHON) tests/lab/lab.py down

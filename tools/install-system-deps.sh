@@ -11,6 +11,7 @@ APT_PACKAGES=(
   libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils python3-libvirt libvirt-dev
   pkg-config libxml2-utils genisoimage ovmf
   rsync shellcheck make git gcc python3-dev python3-venv ca-certificates
+  debootstrap fdisk e2fsprogs openssh-client
 )
 
 missing=()
