@@ -107,7 +107,7 @@ def fleet_plan(facts, requests, key=None, hosts=None, labels=None, label_vars=No
         return plan(by_host, requests, labels=host_labels, exclusive=bool(exclusive),
                     owner_tag=owner_tag, skipped=skipped)
     except FleetError as exc:
-        raise AnsibleFilterError("fleet_plan: %s" % exc) from exc
+        raise AnsibleFilterError("fleet_plan: %s" % exc) from None
 
 
 class FilterModule:
