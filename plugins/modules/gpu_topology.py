@@ -139,8 +139,11 @@ gpus:
   type: list
   elements: dict
   sample:
-    - {index: 0, bdf: "0000:34:00.0", model: Tesla V100-SXM3-32GB, numa_node: 0, iommu_group: 40,
-       iommu_group_members: ["0000:34:00.0"], driver: vfio-pci, allocated_to: train-a, healthy: true}
+    - {index: 0, bdf: "0000:34:00.0", id: "10de:1db8", model: Tesla V100-SXM3-32GB, numa_node: 0,
+       iommu_group: 40, iommu_group_members: ["0000:34:00.0"], driver: vfio-pci,
+       pcie_path: ["0000:2e:00.0", "0000:2f:00.0", "0000:30:00.0", "0000:31:00.0", "0000:32:00.0"],
+       host_bridge: "pci0000:2e", allocated_to: train-a, healthy: true, mmio64_mb: 32768,
+       physical_id: 1}
 nvswitches:
   description: Every NVSwitch found, in PCI bus order, with the same keys as RV(gpus).
   returned: success
@@ -165,7 +168,39 @@ allocations:
   type: list
   elements: dict
   sample:
-    - {name: train-a, active: true, managed: true, gpus: ["0000:34:00.0"], nvswitches: [], cpus: "2-3,50-51"}
+    - {name: train-a, active: true, managed: true, gpus: ["0000:34:00.0"], nvswitches: [], other_hostdevs: [],
+       cpus: "2-3,50-51", numa_nodes: [0], memory_mb: 65536, cpu_policy: dedicated, owner_tag: null}
+placement_state:
+  description:
+    - What the P(gpuvirt.kvm.fleet_plan#filter) filter needs besides RV(platform), RV(gpus),
+      RV(nvswitches), RV(numa_nodes) and RV(allocations) to rebuild this host's placement state
+      on the controller exactly as this module built it here. Pass the whole registered result to
+      the filter; this part is not meant to be read by hand.
+  returned: success
+  type: dict
+  version_added: 0.2.0
+  contains:
+    format: {description: Version of this layout (the filter refuses others)., type: int, sample: 1}
+    platform:
+      description:
+        - V(null) for a built-in platform (RV(platform.name) names it); the platform's data in the
+          platform file format when it came from a file, so that the file on this host is not
+          needed on the controller.
+      type: dict
+    cpu_siblings:
+      description: Thread sibling groups of more than one CPU (cores), as CPU lists.
+      type: list
+      elements: str
+      sample: ["0,48", "1,49"]
+    reserved_memory_mb:
+      description: Memory per NUMA node kept from VMs (O(reserved_memory_mb) or its default).
+      type: dict
+      sample: {"0": 38689, "1": 38689}
+    nvlinks:
+      description: NVLinks per GPU index pair from O(nvidia_smi_topo), as [a, b, count].
+      type: list
+      elements: list
+      sample: [[0, 1, 6]]
 libvirt:
   description: Whether allocations could be read from libvirt, and if not, why.
   returned: success
