@@ -16,7 +16,9 @@ description:
     fits where one-by-one placement could fragment the GPUs, and converges them.
   - Files and definitions are made under the host-wide allocation lock, one VM after another;
     VMs are then started and stopped in parallel (O(workers) at a time), so a 16-VM host does
-    not take 16 times one VM.
+    not take 16 times one VM. VMs that stop or are removed go first, then VMs that start, so a
+    VM given the GPUs of a VM removed in the same run (a night layout replacing a day one) never
+    starts while the old one still holds them.
   - With O(exclusive=true), VMs that this collection created and that are not listed are
     stopped (ACPI, then powered off after the C(timeout) of O(defaults) when its C(force) is
     true) and removed; their data disks are kept. Domains the collection did not create are never

@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+# -*- coding: utf-8 -*-
+# Copyright (c) gpuvirt.kvm contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""What every host of the fleet test must hold after each step, and what the reports must say.
+
+    check_fleet.py STEP STATE.json REPORT_DIR SCRATCH    (exit 1 with the differences)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+DAY = {
+    "gpu-a": {"a-train": ("shutoff", 14), "a-dev1": ("shutoff", 7), "a-dev2": ("shutoff", 3),
+              "a-dev3": ("shutoff", 1)},
+    "gpu-b": {"b-train": ("shutoff", 4), "b-dev1": ("shutoff", 2), "b-dev2": ("shutoff", 1)},
+    "cpu-c": {"c-web": ("running", 0), "c-batch": ("running", 0), "c-foreign": ("shutoff", 0)},
+}
+NIGHT_A = {"a-hpc": ("shutoff", 28)}
+NIGHT_C = {"c-hpc": ("running", 0), "c-foreign": ("shutoff", 0)}
+EMPTY = {"gpu-a": {}, "gpu-b": {}, "cpu-c": {"c-foreign": ("shutoff", 0)}}
+
+EXPECTED = {
+    "images": EMPTY,
+    "day": DAY,
+    "day-again": DAY,
+    "unknown-layout": DAY,
+    "night-one-failed": {"gpu-a": NIGHT_A, "gpu-b": DAY["gpu-b"], "cpu-c": NIGHT_C},
+    "night-fixed": {"gpu-a": NIGHT_A, "gpu-b": {"b-hpc": ("shutoff", 8)}, "cpu-c": NIGHT_C},
+    "teardown": EMPTY,
+}
+
+
+def fleet_report(report_dir):
+    with open(os.path.join(report_dir, "fleet.json")) as f:
+        return {e["host"]: e for e in json.load(f)}
+
+
+def main(step, state_path, report_dir, scratch):
+    with open(state_path) as f:
+        state = json.load(f)
+    problems = []
+    for host, want in EXPECTED[step].items():
+        have = {name: (d["state"], d["hostdevs"]) for name, d in state[host].items()}
+        if have != want:
+            problems.append("%s: domains %s, expected %s" % (host, have, want))
+    for host in ("gpu-a", "gpu-b", "cpu-c"):
+        if not os.path.exists(os.path.join(scratch, host, "images", "tiny-1.0.qcow2")):
+            problems.append("%s: the image tiny-1.0 is not in its store" % host)
+    fleet = fleet_report(report_dir) if step != "images" else {}
+
+    def status(host, want, changed=None, error=None):
+        entry = fleet.get(host)
+        if entry is None:
+            problems.append("fleet.json: no entry for %s" % host)
+            return
+        if entry["status"] != want:
+            problems.append("fleet.json: %s is %r, expected %r (%s)" % (
+                host, entry["status"], want, entry["line"]))
+        if changed is not None and entry["changed"] != changed:
+            problems.append("fleet.json: %s changed=%r, expected %r" % (
+                host, entry["changed"], changed))
+        if error is not None and not any(error in e for e in entry["errors"]):
+            problems.append("fleet.json: %s errors %r lack %r" % (host, entry["errors"], error))
+
+    if step == "day":
+        for host in DAY:
+            status(host, "ok", changed=True)
+        with open(os.path.join(report_dir, "gpu-a.json")) as f:
+            report = json.load(f)
+        if [d["name"] for d in report["desired"]] != ["a-train", "a-dev1", "a-dev2", "a-dev3"] \
+                or not all(d["matches"] for d in report["desired"]):
+            problems.append("gpu-a.json: desired vs actual wrong: %r" % report["desired"])
+        if report["free_blocks"] != {"1": 1}:
+            problems.append("gpu-a.json: free_blocks %r, expected one free GPU"
+                            % report["free_blocks"])
+    elif step == "day-again":
+        for host in DAY:
+            status(host, "ok", changed=False)
+    elif step == "unknown-layout":
+        for host in DAY:
+            status(host, "failed", error="no layout named 'weekend'")
+    elif step == "night-one-failed":
+        status("gpu-a", "ok", changed=True)
+        status("cpu-c", "ok", changed=True)
+        status("gpu-b", "failed", error="b-hpc")
+        with open(os.path.join(report_dir, "gpu-a.json")) as f:
+            removed = sorted(json.load(f)["removed"])
+        if removed != ["a-dev1", "a-dev2", "a-dev3", "a-train"]:
+            problems.append("gpu-a.json: removed %r" % removed)
+    elif step == "night-fixed":
+        status("gpu-b", "ok", changed=True)
+        if sorted(fleet) != ["gpu-b"]:
+            problems.append("fleet.json lists %s; with -l gpu-b only gpu-b ran" % sorted(fleet))
+    elif step == "teardown":
+        for host in DAY:
+            status(host, "ok")
+    if step in ("night-one-failed", "night-fixed", "teardown"):
+        data = os.path.join(scratch, "gpu-a", "disks", "a-dev2-data.qcow2")
+        if not os.path.exists(data):
+            problems.append("a-dev2's data disk %s was deleted" % data)
+    for p in problems:
+        print("check %s: %s" % (step, p))
+    if not problems:
+        print("check %s: every host as expected" % step)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))

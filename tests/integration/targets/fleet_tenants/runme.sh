@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-3.0-or-later
+# A fleet of three hosts, each with its own topology and its own private libvirtd, driven by the
+# collection's playbooks run by FQCN, as an admin or AWX runs them. See aliases for the hosts.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+setup=$here/../setup_kvm_vm/files
+fixtures=$here/../../../fixtures
+python=$(command -v python)
+hosts=(gpu-a gpu-b cpu-c)
+scratch=$(mktemp -d /tmp/gvt-fleet.XXXXXX)
+chmod 0755 "$scratch"  # QEMU runs as libvirt-qemu and must reach the disks
+inventory=$scratch/inventory.yml
+
+cleanup() {
+  for h in "${hosts[@]}"; do
+    bash "$here/files/private_libvirtd.sh" stop "$scratch/$h/libvirt" || true
+  done
+  rm -rf "$scratch"
+}
+trap cleanup EXIT
+
+step() { printf '\n=== fleet_tenants: %s\n' "$*"; }
+
+step "three private libvirtds, two fixture topologies, a tiny image"
+for h in "${hosts[@]}"; do
+  bash "$here/files/private_libvirtd.sh" start "$scratch/$h/libvirt"
+done
+"$python" "$fixtures/sysfs_builder.py" dgx2 "$scratch/gpu-a/fx" >/dev/null
+"$python" "$fixtures/sysfs_builder.py" dgx-a100 "$scratch/gpu-b/fx" >/dev/null
+bash "$setup/make_halt_image.sh" "$scratch/tiny.qcow2"
+checksum=$(sha256sum "$scratch/tiny.qcow2" | cut -d' ' -f1)
+sed -e "s|SCRATCH|$scratch|g" -e "s|PYTHON|$python|g" -e "s|CHECKSUM|$checksum|g" \
+  "$here/files/inventory.yml.j2" > "$inventory"
+uris=()
+for h in "${hosts[@]}"; do
+  uris+=("$h=qemu:///system?socket=$scratch/$h/libvirt/run/libvirt-sock")
+done
+# A domain this collection did not make, on cpu-c: nothing may ever touch it.
+cat > "$scratch/foreign.xml" <<XML
+<domain type='qemu'><name>c-foreign</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
+<os><type arch='x86_64' machine='q35'>hvm</type></os></domain>
+XML
+virsh -q -c "qemu:///system?socket=$scratch/cpu-c/libvirt/run/libvirt-sock" \
+  define "$scratch/foreign.xml" >/dev/null
+
+playbook() {  # playbook NAME [ARGS...]: run gpuvirt.kvm.NAME, keep its output and rc
+  local name=$1
+  shift
+  set +e
+  ansible-playbook -i "$inventory" "gpuvirt.kvm.$name" "$@" > "$scratch/$name.log" 2>&1
+  rc=$?
+  set -e
+  echo "ansible-playbook gpuvirt.kvm.$name $* -> rc $rc"
+}
+
+check() {  # check STEP: compare every host's domains (and the reports) with what STEP expects
+  "$python" "$here/files/fleet_state.py" "${uris[@]}" > "$scratch/state.json"
+  if ! "$python" "$here/files/check_fleet.py" "$1" "$scratch/state.json" "$scratch/reports" \
+      "$scratch"; then
+    echo "--- what ansible-playbook printed:"
+    tail -n 60 "$scratch"/*.log
+    exit 1
+  fi
+}
+
+step "install_images on every host"
+playbook install_images
+[ "$rc" = 0 ] || { tail -n 40 "$scratch/install_images.log"; exit 1; }
+check images
+
+step "deploy_tenants -e layout=day"
+playbook deploy_tenants -e layout=day
+[ "$rc" = 0 ] || { tail -n 60 "$scratch/deploy_tenants.log"; exit 1; }
+check day
+
+step "deploy_tenants again: nothing changes"
+playbook deploy_tenants -e layout=day
+[ "$rc" = 0 ] || { tail -n 60 "$scratch/deploy_tenants.log"; exit 1; }
+check day-again
+
+step "deploy_tenants with an unknown layout: every host refuses, nothing changes"
+playbook deploy_tenants -e layout=weekend
+[ "$rc" = 2 ] || { tail -n 60 "$scratch/deploy_tenants.log"; exit 1; }
+grep -q "gpu-b has no layout named 'weekend' (gpu_vms_layouts has: day, night, night-fixed)" \
+  "$scratch/deploy_tenants.log"
+check unknown-layout
+
+step "nightly_reprovision: gpu-b's night does not fit, gpu-a and cpu-c go on"
+playbook nightly_reprovision
+[ "$rc" = 2 ] || { tail -n 60 "$scratch/nightly_reprovision.log"; exit 1; }
+check night-one-failed
+
+step "nightly_reprovision on gpu-b alone with a night that fits"
+playbook nightly_reprovision -l gpu-b -e layout=night-fixed
+[ "$rc" = 0 ] || { tail -n 60 "$scratch/nightly_reprovision.log"; exit 1; }
+check night-fixed
+
+step "teardown_tenants"
+playbook teardown_tenants
+[ "$rc" = 0 ] || { tail -n 60 "$scratch/teardown_tenants.log"; exit 1; }
+check teardown
+
+step "all checks passed"
