@@ -86,10 +86,31 @@ grep -q "gpu-b has no layout named 'weekend' (gpu_vms_layouts has: day, night, n
   "$scratch/deploy_tenants.log"
 check unknown-layout
 
-step "nightly_reprovision: gpu-b's night does not fit, gpu-a and cpu-c go on"
-playbook nightly_reprovision
-[ "$rc" = 2 ] || { tail -n 60 "$scratch/nightly_reprovision.log"; exit 1; }
+step "nightly_reprovision through ansible-runner, as AWX runs it: gpu-b's night does not fit"
+"$python" "$here/files/awx_run.py" "$scratch/runner" "$inventory" gpuvirt.kvm.nightly_reprovision \
+  > "$scratch/awx.json"
 check night-one-failed
+"$python" - "$scratch/awx.json" <<'PY'
+import json, sys
+job = json.load(open(sys.argv[1]))
+fleet = {e["host"]: e for e in job["artifact_data"]["gpuvirt_fleet"]}
+reports = job["artifact_data"]["gpuvirt_reports"]
+problems = []
+if (job["status"], job["rc"]) != ("failed", 2):
+    problems.append("status/rc %r/%r, expected failed/2" % (job["status"], job["rc"]))
+if {h: e["status"] for h, e in fleet.items()} != {"gpu-a": "ok", "gpu-b": "failed", "cpu-c": "ok"}:
+    problems.append("artifact gpuvirt_fleet: %r" % fleet)
+if sorted(reports) != ["cpu-c", "gpu-a"] or reports["gpu-a"]["desired"][0]["name"] != "a-hpc":
+    problems.append("artifact gpuvirt_reports: %r" % sorted(reports))
+# gpu-b's failure is rescued (the others go on); the fleet report's one failure ends the job.
+if job["rescued"] != {"gpu-b": 1} or sum(job["failures"].values()) != 1:
+    problems.append("stats: rescued %r failures %r" % (job["rescued"], job["failures"]))
+for p in problems:
+    print("awx artifacts: " + p)
+if problems:
+    sys.exit(1)
+print("awx artifacts: status failed, rc 2, gpuvirt_fleet and gpuvirt_reports as expected")
+PY
 
 step "nightly_reprovision on gpu-b alone with a night that fits"
 playbook nightly_reprovision -l gpu-b -e layout=night-fixed
@@ -100,5 +121,27 @@ step "teardown_tenants"
 playbook teardown_tenants
 [ "$rc" = 0 ] || { tail -n 60 "$scratch/teardown_tenants.log"; exit 1; }
 check teardown
+
+step "deploy_fleet: one tenant too many, nothing is touched anywhere"
+cat > "$scratch/tenants.yml" <<'YAML'
+gpuvirt_fleet_label_vars: [pool]
+gpuvirt_fleet_tenants:
+  - {name: f-big, gpus: 16, state: present}
+  - {name: f-a100, gpus: 8, state: present, where: "platform == 'dgx-a100'"}
+  - {name: f-cpu, gpus: 0, cpu_policy: shared, where: "labels.pool == 'cpu'"}
+YAML
+cp "$scratch/tenants.yml" "$scratch/too-many.yml"
+echo '  - {name: f-extra, gpus: 1, state: present, where: "labels.pool == '"'gpu'"'"}' \
+  >> "$scratch/too-many.yml"
+playbook deploy_fleet -e "@$scratch/too-many.yml"
+[ "$rc" = 2 ] || { tail -n 60 "$scratch/deploy_fleet.log"; exit 1; }
+grep -q "1 tenant(s) do not fit the fleet: request 'f-extra'" "$scratch/deploy_fleet.log" || {
+  tail -n 60 "$scratch/deploy_fleet.log"; exit 1; }
+check teardown
+
+step "deploy_fleet: planned once on the controller, each host converges its share"
+playbook deploy_fleet -e "@$scratch/tenants.yml"
+[ "$rc" = 0 ] || { tail -n 60 "$scratch/deploy_fleet.log"; exit 1; }
+check fleet
 
 step "all checks passed"

@@ -32,6 +32,8 @@ EXPECTED = {
     "night-one-failed": {"gpu-a": NIGHT_A, "gpu-b": DAY["gpu-b"], "cpu-c": NIGHT_C},
     "night-fixed": {"gpu-a": NIGHT_A, "gpu-b": {"b-hpc": ("shutoff", 8)}, "cpu-c": NIGHT_C},
     "teardown": EMPTY,
+    "fleet": {"gpu-a": {"f-big": ("shutoff", 28)}, "gpu-b": {"f-a100": ("shutoff", 8)},
+              "cpu-c": {"f-cpu": ("running", 0), "c-foreign": ("shutoff", 0)}},
 }
 
 
@@ -96,10 +98,10 @@ def main(step, state_path, report_dir, scratch):
         status("gpu-b", "ok", changed=True)
         if sorted(fleet) != ["gpu-b"]:
             problems.append("fleet.json lists %s; with -l gpu-b only gpu-b ran" % sorted(fleet))
-    elif step == "teardown":
+    elif step in ("teardown", "fleet"):
         for host in DAY:
             status(host, "ok")
-    if step in ("night-one-failed", "night-fixed", "teardown"):
+    if step in ("night-one-failed", "night-fixed", "teardown", "fleet"):
         data = os.path.join(scratch, "gpu-a", "disks", "a-dev2-data.qcow2")
         if not os.path.exists(data):
             problems.append("a-dev2's data disk %s was deleted" % data)
