@@ -47,7 +47,8 @@ MAIN_ARGS ?=
 RUN := PATH="$(VENV_BIN):$$PATH"
 
 LINT_PY_PATHS = $(wildcard plugins tests bench tools .ci)
-SHELL_SCRIPTS = $(wildcard .ci/run tools/*.sh tests/integration/*.sh tests/lab/*.sh)
+SHELL_SCRIPTS = $(wildcard .ci/run tools/*.sh tests/integration/*.sh tests/lab/*.sh tests/ee/*.sh \
+  tests/integration/targets/*/runme.sh tests/integration/targets/*/files/*.sh)
 
 .PHONY: help system-deps setup lint sanity units integration test build main sync clean
 
@@ -128,7 +129,8 @@ build: setup sync
 	      $(PY) -c 'import json, sys; d = json.load(sys.stdin); sys.exit(0 if d else 1)' || \
 	      { echo "build: ansible-doc could not render gpuvirt.kvm.$$m" >&2; exit 1; }; \
 	  done; \
-	fi
+	fi && \
+	$(RUN) bash tests/ee/check-ee.sh "$$tarball" "$$tmp"
 	@echo "build: $$(ls $(DIST_DIR)/gpuvirt-kvm-*.tar.gz)"
 
 main: setup sync
