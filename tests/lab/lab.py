@@ -12,8 +12,9 @@
 Settings come from the environment (the Makefile passes its LAB_* variables):
 LAB_NAME (gpuvirt-lab), LAB_URI (qemu:///system), LAB_SSH_PORT (2299), LAB_DOMAIN_TYPE
 (auto: kvm where /proc/cpuinfo has vmx or svm and /dev/kvm exists, else qemu = TCG),
-LAB_MEMORY_MB (2560, split over the two NUMA cells), LAB_KERNEL_ARGS (empty: a plain server;
-e.g. 'intel_iommu=on iommu=pt' edits GRUB_CMDLINE_LINUX and reboots the lab once),
+LAB_MEMORY_MB (2560) and LAB_VCPUS (2), both split over the two NUMA cells, LAB_KERNEL_ARGS
+(empty: a plain server; e.g. 'intel_iommu=on iommu=pt' edits GRUB_CMDLINE_LINUX and reboots the
+lab once),
 LAB_SSH_TIMEOUT (900 s), LAB_STATE (tests/lab/.state), GPUVIRT_LAB_CACHE (/var/cache/gpuvirt-lab).
 """
 
@@ -36,6 +37,7 @@ METADATA_NS = "http://gpuvirt.kvm/lab/1"
 FIRSTBOOT_VERSION = 1
 LAB_MAC = "52:54:00:4c:41:42"  # build-image.sh's systemd-networkd file matches it
 PLATFORM_IN_LAB = "/etc/gpuvirt-lab/platform.yml"
+TCG_CPU_MODEL = "Skylake-Server-noTSX-IBRS"
 
 
 class LabError(Exception):
@@ -53,6 +55,7 @@ class Settings:
         self.ssh_port = int(env.get("LAB_SSH_PORT") or 2299)
         self.domain_type = env.get("LAB_DOMAIN_TYPE") or "auto"
         self.memory_mib = int(env.get("LAB_MEMORY_MB") or 2560)
+        self.vcpus = int(env.get("LAB_VCPUS") or 2)
         self.kernel_args = (env.get("LAB_KERNEL_ARGS") or "").split()
         self.ssh_timeout = int(env.get("LAB_SSH_TIMEOUT") or 900)
         self.state = os.path.abspath(env.get("LAB_STATE") or os.path.join(HERE, ".state"))
@@ -63,6 +66,8 @@ class Settings:
             raise LabError("LAB_DOMAIN_TYPE must be auto, kvm or qemu, not %r" % self.domain_type)
         if self.memory_mib < 1024 or self.memory_mib > 6144 or self.memory_mib % 2:
             raise LabError("LAB_MEMORY_MB must be an even number from 1024 to 6144")
+        if self.vcpus < 2 or self.vcpus > 8 or self.vcpus % 2:
+            raise LabError("LAB_VCPUS must be 2, 4, 6 or 8 (half of them in each NUMA cell)")
         self.key = os.path.join(self.cache, "ssh", "id_ed25519")
         self.overlay = os.path.join(self.state, "lab.qcow2")
         self.console_log = os.path.join(self.state, "console.log")
@@ -94,15 +99,30 @@ def domain_xml(settings, name, disk, image_key, ssh_port, console_log, firstboot
                    % (kernel, initrd, root_uuid))
     else:
         os_boot = "    <boot dev='hd'/>"
+    if settings.domain_type == "qemu":
+        # TCG's "max" CPU says AuthenticAMD and offers SVM; a server with VT-d has an Intel CPU,
+        # and TCG cannot emulate VT-x. A Xeon model (DGX-2 has Skylake-SP Xeons) keeps
+        # vendor-driven choices (intel_iommu=on) in line with the vIOMMU; TCG drops the features
+        # it cannot emulate (AVX-512 and the like). Nested guests in the lab run on TCG too.
+        cpu = ("<cpu mode='custom' match='exact' check='none'>\n"
+               "    <model fallback='allow'>%s</model>" % TCG_CPU_MODEL)
+    else:
+        cpu = "<cpu mode='host-passthrough' check='none'>"
     with open(os.path.join(HERE, "gpu-server.xml"), encoding="utf-8") as handle:
         template = string.Template(handle.read())
     return template.substitute(
         domain_type=settings.domain_type,
-        cpu_mode="maximum" if settings.domain_type == "qemu" else "host-passthrough",
+        cpu=cpu, vcpus=settings.vcpus, cores=settings.vcpus // 2,
+        cell0_cpus=_cpu_range(0, settings.vcpus // 2),
+        cell1_cpus=_cpu_range(settings.vcpus // 2, settings.vcpus),
         name=name, metadata_ns=METADATA_NS, image_key=image_key, ssh_port=ssh_port,
         memory_mib=settings.memory_mib, cell_mib=settings.memory_mib // 2, os_boot=os_boot,
         disk=disk, console_log=console_log,
     )
+
+
+def _cpu_range(first, end):
+    return str(first) if end - first == 1 else "%d-%d" % (first, end - 1)
 
 
 def lookup(conn, name):
@@ -341,14 +361,15 @@ def install_platform_file(settings, port):
 
 
 def apply_kernel_args(settings, dom, port):
-    """LAB_KERNEL_ARGS: add them to GRUB_CMDLINE_LINUX and reboot once, as a role would."""
+    """LAB_KERNEL_ARGS: add them to GRUB_CMDLINE_LINUX and reboot once, as a role would.
+    True when it rebooted."""
     if not settings.kernel_args:
-        return
+        return False
     cmdline = ssh(settings, port, "cat /proc/cmdline", capture=True).stdout.split()
     missing = [a for a in settings.kernel_args if a not in cmdline]
     if not missing:
         log("kernel: /proc/cmdline already has %s" % " ".join(settings.kernel_args))
-        return
+        return False
     started = time.monotonic()
     script = (
         "set -e; . /etc/default/grub; new=\"$GRUB_CMDLINE_LINUX %s\"; "
@@ -367,6 +388,7 @@ def apply_kernel_args(settings, dom, port):
     if still:
         raise LabError("kernel: after the reboot /proc/cmdline still lacks %s" % " ".join(still))
     log("kernel: rebooted with %s (%d s)" % (" ".join(missing), time.monotonic() - started))
+    return True
 
 
 def up(settings):
@@ -382,12 +404,14 @@ def up(settings):
             raise LabError("a domain named %s runs but was not made by lab.py; set LAB_NAME"
                            % settings.name)
         if ssh_ready(settings, port):
+            rebooted = apply_kernel_args(settings, dom, port)
             write_inventory(settings, port)
             if running_key != key:
                 log("note: the running lab boots image %s; this tree would build %s "
                     "(make lab-down && make lab-up to switch)" % (running_key, key))
-            log("already running: %s, SSH 127.0.0.1:%d, inventory %s (%.1f s, nothing to do)"
-                % (settings.name, port, settings.inventory, time.monotonic() - total))
+            log("already running: %s, SSH 127.0.0.1:%d, inventory %s (%.1f s%s)"
+                % (settings.name, port, settings.inventory, time.monotonic() - total,
+                   "" if rebooted else ", nothing to do"))
             return
         log("%s runs but SSH on 127.0.0.1:%d does not answer yet" % (settings.name, port))
         wait_for_ssh(settings, dom, port, settings.console_log, "boot")
@@ -423,9 +447,9 @@ def up(settings):
         raise LabError("127.0.0.1:%d is in use; set LAB_SSH_PORT to a free port" % port)
     step = time.monotonic()
     dom.create()
-    log("boot: %s started (%s, %d MiB, 2 vCPUs in 2 NUMA cells) in %.1f s" % (
+    log("boot: %s started (%s, %d MiB, %d vCPUs in 2 NUMA cells) in %.1f s" % (
         settings.name, "KVM" if settings.domain_type == "kvm" else "TCG", settings.memory_mib,
-        time.monotonic() - step))
+        settings.vcpus, time.monotonic() - step))
     waited = wait_for_ssh(settings, dom, port, settings.console_log, "boot")
     log("ssh: answered %d s after start" % waited)
     install_platform_file(settings, port)
