@@ -1,10 +1,10 @@
 # The one entry point for every check, used the same way on a laptop and by .ci/run:
 #
 #   make setup        .venv with the dev requirements (Python 3.12 preferred)
-#   make test         lint, sanity, units, integration - in that order, stops at the first failure
+#   make test         lint, sanity, units, integration, molecule - in order, stops at the first failure
 #   make build        collection tarball in .build/dist, installed and read back with ansible-doc
 #
-# Single targets: lint sanity units integration build main. Extra arguments:
+# Single targets: lint sanity units integration molecule build main. Extra arguments:
 #   make sanity SANITY_ARGS='--test pep8'   make sanity SANITY_PYTHON=3.12
 #   make units PYTEST_ARGS='-k placement -x'
 
@@ -50,7 +50,7 @@ LINT_PY_PATHS = $(wildcard plugins tests bench tools .ci)
 SHELL_SCRIPTS = $(wildcard .ci/run tools/*.sh tests/integration/*.sh tests/lab/*.sh tests/ee/*.sh \
   tests/integration/targets/*/runme.sh tests/integration/targets/*/files/*.sh)
 
-.PHONY: help system-deps setup lint sanity units integration test build main sync clean
+.PHONY: help system-deps setup lint sanity units integration molecule test build main sync clean
 
 help:
 	@sed -n '1,/^$$/p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
@@ -102,11 +102,22 @@ units: setup
 integration: setup sync
 	$(RUN) bash tests/integration/run.sh $(INTEGRATION_TARGETS)
 
+# Molecule scenarios of the roles (extensions/molecule/): create, converge, idempotence, verify,
+# destroy on this machine, each host a fixture topology with a private libvirtd of its own.
+# MOLECULE_SCENARIOS='gpu_vms' runs one.
+MOLECULE_SCENARIOS ?= gpu_vms guest_image
+molecule: setup sync
+	@for s in $(MOLECULE_SCENARIOS); do \
+	  echo "molecule: scenario $$s"; \
+	  $(RUN) ANSIBLE_COLLECTIONS_PATH="$(abspath .build)" molecule test -s "$$s" || exit 1; \
+	done
+
 test:
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory sanity
 	$(MAKE) --no-print-directory units
 	$(MAKE) --no-print-directory integration
+	$(MAKE) --no-print-directory molecule
 
 # Builds from the same git-filtered copy that sanity checks, installs the tarball into an empty
 # collections path and renders every module's documentation from the installed copy.
