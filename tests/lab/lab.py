@@ -430,7 +430,7 @@ def up(settings):
         log("first boot + grub: %s (%d s)" % (image, time.monotonic() - step))
 
     if dom is not None:
-        defined_key, _ = lab_metadata(dom)
+        defined_key = lab_metadata(dom)[0]
         if defined_key != key or not os.path.exists(settings.overlay):
             log("replacing the stopped %s (image %s)" % (settings.name, defined_key))
             remove_domain(dom)
@@ -442,7 +442,7 @@ def up(settings):
              settings.overlay])
         dom = conn.defineXML(domain_xml(settings, settings.name, settings.overlay, key,
                                         settings.ssh_port, settings.console_log))
-    _, port = lab_metadata(dom)
+    port = lab_metadata(dom)[1]
     if not port_free(port):
         raise LabError("127.0.0.1:%d is in use; set LAB_SSH_PORT to a free port" % port)
     step = time.monotonic()
@@ -506,7 +506,7 @@ def ssh_command(settings, command):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", maxsplit=1)[0])
     parser.add_argument("action", choices=("up", "down", "status", "xml", "ssh"))
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
