@@ -69,6 +69,21 @@ playbook install_images
 [ "$rc" = 0 ] || { tail -n 40 "$scratch/install_images.log"; exit 1; }
 check images
 
+step "install_images with an entry without a checksum: refused, nothing installed"
+cat > "$scratch/bad-images.yml" <<YAML
+guest_image_images:
+  - {name: tiny, version: "2.0", src: $scratch/tiny.qcow2}
+YAML
+playbook install_images -e "@$scratch/bad-images.yml"
+[ "$rc" = 2 ] || { tail -n 40 "$scratch/install_images.log"; exit 1; }
+grep -q "guest_image_images\[0\] (tiny 2.0): checksum is missing" "$scratch/install_images.log" || {
+  tail -n 40 "$scratch/install_images.log"; exit 1; }
+if ls "$scratch"/*/images/tiny-2.0* >/dev/null 2>&1; then
+  echo "install_images installed tiny 2.0 although its entry had no checksum" >&2
+  exit 1
+fi
+check images
+
 step "deploy_tenants -e layout=day"
 playbook deploy_tenants -e layout=day
 [ "$rc" = 0 ] || { tail -n 60 "$scratch/deploy_tenants.log"; exit 1; }
