@@ -15,10 +15,12 @@ LAB_NAME (gpuvirt-lab), LAB_URI (qemu:///system), LAB_SSH_PORT (2299), LAB_DOMAI
 LAB_MEMORY_MB (2560) and LAB_VCPUS (2), both split over the two NUMA cells, LAB_KERNEL_ARGS
 (empty: a plain server; e.g. 'intel_iommu=on iommu=pt' edits GRUB_CMDLINE_LINUX and reboots the
 lab once),
-LAB_SSH_TIMEOUT (900 s), LAB_STATE (tests/lab/.state), GPUVIRT_LAB_CACHE (/var/cache/gpuvirt-lab).
+LAB_SSH_TIMEOUT (900 s), LAB_STATE (tests/lab/.state, or tests/lab/.state/LAB_NAME for another
+name), GPUVIRT_LAB_CACHE (/var/cache/gpuvirt-lab).
 """
 
 import argparse
+import fcntl
 import os
 import shlex
 import shutil
@@ -58,7 +60,11 @@ class Settings:
         self.vcpus = int(env.get("LAB_VCPUS") or 2)
         self.kernel_args = (env.get("LAB_KERNEL_ARGS") or "").split()
         self.ssh_timeout = int(env.get("LAB_SSH_TIMEOUT") or 900)
-        self.state = os.path.abspath(env.get("LAB_STATE") or os.path.join(HERE, ".state"))
+        # A second lab (another LAB_NAME) gets its own overlay, console log and inventory.
+        default_state = os.path.join(HERE, ".state")
+        if self.name != "gpuvirt-lab":
+            default_state = os.path.join(default_state, self.name)
+        self.state = os.path.abspath(env.get("LAB_STATE") or default_state)
         self.cache = os.path.abspath(env.get("GPUVIRT_LAB_CACHE") or "/var/cache/gpuvirt-lab")
         if self.domain_type == "auto":
             self.domain_type = "kvm" if hardware_virt() else "qemu"
@@ -420,14 +426,17 @@ def up(settings):
 
     step = time.monotonic()
     image = lab_image_path(settings, key)
-    if os.path.exists(image):
-        log("build: cached image %s (%.1f s)" % (image, time.monotonic() - step))
-    else:
-        base = build_base(settings)
-        log("build: base image %s (%d s)" % (base, time.monotonic() - step))
-        step = time.monotonic()
-        first_boot(settings, conn, base, key)
-        log("first boot + grub: %s (%d s)" % (image, time.monotonic() - step))
+    # Labs with other names share the image cache: one builder at a time.
+    with open(os.path.join(settings.cache, "build.lock"), "w", encoding="ascii") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(image):
+            log("build: cached image %s (%.1f s)" % (image, time.monotonic() - step))
+        else:
+            base = build_base(settings)
+            log("build: base image %s (%d s)" % (base, time.monotonic() - step))
+            step = time.monotonic()
+            first_boot(settings, conn, base, key)
+            log("first boot + grub: %s (%d s)" % (image, time.monotonic() - step))
 
     if dom is not None:
         defined_key = lab_metadata(dom)[0]
@@ -515,10 +524,12 @@ def main(argv=None):
         for tool in ("qemu-img", "ssh"):
             if shutil.which(tool) is None:
                 raise LabError("%s is missing; run 'make system-deps'" % tool)
-        if args.action == "up":
-            up(settings)
-        elif args.action == "down":
-            down(settings)
+        if args.action in ("up", "down"):
+            # Two `make lab-up` at once (parallel test jobs) must not both define the lab.
+            os.makedirs(settings.state, exist_ok=True)
+            with open(os.path.join(settings.state, "lock"), "w", encoding="ascii") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                (up if args.action == "up" else down)(settings)
         elif args.action == "status":
             return status(settings)
         elif args.action == "xml":
