@@ -3,7 +3,7 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Placement benchmark: acceptance vs first fit over a simulated day, and fleet planning speed.
 
-Usage: python bench/placement.py [--quick] [--seeds N]
+Usage: python bench/placement.py [--quick] [--seeds N] [--study [N]]
 
 1. A day of tenant arrivals and departures (Poisson arrivals, log-normal lifetimes, sizes
    1/2/4/8/16 from a mix) on one DGX-2 and on a fleet of 1,000 DGX-2s. The same event stream
@@ -17,8 +17,14 @@ Exit status 1 when ours places fewer GPUs than first fit on any fleet seed (10^4
 day: a loss there is a real regression), when ours places fewer GPUs than first fit over all
 single-DGX-2 seeds of a mix, or when planning takes 2 s or more. Single-DGX-2 days are compared
 per seed but not gated per seed: with 20-80 requests a day, one different early choice changes
-which later requests fit, and every policy we tried (including this one) loses some seeds to
-first fit while winning more; the per-seed ratios are printed so that the spread is visible.
+which later requests fit, and every policy we tried (including this one, and one that knows
+every tenant's departure time) loses some seeds to first fit while winning more; the per-seed
+ratios are printed so that the spread is visible.
+
+3. ``--study [N]`` (not gated) prints the evidence for that (bench/README.md): why refusals
+   happened (GPU blocks or CPUs/memory), two four-request days on which each policy beats the
+   other, N held-out days per mix (seeds 1001..; default 300) for ours, first fit and a rule that
+   knows every departure time, and what changing one of our choices to first fit's does to a day.
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import (  #
     HostState,
     PlacementError,
     Request,
+    _choose_best,
+    _choose_first,
     first_fit,
     plan_fleet,
 )
@@ -91,8 +99,11 @@ def day_of_events(rng, mix, gpus_total, mean_life_min, load):
     return arrivals
 
 
-def replay(arrivals, place, release):
-    """Run arrivals and departures in time order; (accepted, requests, accepted GPUs, GPUs)."""
+def replay(arrivals, place, release, refusals=None):
+    """Run arrivals and departures in time order; (accepted, requests, accepted GPUs, GPUs).
+
+    ``refusals``: a dict that counts refusals by cause ("GPU block", "CPUs/memory").
+    """
     departures = []
     accepted = accepted_gpus = asked_gpus = 0
     for t, name, size, life in arrivals:
@@ -101,7 +112,10 @@ def replay(arrivals, place, release):
         asked_gpus += size
         try:
             place(Request(name, gpus=size))
-        except PlacementError:
+        except PlacementError as exc:
+            if refusals is not None:
+                cause = "GPU block" if "no free" in str(exc) else "CPUs/memory"
+                refusals[cause] = refusals.get(cause, 0) + 1
             continue
         accepted += 1
         accepted_gpus += size
@@ -109,11 +123,28 @@ def replay(arrivals, place, release):
     return accepted, len(arrivals), accepted_gpus, asked_gpus
 
 
-def one_host(base, arrivals, strategy):
+def one_host(base, arrivals, strategy, refusals=None):
     state = base.copy()
     if strategy == "ours":
-        return replay(arrivals, state.place, state.release)
-    return replay(arrivals, lambda r: first_fit(state, r), state.release)
+        return replay(arrivals, state.place, state.release, refusals)
+    if strategy == "first_fit":
+        return replay(arrivals, lambda r: first_fit(state, r), state.release, refusals)
+    # A chooser (state, request, candidates) -> ranked candidates, as HostState._place takes.
+    return replay(arrivals, lambda r: state._place(r, strategy), state.release, refusals)
+
+
+def one_host_days(mix_name, seeds, mean_life, load, prefix="one"):
+    for seed in seeds:
+        rng = random.Random("%s-%s-%d" % (prefix, mix_name, seed))
+        yield seed, day_of_events(rng, MIXES[mix_name], 16, mean_life, load)
+
+
+def seed_split(pairs):
+    """[(ours GPUs, first-fit GPUs)] -> (seeds <, =, >, min ratio, mean ratio, total ratio)."""
+    ratios = [o / f if f else 1.0 for o, f in pairs]
+    return (sum(1 for o, f in pairs if o < f), sum(1 for o, f in pairs if o == f),
+            sum(1 for o, f in pairs if o > f), min(ratios), sum(ratios) / len(ratios),
+            sum(o for o, _f in pairs) / max(1, sum(f for _o, f in pairs)))
 
 
 def fleet(base, hosts, arrivals, strategy):
@@ -131,43 +162,39 @@ def one_host_table(base, seeds, mean_life, load):
     print("\n== one DGX-2: a day per seed, %d seeds, offered load %.1f, mean lifetime %d min" % (
         len(seeds), load, mean_life))
     print("GPU acc = share of requested GPUs placed (what fragmentation costs); req acc = share "
-          "of requests placed")
+          "of requests placed; per seed: GPU acc ours / first fit")
     print("%-12s %8s | %-15s | %-15s | %-13s | %s" % (
         "mix", "requests", "ours GPU/req", "first-fit", "ratio GPU/req",
-        "seeds ours >/=/< first-fit (GPU acc); worst, best seed ratio"))
+        "seeds ours </=/> first fit; min, mean, max per-seed ratio"))
     failures = []
     per_seed = []
-    for mix_name, mix in MIXES.items():
+    for mix_name in MIXES:
         tot_o = [0, 0, 0, 0]
         tot_f = [0, 0, 0, 0]
-        split = [0, 0, 0]
-        ratios = []
-        for seed in seeds:
-            rng = random.Random("one-%s-%d" % (mix_name, seed))
-            arrivals = day_of_events(rng, mix, 16, mean_life, load)
+        pairs = []
+        for _seed, arrivals in one_host_days(mix_name, seeds, mean_life, load):
             ours = one_host(base, arrivals, "ours")
             ff = one_host(base, arrivals, "first_fit")
             tot_o = [a + b for a, b in zip(tot_o, ours, strict=True)]
             tot_f = [a + b for a, b in zip(tot_f, ff, strict=True)]
-            split[0 if ours[2] > ff[2] else 1 if ours[2] == ff[2] else 2] += 1
-            ratios.append(ours[2] / ff[2] if ff[2] else 1.0)
-        g_ratio = tot_o[2] / tot_f[2]
-        r_ratio = tot_o[0] / tot_f[0]
+            pairs.append((ours[2], ff[2]))
+        below, equal, above, low, mean, _total = seed_split(pairs)
+        ratios = [o / f if f else 1.0 for o, f in pairs]
         print("%-12s %8d | %5.1f%% / %5.1f%% | %5.1f%% / %5.1f%% | %5.3f / %5.3f | %d/%d/%d; "
-              "%.3f, %.3f" % (
+              "%.3f, %.4f, %.3f" % (
                   mix_name, tot_o[1], _pct(tot_o[2], tot_o[3]), _pct(tot_o[0], tot_o[1]),
-                  _pct(tot_f[2], tot_f[3]), _pct(tot_f[0], tot_f[1]), g_ratio, r_ratio,
-                  split[0], split[1], split[2], min(ratios), max(ratios)))
+                  _pct(tot_f[2], tot_f[3]), _pct(tot_f[0], tot_f[1]), tot_o[2] / tot_f[2],
+                  tot_o[0] / tot_f[0], below, equal, above, low, mean, max(ratios)))
         per_seed.append((mix_name, ratios))
+        if tot_o[2] < tot_f[2]:
+            failures.append("one DGX-2, %s: ours placed %d GPUs < first fit %d over %d seeds" % (
+                mix_name, tot_o[2], tot_f[2], len(seeds)))
     print("per-seed GPU acceptance ratio ours / first fit (seeds %d-%d in order):" % (
         seeds[0], seeds[-1]))
     for mix_name, ratios in per_seed:
         for k in range(0, len(ratios), 20):
             print("  %-12s %s" % (mix_name if k == 0 else "", " ".join(
                 "%.2f" % x for x in ratios[k:k + 20])))
-        if g_ratio < 1.0:
-            failures.append("one DGX-2, %s: ours placed %d GPUs < first fit %d over %d seeds" % (
-                mix_name, tot_o[2], tot_f[2], len(seeds)))
     return failures
 
 
@@ -191,6 +218,147 @@ def fleet_table(base, hosts, seeds, mean_life, load):
                 failures.append("fleet, %s, seed %d: ours placed %d GPUs < first fit %d" % (
                     mix_name, seed, ours[2], ff[2]))
     return failures
+
+
+# Two days of four requests: on one our choice loses to first fit, on the other it wins. Steps:
+# (name, GPUs, gpu_index or None) places, (name,) releases.
+DAY_OURS_LOSE = (("e", 4, None), ("a", 1, 8), ("b", 1, None), ("a",), ("c", 8, None))
+DAY_OURS_WIN = (("a", 1, 5), ("b", 1, None), ("c", 4, None), ("d", 8, None))
+
+
+def _worked_day(base, steps, strategy):
+    state = base.copy()
+    placed, gpus = [], 0
+    for step in steps:
+        if len(step) == 1:
+            state.release(step[0])
+            placed.append("-%s" % step[0])
+            continue
+        request = Request(step[0], gpus=step[1], gpu_index=step[2])
+        try:
+            p = state.place(request) if strategy == "ours" else first_fit(state, request)
+        except PlacementError:
+            placed.append("%s refused" % step[0])
+            continue
+        gpus += step[1]
+        placed.append("%s %d-%d" % (step[0], p.gpu_indexes[0], p.gpu_indexes[-1]))
+    return gpus, ", ".join(placed)
+
+
+def knows_departures(arrivals):
+    """A chooser that knows when every tenant leaves (impossible online; an upper reference).
+
+    Per candidate, over each enclosing aligned block: how much longer the new tenant stays than
+    the last tenant already there (the time it keeps that block from coalescing), weighted by
+    the block's size; the least wins, then our free-block rule, then the lowest index.
+    """
+    arrive = {name: t for t, name, _size, _life in arrivals}
+    leave = {name: t + life for t, name, _size, life in arrivals}
+
+    def choose(state, request, candidates):
+        m = state.model
+        now, until = arrive[request.name], leave[request.name]
+        free = state.free_mask
+
+        def key(b):
+            cost = 0.0
+            for size in m.sizes_desc:
+                if size <= b.size:
+                    continue
+                for outer in m.blocks_by_size[size]:
+                    if outer.gpu_mask & b.gpu_mask == b.gpu_mask:
+                        held = [leave[state.gpu_holder[i]] for i in outer.indexes
+                                if state.gpu_holder[i] is not None]
+                        cost += size * max(0.0, until - max(held or [now]))
+            return (cost, tuple(-c for c in m.vector(free & ~b.mask)), b.indexes)
+
+        return sorted(candidates, key=key)
+
+    return choose
+
+
+def _busiest_block(state, request, candidates):
+    """Ours, but ties go to the candidate whose enclosing blocks (smallest first) hold the most
+    GPUs already, then the lowest index ("pack into the busiest block")."""
+    m = state.model
+    free = state.free_mask
+
+    def key(b):
+        busy = tuple(-bin(outer.gpu_mask & ~free).count("1")
+                     for size in reversed(m.sizes_desc) if size > b.size
+                     for outer in m.blocks_by_size[size]
+                     if outer.gpu_mask & b.gpu_mask == b.gpu_mask)
+        return (tuple(-c for c in m.vector(free & ~b.mask)), busy, b.indexes)
+
+    return sorted(candidates, key=key)
+
+
+def _large_blocks_only(state, request, candidates):
+    """Closer to first fit: only the free 8- and 16-GPU blocks left count, then lowest index."""
+    m = state.model
+    free = state.free_mask
+    keep = [k for k, size in enumerate(m.sizes_desc) if size >= 8]
+    return sorted(candidates, key=lambda b: (
+        tuple(-m.vector(free & ~b.mask)[k] for k in keep), b.indexes))
+
+
+def _flipping(at):
+    """Our chooser, except that its at-th choice that differs from first fit's is first fit's."""
+    differing = [0]
+
+    def choose(state, request, candidates):
+        ours = _choose_best(state, request, candidates)
+        ff = _choose_first(state, request, candidates)
+        if ours[0].indexes != ff[0].indexes:
+            differing[0] += 1
+            if differing[0] - 1 == at:
+                return ff
+        return ours
+
+    return choose, differing
+
+
+def study(base, bench_seeds, held_out, mean_life, load):
+    """Evidence that no placement rule wins every single-host day (see bench/README.md)."""
+    print("\n== study: one DGX-2, why some days are lost to first fit")
+    causes = {"ours": {}, "first_fit": {}}
+    for mix_name in MIXES:
+        for _seed, arrivals in one_host_days(mix_name, bench_seeds, mean_life, load):
+            for strategy, refusals in causes.items():
+                one_host(base, arrivals, strategy, refusals)
+    print("refusals on the bench days (seeds %d-%d, all mixes), by cause: ours %s; first fit %s"
+          % (bench_seeds[0], bench_seeds[-1], causes["ours"], causes["first_fit"]))
+    for title, steps in (("ours loses", DAY_OURS_LOSE), ("ours wins", DAY_OURS_WIN)):
+        print("day where %s: ours %d GPUs (%s); first fit %d GPUs (%s)" % (
+            (title,) + _worked_day(base, steps, "ours") + _worked_day(base, steps, "first_fit")))
+    seeds = list(range(1001, 1001 + held_out))
+    print("held-out days, seeds %d-%d per mix; GPUs placed vs first fit: days </=/>, min and "
+          "mean per-day ratio, total ratio" % (seeds[0], seeds[-1]))
+    rules = (("ours", None), ("ours, busiest-block ties", _busiest_block),
+             ("only 8/16-blocks count", _large_blocks_only),
+             ("knows every departure time", knows_departures))
+    flips = [0, 0, 0, 0]  # first fit's choice there: more GPUs, fewer, same; days
+    for mix_name in MIXES:
+        pairs = {name: [] for name, _chooser in rules}
+        for _seed, arrivals in one_host_days(mix_name, seeds, mean_life, load):
+            ff = one_host(base, arrivals, "first_fit")[2]
+            chooser, differing = _flipping(-1)
+            ours = one_host(base, arrivals, chooser)[2]
+            pairs["ours"].append((ours, ff))
+            for name, rule in rules[1:]:
+                rule = rule(arrivals) if rule is knows_departures else rule
+                pairs[name].append((one_host(base, arrivals, rule)[2], ff))
+            flips[3] += 1
+            for at in range(differing[0]):
+                flipped = one_host(base, arrivals, _flipping(at)[0])[2]
+                flips[0 if flipped > ours else 1 if flipped < ours else 2] += 1
+        for name, _rule in rules:
+            print("  %-12s %-27s %3d/%3d/%3d  %.3f %.4f %.4f" % (
+                (mix_name if name == "ours" else "", name) + seed_split(pairs[name])))
+    decisions = flips[0] + flips[1] + flips[2]
+    print("%d of our choices on those %d days differ from first fit's; taking first fit's at one "
+          "of them (ours for the rest of the day) gives the day more GPUs %.1f %%, fewer %.1f %%, "
+          "the same %.1f %%" % (decisions, flips[3], *(_pct(x, decisions) for x in flips[:3])))
 
 
 def best_of(fn, repeat):
@@ -261,14 +429,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer seeds, one timing repeat")
     parser.add_argument("--seeds", type=int, default=None, help="fleet seeds per mix")
+    parser.add_argument("--study", type=int, nargs="?", const=300, default=0, metavar="N",
+                        help="also print the single-host study over N held-out days per mix "
+                             "(default 300; not gated)")
     args = parser.parse_args(argv)
     seeds = list(range(1, (args.seeds or (2 if args.quick else 5)) + 1))
     started = time.perf_counter()
     topo = topo_factory.dgx2()
     base = HostState(topo, PLATFORMS["dgx2"])
     print("platform dgx2, Python %s, %d CPU(s)" % (sys.version.split()[0], os.cpu_count()))
-    failures = one_host_table(base, list(range(1, 21 if args.quick else 61)), mean_life=180,
-                              load=1.3)
+    one_seeds = list(range(1, 21 if args.quick else 61))
+    failures = one_host_table(base, one_seeds, mean_life=180, load=1.3)
+    if args.study:
+        study(base, one_seeds, args.study, mean_life=180, load=1.3)
     failures += fleet_table(base, 1000, seeds, mean_life=480 if args.quick else 240, load=1.3)
     elapsed = planning_speed(base, 1000, 5000, 1 if args.quick else 3)
     print("\ntotal wall time %.1f s" % (time.perf_counter() - started))

@@ -584,6 +584,37 @@ def test_random_place_release_never_double_books(host):
     run()
 
 
+@pytest.mark.parametrize("host", ["dgx2", "dgx-a100", "dgx-h100"])
+@pytest.mark.parametrize("policy", ["ours", "first_fit"])
+def test_default_templates_never_refuse_for_cpus_or_memory(host, policy):
+    # Each default template takes at most its GPUs' share of their nodes' CPUs and memory, so
+    # with template-sized VMs only GPU blocks refuse: bench/placement.py's comparison with first
+    # fit compares GPU choices alone (bench/README.md, "Why some days are lost").
+    base = state(host)
+    sizes = sorted(base.platform.partitions)
+    choose = (lambda s, req: s.place(req)) if policy == "ours" else first_fit
+
+    @settings(max_examples=40, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(st.tuples(st.booleans(), st.integers(0, 16)), max_size=40))
+    def run(ops):
+        s = base.copy()
+        names = []
+        for k, (release, n) in enumerate(ops):
+            if release and names:
+                s.release(names.pop(n % len(names)))
+                continue
+            req = Request("vm%d" % k, gpus=sizes[n % len(sizes)])
+            if s.can_fit_gpus(req.gpus):
+                choose(s, req)
+                names.append(req.name)
+            else:
+                with pytest.raises(PlacementError, match="no free"):
+                    choose(s, req)
+
+    run()
+
+
 def test_summary_reports_holders_and_health():
     s = state(unhealthy_gpus=[DGX2_GPUS[3]])
     place(s, "a", 2)
