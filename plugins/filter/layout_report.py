@@ -36,6 +36,12 @@ options:
     description: The layout's name in the report.
     type: str
     default: ""
+  check_mode:
+    description:
+      - The run was in check mode - nothing was changed, so desired and actual differ as
+        planned; C(ok) then only says whether every VM could be placed and converged.
+    type: bool
+    default: false
 author:
   - gpuvirt.kvm contributors (@gpuvirt)
 """
@@ -53,7 +59,8 @@ _value:
   contains:
     host: {description: The host., type: str}
     layout: {description: The layout's name., type: str}
-    ok: {description: Every desired VM is as asked and the converge did not fail., type: bool}
+    ok: {description: "Every desired VM is as asked and the converge did not fail (in check mode: no VM failed).", type: bool}
+    check_mode: {description: The report is of a check-mode run., type: bool}
     desired:
       description: One entry per VM of the layout - C(name), C(gpus), C(state) asked, and
         C(actual) (C(running), C(stopped), C(absent)), C(matches), C(gpu_indexes), C(error).
@@ -94,7 +101,7 @@ def _matches(want_state, actual):
     return actual != "absent"  # present: defined, either power state
 
 
-def layout_report(vms, result, topology, host="", layout=""):
+def layout_report(vms, result, topology, host="", layout="", check_mode=False):
     if not isinstance(vms, list) or not all(isinstance(v, dict) and "name" in v for v in vms):
         raise AnsibleFilterError("layout_report: expected the layout's VMs (a list of dicts "
                                  "with name), got %r" % (vms,))
@@ -142,7 +149,8 @@ def layout_report(vms, result, topology, host="", layout=""):
     return {
         "host": host,
         "layout": layout,
-        "ok": not failed and all(d["matches"] for d in desired),
+        "ok": not failed and (bool(check_mode) or all(d["matches"] for d in desired)),
+        "check_mode": bool(check_mode),
         "desired": desired,
         "others": others,
         "free_blocks": topology.get("free_blocks") or {},

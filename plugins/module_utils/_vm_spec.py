@@ -403,7 +403,10 @@ def _check_networks(name, networks, vcpus):
         queues = net.queues
         if queues is None:
             # QEMU's user-mode stack has one queue: libvirt refuses multiqueue for type user.
-            queues = None if net.type == "user" else max(1, min(vcpus, NET_QUEUES_MAX))
+            # One queue is the default, and libvirt drops queues='1' from what it stores: asking
+            # for it would make every run see a difference (a redefine each time).
+            sized = min(vcpus, NET_QUEUES_MAX)
+            queues = None if net.type == "user" or sized <= 1 else sized
         result.append(NetworkSpec(type=net.type, source=net.source, mac=mac, queues=queues))
     seen = {}
     for n, net in enumerate(result):

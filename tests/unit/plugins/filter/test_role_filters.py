@@ -134,3 +134,13 @@ def test_fleet_summary_lists_every_host():
     assert out[1]["errors"] == ["gpu_vms: layout 'night' cannot be converged on h2: x"]
     with pytest.raises(AnsibleFilterError):
         fleet_summary(hostvars, "h1")
+
+
+def test_report_in_check_mode_is_ok_when_nothing_failed():
+    # Check mode changes nothing: the VMs are not there yet, and that is no failure.
+    vms = [{"name": "new", "gpus": 1}]
+    result = {"changed": True, "vms": [{"vm": {"name": "new"}}]}
+    assert not layout_report(vms, result, TOPO)["ok"]
+    report = layout_report(vms, result, TOPO, check_mode=True)
+    assert report["ok"] and report["check_mode"]
+    assert report["desired"][0]["actual"] == "absent"
