@@ -180,8 +180,9 @@ LAB_ENV = LAB_NAME='$(LAB_NAME)' LAB_SSH_PORT='$(LAB_SSH_PORT)' LAB_DOMAIN_TYPE=
 # full suite: convert_host (packages, IOMMU arguments, vfio-pci, a reboot), install_images,
 # deploy_tenants with stand-ins passed through to nested guests (the four idempotency facts),
 # nightly_reprovision, teardown_tenants and revert_host (~40 min on 2 cores under TCG).
+LAB_INVENTORY = tests/lab/.state/$(if $(filter gpuvirt-lab,$(LAB_NAME)),,$(LAB_NAME)/)inventory.ini
 LAB_PLAYBOOK = $(RUN) ANSIBLE_COLLECTIONS_PATH="$(abspath .build)" ANSIBLE_NOCOLOR=1 \
-  ansible-playbook -i tests/lab/.state/inventory.ini
+  ansible-playbook -i $(LAB_INVENTORY)
 lab-short: setup sync lab-up
 	$(LAB_PLAYBOOK) tests/e2e/lab_short.yml
 
