@@ -83,5 +83,6 @@ text = open(sys.argv[1]).read()
 result = json.loads(text[text.index("{"):])
 print("\n".join(result["allocation_map"]))
 PY
-printf '\n%s\n' "${summary[@]}"
+echo
+printf '%s\n' "${summary[@]}"
 echo "A second run of make main changes nothing (every step changed=0)."
