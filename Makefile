@@ -127,7 +127,7 @@ build: setup sync
 	  --output-path $(abspath $(DIST_DIR))
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	tarball=$$(ls $(DIST_DIR)/gpuvirt-kvm-*.tar.gz) && \
-	$(RUN) ansible-galaxy collection install --offline -p "$$tmp" "$$tarball" && \
+	$(RUN) ansible-galaxy collection install --offline --force -p "$$tmp" "$$tarball" && \
 	modules=$$(cd "$$tmp/ansible_collections/gpuvirt/kvm" && \
 	  ls plugins/modules/*.py 2>/dev/null | xargs -r -n1 basename | sed 's/\.py$$//' | grep -v '^__init__$$' || true) && \
 	if [ -z "$$modules" ]; then \
