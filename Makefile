@@ -103,9 +103,10 @@ integration: setup sync
 	$(RUN) bash tests/integration/run.sh $(INTEGRATION_TARGETS)
 
 # Molecule scenarios of the roles (extensions/molecule/): create, converge, idempotence, verify,
-# destroy on this machine, each host a fixture topology with a private libvirtd of its own.
-# MOLECULE_SCENARIOS='gpu_vms' runs one.
-MOLECULE_SCENARIOS ?= gpu_vms guest_image
+# destroy. gpu_vms and guest_image run here on a fixture topology (a pretend DGX-2) with a private
+# libvirtd; lab runs kvm_host, guest_image and gpu_vms on a fresh lab VM (delegated driver:
+# tests/lab/lab.py up/down; ~20-25 min under TCG). MOLECULE_SCENARIOS='gpu_vms' runs one.
+MOLECULE_SCENARIOS ?= gpu_vms guest_image lab
 molecule: setup sync
 	@for s in $(MOLECULE_SCENARIOS); do \
 	  echo "molecule: scenario $$s"; \

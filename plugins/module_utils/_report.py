@@ -244,7 +244,8 @@ def allocation_map(result):
     owner = {}
     for alloc in result["allocations"]:
         for bdf in alloc["gpus"] + alloc["nvswitches"]:
-            owner[bdf] = "%s (defined)" % alloc["name"]
+            owner[bdf] = "%s (%s)" % (alloc["name"],
+                                      "running" if alloc.get("active") else "defined")
     for entry in result["plan"]:
         for bdf in entry.get("gpus", []) + entry.get("nvswitches", []):
             owner[bdf] = "%s (planned)" % entry["name"]

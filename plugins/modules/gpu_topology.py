@@ -234,7 +234,9 @@ plan:
        cpus: [2, 50, 3, 51], emulator_cpus: [0, 48], vcpus: 4, memory_mb: 65536}
     - {name: too-big, error: "request 'too-big' (16 GPUs): no free 16-GPU block: ..."}
 allocation_map:
-  description: The allocations and the plan as readable lines, GPU by GPU.
+  description: The allocations and the plan as readable lines, GPU by GPU. A GPU or NVSwitch
+    held by a domain reads C(NAME (running)) or C(NAME (defined)) (defined, not running), one
+    that a request of O(plan) would take C(NAME (planned)), else C(free).
   returned: success
   type: list
   elements: str

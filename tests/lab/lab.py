@@ -345,10 +345,15 @@ def write_inventory(settings, port):
         "ansible_ssh_common_args='-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
         "-o IdentitiesOnly=yes'\n"
         "ansible_python_interpreter=/usr/bin/python3\n"
+        "# one SSH round trip per task, not four (root: no requiretty); the lab runs under TCG\n"
+        "ansible_pipelining=true\n"
         "# tests/lab/platform.yml, copied into the lab: the stand-ins as GPUs and NVSwitches\n"
         "gpuvirt_lab_platform=%(platform)s\n"
         "gpuvirt_lab_domain=%(name)s\n"
-    ) % {"name": settings.name, "port": port, "key": settings.key, "platform": PLATFORM_IN_LAB}
+        "# tests/lab on the controller (the lab's playbooks and helpers)\n"
+        "gpuvirt_lab_dir=%(here)s\n"
+    ) % {"name": settings.name, "port": port, "key": settings.key, "platform": PLATFORM_IN_LAB,
+         "here": HERE}
     tmp = settings.inventory + ".tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
         handle.write(text)
