@@ -71,6 +71,7 @@ $(STAMP): requirements-dev.txt
 lint: setup sync
 	$(RUN) ruff check $(LINT_PY_PATHS)
 	$(RUN) yamllint --strict .
+	git ls-files -z '*.yml' '*.yaml' | xargs -0 $(PY) tools/lint-conditionals.py
 	@command -v shellcheck >/dev/null || { \
 	  echo "lint: shellcheck is missing; install it (apt-get install shellcheck) or run .ci/run" >&2; \
 	  exit 1; }
