@@ -24,7 +24,9 @@ ratios are printed so that the spread is visible.
 3. ``--study [N]`` (not gated) prints the evidence for that (bench/README.md): why refusals
    happened (GPU blocks or CPUs/memory), two four-request days on which each policy beats the
    other, N held-out days per mix (seeds 1001..; default 300) for ours, first fit and a rule that
-   knows every departure time, and what changing one of our choices to first fit's does to a day.
+   knows every departure time, what changing one of our choices to first fit's does to a day,
+   and, for each bench day a rule wins, a continuation that puts the rule below first fit: no
+   rule that sees only the past can beat first fit on some day and never lose on another.
 """
 
 from __future__ import annotations
@@ -99,10 +101,11 @@ def day_of_events(rng, mix, gpus_total, mean_life_min, load):
     return arrivals
 
 
-def replay(arrivals, place, release, refusals=None):
+def replay(arrivals, place, release, refusals=None, placed=None):
     """Run arrivals and departures in time order; (accepted, requests, accepted GPUs, GPUs).
 
     ``refusals``: a dict that counts refusals by cause ("GPU block", "CPUs/memory").
+    ``placed``: a set that receives the names of the requests placed.
     """
     departures = []
     accepted = accepted_gpus = asked_gpus = 0
@@ -119,18 +122,20 @@ def replay(arrivals, place, release, refusals=None):
             continue
         accepted += 1
         accepted_gpus += size
+        if placed is not None:
+            placed.add(name)
         heapq.heappush(departures, (t + life, name))
     return accepted, len(arrivals), accepted_gpus, asked_gpus
 
 
-def one_host(base, arrivals, strategy, refusals=None):
+def one_host(base, arrivals, strategy, refusals=None, placed=None):
     state = base.copy()
     if strategy == "ours":
-        return replay(arrivals, state.place, state.release, refusals)
+        return replay(arrivals, state.place, state.release, refusals, placed)
     if strategy == "first_fit":
-        return replay(arrivals, lambda r: first_fit(state, r), state.release, refusals)
+        return replay(arrivals, lambda r: first_fit(state, r), state.release, refusals, placed)
     # A chooser (state, request, candidates) -> ranked candidates, as HostState._place takes.
-    return replay(arrivals, lambda r: state._place(r, strategy), state.release, refusals)
+    return replay(arrivals, lambda r: state._place(r, strategy), state.release, refusals, placed)
 
 
 def one_host_days(mix_name, seeds, mean_life, load, prefix="one"):
@@ -318,6 +323,32 @@ def _flipping(at):
     return choose, differing
 
 
+def continuation(base, arrivals, strategy):
+    """The day cut where a rule first places a request that first fit refused, then continued
+    so that the rule ends below first fit; None when the rule never places such a request.
+
+    The prefix up to that request ``x`` is unchanged, so an online rule (one that sees only the
+    past) makes the same choices in it. Then every other tenant leaves, ``x`` stays, and 16-GPU
+    requests arrive one after another, each leaving before the next. First fit's host is empty
+    (it refused ``x``), so it places every one; the rule's host holds ``x`` and places none.
+    """
+    ours_placed, ff_placed = set(), set()
+    ours = one_host(base, arrivals, strategy, placed=ours_placed)[2]
+    ff = one_host(base, arrivals, "first_fit", placed=ff_placed)[2]
+    cut = next((k for k, a in enumerate(arrivals)
+                if a[1] in ours_placed and a[1] not in ff_placed), None)
+    if cut is None:
+        return None
+    t_x, name_x = arrivals[cut][0], arrivals[cut][1]
+    day = [(t, name, size, 1e9 if name == name_x else min(life, t_x + 0.5 - t))
+           for t, name, size, life in arrivals[:cut + 1]]
+    ours_prefix = one_host(base, day, strategy)[2]
+    ff_prefix = one_host(base, day, "first_fit")[2]
+    for k in range(1, (ours_prefix - ff_prefix) // 16 + 2):
+        day.append((t_x + k, "z%d" % k, 16, 0.5))
+    return ours, ff, day, cut + 1
+
+
 def study(base, bench_seeds, held_out, mean_life, load):
     """Evidence that no placement rule wins every single-host day (see bench/README.md)."""
     print("\n== study: one DGX-2, why some days are lost to first fit")
@@ -359,6 +390,29 @@ def study(base, bench_seeds, held_out, mean_life, load):
     print("%d of our choices on those %d days differ from first fit's; taking first fit's at one "
           "of them (ours for the rest of the day) gives the day more GPUs %.1f %%, fewer %.1f %%, "
           "the same %.1f %%" % (decisions, flips[3], *(_pct(x, decisions) for x in flips[:3])))
+    print("continuations (see continuation()): each bench day (seeds %d-%d, all mixes) on which a "
+          "rule placed more GPUs than first fit, cut at the rule's first request that first fit "
+          "refused and continued; days above first fit -> days below after the continuation"
+          % (bench_seeds[0], bench_seeds[-1]))
+    for name, rule in (("ours", "ours"), ("ours, busiest-block ties", _busiest_block),
+                       ("only 8/16-blocks count", _large_blocks_only)):
+        above = below = 0
+        example = None
+        for mix_name in MIXES:
+            for seed, arrivals in one_host_days(mix_name, bench_seeds, mean_life, load):
+                cont = continuation(base, arrivals, rule)
+                if cont is None or cont[0] <= cont[1]:
+                    continue
+                above += 1
+                ours_c = one_host(base, cont[2], rule)[2]
+                ff_c = one_host(base, cont[2], "first_fit")[2]
+                below += ours_c < ff_c
+                example = example or (mix_name, seed, cont[0], cont[1], cont[3],
+                                      len(cont[2]) - cont[3], ours_c, ff_c)
+        print("  %-27s %3d -> %3d" % (name, above, below) + (
+            "; e.g. %s seed %d: %d vs %d GPUs; its first %d requests, then %d x 16 GPUs: "
+            "%d vs %d" % example
+            if example else ""))
 
 
 def best_of(fn, repeat):

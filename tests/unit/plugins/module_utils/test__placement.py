@@ -154,6 +154,33 @@ def test_single_gpu_goes_to_a_broken_block():
     assert first_fit(base, Request("b", gpus=1)).gpu_indexes == (0,)
 
 
+def test_a_placement_above_first_fit_can_be_continued_below_it():
+    """bench/README.md, "Why some days are lost": a rule that places a request first fit refused
+    can always be made to end below first fit, by a continuation it cannot see coming."""
+    ours, ff = state(), state()
+
+    def both(name, gpus, **kw):
+        got = []
+        for s, how in ((ours, lambda s, req: s.place(req)), (ff, first_fit)):
+            try:
+                got.append(how(s, Request(name, gpus=gpus, **kw)).gpu_indexes)
+            except PlacementError:
+                got.append(None)
+        return got
+
+    assert both("a", 1, gpu_index=5) == [(5,), (5,)]
+    assert both("b", 1) == [(4,), (0,)]
+    assert both("c", 4) == [r(0, 3), r(8, 11)]
+    # Ours kept half 8-15 whole: "d" fits there; first fit split both halves.
+    assert both("d", 8) == [r(8, 15), None]
+    # The continuation: everyone but "d" leaves, then a 16-GPU tenant asks.
+    for name in ("a", "b", "c"):
+        ours.release(name)
+        ff.release(name)
+    assert both("e", 16) == [None, r(0, 15)]
+    # GPUs placed: ours 1+1+4+8 = 14, first fit 1+1+4+16 = 22.
+
+
 def test_16_after_one_gpu_names_the_holder():
     s = state()
     place(s, "vm-a", 1)
