@@ -342,8 +342,9 @@ def continuation(base, arrivals, strategy):
     t_x, name_x = arrivals[cut][0], arrivals[cut][1]
     day = [(t, name, size, 1e9 if name == name_x else min(life, t_x + 0.5 - t))
            for t, name, size, life in arrivals[:cut + 1]]
-    ours_prefix = one_host(base, day, strategy)[2]
-    ff_prefix = one_host(base, day, "first_fit")[2]
+    # Up to x the continued day makes the same choices, so its GPUs placed come from the sets.
+    ours_prefix = sum(a[2] for a in arrivals[:cut + 1] if a[1] in ours_placed)
+    ff_prefix = sum(a[2] for a in arrivals[:cut + 1] if a[1] in ff_placed)
     for k in range(1, (ours_prefix - ff_prefix) // 16 + 2):
         day.append((t_x + k, "z%d" % k, 16, 0.5))
     return ours, ff, day, cut + 1
@@ -394,8 +395,8 @@ def study(base, bench_seeds, held_out, mean_life, load):
           "rule placed more GPUs than first fit, cut at the rule's first request that first fit "
           "refused and continued; days above first fit -> days below after the continuation"
           % (bench_seeds[0], bench_seeds[-1]))
-    for name, rule in (("ours", "ours"), ("ours, busiest-block ties", _busiest_block),
-                       ("only 8/16-blocks count", _large_blocks_only)):
+    for name, rule in rules[:3]:  # the online ones
+        rule = rule or "ours"
         above = below = 0
         example = None
         for mix_name in MIXES:
