@@ -20,9 +20,7 @@ if [ ! -d "$build/hosts/dgx2/sys" ]; then
   rm -rf "$build/hosts/dgx2"
   python tests/fixtures/sysfs_builder.py dgx2 "$build/hosts/dgx2" >/dev/null
 fi
-for daemon in virtlogd libvirtd; do
-  pgrep -x "$daemon" >/dev/null || "$daemon" -d
-done
+bash tools/start-libvirt.sh >/dev/null
 python=$(command -v python)
 export ANSIBLE_COLLECTIONS_PATH="$build"  # the synced copy: ansible_collections/gpuvirt/kvm
 export ANSIBLE_CALLBACK_RESULT_FORMAT=yaml ANSIBLE_NOCOLOR=1 ANSIBLE_LOCALHOST_WARNING=0

@@ -15,9 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/ansible-playbook ] && PATH="$PWD/.venv/bin:$PATH"
-for daemon in virtlogd libvirtd; do
-  pgrep -x "$daemon" >/dev/null || "$daemon" -d
-done
+bash tools/start-libvirt.sh >/dev/null
 export ANSIBLE_COLLECTIONS_PATH="$PWD/.build" ANSIBLE_NOCOLOR=1 ANSIBLE_LOCALHOST_WARNING=0
 export ANSIBLE_CALLBACK_RESULT_FORMAT=yaml
 inventory=tests/lab/.state/inventory.ini

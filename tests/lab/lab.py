@@ -165,7 +165,7 @@ def connect(uri):
     except libvirt.libvirtError as exc:
         raise LabError(
             "cannot connect to %s: %s\nstart the daemons first (no systemd here: "
-            "'virtlogd -d; libvirtd -d', as .ci/run does)" % (uri, exc)) from exc
+            "'bash tools/start-libvirt.sh', as .ci/run does)" % (uri, exc)) from exc
 
 
 # --- SSH ----------------------------------------------------------------------------------------
