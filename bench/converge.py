@@ -278,6 +278,27 @@ def guest_cpu_seconds(names):
     return total
 
 
+def qemu_reaper(names):
+    """Who reaps the guests' QEMU processes when they end: "pid N (command)", or None.
+
+    libvirtd daemonizes QEMU, so its parent is the nearest subreaper, or PID 1. libvirt's
+    destroy waits until the process is gone, zombie included: a PID 1 that is no init and
+    reaps on a timer (containers, micro-VMs) adds its delay to every destroy.
+    """
+    for name in names:
+        try:
+            with open("/run/libvirt/qemu/%s.pid" % name, encoding="ascii") as handle:
+                pid = int(handle.read().strip())
+            with open("/proc/%d/stat" % pid, encoding="ascii") as handle:
+                ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+            with open("/proc/%d/cmdline" % ppid, "rb") as handle:
+                command = handle.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+        except (OSError, ValueError, IndexError):
+            continue
+        return "pid %d (%s)" % (ppid, command[:100])
+    return None
+
+
 def settle(names, quiet=0.05, window=1.0, limit=180.0):
     """Wait until the guests' firmware has booted: their QEMU processes together use less
     than ``quiet`` of one CPU over ``window`` seconds. Returns the seconds waited.
@@ -781,6 +802,8 @@ def converge_bench(args, scratch):
                 continue
             record(variant, "create", impl.create())
             check_running(names, variant)
+            if rnd == 1 and variant == "floor":
+                print(" [QEMU's parent, which reaps it: %s]" % qemu_reaper(names), end="")
             record(variant, "settle", settle(names))
             record(variant, "noop", impl.noop())
             record(variant, "teardown", impl.teardown())

@@ -8,6 +8,8 @@
 # (50-udev-default.rules: GROUP="kvm", MODE="0660"). Without udev the node can be root:root
 # 0600; QEMU then runs as libvirt-qemu without access to it, and libvirtd's probe of QEMU's
 # capabilities fails and is retried for ever: every define and start hangs with no error.
+# The daemons run under tools/subreaper.py, which reaps the QEMU processes they daemonize as soon
+# as they end, as an init does (see there).
 set -euo pipefail
 
 if [ -c /dev/kvm ] && getent group kvm >/dev/null; then
@@ -18,14 +20,20 @@ if [ -c /dev/kvm ] && getent group kvm >/dev/null; then
   fi
 fi
 
+# Under a subreaper (tools/subreaper.py): where PID 1 is no init, it reaps QEMU's orphans late,
+# and every destroy then waits one to two seconds for it.
+missing=()
 for daemon in virtlogd libvirtd; do
   if pgrep -x "$daemon" >/dev/null; then
     echo "start-libvirt: $daemon already running"
   else
-    "$daemon" -d
-    echo "start-libvirt: $daemon started"
+    missing+=(-- "$daemon" -d)
   fi
 done
+if (( ${#missing[@]} )); then
+  python3 "$(dirname "$0")/subreaper.py" "${missing[@]}"
+  echo "start-libvirt: started${missing[*]//--/} under a subreaper"
+fi
 for _ in $(seq 1 30); do
   virsh -c qemu:///system version >/dev/null 2>&1 && exit 0
   sleep 1
