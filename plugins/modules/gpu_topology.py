@@ -26,6 +26,7 @@ author:
 extends_documentation_fragment:
   - gpuvirt.kvm.host
   - gpuvirt.kvm.host.LIBVIRT
+  - gpuvirt.kvm.bytecode
 attributes:
   check_mode:
     support: full
@@ -244,6 +245,8 @@ allocation_map:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
+# _bytecode first: it compiles the module_utils imported after it once per host (see there).
+from ansible_collections.gpuvirt.kvm.plugins.module_utils import _bytecode  # noqa: F401 pylint: disable=unused-import
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._common import (
     host_argspec,
     libvirt_argspec,

@@ -31,6 +31,7 @@ author:
 extends_documentation_fragment:
   - gpuvirt.kvm.host.LIBVIRT
   - gpuvirt.kvm.lock
+  - gpuvirt.kvm.bytecode
 attributes:
   check_mode:
     support: full
@@ -216,6 +217,8 @@ store:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
+# _bytecode first: it compiles the module_utils imported after it once per host (see there).
+from ansible_collections.gpuvirt.kvm.plugins.module_utils import _bytecode  # noqa: F401 pylint: disable=unused-import
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._common import (
     libvirt_argspec,
     resolve_uri,

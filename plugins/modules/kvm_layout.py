@@ -33,6 +33,7 @@ extends_documentation_fragment:
   - gpuvirt.kvm.host
   - gpuvirt.kvm.host.LIBVIRT
   - gpuvirt.kvm.lock
+  - gpuvirt.kvm.bytecode
 attributes:
   check_mode:
     support: full
@@ -118,12 +119,14 @@ removed:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.gpuvirt.kvm.plugins.module_utils import _images
+# _bytecode first: it compiles the module_utils imported after it once per host (see there).
+from ansible_collections.gpuvirt.kvm.plugins.module_utils import _bytecode  # noqa: F401 pylint: disable=unused-import
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._common import (
     connect_or_fail,
     host_argspec,
     libvirt_argspec,
 )
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._images import DEFAULT_STORE, ImagesError
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import LibvirtGatewayError
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._lock import (
     HostLock,
@@ -144,7 +147,7 @@ def main():
         vms=dict(type="list", elements="dict", required=True),
         defaults=dict(type="dict", default={}),
         exclusive=dict(type="bool", default=False),
-        store=dict(type="path", default=_images.DEFAULT_STORE),
+        store=dict(type="path", default=DEFAULT_STORE),
         disk_dir=dict(type="path", default=DEFAULT_DISK_DIR),
         workers=dict(type="int", default=16),
     )
@@ -164,7 +167,7 @@ def main():
                                lock=HostLock(p["lock_path"], p["lock_timeout"],
                                              owner="kvm_layout"),
                                workers=p["workers"])
-    except (VmError, HostLockError, LibvirtGatewayError, _images.ImagesError) as exc:
+    except (VmError, HostLockError, LibvirtGatewayError, ImagesError) as exc:
         module.fail_json(msg=str(exc), changed=False)
     actions = ["%s: %s" % (r["vm"]["name"], a) for r in results for a in r["actions"]]
     failed = [r for r in results if r.get("error")]

@@ -29,6 +29,7 @@ extends_documentation_fragment:
   - gpuvirt.kvm.host
   - gpuvirt.kvm.host.LIBVIRT
   - gpuvirt.kvm.lock
+  - gpuvirt.kvm.bytecode
 attributes:
   check_mode:
     support: full
@@ -291,12 +292,14 @@ kept_data_disks:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.gpuvirt.kvm.plugins.module_utils import _images
+# _bytecode first: it compiles the module_utils imported after it once per host (see there).
+from ansible_collections.gpuvirt.kvm.plugins.module_utils import _bytecode  # noqa: F401 pylint: disable=unused-import
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._common import (
     connect_or_fail,
     host_argspec,
     libvirt_argspec,
 )
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._images import ImagesError
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import LibvirtGatewayError
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._lock import (
     HostLock,
@@ -330,7 +333,7 @@ def main():
             results = converge(gateway, ctx, [request], check_mode=module.check_mode,
                                lock=HostLock(p["lock_path"], p["lock_timeout"],
                                              owner="kvm_vm %s" % request.name))
-    except (VmError, HostLockError, LibvirtGatewayError, _images.ImagesError) as exc:
+    except (VmError, HostLockError, LibvirtGatewayError, ImagesError) as exc:
         module.fail_json(msg=str(exc), changed=False)
     result = results[0]
     if result.get("error"):
