@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import http.client
 import json
 import os
 import re
-import socket
 import subprocess
 import tempfile
 import time
-import urllib.error
 from dataclasses import dataclass, field
 
 DEFAULT_STORE = "/var/lib/gpuvirt/images"
@@ -653,8 +650,11 @@ class ImageStore:
 
     def stage_url(self, url, algorithms=("sha256",), timeout=60):
         """Download ``url`` into the store under a temporary name, hashing it on the way."""
-        # Imported here: only URL sources need it, and it costs every other module run
-        # (kvm_vm, kvm_layout) its import time (ssl, http, email) for nothing.
+        # Imported here: only URL sources need them, and they cost every other module run
+        # (kvm_vm, kvm_layout) their import time (ssl, http, email) for nothing.
+        import http.client
+        import urllib.error
+
         try:
             from ansible.module_utils.urls import ConnectionError as UrlConnectionError
             from ansible.module_utils.urls import open_url
@@ -667,13 +667,13 @@ class ImageStore:
             except urllib.error.HTTPError as exc:
                 raise ImagesError("src: cannot download %s: HTTP %s %s"
                                   % (url, exc.code, exc.reason)) from exc
-            except (urllib.error.URLError, UrlConnectionError, socket.timeout,
-                    http.client.HTTPException, OSError) as exc:
+            except (urllib.error.URLError, UrlConnectionError, http.client.HTTPException,
+                    OSError) as exc:  # socket.timeout is an OSError
                 raise ImagesError("src: cannot download %s: %s"
                                   % (url, getattr(exc, "reason", exc))) from exc
-        return self._stage(opener, url, algorithms)
+        return self._stage(opener, url, algorithms, errors=(OSError, http.client.HTTPException))
 
-    def _stage(self, opener, source, algorithms):
+    def _stage(self, opener, source, algorithms, errors=(OSError,)):
         algorithms = tuple(sorted(set(algorithms) | {"sha256"}))
         created = self._make_root()
         fd, path = self._temp()
@@ -681,9 +681,17 @@ class ImageStore:
         try:
             with opener() as reader:
                 size, digests = _copy_hashing(reader, fd, algorithms)
+                # http.client ends a body cut short by the server as if it were complete; what
+                # it still expected of the Content-Length is left in .length.
+                missing = getattr(reader, "length", None)
+            if isinstance(missing, int) and missing > 0:
+                raise ImagesError(
+                    "src: the download of %s ended after %d of the %d bytes the server "
+                    "announced (the connection was closed early); try again"
+                    % (source, size, size + missing))
             os.fchmod(fd, 0o644)
             staged = True
-        except (OSError, socket.timeout, http.client.HTTPException) as exc:
+        except errors as exc:  # a read cut short: OSError (socket.timeout too), HTTPException
             raise ImagesError("src: cannot copy %s into the store %s: %s"
                               % (source, self.root, getattr(exc, "strerror", None) or exc)
                               ) from exc

@@ -537,6 +537,36 @@ def test_install_from_url(store, http_root):
     assert snapshot(str(store)) == before
 
 
+class _CutShort(http.server.BaseHTTPRequestHandler):
+    """Promises a megabyte, sends a kilobyte and hangs up."""
+
+    def do_GET(self):  # noqa: N802 (the name http.server calls)
+        self.send_response(200)
+        self.send_header("Content-Length", str(2 ** 20))
+        self.end_headers()
+        self.wfile.write(b"\0" * 1024)
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_download_cut_short_is_an_error_and_leaves_the_store_as_it_was(store, tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CutShort)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = "http://127.0.0.1:%d/os.qcow2" % server.server_address[1]
+    try:
+        with pytest.raises(ImagesError, match="src: the download of %s ended after 1024 of "
+                           "the 1048576 bytes" % url):
+            run(store, name="os", version="1", src=url, checksum="sha256:" + "0" * 64)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert snapshot(str(store)) is None  # no store folder, no temp file
+
+
 # ----------------------------------------------------------------------------- packages
 
 
