@@ -72,6 +72,7 @@ def main(argv):
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
+    os.chdir("/")  # nor keep the caller's folder (a CI checkout that gets deleted) busy
     os.write(write_end, str(status).encode())
     os.close(write_end)
     while True:
