@@ -20,12 +20,15 @@ never changes a VM's disk, and an image stays in the store while any disk's back
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
+import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -62,13 +65,15 @@ def _c_env():
     return env
 
 
-def _run(argv, ok=(0,)):
+def _run(argv, ok=(0,), cwd=None):
     """Run a tool with LANG=C; return (rc, stdout, stderr) or raise ImagesError with stderr."""
     try:
         # Not AnsibleModule.run_command: these functions also run without a module (unit tests,
-        # kvm_vm's and kvm_layout's worker threads), and this is the one place that runs tools.
+        # kvm_vm's and kvm_layout's worker threads), and this is the one place that runs tools
+        # (but for DebianPackages.open_member, which streams what is too large for memory).
         proc = subprocess.run(  # pylint: disable=ansible-bad-function
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_c_env(), check=False)
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_c_env(), check=False,
+            cwd=cwd)
     except FileNotFoundError as exc:
         hint = {"qemu-img": "install qemu-utils (Debian, Ubuntu) or qemu-img (RHEL)"}.get(
             argv[0], "install it")
@@ -259,6 +264,16 @@ def resize(path, size_gb):
         return current
     _run(["qemu-img", "resize", "-q", "-f", current.format, os.path.abspath(path), str(size)])
     return info(path, backing_chain=False)
+
+
+def undo_grow(path, size_bytes):
+    """Shrink ``path`` back to ``size_bytes`` right after resize() grew it (the rollback of a
+    failed run: nothing can have been written to the new space yet)."""
+    current = info(path, backing_chain=False)
+    if current.virtual_size <= size_bytes:
+        return
+    _run(["qemu-img", "resize", "-q", "-f", current.format, "--shrink", os.path.abspath(path),
+          str(int(size_bytes))])
 
 
 def disk_usage(domain_disks):
@@ -644,6 +659,19 @@ class ImageStore:
         fd, path = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".partial")
         return fd, path
 
+    def scratch_folder(self):
+        """(a private hidden folder in the store, whether the store folder was made for it).
+
+        For what must lie on disk before it is checked (a .deb apt-get downloads): the store's
+        file system holds the image anyway, where /tmp may be memory. The caller removes it.
+        """
+        created = self._make_root()
+        try:
+            return tempfile.mkdtemp(dir=self.root, prefix=".tmp-", suffix=".pkg"), created
+        except OSError as exc:
+            raise ImagesError("store: cannot create a temporary folder in %s: %s"
+                              % (self.root, exc.strerror)) from exc
+
     def stage_file(self, src, algorithms=("sha256",)):
         """Copy a local file into the store under a temporary name, hashing it on the way."""
         return self._stage(lambda: open(src, "rb"), src, algorithms)
@@ -673,7 +701,11 @@ class ImageStore:
                                   % (url, getattr(exc, "reason", exc))) from exc
         return self._stage(opener, url, algorithms, errors=(OSError, http.client.HTTPException))
 
-    def _stage(self, opener, source, algorithms, errors=(OSError,)):
+    def stage_stream(self, opener, source, algorithms=("sha256",), option="src"):
+        """Copy what ``opener()`` reads (a context manager) into the store, hashing it."""
+        return self._stage(opener, source, algorithms, option=option)
+
+    def _stage(self, opener, source, algorithms, errors=(OSError,), option="src"):
         algorithms = tuple(sorted(set(algorithms) | {"sha256"}))
         created = self._make_root()
         fd, path = self._temp()
@@ -692,9 +724,9 @@ class ImageStore:
             os.fchmod(fd, 0o644)
             staged = True
         except errors as exc:  # a read cut short: OSError (socket.timeout too), HTTPException
-            raise ImagesError("src: cannot copy %s into the store %s: %s"
-                              % (source, self.root, getattr(exc, "strerror", None) or exc)
-                              ) from exc
+            raise ImagesError("%s: cannot copy %s into the store %s: %s"
+                              % (option, source, self.root,
+                                 getattr(exc, "strerror", None) or exc)) from exc
         finally:
             os.close(fd)
             if not staged:  # any failure, Ctrl-C included, leaves no temp file behind
@@ -915,8 +947,17 @@ def _natural(version):
 # ----------------------------------------------------------------------------- Debian packages
 
 
+def _deb_path(name):
+    """A path as a .deb's data archive names it (./usr/...) -> as installed (/usr/...)."""
+    return os.path.normpath("/" + name.lstrip("./"))
+
+
 class DebianPackages:
-    """Installs packages that ship an image (as NVIDIA shipped dgx-kvm-image-*), and lists them."""
+    """Installs packages that ship an image (as NVIDIA shipped dgx-kvm-image-*), and lists them.
+
+    Nothing is installed unchecked: ImageTask reads the image out of the .deb (open_member),
+    checks it, and only then installs that same .deb (install_deb, install_file).
+    """
 
     @staticmethod
     def is_deb_path(package):
@@ -941,8 +982,42 @@ class DebianPackages:
         for line in out.splitlines():
             parts = line.split(None, 5)
             if len(parts) == 6 and parts[0].startswith("-"):
-                files.append(os.path.normpath("/" + parts[5].lstrip("./")))
+                files.append(_deb_path(parts[5]))
         return files
+
+    @contextlib.contextmanager
+    def open_member(self, deb, path):
+        """A reader of the file ``path`` (as installed, /usr/...) inside the .deb file ``deb``.
+
+        Read straight from ``dpkg-deb --fsys-tarfile``: nothing is unpacked to disk or installed.
+        """
+        with tempfile.TemporaryFile() as errors:
+            try:
+                # Not _run: an image is too large to hold in memory, so this streams.
+                proc = subprocess.Popen(  # pylint: disable=ansible-bad-function
+                    ["dpkg-deb", "--fsys-tarfile", deb], stdout=subprocess.PIPE, stderr=errors,
+                    env=_c_env())
+            except FileNotFoundError as exc:
+                raise ImagesError("dpkg-deb is not installed on this host: install dpkg"
+                                  ) from exc
+            try:
+                with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+                    for member in tar:
+                        if member.isfile() and _deb_path(member.name) == path:
+                            yield tar.extractfile(member)
+                            return
+                problem = "it holds no file %s" % path
+            except tarfile.TarError as exc:  # the archive is cut short or damaged
+                problem = "cannot read %s from it: %s" % (path, exc)
+            finally:
+                proc.stdout.close()  # dpkg-deb stops at the closed pipe once the file is read
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+            errors.seek(0)
+            detail = errors.read().decode("utf-8", "replace").strip()
+            raise ImagesError("package: %s: %s%s" % (deb, problem,
+                                                     " (%s)" % detail if detail else ""))
 
     def status(self, name):
         """The installed version of package ``name``, or None."""
@@ -967,14 +1042,29 @@ class DebianPackages:
             raise ImagesError("package: dpkg -i %s failed: %s (missing dependencies: "
                               "apt-get -f install)" % (path, exc)) from exc
 
-    def install(self, name):
+    def download(self, name, folder):
+        """The .deb of ``name`` that apt-get would install, fetched into ``folder`` (only)."""
+        try:
+            _run(["apt-get", "download", "-q", name], cwd=folder)
+        except ImagesError as exc:
+            raise ImagesError("package: apt-get could not download %s: %s"
+                              % (name, str(exc)[-600:])) from exc
+        debs = sorted(f for f in os.listdir(folder) if f.endswith(".deb"))
+        if len(debs) != 1:
+            raise ImagesError("package: apt-get download %s fetched %s, not one .deb file"
+                              % (name, ", ".join(debs) or "nothing"))
+        return os.path.join(folder, debs[0])
+
+    def install_file(self, path):
+        """Install the .deb file ``path`` with apt-get, which also installs its dependencies."""
         argv = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-q",
-                "--no-install-recommends", "-o", "DPkg::Lock::Timeout=300", name]
+                "--no-install-recommends", "-o", "DPkg::Lock::Timeout=300",
+                os.path.abspath(path)]
         try:
             _run(argv)
         except ImagesError as exc:
             raise ImagesError("package: apt-get could not install %s: %s"
-                              % (name, str(exc)[-600:])) from exc
+                              % (path, str(exc)[-600:])) from exc
 
 
 def pick_image_file(files, package, package_image=None):
@@ -1053,8 +1143,12 @@ class ImageTask:
         self._usage = {}
         self._staged = None
         self._src_digests = None
-        self._package_file = None
-        self._package_pending = None
+        self._package_file = None  # the package's image file as installed on the host
+        self._package_pending = None  # (kind, name, version, package) until it is installed
+        self._package_member = None  # the image's path in the pending package (as installed)
+        self._package_deb = None  # the .deb to install: the given file or apt-get's download
+        self._package_staged = None  # its image read out of that .deb into the store, unchecked
+        self._package_tmp = None  # (apt-get download folder, whether the store was made for it)
 
     # -- input
     def validate(self):
@@ -1144,7 +1238,8 @@ class ImageTask:
             if self.packages.status(name) != version:
                 # Not installed (or another version): choose the image from the archive now,
                 # so that a bad package_image fails before anything is installed.
-                pick_image_file(self.packages.deb_files(pkg), pkg, self.p.get("package_image"))
+                self._package_member = pick_image_file(self.packages.deb_files(pkg), pkg,
+                                                       self.p.get("package_image"))
                 return None, ("deb", name, version, pkg)
         else:
             name = pkg
@@ -1154,25 +1249,86 @@ class ImageTask:
         return pick_image_file(files, name, self.p.get("package_image")), None
 
     def _source_path(self):
-        """The local file with the wanted content; installs the package unless check mode."""
+        """The local file with the wanted content. Never installs a package.
+
+        For a package that is not installed yet, a real run reads its image out of the .deb
+        into the store's staging area (_fetch_package) and returns that copy; check mode reads
+        nothing and returns None. _stage installs the package once that copy passed.
+        """
         if self.src_kind == "file":
             return self.p["src"]
         if self.src_kind != "package":
             return None
         if self._package_file is None and self._package_pending is None:
             self._package_file, self._package_pending = self._package_source()
-        if self._package_pending is not None and not self.check_mode:
-            kind, name, version, pkg = self._package_pending
-            if kind == "deb":
-                self.packages.install_deb(pkg)
-                self.actions.append("installed package %s %s from %s" % (name, version, pkg))
-            else:
-                self.packages.install(name)
-                self.actions.append("installed package %s with apt-get" % name)
-            self._package_pending = None
-            self._package_file = pick_image_file(self.packages.files(name), name,
-                                                 self.p.get("package_image"))
+        if self._package_pending is not None:
+            if self.check_mode:
+                return None
+            if self._package_staged is None:
+                self._fetch_package()
+            return self._package_staged.path
         return self._package_file
+
+    def _fetch_package(self):
+        """Read the pending package's image out of its .deb into the store; installs nothing."""
+        kind, name, version, pkg = self._package_pending
+        deb = pkg
+        if kind == "apt":
+            # The exact .deb apt-get would install, into a private folder: checked, then
+            # installed from there (_install_package), so what was checked is what is installed.
+            self._package_tmp = self.store.scratch_folder()
+            deb = self.packages.download(name, self._package_tmp[0])
+            version = self.packages.deb_fields(deb)[1]
+            self._package_pending = (kind, name, version, pkg)
+            self._package_member = pick_image_file(self.packages.deb_files(deb), name,
+                                                   self.p.get("package_image"))
+        self._package_deb = deb
+        member = self._package_member
+        algos = ("sha256",) + ((self.checksum[0],) if self.checksum else ())
+        self._package_staged = self.store.stage_stream(
+            lambda: self.packages.open_member(deb, member), self._package_label(), algos,
+            option="package")
+        self._src_digests = dict(self._package_staged.digests)
+
+    def _package_label(self):
+        """The pending package's image, as error messages name it."""
+        kind, name, version, pkg = self._package_pending
+        where = pkg if kind == "deb" else "package %s %s (downloaded by apt-get)" % (name, version)
+        return "%s in %s" % (self._package_member, where)
+
+    def _install_package(self):
+        """Install the pending package from the very .deb whose image was checked."""
+        kind, name, version, pkg = self._package_pending
+        self._package_pending = None  # from here on a failure may have changed the host
+        if kind == "deb":
+            self.packages.install_deb(self._package_deb)
+            self.actions.append("installed package %s %s from %s" % (name, version, pkg))
+        else:
+            self.packages.install_file(self._package_deb)
+            self.actions.append("installed package %s %s with apt-get" % (name, version))
+        self._package_file = pick_image_file(self.packages.files(name), name,
+                                             self.p.get("package_image"))
+
+    def _cleanup_package(self):
+        """Remove what reading a pending package left behind: its image copy, the download."""
+        self.store.discard(self._package_staged)
+        self._package_staged = None
+        if self._package_tmp is not None:
+            folder, created_root = self._package_tmp
+            self._package_tmp = None
+            shutil.rmtree(folder, ignore_errors=True)
+            if created_root:
+                try:
+                    os.rmdir(self.store.root)  # only if still empty: leave the host as it was
+                except OSError:
+                    pass
+
+    def _not_installed(self, exc):
+        """``exc`` with what a real run left untouched, while the package is not installed."""
+        _kind, name, version, _pkg = self._package_pending
+        return ImagesError("%s; nothing was installed: package %s and the store %s are as "
+                           "they were" % (exc, " ".join(filter(None, (name, version))),
+                                          self.store.root))
 
     def _check_digest(self, label, digests):
         algo, digest = self.checksum
@@ -1183,22 +1339,33 @@ class ImageTask:
     def _stage(self, images):
         """Copy (or download) the wanted content into the store and verify it there."""
         algos = (self.checksum[0],) if self.checksum else ("sha256",)
+        # A package that is not installed: its image is read out of its .deb into the store
+        # (by _source_path), checked there, and the package installed only when it passes.
+        source = self._source_path()
+        pending = self.src_kind == "package" and self._package_pending is not None
         if self.src_kind == "url":
             label = self.p["src"]
             staged = self.store.stage_url(label, algos)
+        elif pending:
+            staged, self._package_staged = self._package_staged, None
+            label = self._package_label()
         else:
-            label = self._source_path()
+            label = source
             staged = self.store.stage_file(label, algos)
         try:
             if self.checksum is not None:
                 self._check_digest(label, staged.digests)
             staged.info = self.store.verify(staged.path, option=self._option, label=label,
                                             images=images)
+            if pending:
+                self._install_package()
         except ImagesError:
             self.store.discard(staged)
             raise
         if self.src_kind == "package":
-            staged.source = "package %s (%s)" % (self.p["package"], label)
+            # The file as the package installed it (for a package installed by this run, the
+            # copy holds the same bytes, read from the .deb that was installed).
+            staged.source = "package %s (%s)" % (self.p["package"], self._package_file)
         return staged
 
     def _verify_in_place(self, images):
@@ -1400,8 +1567,13 @@ class ImageTask:
                 before, after = self._run_check(images)
             else:
                 before, after = self._run_real(images)
+        except ImagesError as exc:
+            if self._package_pending is not None and not self.check_mode:
+                raise self._not_installed(exc) from exc
+            raise
         finally:
             self.store.discard(self._staged)
+            self._cleanup_package()
         return self._result(before, after)
 
     def _run_check(self, images):
@@ -1426,10 +1598,14 @@ class ImageTask:
         self._usage = self._read_usage()
         images = self.store.annotate(images, self._usage)
         ops = self.plan(images)
+        if any(op[0] in _CONTENT_OPS for op in ops):
+            self._staged = self._stage(images)  # checks the content, then installs a package
+        elif self._package_pending is not None and self._package_staged is not None:
+            # Deciding compared the package's image with the installed version: the same bytes,
+            # checked when they were installed. Install the package, as check mode said.
+            self._install_package()
         if not ops:
             return images, [dataclasses.replace(i) for i in images]
-        if any(op[0] in _CONTENT_OPS for op in ops):
-            self._staged = self._stage(images)
         with self.lock if self.lock is not None else _NoLock():
             # Decide again from what is true now: another run may have changed the store or
             # defined a domain on an image since.

@@ -287,6 +287,16 @@ class LibvirtGateway:
             raise LibvirtGatewayError("cannot start %s: %s" % (name, exc.get_error_message())) \
                 from exc
 
+    def block_resize(self, name, path, size_bytes):
+        """Grow a disk of a running domain to ``size_bytes`` (QEMU resizes it; the guest sees
+        the new size at once). Never called to shrink."""
+        dom = self._require(name)
+        try:
+            dom.blockResize(path, int(size_bytes), libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+        except libvirt.libvirtError as exc:
+            raise LibvirtGatewayError("cannot grow disk %s of %s: %s" % (
+                path, name, exc.get_error_message())) from exc
+
     def destroy(self, name):
         """Power a domain off at once (no guest shutdown). A stopped domain is left as is."""
         dom = self._require(name)

@@ -39,7 +39,8 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_spec import (
 
 PREPARE = "prepare"  # files and definitions: done under the host lock, one VM after another
 POWER = "power"  # start, stop, undefine, remove: outside the lock, VMs in parallel
-PREPARE_STEPS = ("create_overlay", "create_data_disk", "write_seed", "define", "redefine")
+PREPARE_STEPS = ("create_overlay", "create_data_disk", "write_seed", "define", "redefine",
+                 "grow_disk")
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 STATES = ("present", "running", "stopped", "absent")
@@ -54,23 +55,25 @@ class VmError(Exception):
 class VmRequest:
     """One VM as the user declared it (kvm_vm's options, or one entry of kvm_layout's vms)."""
 
+    # None: not given. A new VM then gets CREATE_DEFAULTS; an existing VM keeps what it has
+    # (resolve() fills these in once the domain has been read).
     name: str
     state: str = "running"
-    gpus: int = 0
+    gpus: int | None = None
     gpu_index: int | None = None
     image: str | None = None
     vcpus: int | None = None
     memory_mb: int | None = None
     os_disk_gb: int | None = None
     data_disk_gb: int | None = None
-    networks: tuple = ()  # NetworkSpec with mac possibly None
+    networks: tuple | None = None  # NetworkSpec with mac possibly None
     cloud_init: dict | None = None
-    cpu_policy: str = "dedicated"
-    hugepages: bool = False
+    cpu_policy: str | None = None
+    hugepages: bool | None = None
     cpu_mode: str | None = None
-    cpu_disable_features: tuple = ()
-    domain_type: str = "kvm"
-    firmware: str = "bios"
+    cpu_disable_features: tuple | None = None
+    domain_type: str | None = None
+    firmware: str | None = None
     force: bool = False
     timeout: int = 120
     remove_data: bool = False
@@ -105,12 +108,12 @@ def request_from_params(p, where=""):
     if p.get("remove_data") and state != "absent":
         raise VmError("%sremove_data: only valid with state: absent (the data disk of %s is "
                       "kept otherwise)" % (prefix, name))
-    gpus = p.get("gpus") or 0
-    if gpus < 0:
+    gpus = p.get("gpus")
+    if gpus is not None and gpus < 0:
         raise VmError("%sgpus: %d; give 0 (CPU-only) or more" % (prefix, gpus))
-    if p.get("gpu_index") is not None and gpus == 0:
-        raise VmError("%sgpu_index: set, but gpus is 0; give gpus too (gpu_index is the first "
-                      "GPU of a gpus-sized block)" % prefix)
+    if p.get("gpu_index") is not None and not gpus:
+        raise VmError("%sgpu_index: set, but gpus is %s; give gpus too (gpu_index is the first "
+                      "GPU of a gpus-sized block)" % (prefix, "not given" if gpus is None else 0))
     memory_mb = None
     if p.get("memory") is not None:
         try:
@@ -122,13 +125,16 @@ def request_from_params(p, where=""):
         data_disk_gb = _size_gb(p.get("data_disk_size"), prefix + "data_disk_size")
     except ValueError as exc:
         raise VmError(str(exc)) from exc
+    for option, size in (("os_disk_size", os_disk_gb), ("data_disk_size", data_disk_gb)):
+        if size is not None and size < 1:
+            raise VmError("%s%s: %r; give a size of 1 GiB or more (a number is GiB, or a "
+                          "string with a unit such as 40GiB)" % (prefix, option, p.get(option)))
     if p.get("vcpus") is not None and p["vcpus"] < 1:
         raise VmError("%svcpus: %d; give 1 or more" % (prefix, p["vcpus"]))
-    networks = []
+    networks = None
     raw_networks = p.get("networks")
-    if raw_networks is None:
-        raw_networks = [{"network": "default"}]
-    for n, net in enumerate(raw_networks):
+    for n, net in enumerate(raw_networks or ()):
+        networks = networks or []
         kinds = [k for k in ("network", "bridge", "user") if net.get(k)]
         if len(kinds) != 1:
             raise VmError("%snetworks[%d]: give exactly one of network (a libvirt network), "
@@ -137,6 +143,8 @@ def request_from_params(p, where=""):
         kind = kinds[0]
         networks.append(NetworkSpec(type=kind, source=None if kind == "user" else net[kind],
                                     mac=net.get("mac")))
+    if raw_networks is not None and networks is None:
+        networks = []  # networks: [] - a VM without NICs
     timeout = p.get("timeout")
     timeout = 120 if timeout is None else timeout
     if timeout < 0:
@@ -144,13 +152,52 @@ def request_from_params(p, where=""):
     return VmRequest(
         name=name, state=state, gpus=gpus, gpu_index=p.get("gpu_index"), image=p.get("image"),
         vcpus=p.get("vcpus"), memory_mb=memory_mb, os_disk_gb=os_disk_gb,
-        data_disk_gb=data_disk_gb, networks=tuple(networks), cloud_init=p.get("cloud_init"),
-        cpu_policy=p.get("cpu_policy") or "dedicated", hugepages=bool(p.get("hugepages")),
-        cpu_mode=p.get("cpu_mode"), cpu_disable_features=tuple(p.get("cpu_disable_features") or ()),
-        domain_type=p.get("domain_type") or "kvm", firmware=p.get("firmware") or "bios",
+        data_disk_gb=data_disk_gb, networks=None if networks is None else tuple(networks),
+        cloud_init=p.get("cloud_init"), cpu_policy=p.get("cpu_policy"),
+        hugepages=p.get("hugepages"), cpu_mode=p.get("cpu_mode"),
+        cpu_disable_features=None if p.get("cpu_disable_features") is None
+        else tuple(p["cpu_disable_features"]),
+        domain_type=p.get("domain_type"), firmware=p.get("firmware"),
         force=bool(p.get("force")), timeout=timeout, remove_data=bool(p.get("remove_data")),
         recreate=bool(p.get("recreate")), owner_tag=p.get("owner_tag"),
     )
+
+
+# What an option left out means for a VM that does not exist yet. An existing VM keeps its
+# own value instead (sticky): `name` + `state: stopped` stops an 8-GPU OVMF VM on a bridge
+# without touching its GPUs, firmware or NICs.
+CREATE_DEFAULTS = {
+    "gpus": 0,
+    "cpu_policy": "dedicated",
+    "hugepages": False,
+    "networks": (NetworkSpec(type="network", source="default"),),
+    "cpu_disable_features": (),
+    "domain_type": "kvm",
+    "firmware": "bios",
+}
+
+
+def resolve(req, actual=None):
+    """The request with every option left out filled in: from the VM (`actual`) or defaults."""
+    if actual is None:
+        fill = dict(CREATE_DEFAULTS)
+    else:
+        fill = {
+            "gpus": len(actual.gpus),
+            "cpu_policy": actual.cpu_policy,
+            "hugepages": bool(actual.hugepage_kb),
+            # The NICs as they are, MACs included; queues are sized again from the vCPUs.
+            "networks": tuple(replace(n, queues=None) for n in actual.networks),
+            "cpu_mode": actual.cpu_mode,
+            "cpu_disable_features": tuple(actual.cpu_disable_features),
+            "domain_type": actual.domain_type,
+            "firmware": actual.firmware,
+            "owner_tag": actual.owner_tag,
+        }
+        if req.gpus is None or req.gpus == len(actual.gpus):
+            # Same template: its size stays (a new GPU count takes the new template's).
+            fill.update(vcpus=actual.vcpus, memory_mb=actual.memory_mb)
+    return replace(req, **{k: v for k, v in fill.items() if getattr(req, k) is None})
 
 
 @dataclass
@@ -184,7 +231,10 @@ class VmPlan:
     kept: list = field(default_factory=list)  # data disks left in place on absent
     reboot_required: bool = False
     seed_files: dict | None = None
+    grow: list = field(default_factory=list)  # (path, GiB, bytes now): disks to grow
     error: str | None = None
+    irreversible: bool = False  # a step was done that has no undo (a stop, a removal, ...)
+    undone: bool = False  # failed, and everything the run had done was undone
     undo: list = field(default_factory=list)  # what this run did, to undo on failure
 
     @property
@@ -240,6 +290,10 @@ class Planner:
                 vp.exists, vp.active, vp.uuid = True, dom.active, dom.uuid
                 vp.actual = VmSpec.from_domain(
                     Domain.from_xml(self.gateway.domain_xml(req.name)))
+            # NICs a VM already has are not checked again: stopping a VM whose network was
+            # deleted since must still work.
+            check_networks = req.networks is not None or vp.actual is None
+            vp.request = req = resolve(req, vp.actual)
             plans.append(vp)
             if req.state == "absent":
                 state.release(req.name)  # what it frees is free for the others in this run
@@ -251,13 +305,26 @@ class Planner:
                     "re-places the VM: set recreate: true to stop, re-place and restart it"
                     % (req.name, req.gpus, len(vp.actual.gpus)))
                 continue
-            if networks is None:
-                networks = self.gateway.networks()
-            try:
-                self._check_networks(req, networks)
-            except VmError as exc:
-                vp.error = str(exc)
-                continue
+            if vp.active and not req.recreate and req.gpu_index is not None and vp.actual.gpus:
+                index = {b: i for i, b in enumerate(_gpu_bdfs(self.ctx))}
+                held = sorted(index[b] for b in vp.actual.gpus if b in index)
+                if held and held[0] != req.gpu_index:
+                    # The running QEMU still holds its GPUs: moving them now would let the
+                    # next run hand them out a second time.
+                    vp.error = (
+                        "%s: gpu_index is %d but the running VM holds GPU(s) %s; moving it "
+                        "re-places the VM: set recreate: true to stop, re-place and restart it, "
+                        "or leave gpu_index out to keep its GPUs" % (
+                            req.name, req.gpu_index, ", ".join(str(i) for i in held)))
+                    continue
+            if check_networks:
+                if networks is None:
+                    networks = self.gateway.networks()
+                try:
+                    self._check_networks(req, networks)
+                except VmError as exc:
+                    vp.error = str(exc)
+                    continue
             placing.append(vp)
         outcomes = state.plan([Request(
             name=vp.request.name, gpus=vp.request.gpus, gpu_index=vp.request.gpu_index,
@@ -272,6 +339,15 @@ class Planner:
                 self._desired(vp, outcome)
             except (VmError, SpecError, _images.ImagesError) as exc:
                 vp.error = str(exc)
+                continue
+            if _moves_devices(vp) and vp.active and not vp.request.recreate:
+                # Caught before placing (gpu_index, count); kept as a guard: the running QEMU
+                # holds the old devices, which must never look free to a later run.
+                vp.error = (
+                    "%s: the running VM holds GPU(s) %s and would be re-placed on %s; set "
+                    "recreate: true to stop, re-place and restart it" % (
+                        vp.request.name, ", ".join(vp.actual.gpus) or "none",
+                        ", ".join(vp.desired.gpus) or "none"))
         for vp in plans:
             if vp.error is None:
                 self._steps(vp)
@@ -297,7 +373,7 @@ class Planner:
     def _desired(self, vp, placement):
         req = vp.request
         paths = disk_paths(self.ctx.disk_dir, req.name)
-        actual_disks = {d.role: d for d in vp.actual.disks} if vp.actual else {}
+        actual_disks = {d.role: d for d in _own_disks(vp.actual)} if vp.actual else {}
         disks = []
         image_name = image_version = None
         if "os" in actual_disks:
@@ -311,29 +387,46 @@ class Planner:
                     "%s: image: the OS disk is an overlay on %s-%s; to move the VM to %s, remove "
                     "it (state: absent keeps the data disk) and create it again" % (
                         req.name, vp.actual.image, vp.actual.image_version, req.image))
-            disks.append(replace(os_disk, size_gb=req.os_disk_gb or os_disk.size_gb))
+            disks.append(replace(os_disk, size_gb=self._size(
+                vp, os_disk.path, req.os_disk_gb, os_disk.size_gb, "os_disk_size")))
         elif req.image:
             image = self.ctx.store.resolve(req.image)
             image_name, image_version = image.name, image.version
+            if req.os_disk_gb is not None and image.virtual_size \
+                    and req.os_disk_gb * _images.GIB < image.virtual_size:
+                raise VmError(
+                    "%s: os_disk_size: %d GiB is smaller than the image %s (%.1f GiB); give "
+                    "%d GiB or more, or leave it out for the image's own size" % (
+                        req.name, req.os_disk_gb, image.ref, image.virtual_size / _images.GIB,
+                        -(-image.virtual_size // _images.GIB)))
             disks.append(DiskSpec(role="os", path=paths["os"], format="qcow2",
                                   size_gb=req.os_disk_gb, backing=os.path.realpath(image.path),
                                   backing_format=image.format))
         if req.data_disk_gb is not None or "data" in actual_disks:
             current = actual_disks.get("data")
-            disks.append(DiskSpec(role="data", path=current.path if current else paths["data"],
-                                  format="qcow2",
-                                  size_gb=req.data_disk_gb or (current.size_gb if current
-                                                               else None)))
+            path = current.path if current else paths["data"]
+            size = req.data_disk_gb
+            if current is not None or os.path.lexists(path):
+                # Attached, or kept by an earlier state: absent: grown when asked, never shrunk.
+                size = self._size(vp, path, req.data_disk_gb,
+                                  current.size_gb if current else None, "data_disk_size")
+            disks.append(DiskSpec(role="data", path=path, format="qcow2", size_gb=size))
+        seed_digest = None
         if req.cloud_init:
             vp.seed_files = _seed.render(req.name, req.cloud_init)
+            seed_digest = _seed.digest(vp.seed_files)
             disks.append(DiskSpec(role="seed", path=paths["seed"], format="raw"))
+        elif "seed" in actual_disks:
+            # cloud_init left out: the VM keeps the seed it has, as it is.
+            disks.append(actual_disks["seed"])
+            seed_digest = vp.actual.seed_digest
         vp.desired = make_spec(
             placement, self.ctx.topology, disks=disks, networks=req.networks,
             domain_type=req.domain_type, cpu_mode=req.cpu_mode,
             cpu_disable_features=req.cpu_disable_features, firmware=req.firmware,
             template=str(req.gpus), image=image_name, image_version=image_version,
             owner_tag=req.owner_tag,
-            seed_digest=_seed.digest(vp.seed_files) if vp.seed_files else None)
+            seed_digest=seed_digest)
         actual = vp.actual
         if actual is not None and actual.cpu_policy == vp.desired.cpu_policy == "dedicated" \
                 and sorted(actual.cpus) == sorted(vp.desired.cpus):
@@ -341,6 +434,31 @@ class Planner:
             # set; keep the VM's own vCPU -> host CPU map (siblings paired), or every run would
             # redefine it with sorted pins that split the guest's SMT pairs.
             vp.desired = replace(vp.desired, cpus=actual.cpus)
+
+    @staticmethod
+    def _size(vp, path, wanted_gb, recorded_gb, option):
+        """The size (GiB) an existing disk is to have; queues its growth in vp.grow.
+
+        Left out or as recorded: as it is (no qemu-img call on a no-op run). Otherwise the
+        file's real size decides: larger grows it, smaller is refused (shrinking loses data).
+        """
+        if wanted_gb is None or wanted_gb == recorded_gb:
+            return recorded_gb if wanted_gb is None else wanted_gb
+        try:
+            now = _images.info(path, backing_chain=False).virtual_size
+        except _images.ImagesError as exc:
+            raise VmError("%s: %s: cannot read the size of %s: %s" % (
+                vp.request.name, option, path, exc)) from exc
+        wanted = wanted_gb * _images.GIB
+        if wanted < now:
+            raise VmError(
+                "%s: %s: %d GiB is smaller than %s (%.1f GiB); disks are never shrunk (it would "
+                "lose data): give %d GiB or more" % (
+                    vp.request.name, option, wanted_gb, path, now / _images.GIB,
+                    -(-now // _images.GIB)))
+        if wanted > now:
+            vp.grow.append((path, wanted_gb, now))
+        return wanted_gb
 
     # --- steps -----------------------------------------------------------------------------
 
@@ -353,7 +471,9 @@ class Planner:
                     vp.steps.append(("stop", name))
                 vp.steps.append(("undefine", name))
             own = disk_paths(self.ctx.disk_dir, name)
-            disks = {d.role: d.path for d in vp.actual.disks} if vp.actual else {}
+            # Only files this collection made for the VM: recorded in its metadata and named
+            # as it names them. A disk or ISO someone attached by hand is never removed.
+            disks = {d.role: d.path for d in _own_disks(vp.actual)} if vp.actual else {}
             for role in ("os", "seed"):
                 path = disks.get(role, own[role])
                 if os.path.lexists(path):
@@ -369,16 +489,15 @@ class Planner:
             vp.diff = spec_diff(vp.actual, None) if vp.actual else {}
             return
         vp.diff = spec_diff(vp.actual, vp.desired)
-        # A running VM whose GPU count changes (recreate: true) is redefined first - libvirt
-        # keeps the new definition for the next start - then stopped and started again.
-        recreate = vp.exists and vp.actual is not None and \
-            len(vp.actual.gpus) != len(vp.desired.gpus) and vp.active
+        # A running VM whose GPUs change (recreate: true) is redefined first - libvirt keeps
+        # the new definition for the next start - then stopped and started again.
+        recreate = vp.active and _moves_devices(vp)
         for disk in vp.desired.disks:
             if disk.role == "os" and not os.path.lexists(disk.path):
                 vp.steps.append(("create_overlay", disk.path))
             elif disk.role == "data" and not os.path.lexists(disk.path):
                 vp.steps.append(("create_data_disk", disk.path))
-            elif disk.role == "seed":
+            elif disk.role == "seed" and vp.seed_files is not None:
                 current = vp.actual.seed_digest if vp.actual is not None else None
                 if not os.path.lexists(disk.path) or current != vp.desired.seed_digest:
                     vp.steps.append(("write_seed", disk.path))
@@ -386,11 +505,43 @@ class Planner:
             vp.steps.append(("define", name))
         elif vp.diff:
             vp.steps.append(("redefine", name))
-            vp.reboot_required = vp.active and not recreate
+            # A disk grown while the VM runs reaches the guest at once: no reboot for that.
+            vp.reboot_required = vp.active and not recreate and _needs_reboot(vp.diff)
+        for path, _gb, _now in vp.grow:
+            vp.steps.append(("grow_disk", path))
         if recreate or (req.state == "stopped" and vp.active):
             vp.steps.append(("stop", name))
         if (recreate and req.state != "stopped") or (req.state == "running" and not vp.active):
             vp.steps.append(("start", name))
+
+
+def _own_disks(spec):
+    """The VM's disks that gpuvirt made: recorded in its metadata, named after the VM."""
+    own = disk_paths("", spec.name)
+    return [d for d in spec.disks if d.recorded and d.role in own
+            and os.path.basename(d.path or "") == own[d.role]]
+
+
+def _needs_reboot(diff):
+    """Whether a running VM must restart for a change: any but disk sizes (grown live)."""
+    for key, change in diff.items():
+        if key != "disks":
+            return True
+
+        def shape(disks):
+            return [{k: v for k, v in d.items() if k != "size_gb"} for d in disks or ()]
+
+        if shape(change["before"]) != shape(change["after"]):
+            return True
+    return False
+
+
+def _moves_devices(vp):
+    """Whether an existing VM would get other GPUs or NVSwitches than it has."""
+    if not vp.exists or vp.actual is None or vp.desired is None:
+        return False
+    return (sorted(vp.actual.gpus) != sorted(vp.desired.gpus)
+            or sorted(vp.actual.nvswitches) != sorted(vp.desired.nvswitches))
 
 
 def _gpu_bdfs(ctx):
@@ -430,10 +581,15 @@ class Applier:
                 actions.append(self._describe(step, target, vp))
                 if self.check_mode:
                     continue
+                undoable = len(vp.undo)
                 self._do(step, target, vp, vp.undo)
+                if len(vp.undo) == undoable:
+                    vp.irreversible = True
         except (LibvirtGatewayError, _images.ImagesError, _seed.SeedError, OSError) as exc:
-            rolled = self._rollback(vp.undo)
+            rolled, complete = self._rollback(vp.undo)
             vp.undo = []
+            # Everything undone: the host is as it was, so the run changed nothing.
+            vp.undone = complete and not vp.irreversible
             raise VmError("%s: %s failed: %s%s" % (
                 req.name, actions[-1] if actions else "converge", exc,
                 "; rolled back: %s" % ", ".join(rolled) if rolled else "")) from exc
@@ -453,6 +609,10 @@ class Applier:
             "undefine": "undefine %s" % target,
             "remove_file": "remove %s" % target,
         }
+        if step == "grow_disk":
+            _path, gb, now = next(g for g in vp.grow if g[0] == target)
+            return "grow disk %s from %.1f to %d GiB%s" % (
+                target, now / _images.GIB, gb, " (live)" if vp.active else "")
         return words[step]
 
     def _do(self, step, target, vp, undo):
@@ -482,6 +642,15 @@ class Applier:
                 undo.append(("undefine", target))
             else:
                 undo.append(("restore_definition", (target, previous)))
+        elif step == "grow_disk":
+            _path, gb, now = next(g for g in vp.grow if g[0] == target)
+            if vp.active:
+                # QEMU holds the image: it must do the resize. A live growth is not undone
+                # (the guest may already use the new space).
+                self.gateway.block_resize(req.name, target, gb * _images.GIB)
+            else:
+                _images.resize(target, gb)
+                undo.append(("shrink", (target, now)))
         elif step == "start":
             self.gateway.start(target)
             undo.append(("destroy", target))
@@ -497,7 +666,8 @@ class Applier:
                 os.unlink(target)
 
     def _rollback(self, undo):
-        done = []
+        """Undo in reverse; (lines saying what was undone, whether all of it was)."""
+        done, complete = [], True
         for step, target in reversed(undo):
             try:
                 if step == "remove_file" and os.path.lexists(target):
@@ -510,12 +680,16 @@ class Applier:
                 elif step == "restore_definition":
                     target, previous = target
                     self.gateway.define(previous)
+                elif step == "shrink":
+                    target, size = target
+                    _images.undo_grow(target, size)
                 elif step == "start" and self.gateway.state(target) == "shutoff":
                     self.gateway.start(target)
                 done.append("%s %s" % (step, target))
             except (LibvirtGatewayError, OSError):
                 done.append("%s %s (FAILED, clean up by hand)" % (step, target))
-        return done
+                complete = False
+        return done, complete
 
 
 # --- the module-facing entry points ---------------------------------------------------------
@@ -525,7 +699,7 @@ def vm_argspec():
     return dict(
         name=dict(type="str", required=True),
         state=dict(type="str", choices=list(STATES), default="running"),
-        gpus=dict(type="int", default=0),
+        gpus=dict(type="int"),
         gpu_index=dict(type="int"),
         image=dict(type="str"),
         store=dict(type="path", default=_images.DEFAULT_STORE),
@@ -541,12 +715,12 @@ def vm_argspec():
             hostname=dict(type="str"), user=dict(type="str"),
             ssh_authorized_keys=dict(type="list", elements="str", no_log=False),
             password_hash=dict(type="str", no_log=True))),
-        cpu_policy=dict(type="str", choices=["dedicated", "shared"], default="dedicated"),
-        hugepages=dict(type="bool", default=False),
+        cpu_policy=dict(type="str", choices=["dedicated", "shared"]),
+        hugepages=dict(type="bool"),
         cpu_mode=dict(type="str", choices=["host-passthrough", "host-model", "maximum"]),
-        cpu_disable_features=dict(type="list", elements="str", default=[]),
-        domain_type=dict(type="str", choices=["kvm", "qemu"], default="kvm"),
-        firmware=dict(type="str", choices=["bios", "ovmf"], default="bios"),
+        cpu_disable_features=dict(type="list", elements="str"),
+        domain_type=dict(type="str", choices=["kvm", "qemu"]),
+        firmware=dict(type="str", choices=["bios", "ovmf"]),
         force=dict(type="bool", default=False),
         timeout=dict(type="int", default=120),
         remove_data=dict(type="bool", default=False),
@@ -690,11 +864,29 @@ def converge(gateway, ctx, requests, check_mode=False, lock=None, workers=1):
             gateway, ctx, vp, actions.get(vp.request.name, []), check_mode)
         if vp.error is not None:
             results[vp.request.name]["changed"] = bool(actions.get(vp.request.name)) and \
-                not check_mode
+                not check_mode and not vp.undone
     return [results[r.name] for r in requests]
 
 
 LAYOUT_VM_KEYS = tuple(k for k in vm_argspec() if k not in ("store", "disk_dir"))
+
+
+def _validated(module, spec, params, where):
+    """`params` typed and checked against `spec` as Ansible checks a module's own options.
+
+    kvm_layout's entries are plain dicts: without this, "false" from a template would be true
+    for remove_data, and "2" for gpus a traceback. Secrets (no_log) are masked in the output.
+    """
+    from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
+    from ansible.module_utils.errors import UnsupportedError
+
+    result = ArgumentSpecValidator(spec).validate(params)
+    module.no_log_values.update(result._no_log_values)  # pylint: disable=protected-access
+    if result.error_messages:
+        raise VmError("%s: %s" % (where, "; ".join(
+            ("unknown option %s" % e.error_message) if isinstance(e, UnsupportedError)
+            else e.error_message for e in result.errors.errors)))
+    return result.validated_parameters
 
 
 def layout_requests(module, gateway, p):
@@ -704,7 +896,10 @@ def layout_requests(module, gateway, p):
     if bad:
         raise VmError("defaults: unknown option(s) %s; accepted: %s" % (
             ", ".join(bad), ", ".join(k for k in LAYOUT_VM_KEYS if k != "name")))
-    spec = vm_argspec()
+    spec = {k: v for k, v in vm_argspec().items() if k in LAYOUT_VM_KEYS}
+    # defaults: typed like an entry, but nothing filled in (an entry's own value still wins).
+    _validated(module, {k: {kk: vv for kk, vv in v.items() if kk not in ("default", "required")}
+                        for k, v in spec.items() if k != "name"}, defaults, "defaults")
     requests = []
     seen = {}
     for n, entry in enumerate(p["vms"]):
@@ -715,13 +910,13 @@ def layout_requests(module, gateway, p):
         if bad:
             raise VmError("%s: unknown option(s) %s; accepted: %s" % (
                 where, ", ".join(bad), ", ".join(LAYOUT_VM_KEYS)))
-        merged = {k: v.get("default") for k, v in spec.items()}
-        merged.update(defaults)
+        merged = dict(defaults)
         merged.update(entry)
-        secret = (merged.get("cloud_init") or {}).get("password_hash")
+        secret = (merged.get("cloud_init") or {}).get("password_hash") \
+            if isinstance(merged.get("cloud_init"), dict) else None
         if secret:
-            module.no_log_values.add(secret)  # entries are plain dicts: no argspec no_log here
-        req = request_from_params(merged, where)
+            module.no_log_values.add(secret)  # before validating: an error may quote it
+        req = request_from_params(_validated(module, spec, merged, where), where)
         if req.name in seen:
             raise VmError("%s.name: %r is listed twice (also %s); names must be unique" % (
                 where, req.name, seen[req.name]))
@@ -737,10 +932,9 @@ def layout_requests(module, gateway, p):
             if scope is not None and dom.metadata.get("owner_tag") != scope:
                 continue
             if dom.managed and dom.name not in listed:
-                merged = {k: v.get("default") for k, v in spec.items()}
-                merged.update({k: v for k, v in defaults.items()
-                               if k in ("force", "timeout")})
+                merged = {k: v for k, v in defaults.items() if k in ("force", "timeout")}
                 merged.update({"name": dom.name, "state": "absent"})
-                requests.append(request_from_params(merged, "exclusive"))
+                requests.append(request_from_params(
+                    _validated(module, spec, merged, "exclusive"), "exclusive"))
                 removed.append(dom.name)
     return requests, removed

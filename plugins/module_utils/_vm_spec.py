@@ -113,6 +113,9 @@ class DiskSpec:
     size_gb: int | None = None  # what was asked (domain XML carries no size: kept in metadata)
     backing: str | None = None  # the base image an OS overlay reads from
     backing_format: str | None = None
+    # Read back from a domain: whether the gpuvirt metadata records this disk (False: attached
+    # by someone else, its role only guessed). Not part of what a VM is: not compared.
+    recorded: bool = field(default=True, compare=False)
 
     def to_dict(self):
         return {"role": self.role, "path": self.path, "format": self.format,
@@ -802,5 +805,5 @@ def _disk_specs(dom, alloc):
             role=role, path=disk.source, format=disk.driver_type or "raw",
             size_gb=meta.size_gb if meta is not None else None,
             backing=backing.source if backing else None,
-            backing_format=backing.format if backing else None))
+            backing_format=backing.format if backing else None, recorded=meta is not None))
     return tuple(result)

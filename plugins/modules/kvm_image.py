@@ -73,19 +73,27 @@ options:
   checksum:
     description:
       - The image's digest, V(sha256:<hex>) or V(sha512:<hex>). Required when O(src) is a URL.
-      - The copied or downloaded content must match it, or nothing is installed.
+      - The copied or downloaded content must match it, or nothing is installed. For
+        O(package), that includes the package itself; see there.
       - It also makes reruns cheap. The installed version is compared with the digest
         recorded when it was installed, without reading the source.
     type: str
   package:
     description:
       - A Debian package that ships the image, as NVIDIA shipped C(dgx-kvm-image-*). Either a
-        package name, installed with C(apt-get) from the host's repositories when it is not
-        installed, or the path of a C(.deb) file, installed with C(dpkg -i) unless that version
-        is installed.
+        package name, fetched with C(apt-get download) from the host's repositories and
+        installed from that C(.deb) with C(apt-get install) when it is not installed, or the
+        path of a C(.deb) file, installed with C(dpkg -i) unless that version is installed.
       - The image is the one C(.qcow2), C(.qcow), C(.img) or C(.raw) file the package ships
         (O(package_image) chooses when it ships several). It is copied into the store, so
         removing or upgrading the package never pulls a base image from under a VM's disk.
+      - A package is checked before it is installed. Its image is read out of the C(.deb)
+        into the store under a temporary name and checked there (O(checksum), C(qemu-img),
+        and the content of O(version) when the store already has it). Only when it passes is
+        that same C(.deb) installed and the image put in place. When it fails, the package is not installed and
+        the store is left as it was. The error says so and names the option.
+      - A package that is already installed (that version, for a C(.deb) file) is not
+        installed again; its image file is read where the package put it.
       - Mutually exclusive with O(src).
     type: str
   package_image:
@@ -143,7 +151,7 @@ EXAMPLES = r"""
     name: dgx-os
     version: "6.2"
     src: https://mirror.example.com/images/dgx-os-6.2.qcow2
-    checksum: sha256:5f1c0b5fd1a1c4bce30a6a3d25c3a6e52f2e1d7b8fd0f9d1c2b3a4e5f6a7b8c9d
+    checksum: sha256:5f1c0b5fd1a1c4bce30a6a3d25c3a6e52f2e1d7b8fd0f9d1c2b3a4e5f6a7b8c9
 
 - name: Install the image that NVIDIA's package ships, as nvidia-vm did
   gpuvirt.kvm.kvm_image:

@@ -53,6 +53,10 @@ options:
         C(cpu_disable_features), C(domain_type), C(firmware), C(state), C(force), C(timeout),
         C(remove_data), C(recreate), C(owner_tag)).
       - Names must be unique.
+      - Each entry (with O(defaults) merged in) is type-checked and converted as
+        M(gpuvirt.kvm.kvm_vm) checks its own options, so V("2") is 2 and V("false") is false;
+        an error names the entry (C(vms[3])) and the option. Options an entry leaves out keep
+        what an existing VM has, as in M(gpuvirt.kvm.kvm_vm).
     type: list
     elements: dict
     required: true

@@ -23,6 +23,16 @@ description:
     and reports the cause.
   - The allocation lives in the domain's XML (its hostdevs, cputune and a C(<metadata>) element
     of the collection); there is no other state.
+  - Options left out keep what an existing VM has (sticky) - its GPUs, vCPUs, memory, CPU
+    policy, hugepages, NICs, CPU mode and features, domain type, firmware, disks, seed and owner
+    tag - so O(name) with O(state=stopped) just stops it. The defaults documented below apply
+    when the VM is created.
+  - Disks grow when O(os_disk_size) or O(data_disk_size) asks for more (with C(qemu-img resize)
+    while the VM is off, through QEMU while it runs, without a reboot); asking for less is an
+    error, as disks are never shrunk.
+  - Only files the collection made for the VM are ever removed (recorded in its metadata and
+    named C(<name>-os.qcow2), C(<name>-seed.iso), C(<name>-data.qcow2)). A disk or ISO attached
+    by hand is detached from the definition at the next change and its file is left alone.
 author:
   - gpuvirt.kvm contributors (@gpuvirt)
 extends_documentation_fragment:
@@ -65,12 +75,14 @@ options:
         (1, 2, 4, 8, 16 on DGX-2).
       - Changing the count of an existing VM re-places it; on a running VM that needs
         O(recreate=true).
+      - When not set, V(0) for a new VM; an existing VM keeps its GPUs.
     type: int
-    default: 0
   gpu_index:
     description:
       - Exact placement, as nvidia-vm's C(--gpu-index) took it - the lowest GPU index of the block. It must
         start a partition of O(gpus) GPUs on this platform, and be free.
+      - Moving a running VM to another block needs O(recreate=true), as its QEMU holds the old
+        GPUs until it stops. When not set, an existing VM keeps its block.
     type: int
   image:
     description:
@@ -87,24 +99,30 @@ options:
     default: /var/lib/gpuvirt/disks
   vcpus:
     description: vCPUs. Default from the template for the GPU count (platform data, else the
-      GPUs' share of their NUMA nodes).
+      GPUs' share of their NUMA nodes); an existing VM keeps its own unless its GPU count changes.
     type: int
   memory:
     description: Memory in MiB, or a string with a unit such as V(64GiB). Default from the
-      template.
+      template; an existing VM keeps its own unless its GPU count changes.
     type: raw
   os_disk_size:
-    description: Virtual size of the OS disk overlay, in GiB or with a unit. Default the image's
-      own size.
+    description:
+      - Virtual size of the OS disk overlay, in GiB or with a unit; at least the image's size.
+        Default the image's own size.
+      - A larger size on an existing VM grows the overlay; a smaller one is refused.
     type: raw
   data_disk_size:
-    description: Size of a separate data disk, in GiB or with a unit. None when not set.
+    description:
+      - Size of a separate data disk, in GiB or with a unit. None when not set.
+      - A larger size grows the disk (also a data disk kept from an earlier O(state=absent),
+        which is attached again); a smaller one is refused.
     type: raw
   networks:
     description:
       - NICs, each a libvirt network, a host bridge or QEMU user networking. Multiqueue virtio
         (queues = vCPUs, capped at 8).
-      - When not set, one NIC on the libvirt network V(default).
+      - When not set, one NIC on the libvirt network V(default) for a new VM; an existing VM
+        keeps its NICs. V([]) makes a VM without NICs.
     type: list
     elements: dict
     suboptions:
@@ -129,14 +147,13 @@ options:
       password_hash: {description: Its password hash (crypt format)., type: str}
   cpu_policy:
     description: V(dedicated) pins vCPUs 1:1 to host CPUs no other VM holds; V(shared) lets them
-      float over the node's unreserved CPUs.
+      float over the node's unreserved CPUs. When not set, V(dedicated) for a new VM.
     type: str
     choices: [dedicated, shared]
-    default: dedicated
   hugepages:
-    description: Back memory with hugepages reserved on the VM's NUMA nodes.
+    description: Back memory with hugepages reserved on the VM's NUMA nodes. When not set,
+      V(false) for a new VM.
     type: bool
-    default: false
   cpu_mode:
     description:
       - The guest CPU model mode. When not set, V(host-passthrough), or V(maximum) with
@@ -145,20 +162,19 @@ options:
     choices: [host-passthrough, host-model, maximum]
   cpu_disable_features:
     description: CPU features to hide from the guest (for example V(arch-capabilities) on hosts
-      whose KVM cannot virtualise that MSR).
+      whose KVM cannot virtualise that MSR). When not set, none for a new VM.
     type: list
     elements: str
-    default: []
   domain_type:
-    description: V(kvm) on real hosts; V(qemu) runs the guest under TCG emulation.
+    description: V(kvm) on real hosts; V(qemu) runs the guest under TCG emulation. When not
+      set, V(kvm) for a new VM.
     type: str
     choices: [kvm, qemu]
-    default: kvm
   firmware:
     description: V(ovmf) boots with UEFI (needed for large-BAR multi-GPU guests); V(bios) else.
+      When not set, V(bios) for a new VM.
     type: str
     choices: [bios, ovmf]
-    default: bios
   force:
     description: Power the VM off when an ACPI shutdown does not finish within O(timeout).
     type: bool
@@ -172,12 +188,13 @@ options:
     type: bool
     default: false
   recreate:
-    description: Allow a change of GPU count on a running VM (it is stopped, re-placed and
-      started again).
+    description: Allow a change of GPU count or O(gpu_index) on a running VM (it is stopped,
+      re-placed and started again).
     type: bool
     default: false
   owner_tag:
-    description: A free-form tag recorded in the VM's metadata (a tenant or team).
+    description: A free-form tag recorded in the VM's metadata (a tenant or team). When not
+      set, an existing VM keeps its tag.
     type: str
 """
 
@@ -205,6 +222,11 @@ EXAMPLES = r"""
     state: stopped
     timeout: 300
     force: true
+
+- name: Grow train-a's data disk to 1 TiB while it runs (its other settings stay as they are)
+  gpuvirt.kvm.kvm_vm:
+    name: train-a
+    data_disk_size: 1TiB
 
 - name: Remove it; its data disk stays (the result says where)
   gpuvirt.kvm.kvm_vm:

@@ -24,6 +24,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm import (
     VmError,
     converge,
     request_from_params,
+    resolve,
 )
 
 
@@ -35,7 +36,11 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm import (
     ({"name": "ok", "state": "gone"}, "state: 'gone' is not one of"),
     ({"name": "ok", "remove_data": True}, "remove_data: only valid with state: absent"),
     ({"name": "ok", "gpus": -1}, "gpus: -1"),
-    ({"name": "ok", "gpu_index": 2}, "gpu_index: set, but gpus is 0"),
+    ({"name": "ok", "gpu_index": 2}, "gpu_index: set, but gpus is not given"),
+    ({"name": "ok", "gpu_index": 2, "gpus": 0}, "gpu_index: set, but gpus is 0"),
+    ({"name": "ok", "os_disk_size": 0}, "os_disk_size: 0; give a size of 1 GiB or more"),
+    ({"name": "ok", "data_disk_size": -5}, "data_disk_size: -5; give a size of 1 GiB or more"),
+    ({"name": "ok", "data_disk_size": "0GiB"}, "data_disk_size: '0GiB' must be larger than zero"),
     ({"name": "ok", "memory": "lots"}, "memory: 'lots' is not a size"),
     ({"name": "ok", "data_disk_size": "1.5GiB"}, "data_disk_size"),
     ({"name": "ok", "vcpus": 0}, "vcpus: 0"),
@@ -54,7 +59,10 @@ def test_options_normalised():
                                "os_disk_size": "20GiB", "networks": [{"user": True}]})
     assert (req.memory_mb, req.data_disk_gb, req.os_disk_gb) == (2048, 10, 20)
     assert req.networks[0].type == "user" and req.networks[0].source is None
-    assert request_from_params({"name": "x"}).networks[0].source == "default"
+    # Left out: None, so that an existing VM keeps its NICs; a new VM gets the default network.
+    assert request_from_params({"name": "x"}).networks is None
+    assert resolve(request_from_params({"name": "x"})).networks[0].source == "default"
+    assert request_from_params({"name": "x", "networks": []}).networks == ()
 
 
 @pytest.fixture
@@ -201,3 +209,160 @@ def test_removals_stop_before_new_vms_start(dgx2_ctx):
         assert len(out[1]["vm"]["gpus"]) == 16
     finally:
         gw.close()
+
+
+# --- options left out, moved GPUs, disk sizes, files that are not ours -----------------------
+
+def test_left_out_options_keep_what_the_vm_has(dgx2_ctx, test_driver):
+    # Created with non-default options; then only name + state, as an admin stops a VM.
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils import _seed
+
+    seed = {"cloud_init": {"user": "ops", "ssh_authorized_keys": ["ssh-ed25519 AAAA k"]}} \
+        if _seed.iso_tool() else {}
+    made = converge(test_driver, dgx2_ctx, [req(
+        "keep", gpus=2, cpu_policy="shared", firmware="ovmf", cpu_mode="host-model",
+        cpu_disable_features=["x2apic"], owner_tag="team-a", data_disk_size=1,
+        networks=[{"network": "default", "mac": "52:54:00:aa:bb:cc"}, {"user": True}],
+        **seed)])[0]
+    assert made["error"] is None and test_driver.state("keep") == "running"
+    assert len(made["vm"]["disks"]) == 1 + len(seed)
+    spec = made["vm"]["spec"]
+    stop = converge(test_driver, dgx2_ctx, [request_from_params(
+        {"name": "keep", "state": "stopped", "force": True, "timeout": 0})])[0]
+    assert stop["error"] is None and stop["actions"] == ["stop keep"], stop["diff"]
+    assert stop["vm"]["spec"] == spec and stop["diff"] == {"before": {}, "after": {}}
+    # Stopped, the same call changes nothing: its GPUs are not freed, it is not redefined.
+    again = converge(test_driver, dgx2_ctx, [request_from_params(
+        {"name": "keep", "state": "stopped"})])[0]
+    assert again["changed"] is False and again["vm"]["gpus"] == made["vm"]["gpus"]
+    start = converge(test_driver, dgx2_ctx, [request_from_params({"name": "keep"})])[0]
+    assert start["actions"] == ["start keep"] and start["vm"]["spec"] == spec
+    # What is given still wins.
+    shared_off = converge(test_driver, dgx2_ctx, [request_from_params(
+        {"name": "keep", "state": "stopped", "force": True, "timeout": 0, "firmware": "bios"})])[0]
+    assert shared_off["actions"] == ["redefine keep", "stop keep"]
+    assert shared_off["vm"]["spec"]["firmware"] == "bios"
+    assert shared_off["vm"]["gpus"] == made["vm"]["gpus"]
+
+
+def test_moving_a_running_vms_gpus_needs_recreate(dgx2_ctx, test_driver):
+    first = converge(test_driver, dgx2_ctx, [req("mover", gpus=2, gpu_index=0)])[0]
+    assert first["vm"]["gpu_indexes"] == [0, 1]
+    out = converge(test_driver, dgx2_ctx, [req("mover", gpus=2, gpu_index=4)])[0]
+    assert "gpu_index is 4 but the running VM holds GPU(s) 0, 1" in out["error"]
+    assert "recreate: true" in out["error"] and out["changed"] is False
+    held = Planner(test_driver, dgx2_ctx).read_domains()["mover"].hostdevs
+    assert set(first["vm"]["gpus"]) <= set(held)  # libvirt's definition still names them
+    # Nobody else may take them meanwhile.
+    other = converge(test_driver, dgx2_ctx, [req("other", gpus=2, gpu_index=0)])[0]
+    assert other["error"] is not None and not test_driver.exists("other")
+    moved = converge(test_driver, dgx2_ctx, [req("mover", gpus=2, gpu_index=4,
+                                                 recreate=True)])[0]
+    assert moved["error"] is None and moved["vm"]["gpu_indexes"] == [4, 5]
+    assert moved["actions"] == ["redefine mover", "stop mover", "start mover"]
+    # Stopped, a VM may move without recreate (nothing holds its GPUs).
+    converge(test_driver, dgx2_ctx, [req("mover", gpus=2, state="stopped", force=True,
+                                         timeout=0)])
+    back = converge(test_driver, dgx2_ctx, [req("mover", gpus=2, gpu_index=0,
+                                                state="stopped")])[0]
+    assert back["error"] is None and back["vm"]["gpu_indexes"] == [0, 1]
+
+
+def _virtual_gib(path):
+    return _images.info(path, backing_chain=False).virtual_size / _images.GIB
+
+
+def test_data_disk_grows_and_is_never_shrunk(dgx2_ctx, test_driver):
+    os.makedirs(dgx2_ctx.disk_dir)
+    data = os.path.join(dgx2_ctx.disk_dir, "g-data.qcow2")
+    converge(test_driver, dgx2_ctx, [req("g", state="stopped", data_disk_size=1)])
+    assert _virtual_gib(data) == 1
+    grown = converge(test_driver, dgx2_ctx, [req("g", state="stopped", data_disk_size=3)])[0]
+    assert grown["error"] is None
+    assert grown["actions"] == ["redefine g", "grow disk %s from 1.0 to 3 GiB" % data]
+    assert _virtual_gib(data) == 3
+    assert [d["size_gb"] for d in grown["vm"]["disks"] if d["role"] == "data"] == [3]
+    again = converge(test_driver, dgx2_ctx, [req("g", state="stopped", data_disk_size=3)])[0]
+    assert again["changed"] is False
+    shrink = converge(test_driver, dgx2_ctx, [req("g", state="stopped", data_disk_size=2)])[0]
+    assert "data_disk_size: 2 GiB is smaller than %s (3.0 GiB); disks are never shrunk" % data \
+        in shrink["error"]
+    assert shrink["changed"] is False and _virtual_gib(data) == 3
+    # A kept data disk (state: absent) comes back with its size; asking for less is refused.
+    converge(test_driver, dgx2_ctx, [req("g", state="absent")])
+    refused = converge(test_driver, dgx2_ctx, [req("g", state="stopped", data_disk_size=1)])[0]
+    assert "disks are never shrunk" in refused["error"] and not test_driver.exists("g")
+    back = converge(test_driver, dgx2_ctx, [req("g", state="stopped", data_disk_size=4)])[0]
+    assert back["actions"] == ["define g", "grow disk %s from 3.0 to 4 GiB" % data]
+    assert _virtual_gib(data) == 4
+
+
+def test_a_failed_run_shrinks_back_what_it_grew(dgx2_ctx, test_driver, monkeypatch):
+    os.makedirs(dgx2_ctx.disk_dir)
+    data = os.path.join(dgx2_ctx.disk_dir, "f-data.qcow2")
+    converge(test_driver, dgx2_ctx, [req("f", state="stopped", data_disk_size=1)])
+
+    def refuse(*_args, **_kw):
+        from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import (
+            LibvirtGatewayError,
+        )
+        raise LibvirtGatewayError("cannot start f: no")
+
+    monkeypatch.setattr(test_driver, "start", refuse)
+    out = converge(test_driver, dgx2_ctx, [req("f", data_disk_size=2)])[0]
+    assert "cannot start f: no" in out["error"] and "shrink" in out["error"]
+    assert out["changed"] is False  # everything it did was undone: the host is as it was
+    assert _virtual_gib(data) == 1
+    assert [d.size_gb for d in Planner(test_driver, dgx2_ctx).plan(
+        [req("f", state="stopped")])[0].actual.disks if d.role == "data"] == [1]
+
+
+def test_absent_never_removes_a_file_it_did_not_make(dgx2_ctx, test_driver, tmp_path):
+    import xml.etree.ElementTree as ET
+
+    os.makedirs(dgx2_ctx.disk_dir)
+    converge(test_driver, dgx2_ctx, [req("h", state="stopped", data_disk_size=1)])
+    data = os.path.join(dgx2_ctx.disk_dir, "h-data.qcow2")
+    # An admin attaches an installer ISO and a scratch disk by hand (virsh attach-disk).
+    iso, scratch = tmp_path / "installer.iso", tmp_path / "scratch.qcow2"
+    iso.write_bytes(b"iso")
+    _images.create_disk(str(scratch), 1)
+    root = ET.fromstring(test_driver.domain_xml("h"))
+    devices = root.find("devices")
+    for kind, path, dev in (("cdrom", iso, "sdz"), ("disk", scratch, "vdz")):
+        disk = ET.SubElement(devices, "disk", type="file", device=kind)
+        ET.SubElement(disk, "driver", name="qemu", type="raw" if kind == "cdrom" else "qcow2")
+        ET.SubElement(disk, "source", file=str(path))
+        ET.SubElement(disk, "target", dev=dev, bus="sata" if kind == "cdrom" else "virtio")
+    test_driver.define(ET.tostring(root, encoding="unicode"))
+    out = converge(test_driver, dgx2_ctx, [req("h", state="absent", remove_data=True)])[0]
+    assert out["error"] is None and out["actions"] == ["undefine h", "remove %s" % data]
+    assert iso.exists() and scratch.exists() and not os.path.exists(data)
+
+
+def test_layout_entries_are_typed_like_kvm_vm_options(test_driver):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm import layout_requests
+
+    module = _Module()
+    requests, _removed = layout_requests(module, test_driver, {"vms": [
+        {"name": "a", "gpus": "2", "vcpus": "4", "timeout": "60"},
+        # "false" from a template: false, not a truthy string that would delete the data disk
+        {"name": "b", "state": "absent", "remove_data": "false", "force": "yes"},
+        {"name": "c", "cloud_init": {"password_hash": "$6$hidden", "ssh_authorized_keys":
+                                     ["ssh-ed25519 AAAA key"]}},
+    ], "defaults": {"recreate": "no"}})
+    a, b, c = requests
+    assert (a.gpus, a.vcpus, a.timeout, a.recreate) == (2, 4, 60, False)
+    assert (b.remove_data, b.force) == (False, True)
+    assert c.cloud_init["ssh_authorized_keys"] == ["ssh-ed25519 AAAA key"]
+    assert "$6$hidden" in module.no_log_values
+    for vms, defaults, words in (
+            ([{"name": "a", "gpus": "two"}], {}, "vms[0]: argument 'gpus' is of type"),
+            ([{"name": "a", "remove_data": "perhaps"}], {}, "vms[0]: argument 'remove_data'"),
+            ([{"name": "a", "networks": [{"bridge": "br0", "vlan": 3}]}], {},
+             "vms[0]: unknown option networks.vlan. Supported parameters include: bridge, mac"),
+            ([{"name": "a"}], {"timeout": "soon"}, "defaults: argument 'timeout'"),
+            ([{"name": "a", "cpu_policy": "greedy"}], {}, "vms[0]: value of cpu_policy must be")):
+        with pytest.raises(VmError) as err:
+            layout_requests(_Module(), test_driver, {"vms": vms, "defaults": defaults})
+        assert words in str(err.value), str(err.value)
