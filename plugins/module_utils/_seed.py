@@ -85,7 +85,9 @@ def write_iso(path, files):
         if proc.returncode != 0:
             raise SeedError("%s failed (exit %d): %s" % (os.path.basename(tool), proc.returncode,
                                                          proc.stderr.strip()))
-        os.chmod(tmp_iso, 0o644)
+        # Only its owner (root; libvirt hands it to QEMU when the VM starts) may read it: it
+        # can hold the password hash of cloud_init.
+        os.chmod(tmp_iso, 0o600)
         os.replace(tmp_iso, path)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -38,3 +38,5 @@ def test_write_iso_is_a_cidata_volume(tmp_path):
     assert data[0x8028:0x8028 + 6] == b"CIDATA" or data[0x8028:0x8028 + 6] == b"cidata"
     assert b"#cloud-config" in data
     assert sorted(os.listdir(tmp_path)) == ["seed.iso"]  # the staging folder is gone
+    # It may hold a password hash: only its owner reads it (libvirt gives it to QEMU).
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
