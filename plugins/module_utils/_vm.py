@@ -194,6 +194,10 @@ def resolve(req, actual=None):
             "firmware": actual.firmware,
             "owner_tag": actual.owner_tag,
         }
+        if req.domain_type is not None and req.domain_type != actual.domain_type:
+            # A new domain type takes its own default CPU mode (host-passthrough for kvm,
+            # maximum for TCG) unless cpu_mode is given.
+            del fill["cpu_mode"]
         if req.gpus is None or req.gpus == len(actual.gpus):
             # Same template: its size stays (a new GPU count takes the new template's).
             fill.update(vcpus=actual.vcpus, memory_mb=actual.memory_mb)
@@ -231,7 +235,7 @@ class VmPlan:
     kept: list = field(default_factory=list)  # data disks left in place on absent
     reboot_required: bool = False
     seed_files: dict | None = None
-    grow: list = field(default_factory=list)  # (path, GiB, bytes now): disks to grow
+    grow: list = field(default_factory=list)  # (path, GiB, bytes now, live): disks to grow
     error: str | None = None
     irreversible: bool = False  # a step was done that has no undo (a stop, a removal, ...)
     undone: bool = False  # failed, and everything the run had done was undone
@@ -457,7 +461,7 @@ class Planner:
                     vp.request.name, option, wanted_gb, path, now / _images.GIB,
                     -(-now // _images.GIB)))
         if wanted > now:
-            vp.grow.append((path, wanted_gb, now))
+            vp.grow.append((path, wanted_gb, now, False))
         return wanted_gb
 
     # --- steps -----------------------------------------------------------------------------
@@ -507,7 +511,14 @@ class Planner:
             vp.steps.append(("redefine", name))
             # A disk grown while the VM runs reaches the guest at once: no reboot for that.
             vp.reboot_required = vp.active and not recreate and _needs_reboot(vp.diff)
-        for path, _gb, _now in vp.grow:
+        if vp.grow and vp.active:
+            # Grown through QEMU only where QEMU has the disk open (the live definition): a
+            # disk attached by this run, or by one whose redefine awaits a reboot, is a file
+            # no process holds, grown with qemu-img.
+            live = {d.source for d in Domain.from_xml(
+                self.gateway.domain_xml(name, inactive=False)).disks}
+            vp.grow = [(p, gb, now, p in live) for p, gb, now, _live in vp.grow]
+        for path, _gb, _now, _live in vp.grow:
             vp.steps.append(("grow_disk", path))
         if recreate or (req.state == "stopped" and vp.active):
             vp.steps.append(("stop", name))
@@ -610,9 +621,9 @@ class Applier:
             "remove_file": "remove %s" % target,
         }
         if step == "grow_disk":
-            _path, gb, now = next(g for g in vp.grow if g[0] == target)
+            _path, gb, now, live = next(g for g in vp.grow if g[0] == target)
             return "grow disk %s from %.1f to %d GiB%s" % (
-                target, now / _images.GIB, gb, " (live)" if vp.active else "")
+                target, now / _images.GIB, gb, " (live)" if live else "")
         return words[step]
 
     def _do(self, step, target, vp, undo):
@@ -643,8 +654,8 @@ class Applier:
             else:
                 undo.append(("restore_definition", (target, previous)))
         elif step == "grow_disk":
-            _path, gb, now = next(g for g in vp.grow if g[0] == target)
-            if vp.active:
+            _path, gb, now, live = next(g for g in vp.grow if g[0] == target)
+            if live:
                 # QEMU holds the image: it must do the resize. A live growth is not undone
                 # (the guest may already use the new space).
                 self.gateway.block_resize(req.name, target, gb * _images.GIB)
@@ -686,7 +697,7 @@ class Applier:
                 elif step == "start" and self.gateway.state(target) == "shutoff":
                     self.gateway.start(target)
                 done.append("%s %s" % (step, target))
-            except (LibvirtGatewayError, OSError):
+            except (LibvirtGatewayError, _images.ImagesError, OSError):
                 done.append("%s %s (FAILED, clean up by hand)" % (step, target))
                 complete = False
         return done, complete

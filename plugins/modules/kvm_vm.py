@@ -32,7 +32,8 @@ description:
     error, as disks are never shrunk.
   - Only files the collection made for the VM are ever removed (recorded in its metadata and
     named C(<name>-os.qcow2), C(<name>-seed.iso), C(<name>-data.qcow2)). A disk or ISO attached
-    by hand is detached from the definition at the next change and its file is left alone.
+    by hand is not part of the VM as declared, so the next run detaches it from the definition
+    (a change, with RV(reboot_required) on a running VM); its file is left alone.
 author:
   - gpuvirt.kvm contributors (@gpuvirt)
 extends_documentation_fragment:

@@ -366,3 +366,58 @@ def test_layout_entries_are_typed_like_kvm_vm_options(test_driver):
         with pytest.raises(VmError) as err:
             layout_requests(_Module(), test_driver, {"vms": vms, "defaults": defaults})
         assert words in str(err.value), str(err.value)
+
+
+def test_a_disk_the_running_qemu_has_not_opened_is_grown_with_qemu_img(dgx2_ctx, test_driver):
+    # A data disk kept from an earlier state: absent comes back to a running VM by a redefine
+    # (until its reboot QEMU does not have it open), then a second run asks for more.
+    os.makedirs(dgx2_ctx.disk_dir)
+    data = os.path.join(dgx2_ctx.disk_dir, "k-data.qcow2")
+    _images.create_disk(data, 1)
+    converge(test_driver, dgx2_ctx, [req("k")])
+    assert test_driver.state("k") == "running"
+    added = converge(test_driver, dgx2_ctx, [req("k", data_disk_size=2)])[0]
+    assert added["error"] is None, added["error"]
+    assert added["actions"] == ["redefine k", "grow disk %s from 1.0 to 2 GiB" % data]
+    assert added["reboot_required"] is True and _virtual_gib(data) == 2
+    again = converge(test_driver, dgx2_ctx, [req("k", data_disk_size=3)])[0]
+    assert again["error"] is None and _virtual_gib(data) == 3
+    assert again["actions"] == ["redefine k", "grow disk %s from 2.0 to 3 GiB" % data]
+
+
+def test_a_new_domain_type_takes_its_own_cpu_mode(dgx2_ctx, test_driver):
+    made = converge(test_driver, dgx2_ctx, [req("t", state="stopped")])[0]
+    assert made["vm"]["spec"]["cpu_mode"] == "host-passthrough"
+    tcg = converge(test_driver, dgx2_ctx, [request_from_params(
+        {"name": "t", "state": "stopped", "domain_type": "qemu"})])[0]
+    assert tcg["error"] is None, tcg["error"]
+    assert (tcg["vm"]["spec"]["domain_type"], tcg["vm"]["spec"]["cpu_mode"]) == ("qemu", "maximum")
+    back = converge(test_driver, dgx2_ctx, [request_from_params(
+        {"name": "t", "state": "stopped", "domain_type": "kvm"})])[0]
+    assert back["vm"]["spec"]["cpu_mode"] == "host-passthrough"
+    bare = request_from_params({"name": "t", "state": "stopped"})
+    kept = converge(test_driver, dgx2_ctx, [bare])[0]
+    assert kept["changed"] is False
+
+
+def test_a_failed_undo_step_does_not_stop_the_others(dgx2_ctx, test_driver, monkeypatch):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import (
+        LibvirtGatewayError,
+    )
+
+    os.makedirs(dgx2_ctx.disk_dir)
+    converge(test_driver, dgx2_ctx, [req("u", state="stopped", data_disk_size=1)])
+    before = test_driver.domain_xml("u")
+
+    def no_start(*_args, **_kw):
+        raise LibvirtGatewayError("cannot start u: no")
+
+    def no_shrink(*_args, **_kw):
+        raise _images.ImagesError("qemu-img: cannot shrink")
+
+    monkeypatch.setattr(test_driver, "start", no_start)
+    monkeypatch.setattr(_images, "undo_grow", no_shrink)
+    out = converge(test_driver, dgx2_ctx, [req("u", data_disk_size=2)])[0]
+    assert "FAILED, clean up by hand" in out["error"]
+    assert "restore_definition u" in out["error"] and out["changed"] is True
+    assert test_driver.domain_xml("u") == before  # the definition was still put back
