@@ -107,6 +107,8 @@ integration: setup sync
 # destroy. gpu_vms and guest_image run here on a fixture topology (a pretend DGX-2) with a private
 # libvirtd; lab runs kvm_host, guest_image and gpu_vms on a fresh lab VM (delegated driver:
 # tests/lab/lab.py up/down; ~20-25 min under TCG). MOLECULE_SCENARIOS='gpu_vms' runs one.
+# extensions/molecule/default is empty on purpose: molecule loads a `default` scenario before
+# every run and logs a CRITICAL "glob failed" line when there is none; it is never run here.
 MOLECULE_SCENARIOS ?= gpu_vms guest_image lab
 molecule: setup sync
 	@for s in $(MOLECULE_SCENARIOS); do \

@@ -21,7 +21,7 @@ the host hits them alike, best of R rounds:
          shutdown is a power-off at once, as `virsh destroy` in the floor). Not
          `exclusive: true, vms: []`: that also removes every other gpuvirt VM on the host
          (other people's test VMs on a shared machine); --exclusive uses it when none exist.
-  in-process  what kvm_layout runs, without Ansible: module_utils._vm.converge() called in
+  in-process  what kvm_layout runs, without Ansible: module_utils._vm_apply.converge() called in
          this process with the same options (shows the collection's own cost apart from
          Ansible's fixed cost per run: start-up, AnsiballZ, the module's imports).
   peer   the same job as users write it today with community.libvirt (pip package `ansible`,
@@ -46,7 +46,7 @@ module costs, which gives the least ratio any Ansible module can reach against t
 Targets are judged on raw times: create within 1.3x the floor, no-op rerun under 2 s with
 changed=false, teardown within 1.5x the floor.
 
-Then: creating the OS disk overlay (module_utils._images.create_overlay) on a 20 GiB base
+Then: creating the OS disk overlay (module_utils._qemu_img.create_overlay) on a 20 GiB base
 holding real data takes as long as on a 64 MiB one (target: within 1.5x), next to a full copy
 (`qemu-img convert`) of each.
 
@@ -479,7 +479,7 @@ def write_playbook(path, tasks, play_vars=None):
     return path
 
 
-# --- the three ways -------------------------------------------------------------------------
+# --- the four ways measured (floor, ours, in-process, peer) and timing them -----------------
 
 class Floor:
     """qemu-img and virsh, one thread per VM: the least any tool can do."""
@@ -571,19 +571,24 @@ class Ours:
 
 
 class InProcess:
-    """kvm_layout's own work without Ansible: module_utils._vm.converge() in this process."""
+    """kvm_layout's own work without Ansible: module_utils._vm_apply.converge() in this
+    process."""
 
     def __init__(self, names, common, disk_dir):
         from ansible_collections.gpuvirt.kvm.plugins.module_utils import (
-            _common,
+            _argspec,
+            _host_context,
+            _image_store,
             _libvirt,
             _lock,
-            _vm,
+            _vm_apply,
+            _vm_request,
         )
 
-        self.vm, self.libvirt, self.lock = _vm, _libvirt, _lock
+        self.apply, self.request, self.context = _vm_apply, _vm_request, _host_context
+        self.store, self.libvirt, self.lock = _image_store, _libvirt, _lock
         params = {}
-        for spec in (_common.host_argspec(), _common.libvirt_argspec(), _lock.lock_argspec()):
+        for spec in (_argspec.host_argspec(), _argspec.libvirt_argspec(), _lock.lock_argspec()):
             params.update({k: v.get("default") for k, v in spec.items()})
         params.update(common, disk_dir=disk_dir, exclusive=False)
         self.create_p = dict(params, vms=[{"name": n} for n in names])
@@ -592,16 +597,14 @@ class InProcess:
         self.changed_noop = None
 
     def _converge(self, params):
-        class NoLog:  # layout_requests records cloud-init secrets here; none in this layout
-            no_log_values = set()
-
+        requests, exclusive = self.request.layout_requests(params)
         with self.libvirt.LibvirtGateway(URI) as gateway:
-            requests, _removed = self.vm.layout_requests(NoLog, gateway, params)
-            results = self.vm.converge(
-                gateway, self.vm.host_context(params), requests,
+            results = self.apply.converge(
+                gateway, self.context.host_context(
+                    params, store=self.store.ImageStore(params["store"])), requests,
                 lock=self.lock.HostLock(params["lock_path"], params["lock_timeout"],
                                         owner="bench"),
-                workers=params["workers"])
+                workers=params["workers"], exclusive=exclusive, whole=True)
         errors = [r["error"] for r in results if r.get("error")]
         if errors:
             raise BenchError("in-process converge: %s" % "; ".join(errors))
@@ -904,7 +907,7 @@ def report(args, rows, ours, inproc_run, peer, peer_note):
 
 def overlay_bench(args, scratch):
     """create_overlay on a 20 GiB and a 64 MiB base, next to a full copy of each."""
-    from ansible_collections.gpuvirt.kvm.plugins.module_utils import _images
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils import _qemu_img
 
     data_mib = 256 if args.quick else 1024
     folder = os.path.join(scratch, "overlay")
@@ -924,11 +927,11 @@ def overlay_bench(args, scratch):
     repeat = 3 if args.quick else 7
     times = {}
     for key, (path, _size, mib) in bases.items():
-        detail = _images.info(path, backing_chain=False)
+        detail = _qemu_img.info(path, backing_chain=False)
         overlay = os.path.join(folder, "overlay-%s.qcow2" % key)
         over = []
         for _dummy in range(repeat):
-            over.append(timed(lambda p=path, o=overlay: _images.create_overlay(p, o)))
+            over.append(timed(lambda p=path, o=overlay: _qemu_img.create_overlay(p, o)))
             overlay_bytes = os.stat(overlay).st_size
             os.unlink(overlay)
         copy = os.path.join(folder, "copy-%s.qcow2" % key)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 # -*- coding: utf-8 -*-
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Fleet planning through the fleet_plan filter, against the pure plan_fleet floor.
+"""Fleet planning through the fleet_plan filter, against the pure place_on_fleet floor.
 
 Usage: python bench/fleet.py [--quick] [--hosts N] [--requests N]
 
@@ -12,15 +12,15 @@ five carries a `where` JMESPath expression (six distinct ones) and one in a hund
 
 Timed, best of N, in the same run:
 
-- floor: plan_fleet() over ready HostStates with the same requests and no constraint - the
+- floor: place_on_fleet() over ready HostStates with the same requests and no constraint - the
   planning itself;
-- constrained: plan_fleet() with the allowed host sets the `where` expressions give (computed
+- constrained: place_on_fleet() with the allowed host sets the `where` expressions give (computed
   outside the timing) - what the constraints cost the planner;
 - filter: the whole filter call - rebuilding 1,000 host states from their facts, evaluating each
   distinct `where` over every host, planning, and building the result dictionary. Also timed
   alone: the rebuild, and the `where` evaluation.
 
-The filter's assignment is checked against the constrained plan_fleet run (same host and GPUs
+The filter's assignment is checked against the constrained place_on_fleet run (same host and GPUs
 for every request). Exit 1 when they differ or when the filter takes 2 s or more.
 """
 
@@ -37,12 +37,10 @@ import time
 import placement  # bench/placement.py: the collection import path, mixes, best_of, topo_factory
 from ansible_collections.gpuvirt.kvm.plugins.filter.fleet import fleet_plan
 from ansible_collections.gpuvirt.kvm.plugins.module_utils import _fleet
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._fleet_placement import place_on_fleet
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import DomainAllocation
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import (
-    HostState,
-    Request,
-    plan_fleet,
-)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import HostState
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import Request
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import PLATFORMS
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._report import build
 
@@ -128,10 +126,10 @@ def main(argv=None):
         # Pinned requests whose host fails their where cannot occur: pins carry no where here.
 
         def floor(states=states, requests=requests):
-            return plan_fleet([(h, s.copy()) for h, s in states], requests)
+            return place_on_fleet([(h, s.copy()) for h, s in states], requests)
 
         def constrained(states=states, requests=requests, allowed=allowed):
-            return plan_fleet([(h, s.copy()) for h, s in states], requests, allowed=allowed)
+            return place_on_fleet([(h, s.copy()) for h, s in states], requests, allowed=allowed)
 
         def rebuild():
             b = _fleet.StateBuilder()
@@ -158,14 +156,14 @@ def main(argv=None):
                    if "gpu_indexes" in e)
         if got != expected:
             differ = sorted(n for n in set(got) | set(expected) if got.get(n) != expected.get(n))
-            failures.append("%s: the filter and plan_fleet with the same constraints differ on "
+            failures.append("%s: the filter and place_on_fleet with the same constraints differ on "
                             "%d requests (%s ...)" % (mix_name, len(differ), differ[:3]))
         print("\n%s: %d GPUs asked, %d with where (%d distinct), %d pinned" % (
             mix_name, sum(r.gpus for r in requests), sum(1 for e in entries if "where" in e),
             len(WHERE), sum(1 for e in entries if "host" in e)))
-        print("  floor: plan_fleet, no constraint     %.3f s  placed %d, unplaced %d" % (
+        print("  floor: place_on_fleet, no constraint     %.3f s  placed %d, unplaced %d" % (
             t_floor, len(plan_floor.assignments), len(plan_floor.unplaced)))
-        print("  plan_fleet with the where host sets  %.3f s  placed %d, unplaced %d  "
+        print("  place_on_fleet with the where host sets  %.3f s  placed %d, unplaced %d  "
               "(x%.2f the floor)" % (
                   t_cons, len(plan_cons.assignments), len(plan_cons.unplaced), t_cons / t_floor))
         print("  filter, end to end                   %.3f s  placed %d, unplaced %d  "

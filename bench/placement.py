@@ -60,15 +60,19 @@ _import_collection()
 
 import topo_factory  # noqa: E402
 
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import (  # noqa: E402
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._fleet_placement import (  # noqa: E402
     Fleet,
+    place_on_fleet,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import (  # noqa: E402
     HostState,
-    PlacementError,
-    Request,
     _choose_best,
     _choose_first,
     first_fit,
-    plan_fleet,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import (  # noqa: E402
+    PlacementError,
+    Request,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (  # noqa: E402
     PLATFORMS,
@@ -428,7 +432,7 @@ def best_of(fn, repeat):
 
 
 def planning_speed(base, hosts, count, repeat):
-    """Time plan_fleet for `count` requests against two floors measured here and now."""
+    """Time place_on_fleet for `count` requests against two floors measured here and now."""
     # Half the fleet already holds 4+2+1+1 GPUs, so the planner sees fragmented hosts.
     seeded = []
     for i in range(hosts):
@@ -461,7 +465,7 @@ def planning_speed(base, hosts, count, repeat):
                 # Copies are set-up, not planning: outside the timed region.
                 fleet_hosts = [("h%04d" % i, s.copy()) for i, s in enumerate(seeded)]
                 start = time.perf_counter()
-                plan = plan_fleet(fleet_hosts, requests, strategy)
+                plan = place_on_fleet(fleet_hosts, requests, strategy)
                 elapsed = time.perf_counter() - start
                 if strategy not in timings or elapsed < timings[strategy][0]:
                     timings[strategy] = (elapsed, plan)

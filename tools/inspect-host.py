@@ -39,15 +39,18 @@ def main():
 
     _import_collection()
     from ansible_collections.gpuvirt.kvm.plugins.module_utils import (
+        _host_facts,
         _nvidia_smi,
+        _platform_file,
         _platforms,
-        _report,
+        _sysfs,
         _topology,
+        _vm_request,
     )
 
     try:
-        topo = _topology.read_host(args.sysfs_root, args.proc_root)
-        platform = _platforms.get_platform(args.platform, topo)
+        topo = _sysfs.read_host(args.sysfs_root, args.proc_root)
+        platform = _platform_file.get_platform(args.platform, topo)
         reason = _platforms.detect(topo)[1]
         nvlinks = None
         smi = None
@@ -55,13 +58,13 @@ def main():
             with open(args.nvidia_smi_topo, encoding="utf-8") as handle:
                 smi = _nvidia_smi.parse_topo_matrix(handle.read())
             nvlinks = smi.nvlink_matrix()
-        requests = _report.requests_from_options([
+        requests = _vm_request.plan_requests([
             {"name": p.split(":", 1)[0], "gpus": int(p.split(":", 1)[1]) if ":" in p else 0}
             for p in args.plan
         ])
-        result = _report.build(topo, platform, reason, [], requests, nvlinks=nvlinks)
+        result = _host_facts.build(topo, platform, reason, [], requests, nvlinks=nvlinks)
     except (_topology.TopologyError, _platforms.PlatformError, _nvidia_smi.NvidiaSmiTopoError,
-            _report.RequestError, ValueError, OSError) as exc:
+            _vm_request.VmError, ValueError, OSError) as exc:
         print("error: %s" % exc, file=sys.stderr)
         return 2
     if args.json:

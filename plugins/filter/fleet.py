@@ -2,10 +2,11 @@
 # Copyright (c) gpuvirt.kvm contributors
 # GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""The fleet_plan filter (documented in fleet_plan.yml): a thin shell over module_utils._fleet.
+"""The fleet_plan filter (documented in fleet_plan.yml): a thin shell over _fleet_plan.
 
 It only turns what a playbook has (a dict of gpu_topology results, or hostvars with the name of
-the registered variable) into plain per-host facts and labels; the planning is _fleet.plan().
+the registered variable) into plain per-host facts and labels; the planning is
+module_utils._fleet_plan.fleet_plan().
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Mapping
 from ansible.errors import AnsibleFilterError
 from jinja2 import Undefined
 
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._fleet import FleetError, plan
+from ansible_collections.gpuvirt.kvm.plugins.module_utils import _fleet_plan
 
 
 def _missing(value):
@@ -104,9 +105,10 @@ def fleet_plan(facts, requests, key=None, hosts=None, labels=None, label_vars=No
     if _missing(requests):
         raise AnsibleFilterError("fleet_plan: requests is undefined; give a list of VM dicts")
     try:
-        return plan(by_host, requests, labels=host_labels, exclusive=bool(exclusive),
-                    owner_tag=owner_tag, skipped=skipped)
-    except FleetError as exc:
+        return _fleet_plan.fleet_plan(by_host, requests, labels=host_labels,
+                                      exclusive=bool(exclusive), owner_tag=owner_tag,
+                                      skipped=skipped)
+    except _fleet_plan.FleetError as exc:
         raise AnsibleFilterError("fleet_plan: %s" % exc) from None
 
 

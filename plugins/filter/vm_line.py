@@ -41,11 +41,11 @@ _value:
 
 from ansible.errors import AnsibleFilterError
 
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import format_cpulist
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._ranges import format_ranges
 
 
 def _ranges(values):
-    return format_cpulist(values)
+    return format_ranges(values)
 
 
 def vm_line(vm):

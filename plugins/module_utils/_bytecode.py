@@ -36,6 +36,7 @@ import os
 import pwd
 import stat
 import sys
+import types
 import zipimport
 
 PACKAGE = __name__.rpartition(".")[0]
@@ -127,9 +128,11 @@ class CachedLoader:
             return None
         try:
             with open(entry, "rb") as handle:
-                return marshal.loads(handle.read())
+                code = marshal.loads(handle.read())
         except (OSError, EOFError, ValueError, TypeError):
             return None  # unreadable or cut short: compile again and overwrite it
+        # Anything but a code object (a marshalled int, say) is compiled again too.
+        return code if isinstance(code, types.CodeType) else None
 
     def _write(self, entry, stem, code):
         temp = "%s.%d.tmp" % (entry, os.getpid())

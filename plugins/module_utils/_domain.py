@@ -23,7 +23,12 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import format_cpulist
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._bdf import format_bdf, parse_bdf
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._ranges import (
+    format_ranges,
+    parse_ranges,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._units import UNITS, scaled_kib
 
 # The namespace of the collection's own <metadata> element (the libvirt gateway imports it).
 METADATA_NS = "https://gpuvirt.invalid/xmlns/kvm/1"
@@ -49,29 +54,15 @@ class DomainXmlError(ValueError):
 
 def parse_cpuset(text):
     """Expand a libvirt CPU/node set ("0-3,^2,8") into a sorted tuple of ints."""
-    chosen, excluded = set(), set()
-    for part in (text or "").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        target = chosen
-        if part.startswith("^"):
-            target, part = excluded, part[1:]
-        try:
-            if "-" in part:
-                lo, hi = part.split("-", 1)
-                target.update(range(int(lo), int(hi) + 1))
-            else:
-                target.add(int(part))
-        except ValueError as exc:
-            raise DomainXmlError("%r is not a CPU or node set (write it like 0-3,8)"
-                                 % text) from exc
-    return tuple(sorted(chosen - excluded))
+    try:
+        return parse_ranges(text)
+    except ValueError as exc:
+        raise DomainXmlError("%r is not a CPU or node set (write it like 0-3,8)" % text) from exc
 
 
 def format_cpuset(values):
     """Compress ints into libvirt's set syntax ("0-3,8"); None for an empty set."""
-    return format_cpulist(int(v) for v in values) or None
+    return format_ranges(values) or None
 
 
 def _num(text, what):
@@ -87,22 +78,14 @@ def _num(text, what):
         raise DomainXmlError("%s: %r is not a number" % (what, text)) from exc
 
 
-_UNITS = {
-    "b": 1, "bytes": 1, "kb": 1000, "k": 1024, "kib": 1024, "mb": 1000 ** 2, "m": 1024 ** 2,
-    "mib": 1024 ** 2, "gb": 1000 ** 3, "g": 1024 ** 3, "gib": 1024 ** 3, "tb": 1000 ** 4,
-    "t": 1024 ** 4, "tib": 1024 ** 4,
-}
-
-
 def _kib(value, unit, what):
     """A libvirt scaled size in KiB (libvirt rounds byte counts up to whole KiB)."""
     if value is None:
         return None
     number = _num(value, what)
-    scale = _UNITS.get((unit or "KiB").lower())
-    if scale is None:
+    if (unit or "KiB").lower() not in UNITS:
         raise DomainXmlError("%s: unknown unit %r (use KiB, MiB, GiB, ...)" % (what, unit))
-    return -(-number * scale // 1024)
+    return scaled_kib(number, unit)
 
 
 def _yesno(text, yes="yes", no="no"):
@@ -411,9 +394,6 @@ def _parse(text):
 
 # --- addresses -----------------------------------------------------------------------------------
 
-_BDF_RE = re.compile(r"^(?:([0-9a-fA-F]{1,4}):)?([0-9a-fA-F]{1,2}):([0-9a-fA-F]{1,2})\.([0-7])$")
-
-
 @dataclass
 class Address:
     """<address>: a guest or host PCI address; other address types keep their attributes."""
@@ -429,18 +409,17 @@ class Address:
     @classmethod
     def pci(cls, bdf, multifunction=None, with_type=True):
         """A PCI address from "0000:34:00.0" (or "34:00.0")."""
-        m = _BDF_RE.match(str(bdf).strip())
-        if not m:
-            raise DomainXmlError("%r is not a PCI address (write it like 0000:34:00.0)" % (bdf,))
-        return cls(type="pci" if with_type else None, domain=int(m.group(1) or "0", 16),
-                   bus=int(m.group(2), 16), slot=int(m.group(3), 16),
-                   function=int(m.group(4)), multifunction=multifunction)
+        try:
+            domain, bus, slot, function = parse_bdf(bdf)
+        except ValueError as exc:
+            raise DomainXmlError(str(exc)) from exc
+        return cls(type="pci" if with_type else None, domain=domain, bus=bus, slot=slot,
+                   function=function, multifunction=multifunction)
 
     @property
     def bdf(self):
         """"dddd:bb:ss.f" (libvirt's missing parts count as 0)."""
-        return "%04x:%02x:%02x.%d" % (self.domain or 0, self.bus or 0, self.slot or 0,
-                                      self.function or 0)
+        return format_bdf(self.domain, self.bus, self.slot, self.function)
 
     @classmethod
     def from_element(cls, el):
@@ -485,7 +464,7 @@ def _split_list(text):
 
 
 @dataclass
-class AllocationDisk:
+class MetadataDisk:
     """<gpuvirt:disk>: what a disk is for and the size asked for (domain XML has neither)."""
 
     target: str
@@ -507,12 +486,9 @@ class AllocationDisk:
 
 
 @dataclass
-class Allocation:
-    """<gpuvirt:allocation>: what a managed domain holds and where it came from.
-
-    Scalars are attributes, lists are text children (comma-separated), so that
-    ``_libvirt.parse_allocation`` reads every value as a flat attribute or child text.
-    """
+class GpuvirtMetadata:
+    """<gpuvirt:allocation>: the collection's record in a managed domain (what it holds and
+    where it came from). Scalars are attributes, lists are comma-separated text children."""
 
     owner: str = "gpuvirt.kvm"
     created_by: str | None = None
@@ -525,7 +501,7 @@ class Allocation:
     gpus: tuple = ()
     nvswitches: tuple = ()
     numa_nodes: tuple = ()
-    disks: list = field(default_factory=list)  # AllocationDisk
+    disks: list = field(default_factory=list)  # MetadataDisk
     extras: Extras = field(default_factory=Extras, repr=False)
 
     TAG = _ns("allocation")
@@ -546,7 +522,7 @@ class Allocation:
                   nvswitches=_split_list(child("nvswitches")),
                   numa_nodes=tuple(_num(n, "<gpuvirt:numa_nodes>")
                                    for n in _split_list(child("numa_nodes"))),
-                  disks=[AllocationDisk.from_element(d) for d in r.subs(_ns("disk"))])
+                  disks=[MetadataDisk.from_element(d) for d in r.subs(_ns("disk"))])
         obj.extras = r.finish()
         return obj
 
@@ -1005,6 +981,26 @@ class Emulator:
         return _finish(_element("emulator", (), self.extras, text=self.path), self.extras)
 
 
+def _read_source(reader, kind):
+    """(path, (pool, volume)) of a disk's or backing store's <source>: a file or block device
+    path, or a storage-pool volume; network sources stay in extras."""
+    if kind not in ("file", "block", "volume"):
+        return None, None
+    src = reader.sub("source")
+    if src is None:
+        return None, None
+    if kind == "volume":
+        return None, (src.get("pool"), src.get("volume"))
+    return src.get("file" if kind == "file" else "dev"), None
+
+
+def _write_source(el, kind, source, volume, extras):
+    if volume is not None:
+        _sub(el, "source", [("pool", volume[0]), ("volume", volume[1])], extras)
+    elif source is not None:
+        _sub(el, "source", [("dev" if kind == "block" else "file", source)], extras)
+
+
 @dataclass
 class BackingStore:
     """<backingStore>: the image a disk's overlay reads from; all None is the empty terminator."""
@@ -1012,6 +1008,7 @@ class BackingStore:
     type: str | None = None
     format: str | None = None
     source: str | None = None
+    volume: tuple | None = None  # (pool, volume) of a storage-pool volume (type volume)
     backing: BackingStore | None = None
     extras: Extras = field(default_factory=Extras, repr=False)
 
@@ -1020,15 +1017,12 @@ class BackingStore:
         r = _Reader(el)
         kind = r.get("type")
         fmt = r.sub("format")
-        source = None
-        if kind in ("file", "block"):
-            src = r.sub("source")
-            if src is not None:
-                source = src.get("file" if kind == "file" else "dev")
+        source, volume = _read_source(r, kind)
         nested = el.find("backingStore")
         if nested is not None:
             r.subs("backingStore")
         obj = cls(type=kind, format=fmt.get("type") if fmt is not None else None, source=source,
+                  volume=volume,
                   backing=BackingStore.from_element(nested) if nested is not None else None)
         obj.extras = r.finish()
         return obj
@@ -1036,9 +1030,7 @@ class BackingStore:
     def to_element(self):
         el = _element("backingStore", [("type", self.type)], self.extras)
         _sub(el, "format", [("type", self.format)], self.extras)
-        if self.source is not None:
-            _sub(el, "source", [("dev" if self.type == "block" else "file", self.source)],
-                 self.extras)
+        _write_source(el, self.type, self.source, self.volume, self.extras)
         _append(el, self.backing)
         return _finish(el, self.extras)
 
@@ -1057,6 +1049,7 @@ class Disk:
     queues: int | None = None
     iothread: int | None = None
     source: str | None = None  # the file (type file) or device (type block)
+    volume: tuple | None = None  # (pool, volume) of a storage-pool volume (type volume)
     backing: BackingStore | None = None
     target_dev: str | None = None
     target_bus: str | None = None
@@ -1073,11 +1066,7 @@ class Disk:
         r = _Reader(el)
         kind = r.get("type")
         drv = r.sub("driver")
-        source = None
-        if kind in ("file", "block"):
-            src = r.sub("source")
-            if src is not None:
-                source = src.get("file" if kind == "file" else "dev")
+        source, volume = _read_source(r, kind)
         target = r.sub("target")
         serial = r.sub("serial")
         boot = r.sub("boot")
@@ -1093,7 +1082,7 @@ class Disk:
             discard=drv.get("discard") if drv else None,
             queues=drv.num("queues") if drv else None,
             iothread=drv.num("iothread") if drv else None,
-            source=source,
+            source=source, volume=volume,
             backing=BackingStore.from_element(backing) if backing is not None else None,
             target_dev=target.get("dev") if target else None,
             target_bus=target.get("bus") if target else None,
@@ -1109,9 +1098,7 @@ class Disk:
         _sub(el, "driver", [("name", self.driver_name), ("type", self.driver_type),
                             ("cache", self.cache), ("io", self.io), ("discard", self.discard),
                             ("iothread", self.iothread), ("queues", self.queues)], self.extras)
-        if self.source is not None:
-            _sub(el, "source", [("dev" if self.type == "block" else "file", self.source)],
-                 self.extras)
+        _write_source(el, self.type, self.source, self.volume, self.extras)
         _append(el, self.backing)
         _sub(el, "target", [("dev", self.target_dev), ("bus", self.target_bus)], self.extras)
         _sub(el, "readonly", (), self.extras, force=self.readonly)
@@ -1382,7 +1369,7 @@ class Domain:
     uuid: str | None = None
     title: str | None = None
     description: str | None = None
-    metadata: list = field(default_factory=list)  # Allocation and Raw elements
+    metadata: list = field(default_factory=list)  # GpuvirtMetadata and Raw elements
     memory_kib: int | None = None
     current_memory_kib: int | None = None
     memory_backing: MemoryBacking | None = None
@@ -1404,10 +1391,11 @@ class Domain:
     # --- queries ---
 
     @property
-    def allocation(self):
-        """The collection's <gpuvirt:allocation>, or None for a domain it did not create."""
+    def gpuvirt(self):
+        """The collection's metadata (<gpuvirt:allocation>), or None for a domain it did not
+        create."""
         for item in self.metadata:
-            if isinstance(item, Allocation):
+            if isinstance(item, GpuvirtMetadata):
                 return item
         return None
 
@@ -1468,8 +1456,8 @@ class Domain:
         if meta is not None:
             for child in meta.el:
                 meta.subs(child.tag)
-                if child.tag == Allocation.TAG:
-                    metadata.append(Allocation.from_element(child))
+                if child.tag == GpuvirtMetadata.TAG:
+                    metadata.append(GpuvirtMetadata.from_element(child))
                 else:
                     metadata.append(Raw(copy.deepcopy(child)))
         mem = r.sub("memory")

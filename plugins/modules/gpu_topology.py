@@ -64,6 +64,13 @@ options:
           - Exact placement as C(nvidia-vm create --gpu-index) took it, the lowest GPU index
             (PCI bus order) of the block. It must start a partition of size O(plan[].gpus).
         type: int
+      gpu_model:
+        description:
+          - The GPU model to place on (a name of RV(gpus[].model) or a PCI ID such as
+            V(10de:26b9)), or V(any) to let one VM have GPUs of several models. By default a
+            VM gets GPUs of one model. See M(gpuvirt.kvm.kvm_vm).
+        type: str
+        version_added: 0.2.0
       vcpus:
         description: vCPUs. By default the platform template for the GPU count, else the
           GPUs' share of their NUMA nodes' unreserved CPUs.
@@ -135,10 +142,27 @@ platform:
       sample: full_passthrough
     allowed_sizes: {description: GPU counts a VM may have., type: list, elements: int, sample: [1, 2, 4, 8, 16]}
 gpus:
-  description: Every GPU found, in PCI bus order.
+  description:
+    - Every GPU found, in PCI bus order - every NVIDIA function of class 3D controller or VGA
+      (its audio and USB functions are not GPUs), of a model the collection names or not.
+    - The index is what O(plan[].gpu_index) and M(gpuvirt.kvm.kvm_vm)'s C(gpu_index) count.
   returned: success
   type: list
   elements: dict
+  contains:
+    index: {description: The GPU's index (PCI bus order among the platform's GPUs)., type: int}
+    bdf: {description: Its PCI address., type: str}
+    id:
+      description: Its PCI vendor and device ID, as C(lspci -n) prints them.
+      type: str
+      sample: 10de:26b9
+    model:
+      description:
+        - The model, as O(plan[].gpu_model) and M(gpuvirt.kvm.kvm_vm)'s C(gpu_model) take it, or
+          V(unknown vvvv:dddd) for a model the collection does not name (it is a GPU all the same,
+          and a warning says so).
+      type: str
+      sample: L40S
   sample:
     - {index: 0, bdf: "0000:34:00.0", id: "10de:1db8", model: Tesla V100-SXM3-32GB, numa_node: 0,
        iommu_group: 40, iommu_group_members: ["0000:34:00.0"], driver: vfio-pci,
@@ -163,6 +187,12 @@ free_blocks:
   returned: success
   type: dict
   sample: {"8": 1, "4": 1}
+free_blocks_after_plan:
+  description: RV(free_blocks) as it would be once every placed request of O(plan) holds its
+    devices.
+  returned: when O(plan) is given
+  type: dict
+  sample: {"4": 1}
 allocations:
   description: What the defined libvirt domains hold (empty when libvirt was not reached).
   returned: success
@@ -247,40 +277,32 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 # _bytecode first: it compiles the module_utils imported after it once per host (see there).
 from ansible_collections.gpuvirt.kvm.plugins.module_utils import _bytecode  # noqa: F401 pylint: disable=unused-import
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._common import (
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._argspec import (
     host_argspec,
     libvirt_argspec,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import read_domains
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_context import (
+    HostContextError,
+    host_context,
     resolve_uri,
 )
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_facts import build
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import (
     LibvirtGateway,
     LibvirtGatewayError,
     has_libvirt,
 )
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._nvidia_smi import (
-    NvidiaSmiTopoError,
-    nvlinks_for_host,
-)
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import PlacementError
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
-    PlatformError,
-    detect,
-    get_platform,
-    platform_gpus,
-)
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._report import (
-    RequestError,
-    build,
-    requests_from_options,
-)
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import (
-    TopologyError,
-    read_host,
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import PlacementError
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_request import (
+    VmError,
+    plan_entry_argspec,
+    plan_requests,
 )
 
 
 def _read_domains(module, uri):
-    """Allocations of every defined domain, or [] with a warning when libvirt is out of reach."""
+    """Every defined domain, or [] with a warning when libvirt is out of reach."""
     status = {"uri": uri, "reachable": False, "error": None}
     if not has_libvirt():
         status["error"] = missing_required_lib("libvirt-python")
@@ -288,7 +310,7 @@ def _read_domains(module, uri):
         return [], status
     try:
         with LibvirtGateway(uri) as gateway:
-            domains = gateway.allocations()
+            domains = list(read_domains(gateway.list_domains()).values())
     except LibvirtGatewayError as exc:
         status["error"] = str(exc)
         module.warn("allocations not read (every GPU is shown free): %s" % exc)
@@ -299,18 +321,7 @@ def _read_domains(module, uri):
 
 def main():
     argument_spec = dict(
-        plan=dict(
-            type="list", elements="dict", default=[],
-            options=dict(
-                name=dict(type="str", required=True),
-                gpus=dict(type="int", default=0),
-                gpu_index=dict(type="int"),
-                vcpus=dict(type="int"),
-                memory=dict(type="raw"),
-                cpu_policy=dict(type="str", choices=["dedicated", "shared"], default="dedicated"),
-                hugepages=dict(type="bool", default=False),
-            ),
-        ),
+        plan=dict(type="list", elements="dict", default=[], options=plan_entry_argspec()),
     )
     argument_spec.update(host_argspec())
     argument_spec.update(libvirt_argspec())
@@ -318,23 +329,17 @@ def main():
     p = module.params
 
     try:
-        requests = requests_from_options(p["plan"])
-        topology = read_host(p["sysfs_root"], p["proc_root"])
-        platform = get_platform(p["platform"], topology)
-        reason = detect(topology)[1] if p["platform"] == "auto" else "named by the platform option"
-        nvlinks = None
-        if p["nvidia_smi_topo"]:
-            nvlinks = nvlinks_for_host(p["nvidia_smi_topo"],
-                                       len(platform_gpus(topology, platform)), p["sysfs_root"])
-    except (RequestError, TopologyError, PlatformError, NvidiaSmiTopoError) as exc:
+        requests = plan_requests(p["plan"])
+        ctx = host_context(p, bridges=False)
+    except (VmError, HostContextError) as exc:
         module.fail_json(msg=str(exc))
 
     domains, libvirt_status = _read_domains(module, resolve_uri(p["uri"]))
     try:
         result = build(
-            topology, platform, reason, domains, requests,
-            reserved_cpus=p["reserved_cpus"], reserved_memory_mb=p["reserved_memory_mb"],
-            unhealthy_gpus=p["unhealthy_gpus"], nvlinks=nvlinks,
+            ctx.topology, ctx.platform, ctx.platform_reason, domains, requests,
+            reserved_cpus=ctx.reserved_cpus, reserved_memory_mb=ctx.reserved_memory_mb,
+            unhealthy_gpus=ctx.unhealthy_gpus, nvlinks=ctx.nvlinks,
         )
     except PlacementError as exc:  # a host-wide setting (reserved_cpus, unhealthy_gpus) is bad
         module.fail_json(msg=str(exc))

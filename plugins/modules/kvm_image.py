@@ -227,15 +227,11 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 # _bytecode first: it compiles the module_utils imported after it once per host (see there).
 from ansible_collections.gpuvirt.kvm.plugins.module_utils import _bytecode  # noqa: F401 pylint: disable=unused-import
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._common import (
-    libvirt_argspec,
-    resolve_uri,
-)
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._images import (
-    DEFAULT_STORE,
-    ImagesError,
-    ImageTask,
-)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._argspec import libvirt_argspec
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import disk_chains
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_context import resolve_uri
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._image_store import DEFAULT_STORE
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._image_task import ImageTask
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import (
     LibvirtGateway,
     LibvirtGatewayError,
@@ -246,6 +242,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._lock import (
     HostLockError,
     lock_argspec,
 )
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._qemu_img import ImagesError
 
 
 def main():
@@ -277,7 +274,7 @@ def main():
     def usage_reader():
         # Which domains use which files: read under the lock, right before the store changes.
         with LibvirtGateway(uri) as gateway:
-            return gateway.disk_chains()
+            return disk_chains(gateway.list_domains(live=True), gateway.volume_path)
 
     try:
         lock = HostLock(p["lock_path"], p["lock_timeout"],

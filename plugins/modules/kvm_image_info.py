@@ -88,21 +88,19 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 # _bytecode first: it compiles the module_utils imported after it once per host (see there).
 from ansible_collections.gpuvirt.kvm.plugins.module_utils import _bytecode  # noqa: F401 pylint: disable=unused-import
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._common import (
-    libvirt_argspec,
-    resolve_uri,
-)
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._images import (
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._argspec import libvirt_argspec
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import disk_chains
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_context import resolve_uri
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._image_store import (
     DEFAULT_STORE,
-    ImagesError,
     ImageStore,
-    disk_usage,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import (
     LibvirtGateway,
     LibvirtGatewayError,
     has_libvirt,
 )
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._qemu_img import ImagesError, disk_usage
 
 
 def main():
@@ -119,7 +117,7 @@ def main():
     try:
         images, warnings = store.scan()
         with LibvirtGateway(resolve_uri(p["uri"])) as gateway:
-            chains = gateway.disk_chains()
+            chains = disk_chains(gateway.list_domains(live=True), gateway.volume_path)
         usage, more = disk_usage(chains)
     except LibvirtGatewayError as exc:
         module.fail_json(msg="uri: %s; kvm_image_info reads which domains use an image from "

@@ -25,8 +25,17 @@ description:
     touched.
   - When O(defaults) sets C(owner_tag), O(exclusive) considers only the VMs carrying that tag, so
     several layouts (teams, tenants, a demo) can share a host without removing each other's VMs.
-  - A VM that cannot be placed or converged is reported in RV(vms) with its error; the others
-    still converge, and the task fails at the end naming the failed VMs.
+  - The layout is applied whole or not at all. When any entry cannot be placed or converged as
+    asked (no room for its GPUs, a bad image, a network that does not exist, a disk that would
+    shrink, ...), every entry is decided before anything is done, and nothing is changed. No
+    overlay is made, no domain defined, started, stopped or removed, the O(exclusive) removals
+    included. The task fails naming each entry that cannot be applied and why; RV(applied) is
+    empty and RV(not_applied) lists every entry.
+  - With O(partial=true) the entries that can be applied are, the others are reported with
+    their error, and the task fails at the end naming them (RV(applied) and RV(not_applied)
+    say which is which).
+  - A failure while the changes are carried out (a VM that does not start, say) is undone for
+    that VM only; the VMs already converged stay so, and the task fails naming the VM.
 author:
   - gpuvirt.kvm contributors (@gpuvirt)
 extends_documentation_fragment:
@@ -48,7 +57,7 @@ options:
   vms:
     description:
       - The VMs, each a dict of M(gpuvirt.kvm.kvm_vm) options (C(name) required; C(gpus),
-        C(gpu_index), C(image), C(vcpus), C(memory), C(os_disk_size), C(data_disk_size),
+        C(gpu_index), C(gpu_model), C(image), C(vcpus), C(memory), C(os_disk_size), C(data_disk_size),
         C(networks), C(cloud_init), C(cpu_policy), C(hugepages), C(cpu_mode),
         C(cpu_disable_features), C(domain_type), C(firmware), C(state), C(force), C(timeout),
         C(remove_data), C(recreate), C(owner_tag)).
@@ -82,6 +91,12 @@ options:
     description: How many VMs are started or stopped at the same time.
     type: int
     default: 16
+  partial:
+    description:
+      - Apply the entries that can be applied when some cannot, instead of changing nothing.
+      - The task still fails when an entry is not applied.
+    type: bool
+    default: false
 """
 
 EXAMPLES = r"""
@@ -98,6 +113,19 @@ EXAMPLES = r"""
       - {name: dev-c, gpus: 2}
       - {name: dev-d, gpus: 1}
       - {name: dev-e, gpus: 1, data_disk_size: 200GiB}
+
+- name: Whatever of the night layout fits tonight, even if not all of it does
+  gpuvirt.kvm.kvm_layout:
+    partial: true
+    vms:
+      - {name: hpc-a, gpus: 16, image: dgx-os}
+      - {name: hpc-spare, gpus: 8, image: dgx-os}
+  register: night
+  ignore_errors: true
+
+- name: Say which entries were left out
+  ansible.builtin.debug:
+    msg: "not applied: {{ night.not_applied | join(', ') }}"
 """
 
 RETURN = r"""
@@ -115,33 +143,58 @@ actions:
   elements: str
   sample: ["train-a: define train-a", "train-a: start train-a"]
 removed:
-  description: VMs removed because O(exclusive=true) and they were not listed.
+  description: VMs removed because O(exclusive=true) and they were not listed (none when the
+    layout was refused whole).
   returned: always
   type: list
   elements: str
+applied:
+  description:
+    - The entries of RV(vms) (and O(exclusive) removals) that were applied, by name; an entry
+      that needed no change counts as applied.
+    - Empty when the layout was refused whole (O(partial=false) and an entry could not be
+      applied).
+  returned: always
+  type: list
+  elements: str
+  sample: ["train-a", "train-b"]
+not_applied:
+  description: The entries that were not applied, by name; each has its C(error) in RV(vms),
+    or none when it was held back because another entry could not be applied.
+  returned: always
+  type: list
+  elements: str
+  sample: []
 """
 
 from ansible.module_utils.basic import AnsibleModule
 
 # _bytecode first: it compiles the module_utils imported after it once per host (see there).
 from ansible_collections.gpuvirt.kvm.plugins.module_utils import _bytecode  # noqa: F401 pylint: disable=unused-import
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._common import (
-    connect_or_fail,
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._argspec import (
     host_argspec,
     libvirt_argspec,
 )
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._images import DEFAULT_STORE, ImagesError
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_context import (
+    DEFAULT_DISK_DIR,
+    HostContextError,
+    connect_or_fail,
+    host_context,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._image_store import (
+    DEFAULT_STORE,
+    ImageStore,
+)
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import LibvirtGatewayError
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._lock import (
     HostLock,
     HostLockError,
     lock_argspec,
 )
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm import (
-    DEFAULT_DISK_DIR,
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._qemu_img import ImagesError
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_apply import converge
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_request import (
     VmError,
-    converge,
-    host_context,
     layout_requests,
 )
 
@@ -154,6 +207,7 @@ def main():
         store=dict(type="path", default=DEFAULT_STORE),
         disk_dir=dict(type="path", default=DEFAULT_DISK_DIR),
         workers=dict(type="int", default=16),
+        partial=dict(type="bool", default=False),
     )
     argument_spec.update(host_argspec())
     argument_spec.update(libvirt_argspec())
@@ -162,17 +216,25 @@ def main():
     p = module.params
     if p["workers"] < 1:
         module.fail_json(msg="workers: %d; give 1 or more" % p["workers"])
+    try:
+        requests, exclusive = layout_requests(p, secrets=module.no_log_values)
+    except VmError as exc:
+        module.fail_json(msg=str(exc), changed=False)
     gateway = connect_or_fail(module)
     try:
         with gateway:
-            requests, removed = layout_requests(module, gateway, p)
-            ctx = host_context(p)
+            ctx = host_context(p, store=ImageStore(p["store"]))
             results = converge(gateway, ctx, requests, check_mode=module.check_mode,
                                lock=HostLock(p["lock_path"], p["lock_timeout"],
                                              owner="kvm_layout"),
-                               workers=p["workers"])
-    except (VmError, HostLockError, LibvirtGatewayError, ImagesError) as exc:
+                               workers=p["workers"], exclusive=exclusive,
+                               whole=not p["partial"])
+    except (VmError, HostContextError, HostLockError, LibvirtGatewayError, ImagesError) as exc:
         module.fail_json(msg=str(exc), changed=False)
+    listed = {r.name for r in requests}
+    applied = [r["vm"]["name"] for r in results if r.pop("applied")]
+    not_applied = [r["vm"]["name"] for r in results if r["vm"]["name"] not in applied]
+    removed = [name for name in applied if name not in listed]
     actions = ["%s: %s" % (r["vm"]["name"], a) for r in results for a in r["actions"]]
     failed = [r for r in results if r.get("error")]
     diff = {"before": {r["vm"]["name"]: r["diff"]["before"] for r in results if r["changed"]},
@@ -180,9 +242,14 @@ def main():
     for r in results:
         r.pop("diff")
     outcome = dict(changed=any(r["changed"] for r in results), vms=results, actions=actions,
-                   removed=removed, diff=diff)
+                   removed=removed, diff=diff, applied=applied, not_applied=not_applied)
     if failed:
-        module.fail_json(msg="; ".join(r["error"] for r in failed), **outcome)
+        msg = "; ".join(r["error"] for r in failed)
+        if not applied and not p["partial"]:
+            msg += ("; nothing was changed: the layout is applied whole or not at all (set "
+                    "partial: true to apply the %d of %d entries that can be)" % (
+                        len(results) - len(failed), len(results)))
+        module.fail_json(msg=msg, **outcome)
     module.exit_json(**outcome)
 
 

@@ -85,6 +85,19 @@ options:
       - Moving a running VM to another block needs O(recreate=true), as its QEMU holds the old
         GPUs until it stops. When not set, an existing VM keeps its block.
     type: int
+  gpu_model:
+    description:
+      - Which GPU model the VM gets, on a host with GPUs of several models (a PCIe server of
+        L40S and L4 cards, say). A model name as M(gpuvirt.kvm.gpu_topology) reports it in
+        RV(gpuvirt.kvm.gpu_topology#module:gpus[].model) (V(L40S), V(H100-NVL), any case), or a
+        PCI ID such as V(10de:26b9) (also for a model the collection does not name).
+      - V(any) lets the VM's GPUs be of different models.
+      - When not set, a new VM gets GPUs of one model, whichever fits best; an existing VM keeps
+        its GPUs. A model other than the one an existing VM has re-places it (for a running VM,
+        with O(recreate=true)).
+      - The models of a DGX or HGX platform are all alike.
+    type: str
+    version_added: 0.2.0
   image:
     description:
       - The base image of the OS disk, from the store at O(store) - a name (resolved through its
@@ -317,22 +330,30 @@ from ansible.module_utils.basic import AnsibleModule
 
 # _bytecode first: it compiles the module_utils imported after it once per host (see there).
 from ansible_collections.gpuvirt.kvm.plugins.module_utils import _bytecode  # noqa: F401 pylint: disable=unused-import
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._common import (
-    connect_or_fail,
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._argspec import (
     host_argspec,
     libvirt_argspec,
 )
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._images import ImagesError
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_context import (
+    DEFAULT_DISK_DIR,
+    HostContextError,
+    connect_or_fail,
+    host_context,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._image_store import (
+    DEFAULT_STORE,
+    ImageStore,
+)
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import LibvirtGatewayError
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._lock import (
     HostLock,
     HostLockError,
     lock_argspec,
 )
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm import (
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._qemu_img import ImagesError
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_apply import converge
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_request import (
     VmError,
-    converge,
-    host_context,
     request_from_params,
     vm_argspec,
 )
@@ -340,6 +361,10 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm import (
 
 def main():
     argument_spec = vm_argspec()
+    argument_spec.update(
+        store=dict(type="path", default=DEFAULT_STORE),
+        disk_dir=dict(type="path", default=DEFAULT_DISK_DIR),
+    )
     argument_spec.update(host_argspec())
     argument_spec.update(libvirt_argspec())
     argument_spec.update(lock_argspec())
@@ -352,13 +377,14 @@ def main():
     gateway = connect_or_fail(module)
     try:
         with gateway:
-            ctx = host_context(p)
+            ctx = host_context(p, store=ImageStore(p["store"]))
             results = converge(gateway, ctx, [request], check_mode=module.check_mode,
                                lock=HostLock(p["lock_path"], p["lock_timeout"],
                                              owner="kvm_vm %s" % request.name))
-    except (VmError, HostLockError, LibvirtGatewayError, ImagesError) as exc:
+    except (VmError, HostContextError, HostLockError, LibvirtGatewayError, ImagesError) as exc:
         module.fail_json(msg=str(exc), changed=False)
     result = results[0]
+    result.pop("applied")
     if result.get("error"):
         module.fail_json(msg=result["error"], changed=result["changed"],
                          actions=result["actions"])

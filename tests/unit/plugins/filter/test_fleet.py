@@ -9,12 +9,10 @@ from ansible.errors import AnsibleFilterError
 from jinja2 import Undefined
 
 from ansible_collections.gpuvirt.kvm.plugins.filter.fleet import FilterModule
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import get_platform
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._report import (
-    build,
-    requests_from_options,
-)
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import read_host
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_facts import build
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._platform_file import get_platform
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._sysfs import read_host
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_request import plan_requests
 
 fleet_plan = FilterModule().filters()["fleet_plan"]
 
@@ -52,7 +50,7 @@ def test_a_dict_of_results(results, host_tree):
     assert plan["unplaced"] == [] and plan["skipped_hosts"] == []
     # What gpu_topology would plan on that host for its share (kvm_layout places the same way).
     local = build(read_host(*host_tree("pcie-4gpu")), get_platform("auto", read_host(
-        *host_tree("pcie-4gpu"))), "test", [], requests_from_options(
+        *host_tree("pcie-4gpu"))), "test", [], plan_requests(
             plan["assignments"]["pcie-01"]))["plan"]
     assert [e["gpu_indexes"] for e in local] == \
         [plan["by_name"][n]["gpu_indexes"] for n in ("dev", "one")]
@@ -105,7 +103,8 @@ def test_bad_where_is_a_filter_error_naming_request_and_expression(results):
     (lambda r: fleet_plan(None, []), "the input must be a dict host"),
     (lambda r: fleet_plan(Undefined(), []), "the input must be a dict host"),
     (lambda r: fleet_plan(r, Undefined()), "requests is undefined"),
-    (lambda r: fleet_plan(r, [{"name": "a", "gpus": "x"}]), r"requests\[0\] \(a\).gpus"),
+    (lambda r: fleet_plan(r, [{"name": "a", "gpus": "x"}]),
+     r"requests\[0\] \(a\): argument 'gpus'"),
     (lambda r: fleet_plan(r, [], label_vars=["rack"]), "label_vars reads inventory variables"),
     (lambda r: fleet_plan(r, [], labels=["rack"]), "labels must be a dict host"),
     (lambda r: fleet_plan(r, [], labels={"pcie-01": "r2"}), r"labels\['pcie-01'\] must be a"),

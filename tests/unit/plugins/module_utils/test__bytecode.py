@@ -8,6 +8,7 @@ and imports the real ``_bytecode`` from the zip and then a sample module_util.
 
 import glob
 import json
+import marshal
 import os
 import shutil
 import stat
@@ -144,6 +145,19 @@ def test_an_unreadable_entry_is_compiled_again_and_replaced(tmp_path, cache):
     result = probe(zip_path, cache)
     assert result["compiles"] == 1 and result["outer"] == [0, 2, 4]
     assert os.path.getsize(path) > 7
+    assert probe(zip_path, cache, forbid_compile=True)["compiles"] == 0
+
+
+def test_an_entry_that_is_not_code_is_compiled_again(tmp_path, cache):
+    # A marshalled int is readable but no module: it used to fail every later run.
+    zip_path = make_zip(tmp_path / "a.zip")
+    probe(zip_path, cache)
+    [entry] = sample_entries(cache)
+    path = os.path.join(str(cache), entry)
+    with open(path, "wb") as handle:
+        handle.write(marshal.dumps(42))
+    result = probe(zip_path, cache)
+    assert result["compiles"] == 1 and result["outer"] == [0, 2, 4]
     assert probe(zip_path, cache, forbid_compile=True)["compiles"] == 0
 
 

@@ -10,23 +10,23 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from ansible_collections.gpuvirt.kvm.plugins.module_utils import _libvirt
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain import (
     METADATA_NS,
     Address,
-    Allocation,
-    AllocationDisk,
     CharDevice,
     Controller,
     Disk,
     Domain,
     DomainXmlError,
+    GpuvirtMetadata,
     HostdevPci,
     Interface,
+    MetadataDisk,
     Raw,
     format_cpuset,
     parse_cpuset,
 )
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import read_domain
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "domain")
 CASES = sorted(os.path.basename(p)[:-len("-in.xml")]
@@ -69,10 +69,10 @@ def test_output_validates(case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_same_allocation_as_libvirt_gateway_reads(case):
-    """Normalising never changes what a domain holds (libvirt XML is the source of truth)."""
-    before = _libvirt.parse_allocation(fixture(case, "in"))
-    after = _libvirt.parse_allocation(fixture(case, "out"))
+def test_normalising_never_changes_what_a_domain_holds(case):
+    """What _holdings reads from the XML (libvirt is the source of truth) stays the same."""
+    before = read_domain(fixture(case, "in"))
+    after = read_domain(fixture(case, "out"))
     assert before == after
 
 
@@ -198,9 +198,9 @@ def test_typed_values_of_the_hand_edited_domain():
     assert dom.interfaces[1].type == "bridge" and dom.interfaces[1].source == "br-data"
     assert dom.disks[0].backing.source == "/var/lib/gpuvirt/images/dgx-os-6.2.qcow2"
     assert dom.disks[0].serial == "os-disk" and dom.disks[0].boot_order == 1
-    alloc = dom.allocation
+    alloc = dom.gpuvirt
     assert alloc.gpus == ("0000:34:00.0",) and alloc.numa_nodes == (0,)
-    assert alloc.disks == [AllocationDisk(target="vda", role="os", size_gb=50)]
+    assert alloc.disks == [MetadataDisk(target="vda", role="os", size_gb=50)]
 
 
 def test_edits_to_typed_fields_keep_the_unknown_rest():
@@ -237,7 +237,7 @@ def test_live_xml_extras_survive():
 
 def test_objects_to_xml():
     dom = Domain(type="qemu", name="built", memory_kib=65536)
-    dom.metadata = [Allocation(template="t", gpus=("0000:34:00.0",), numa_nodes=(0, 1))]
+    dom.metadata = [GpuvirtMetadata(template="t", gpus=("0000:34:00.0",), numa_nodes=(0, 1))]
     dom.devices = [
         Disk(source="/d.qcow2", driver_name="qemu", driver_type="qcow2", target_dev="vda",
              target_bus="virtio"),
@@ -260,7 +260,7 @@ def test_objects_to_xml():
     assert (src.get("bus"), src.get("function"), src.get("type")) == ("0x34", "0x1", None)
     assert "<gpuvirt:allocation xmlns:gpuvirt='%s' owner='gpuvirt.kvm'" % METADATA_NS in out
     assert Domain.from_xml(out).to_xml() == out
-    alloc = _libvirt.parse_allocation(out)
+    alloc = read_domain(out)
     assert alloc.managed and alloc.hostdevs == ("0000:34:00.1",)
     assert alloc.metadata["gpus"] == "0000:34:00.0" and alloc.metadata["template"] == "t"
     assert alloc.metadata["numa_nodes"] == "0,1"

@@ -13,28 +13,27 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ansible_collections.gpuvirt.kvm.plugins.module_utils import _fleet
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import DomainAllocation
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._nvidia_smi import nvlinks_for_host
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import (
-    POLICY_DEDICATED,
+from ansible_collections.gpuvirt.kvm.plugins.module_utils import _fleet_plan
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._fleet_placement import (
     Fleet,
-    HostState,
+    place_on_fleet,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import DefinedDomain, holdings
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_facts import build
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._nvidia_smi import nvlinks_for_host
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import HostState
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import (
+    POLICY_DEDICATED,
     PlacementError,
     Request,
-    plan_fleet,
 )
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._platform_file import get_platform
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
-    get_platform,
     platform_gpus,
     platform_nvswitches,
 )
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._report import (
-    allocations_from_domains,
-    build,
-    requests_from_options,
-)
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import read_host
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._sysfs import read_host
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_request import plan_requests
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "..", "fixtures")
 
@@ -69,14 +68,14 @@ class Host(object):
         options = dict(self.options)
         unhealthy = sorted(options.pop("unhealthy_gpus", ()))
         return HostState(self.topology, self.platform,
-                         allocations=allocations_from_domains(self.domains, gpus, switches),
+                         holdings(self.domains, gpus, switches),
                          unhealthy_gpus=unhealthy, **options)
 
 
 def domain(name, placement, managed=True, owner_tag=None):
-    """The DomainAllocation libvirt would report for a VM defined from a placement."""
+    """The DefinedDomain libvirt would report for a VM defined from a placement."""
     dedicated = placement.cpu_policy == POLICY_DEDICATED
-    return DomainAllocation(
+    return DefinedDomain(
         name=name, uuid=name, active=True,
         hostdevs=tuple(sorted(placement.gpus + placement.nvswitches)),
         pinned_cpus=tuple(sorted(placement.cpus)) if dedicated else (),
@@ -161,7 +160,7 @@ def case_host(host_tree, case):
 def test_facts_rebuild_the_host_state_exactly(host_tree, case):
     host = case_host(host_tree, case)
     real = host.state()
-    rebuilt = _fleet.StateBuilder().state("h", host.facts)
+    rebuilt = _fleet_plan.StateBuilder().state("h", host.facts)
     assert_same_state(real, rebuilt)
     name = CASES[case]["name"]
     assert outcomes(real, PLANS[name]) == outcomes(rebuilt, PLANS[name])
@@ -189,17 +188,17 @@ def test_a_platform_file_travels_as_data_not_as_its_path(host_tree, tmp_path, ex
     assert str(path) not in json.dumps(host.facts["placement_state"])
     assert host.facts["placement_state"]["platform"]["name"] == "dgx2-lab"
     path.unlink()  # the controller never sees the managed host's file
-    rebuilt = _fleet.StateBuilder().state("h", host.facts)
+    rebuilt = _fleet_plan.StateBuilder().state("h", host.facts)
     assert_same_state(host.state(), rebuilt)
     assert rebuilt.template(1).vcpus == 6
-    out = _fleet.plan({"h": host.facts}, [{"name": "x", "gpus": 1}])
+    out = _fleet_plan.fleet_plan({"h": host.facts}, [{"name": "x", "gpus": 1}])
     assert out["by_name"]["x"]["vcpus"] == 6
 
 
 def test_hosts_built_alike_share_one_model(host_tree):
     facts = Host(host_tree, "dgx2").facts
     busy = case_host(host_tree, "dgx2 busy").facts
-    builder = _fleet.StateBuilder()
+    builder = _fleet_plan.StateBuilder()
     a, b = builder.state("a", facts), builder.state("b", json.loads(json.dumps(facts)))
     assert a.model is b.model and a is not b
     c = builder.state("c", busy)  # other reserved CPUs and memory: its own model
@@ -219,22 +218,22 @@ def test_old_or_foreign_facts_are_refused_with_the_fix(host_tree):
     facts = Host(host_tree, "pcie-4gpu").facts
     old = dict(facts)
     del old["placement_state"]
-    with pytest.raises(_fleet.FleetError, match="'h'.*placement_state.*gpu_topology"):
-        _fleet.plan({"h": old}, [])
+    with pytest.raises(_fleet_plan.FleetError, match="'h'.*placement_state.*gpu_topology"):
+        _fleet_plan.fleet_plan({"h": old}, [])
     newer = json.loads(json.dumps(facts))
     newer["placement_state"]["format"] = 99
-    with pytest.raises(_fleet.FleetError, match="format 99"):
-        _fleet.plan({"h": newer}, [])
+    with pytest.raises(_fleet_plan.FleetError, match="format 99"):
+        _fleet_plan.fleet_plan({"h": newer}, [])
     unknown = json.loads(json.dumps(facts))
     unknown["platform"]["name"] = "dgx-9000"
-    with pytest.raises(_fleet.FleetError, match="'dgx-9000' is not built into"):
-        _fleet.plan({"h": unknown}, [])
-    with pytest.raises(_fleet.FleetError, match="expected its gpu_topology result"):
-        _fleet.plan({"h": "nope"}, [])
+    with pytest.raises(_fleet_plan.FleetError, match="'dgx-9000' is not built into"):
+        _fleet_plan.fleet_plan({"h": unknown}, [])
+    with pytest.raises(_fleet_plan.FleetError, match="expected its gpu_topology result"):
+        _fleet_plan.fleet_plan({"h": "nope"}, [])
     broken = json.loads(json.dumps(facts))
     del broken["gpus"][0]["bdf"]
-    with pytest.raises(_fleet.FleetError, match="'h'.*malformed"):
-        _fleet.plan({"h": broken}, [])
+    with pytest.raises(_fleet_plan.FleetError, match="'h'.*malformed"):
+        _fleet_plan.fleet_plan({"h": broken}, [])
 
 
 # --- the plan against what each host would do itself ---------------------------------------------
@@ -266,8 +265,8 @@ TRIO_LABELS = {"pcie-01": {"pool": "dev"}, "dgx2-01": {"pool": "train"}}
 
 
 def test_each_share_lands_where_the_host_itself_would_place_it(trio):
-    out = _fleet.plan(dict((h, x.facts) for h, x in trio.items()), TRIO_REQUESTS,
-                      labels=TRIO_LABELS)
+    out = _fleet_plan.fleet_plan(dict((h, x.facts) for h, x in trio.items()), TRIO_REQUESTS,
+                                 labels=TRIO_LABELS)
     assigned = dict((h, [e["name"] for e in share]) for h, share in out["assignments"].items())
     assert assigned == {
         "a100-01": ["train-4", "dev-1", "old-a", "cpu-only"],
@@ -282,7 +281,7 @@ def test_each_share_lands_where_the_host_itself_would_place_it(trio):
                                                 "cpu_policy": "shared"}
     for host, share in out["assignments"].items():
         # gpu_topology's plan (and kvm_layout, which plans the same way) on that host alone.
-        local = trio[host].result(requests_from_options(share))["plan"]
+        local = trio[host].result(plan_requests(share))["plan"]
         for entry in local:
             planned = dict(out["by_name"][entry["name"]])
             assert planned.pop("host") == host
@@ -298,14 +297,14 @@ def test_each_share_lands_where_the_host_itself_would_place_it(trio):
 
 def test_same_input_same_output_whatever_the_order(trio):
     facts = dict((h, x.facts) for h, x in trio.items())
-    first = json.dumps(_fleet.plan(facts, TRIO_REQUESTS, labels=TRIO_LABELS))
+    first = json.dumps(_fleet_plan.fleet_plan(facts, TRIO_REQUESTS, labels=TRIO_LABELS))
     rng = random.Random(7)
     for _dummy in range(3):
         hosts = list(facts)
         rng.shuffle(hosts)
         shuffled = dict((h, json.loads(json.dumps(facts[h]))) for h in hosts)
         labels = dict((h, TRIO_LABELS[h]) for h in reversed(list(TRIO_LABELS)))
-        assert json.dumps(_fleet.plan(shuffled, TRIO_REQUESTS, labels=labels)) == first
+        assert json.dumps(_fleet_plan.fleet_plan(shuffled, TRIO_REQUESTS, labels=labels)) == first
 
 
 def test_large_requests_still_fit_after_many_small_ones(host_tree):
@@ -314,7 +313,7 @@ def test_large_requests_still_fit_after_many_small_ones(host_tree):
     # The 16-GPU request comes last; 48 one-GPU VMs must pack 3 hosts full to leave it one.
     requests = [{"name": "one-%02d" % k, "gpus": 1} for k in range(48)]
     requests.append({"name": "sixteen", "gpus": 16})
-    out = _fleet.plan(fleet, requests)
+    out = _fleet_plan.fleet_plan(fleet, requests)
     assert out["unplaced"] == []
     assert sorted(len(v) for v in out["assignments"].values()) == [1, 16, 16, 16]
     assert all(h["free_gpus_after"] == 0 for h in out["hosts"].values())
@@ -326,8 +325,8 @@ def test_large_requests_still_fit_after_many_small_ones(host_tree):
 
 def test_best_fit_fills_a_busy_host_before_an_empty_one(host_tree):
     busy = Host(host_tree, "dgx2", domains=domains_for(host_tree, "dgx2", [R("vm-a", 8)]))
-    out = _fleet.plan({"a-empty": Host(host_tree, "dgx2").facts, "b-busy": busy.facts},
-                      [{"name": "four", "gpus": 4}, {"name": "sixteen", "gpus": 16}])
+    out = _fleet_plan.fleet_plan({"a-empty": Host(host_tree, "dgx2").facts, "b-busy": busy.facts},
+                                 [{"name": "four", "gpus": 4}, {"name": "sixteen", "gpus": 16}])
     assert out["by_name"]["four"]["host"] == "b-busy"
     assert out["by_name"]["sixteen"]["host"] == "a-empty"
 
@@ -343,17 +342,17 @@ def test_where_uses_labels_and_facts(trio):
          "where": "largest_free_block >= `16` && free_memory_mb > `100000`"},
     ]
     labels = {"pcie-01": {"rack": "r2"}, "dgx2-01": {"rack": "r1"}}
-    out = _fleet.plan(facts, requests, labels=labels)
+    out = _fleet_plan.fleet_plan(facts, requests, labels=labels)
     where = dict((n, e["host"]) for n, e in out["by_name"].items())
     assert where == {"rack": "pcie-01", "rack2": "pcie-01", "models": "a100-01",
                      "big-node": "pcie-01", "lots-free": "dgx2-01"}
 
 
 def test_where_document_fields(trio):
-    builder = _fleet.StateBuilder()
+    builder = _fleet_plan.StateBuilder()
     facts = trio["a100-01"].facts
-    doc = _fleet.where_document("a100-01", builder.state("a100-01", facts), facts,
-                                {"rack": "r1"})
+    doc = _fleet_plan.where_document("a100-01", builder.state("a100-01", facts), facts,
+                                     {"rack": "r1"})
     assert set(doc) == {"host", "platform", "fabric", "gpu_models", "gpus", "healthy_gpus",
                         "free_gpus", "free_blocks", "largest_free_block", "allowed_sizes",
                         "nvswitches", "cpus", "free_cpus", "memory_mb", "free_memory_mb",
@@ -368,19 +367,20 @@ def test_where_document_fields(trio):
 
 def test_a_bad_where_names_the_request_and_the_expression(trio):
     facts = dict((h, x.facts) for h, x in trio.items())
-    with pytest.raises(_fleet.FleetError) as err:
-        _fleet.plan(facts, [{"name": "ok", "gpus": 1},
-                            {"name": "typo", "gpus": 1, "where": "platform == 'dgx2"}])
+    with pytest.raises(_fleet_plan.FleetError) as err:
+        _fleet_plan.fleet_plan(facts, [{"name": "ok", "gpus": 1},
+                                       {"name": "typo", "gpus": 1, "where": "platform == 'dgx2"}])
     assert "requests[1] (typo)" in str(err.value)
     assert "where \"platform == 'dgx2\" is not a valid JMESPath expression" in str(err.value)
-    with pytest.raises(_fleet.FleetError, match=r"requests\[0\] \(x\): where .* fails on host "
-                                                "'a100-01'"):
-        _fleet.plan(facts, [{"name": "x", "gpus": 1, "where": "contains(free_gpus, 'a')"}])
+    with pytest.raises(_fleet_plan.FleetError,
+                       match=r"requests\[0\] \(x\): where .* fails on host 'a100-01'"):
+        _fleet_plan.fleet_plan(facts, [{"name": "x", "gpus": 1,
+                                        "where": "contains(free_gpus, 'a')"}])
 
 
 def test_unplaced_say_why(trio):
     facts = dict((h, x.facts) for h, x in trio.items())
-    out = _fleet.plan(facts, [
+    out = _fleet_plan.fleet_plan(facts, [
         {"name": "nowhere", "gpus": 1, "where": "labels.rack == 'r9'"},
         {"name": "pinned-out", "gpus": 1, "host": "dgx2-01", "where": "platform == 'generic'"},
         {"name": "ghost", "gpus": 1, "host": "dgx2-99"},
@@ -408,8 +408,8 @@ def test_unplaced_say_why(trio):
 
 def test_pinned_host_wins_over_best_fit(host_tree):
     busy = Host(host_tree, "dgx2", domains=domains_for(host_tree, "dgx2", [R("vm-a", 8)]))
-    out = _fleet.plan({"a": Host(host_tree, "dgx2").facts, "b": busy.facts},
-                      [{"name": "x", "gpus": 2, "host": "a"}, {"name": "y", "gpus": 2}])
+    out = _fleet_plan.fleet_plan({"a": Host(host_tree, "dgx2").facts, "b": busy.facts},
+                                 [{"name": "x", "gpus": 2, "host": "a"}, {"name": "y", "gpus": 2}])
     assert out["by_name"]["x"]["host"] == "a"
     assert out["by_name"]["y"]["host"] == "b"
 
@@ -423,28 +423,30 @@ def test_absent_and_exclusive_free_what_kvm_layout_would_remove(host_tree):
     facts = {"h": Host(host_tree, "dgx2", domains=held).facts}
     requests = [{"name": "keep", "gpus": 8}, {"name": "drop", "state": "absent"},
                 {"name": "never-was", "state": "absent"}, {"name": "new", "gpus": 4}]
-    out = _fleet.plan(facts, requests)
+    out = _fleet_plan.fleet_plan(facts, requests)
     assert out["by_name"]["drop"] == {"name": "drop", "host": "h", "state": "absent"}
     assert out["by_name"]["never-was"]["host"] is None
     assert out["by_name"]["new"]["gpu_indexes"] == [8, 9, 10, 11]  # drop's GPUs, freed first
     assert [e["name"] for e in out["assignments"]["h"]] == ["keep", "drop", "new"]
     # Only GPU 15 is free until exclusive removes drop and tagged (not other: unmanaged).
-    out = _fleet.plan(facts, [{"name": "keep", "gpus": 8}, {"name": "four", "gpus": 4}])
+    out = _fleet_plan.fleet_plan(facts, [{"name": "keep", "gpus": 8}, {"name": "four", "gpus": 4}])
     assert out["hosts"]["h"]["removed"] == [] and out["unplaced"][0]["name"] == "four"
-    out = _fleet.plan(facts, [{"name": "keep", "gpus": 8}, {"name": "four", "gpus": 4}],
-                      exclusive=True)
+    out = _fleet_plan.fleet_plan(facts, [{"name": "keep", "gpus": 8}, {"name": "four", "gpus": 4}],
+                                 exclusive=True)
     assert out["hosts"]["h"]["removed"] == ["drop", "tagged"]
     assert out["by_name"]["four"]["gpu_indexes"] == [8, 9, 10, 11]
-    out = _fleet.plan(facts, [{"name": "keep", "gpus": 8}], exclusive=True, owner_tag="team-a")
+    out = _fleet_plan.fleet_plan(facts, [{"name": "keep", "gpus": 8}], exclusive=True,
+                                 owner_tag="team-a")
     assert out["hosts"]["h"]["removed"] == ["drop", "tagged"]
-    out = _fleet.plan(facts, [{"name": "keep", "gpus": 8}], exclusive=True, owner_tag="team-b")
+    out = _fleet_plan.fleet_plan(facts, [{"name": "keep", "gpus": 8}], exclusive=True,
+                                 owner_tag="team-b")
     assert out["hosts"]["h"]["removed"] == []
 
 
 def test_a_vm_on_two_hosts_is_warned_about(host_tree):
     held = domains_for(host_tree, "dgx2", [R("twin", 1)])
     facts = Host(host_tree, "dgx2", domains=held).facts
-    out = _fleet.plan({"a": facts, "b": facts}, [{"name": "twin", "gpus": 1}])
+    out = _fleet_plan.fleet_plan({"a": facts, "b": facts}, [{"name": "twin", "gpus": 1}])
     assert out["warnings"] == ["VM 'twin' is defined on 'a' and on 'b'; a request for it goes "
                                "to 'b'"]
     assert out["by_name"]["twin"]["host"] == "b"
@@ -456,25 +458,26 @@ def test_a_vm_on_two_hosts_is_warned_about(host_tree):
     (["x"], r"requests\[0\]: expected a dict"),
     ([{"gpus": 1}], r"requests\[0\].name"),
     ([{"name": "a"}, {"name": "a"}], r"requests\[1\] \(a\): the name 'a' is used by requests\[0\]"),
-    ([{"name": "a", "gpus": "two"}], r"requests\[0\] \(a\).gpus: 'two' is not a whole number"),
+    ([{"name": "a", "gpus": "two"}], r"requests\[0\] \(a\): argument 'gpus' is of type str"),
     ([{"name": "a", "gpus": -1}], r"gpus: -1; give 0 or more"),
     ([{"name": "a", "gpus": True}], "is not a number"),
-    ([{"name": "a", "gpu_index": 3}], "gpu_index is set but gpus is 0"),
+    ([{"name": "a", "gpu_index": 3}], "gpu_index: set, but gpus is not given"),
+    ([{"name": "a", "gpu_index": 3, "gpus": 0}], "gpu_index: set, but gpus is 0"),
     ([{"name": "a", "memory": "lots"}], "memory: 'lots' is not a size"),
     ([{"name": "a", "vcpus": 0}], "vcpus: 0; give 1 or more"),
-    ([{"name": "a", "cpu_policy": "spread"}], "cpu_policy: 'spread' is not one of"),
-    ([{"name": "a", "hugepages": "yes"}], "hugepages: 'yes'"),
+    ([{"name": "a", "cpu_policy": "spread"}], "value of cpu_policy must be one of"),
+    ([{"name": "a", "hugepages": "perhaps"}], "argument 'hugepages' is of type str"),
     ([{"name": "a", "host": 7}], "host: 7"),
     ([{"name": "a", "where": ["platform"]}], "where: .* JMESPath expression as a string"),
 ])
 def test_bad_requests_fail_the_whole_call(entries, match):
-    with pytest.raises(_fleet.FleetError, match=match):
-        _fleet.requests_from_entries(entries)
+    with pytest.raises(_fleet_plan.FleetError, match=match):
+        _fleet_plan.requests_from_entries(entries)
 
 
 def test_numbers_as_strings_are_accepted():
-    (fr,) = _fleet.requests_from_entries([{"name": "a", "gpus": "2", "vcpus": "8",
-                                           "memory": "32GiB"}])
+    (fr,) = _fleet_plan.requests_from_entries([{"name": "a", "gpus": "2", "vcpus": "8",
+                                                "memory": "32GiB"}])
     assert (fr.request.gpus, fr.request.vcpus, fr.request.memory_mb) == (2, 8, 32768)
     assert fr.entry == {"name": "a", "gpus": "2", "vcpus": "8", "memory": "32GiB"}
 
@@ -482,20 +485,20 @@ def test_numbers_as_strings_are_accepted():
 def test_without_jmespath_only_where_fails(trio, monkeypatch):
     facts = dict((h, x.facts) for h, x in trio.items())
     monkeypatch.setitem(sys.modules, "jmespath", None)
-    assert _fleet.plan(facts, [{"name": "a", "gpus": 1}])["summary"]["placed"] == 1
-    with pytest.raises(_fleet.FleetError, match="needs the Python library jmespath"):
-        _fleet.plan(facts, [{"name": "a", "gpus": 1, "where": "gpus > `1`"}])
+    assert _fleet_plan.fleet_plan(facts, [{"name": "a", "gpus": 1}])["summary"]["placed"] == 1
+    with pytest.raises(_fleet_plan.FleetError, match="needs the Python library jmespath"):
+        _fleet_plan.fleet_plan(facts, [{"name": "a", "gpus": 1, "where": "gpus > `1`"}])
 
 
 def test_jmespath_truth():
-    assert [_fleet._truthy(v) for v in (None, False, "", [], {}, 0, "x", [0], True)] == \
+    assert [_fleet_plan._truthy(v) for v in (None, False, "", [], {}, 0, "x", [0], True)] == \
         [False, False, False, False, False, True, True, True, True]
 
 
 # --- Fleet with allowed host sets ----------------------------------------------------------------
 
 def _dgx2_base(host_tree):
-    return _fleet.StateBuilder().state("h", Host(host_tree, "dgx2").facts)
+    return _fleet_plan.StateBuilder().state("h", Host(host_tree, "dgx2").facts)
 
 
 def _summary(result):
@@ -570,7 +573,7 @@ def test_fleet_plan_orders_like_a_host_plan(host_tree):
     a, b = base.derive(), base.derive()
     a.place(R("grow", 4, gpu_index=0))
     a.place(R("stay", 8, gpu_index=8))
-    plan = plan_fleet([("a", a), ("b", b)], [R("new", 4), R("grow", 8), R("stay", 8)])
+    plan = place_on_fleet([("a", a), ("b", b)], [R("new", 4), R("grow", 8), R("stay", 8)])
     where = dict((x.request.name, (x.host, x.placement.gpu_indexes)) for x in plan.assignments)
     assert where["stay"] == ("a", tuple(range(8, 16)))
     assert where["grow"] == ("a", tuple(range(0, 8)))  # its own 4 freed first: 0-7 fits
@@ -579,8 +582,8 @@ def test_fleet_plan_orders_like_a_host_plan(host_tree):
     a, b = base.derive(), base.derive()
     a.place(R("grow", 4, gpu_index=0))
     a.place(R("stay", 8, gpu_index=8))
-    plan = plan_fleet([("a", a), ("b", b)], [R("grow", 16)])
+    plan = place_on_fleet([("a", a), ("b", b)], [R("grow", 16)])
     assert "grow keeps its current 4 GPU(s) on a" in plan.unplaced[0][1]
     assert a.allocations["grow"].gpus == base.model.gpu_bdfs[:4]
-    plan = plan_fleet([("a", a)], [R("x", 1), R("x", 2)])
+    plan = place_on_fleet([("a", a)], [R("x", 1), R("x", 2)])
     assert "appears twice" in plan.unplaced[0][1]

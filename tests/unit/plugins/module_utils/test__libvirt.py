@@ -1,18 +1,19 @@
 # -*- coding: utf-8 -*-
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Reading allocations back from domain XML (libvirt is the source of truth)."""
+"""Reading what a domain holds back from its XML (libvirt is the source of truth), and the
+libvirt gateway on this machine's libvirtd."""
 
-import os
-import uuid
 
 import pytest
 
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain import METADATA_NS
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import (
+    read_domain,
+)
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import (
-    METADATA_NS,
     LibvirtGateway,
     LibvirtGatewayError,
     has_libvirt,
-    parse_allocation,
 )
 
 DOMAIN = """<domain type='kvm'>
@@ -44,7 +45,7 @@ DOMAIN = """<domain type='kvm'>
 
 
 def test_allocation_from_xml():
-    alloc = parse_allocation(DOMAIN, active=True)
+    alloc = read_domain(DOMAIN, active=True)
     assert alloc.name == "vm-a"
     assert alloc.hostdevs == ("0000:34:00.0", "0000:61:00.0")
     assert alloc.pinned_cpus == (2, 3, 50, 51)
@@ -58,33 +59,14 @@ def test_allocation_from_xml():
 def test_unmanaged_shared_domain():
     xml = """<domain type='kvm'><name>other</name><memory>1048576</memory>
       <vcpu cpuset='4-7,^5'>2</vcpu><devices/></domain>"""
-    alloc = parse_allocation(xml)
+    alloc = read_domain(xml)
     assert not alloc.managed
     assert alloc.cpuset == (4, 6, 7)
     assert alloc.pinned_cpus == ()
     assert alloc.memory_kib == 1048576
 
 
-# --- lifecycle on the real libvirt of this machine -------------------------------------------
-
-TINY = """<domain type='{type}'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='q35'>hvm</type></os>
-  <cpu mode='{cpu_mode}'>{cpu_extra}</cpu>
-  <devices><controller type='usb' model='none'/><memballoon model='none'/></devices>
-</domain>"""
-
-
-def _tiny_xml(name):
-    # /dev/kvm here is a software KVM: an OS-less guest runs under kvm with host-passthrough
-    # minus arch-capabilities (else QEMU aborts on MSR 0x10a); TCG always works.
-    if os.path.exists("/dev/kvm"):
-        return TINY.format(type="kvm", name=name, cpu_mode="host-passthrough",
-                           cpu_extra="<feature policy='disable' name='arch-capabilities'/>")
-    return TINY.format(type="qemu", name=name, cpu_mode="maximum", cpu_extra="")
-
+# --- the real libvirt of this machine (VMs that start: tests/integration/targets/real_vms) ----
 
 @pytest.fixture
 def system_gateway():
@@ -96,34 +78,6 @@ def system_gateway():
         pytest.skip("qemu:///system unreachable: %s" % exc)
     yield gateway
     gateway.close()
-
-
-@pytest.mark.libvirt
-def test_lifecycle_of_a_tiny_vm(system_gateway):
-    gw = system_gateway
-    name = "gpuvirt-unit-%s" % uuid.uuid4().hex[:8]
-    try:
-        assert gw.state(name) is None
-        assert gw.define(_tiny_xml(name)) == name
-        assert gw.state(name) == "shutoff"
-        assert name in gw.domain_names()
-        gw.start(name)
-        assert gw.state(name) == "running"
-        # No OS answers ACPI: without force the wait times out and says what to do.
-        with pytest.raises(LibvirtGatewayError, match="force: true"):
-            gw.shutdown(name, timeout=1)
-        assert gw.state(name) == "running"
-        assert gw.shutdown(name, timeout=1, force=True) == "destroyed"
-        assert gw.state(name) == "shutoff"
-        assert gw.shutdown(name, timeout=1) == "shutdown"  # already off: nothing to do
-        allocs = {a.name: a for a in gw.allocations()}
-        assert allocs[name].memory_kib == 64 * 1024
-        gw.undefine(name)
-        assert gw.state(name) is None
-    finally:
-        if gw.state(name) is not None:
-            gw.destroy(name)
-            gw.undefine(name)
 
 
 @pytest.mark.libvirt

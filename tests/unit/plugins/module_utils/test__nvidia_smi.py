@@ -28,6 +28,15 @@ def test_real_h100_capture_with_ansi_header():
     assert topo.numa_affinity == {0: 0}
 
 
+def test_real_h200_capture_of_driver_580():
+    # Driver 580, with the "GPU NUMA ID" column (N/A: no GPU memory node), which is skipped.
+    topo = parse_topo_matrix(text("h200-cloud-vm.txt"))
+    assert topo.gpu_count == 1
+    assert topo.links == {}
+    assert topo.cpu_affinity == {0: "0-15"}
+    assert topo.numa_affinity == {0: 0}
+
+
 def test_dgx2_all_pairs_nv6_and_nic_column_ignored():
     topo = parse_topo_matrix(text("dgx2.txt"))
     assert topo.gpu_count == 16

@@ -7,13 +7,12 @@ import topo_factory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import (
-    Allocation,
-    HostState,
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._fleet_placement import place_on_fleet
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import HostState, first_fit
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import (
+    Holding,
     PlacementError,
     Request,
-    first_fit,
-    plan_fleet,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import PLATFORMS
 
@@ -236,7 +235,7 @@ def test_overlapping_gpu_index_names_the_holder():
 
 def test_nvswitch_held_blocks_a_block():
     # A hand-made domain holding NVSwitch index 0 keeps the pair 0-1 (which needs it) out.
-    s = state(allocations=[Allocation("odd", nvswitches=(DGX2_SWITCHES[0],))])
+    s = state(allocations=[Holding("odd", nvswitches=(DGX2_SWITCHES[0],))])
     with pytest.raises(PlacementError) as err:
         place(s, "vm", 2, gpu_index=0)
     assert "NVSwitch 0 (0000:61:00.0) held by odd" in str(err.value)
@@ -387,7 +386,9 @@ def test_dgx2_default_templates(gpus, vcpus):
 
 
 def test_platform_template_overrides(tmp_path):
-    from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import platform_from_dict
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._platform_file import (
+        platform_from_dict,
+    )
     plat = platform_from_dict({"base": "dgx2", "templates": {"2": {"vcpus": 12}}})
     s = HostState(topo("dgx2"), plat)
     assert s.template(2).vcpus == 12
@@ -431,7 +432,9 @@ def test_generic_prefers_one_switch_then_nvlinks():
 
 
 def test_generic_sizes_from_a_platform_file():
-    from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import platform_from_dict
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._platform_file import (
+        platform_from_dict,
+    )
     plat = platform_from_dict({"base": "generic", "name": "pairs", "allowed_sizes": [1, 2, 4]})
     s = HostState(topo("pcie4"), plat)
     assert sorted(s.templates()) == [1, 2, 4]
@@ -473,8 +476,8 @@ def test_plan_reports_duplicates():
 
 
 def test_existing_allocation_is_sticky():
-    held = Allocation("vm-a", gpus=tuple(DGX2_GPUS[8:12]), nvswitches=tuple(DGX2_SWITCHES[6:9]),
-                      cpus=(30, 78), numa_nodes=(1,), memory_mb=4096)
+    held = Holding("vm-a", gpus=tuple(DGX2_GPUS[8:12]), nvswitches=tuple(DGX2_SWITCHES[6:9]),
+                   cpus=(30, 78), numa_nodes=(1,), memory_mb=4096)
     s = state(allocations=[held])
     assert s.holders()[DGX2_GPUS[8]] == "vm-a"
     out = dict((q.name, p) for q, p in s.plan([Request("vm-b", gpus=8), Request("vm-a", gpus=4)]))
@@ -502,9 +505,9 @@ def test_changed_count_moves_or_keeps_the_old_allocation():
 
 
 def test_foreign_allocations_give_warnings():
-    s = state(allocations=[Allocation("ghost", gpus=("0000:aa:00.0",)),
-                           Allocation("x", gpus=(DGX2_GPUS[0],)),
-                           Allocation("y", gpus=(DGX2_GPUS[0],))])
+    s = state(allocations=[Holding("ghost", gpus=("0000:aa:00.0",)),
+                           Holding("x", gpus=(DGX2_GPUS[0],)),
+                           Holding("y", gpus=(DGX2_GPUS[0],))])
     assert "ghost holds GPU 0000:aa:00.0, which this host does not have" in s.warnings
     assert "x and y both hold GPU 0 (%s)" % DGX2_GPUS[0] in s.warnings
     assert s.holders() == {DGX2_GPUS[0]: "x"}
@@ -518,9 +521,9 @@ def test_fleet_best_fit_and_reasons():
     place(h1, "x2", 4, gpu_index=8)  # 4 free
     place(h2, "y1", 8, gpu_index=0)  # 8 free
     hosts = [("h0", h0), ("h1", h1), ("h2", h2)]
-    plan = plan_fleet(hosts, [Request("small", gpus=2), Request("four", gpus=4),
-                              Request("eight", gpus=8), Request("pinned", gpus=1, host="h0"),
-                              Request("huge", gpus=16)])
+    plan = place_on_fleet(hosts, [Request("small", gpus=2), Request("four", gpus=4),
+                                  Request("eight", gpus=8), Request("pinned", gpus=1, host="h0"),
+                                  Request("huge", gpus=16)])
     where = {a.request.name: a.host for a in plan.assignments}
     assert where == {"huge": "h0", "eight": "h2", "four": "h1"}
     unplaced = dict((q.name, why) for q, why in plan.unplaced)
@@ -532,17 +535,18 @@ def test_fleet_best_fit_and_reasons():
 def test_fleet_sticky_vm_stays_on_its_host():
     a, b = state(), state()
     place(b, "vm", 2)
-    plan = plan_fleet([("a", a), ("b", b)], [Request("vm", gpus=2), Request("new", gpus=2)])
+    plan = place_on_fleet([("a", a), ("b", b)], [Request("vm", gpus=2), Request("new", gpus=2)])
     where = {x.request.name: x.host for x in plan.assignments}
     assert where == {"vm": "b", "new": "b"}
-    plan = plan_fleet([("a", a), ("b", b)], [Request("vm", gpus=2, host="a")])
+    plan = place_on_fleet([("a", a), ("b", b)], [Request("vm", gpus=2, host="a")])
     assert "already defined on 'b'" in plan.unplaced[0][1]
 
 
 def test_fleet_is_deterministic_and_never_oversubscribes():
     base = state()
     reqs = [Request("r%d" % k, gpus=(1, 2, 4, 8, 16)[k * 7 % 5]) for k in range(200)]
-    plans = [plan_fleet([("h%d" % i, base.copy()) for i in range(20)], reqs) for _dummy in range(2)]
+    plans = [place_on_fleet([("h%d" % i, base.copy()) for i in range(20)], reqs)
+             for _dummy in range(2)]
     assert [(a.request.name, a.host, a.placement.gpu_indexes) for a in plans[0].assignments] == \
         [(a.request.name, a.host, a.placement.gpu_indexes) for a in plans[1].assignments]
     used = {}
@@ -665,3 +669,73 @@ def test_cpu_only_vm_resized_in_place():
     bigger = place(s, "svc", 0, vcpus=6, memory_mb=2048)
     assert bigger.vcpus == 6 and len(bigger.cpus) == 6 and bigger.gpus == ()
     assert sum(1 for holder in s.cpu_holder.values() if holder == "svc") == 6
+
+
+# --- a PCIe server with a mix of GPU models (tests/fixtures/hosts/pcie-mixed.yml) --------------
+
+@pytest.fixture(scope="module")
+def mixed(host_tree):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import detect
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._sysfs import read_host
+
+    topology = read_host(*host_tree("pcie-mixed"))
+    platform, reason = detect(topology)
+    assert platform.name == "generic"
+    assert "1 x unknown model 10de:2bff" in reason and "2 x L40S" in reason
+    return lambda **kw: HostState(topology, platform, reserved_cpus="0,64,32,96", **kw)
+
+
+def _models(s, placement):
+    return [s.model.gpu_model[i][1] for i in placement.gpu_indexes]
+
+
+def test_every_nvidia_gpu_is_placeable_and_free_blocks_count_per_model(mixed):
+    s = mixed()
+    assert s.model.gpu_count == 8
+    # L40S x2, L4 x3, RTX 6000 Ada, H100 NVL, unknown: blocks of one model each.
+    assert s.free_blocks() == {3: 1, 2: 2, 1: 8}
+    assert s.can_fit_gpus(3) and not s.can_fit_gpus(4) and s.can_fit_gpus(4, "any")
+
+
+def test_a_mix_of_models_never_shares_a_vm_unless_asked(mixed):
+    s = mixed()
+    placed = [s.place(Request("p%d" % k, gpus=2, vcpus=2, memory_mb=1024)) for k in range(2)]
+    for p in placed:
+        assert len(set(_models(s, p))) == 1, p.gpu_indexes
+    assert sorted(_models(s, p)[0] for p in placed) == [0x26B9, 0x27B8]
+    # Left: one L4, the RTX, the H100 NVL and the unknown one: no two of one model.
+    with pytest.raises(PlacementError, match="no free 2-GPU block is of one GPU model .* set "
+                                             "gpu_model to one of them, or to any"):
+        s.place(Request("third", gpus=2, vcpus=2, memory_mb=1024))
+    mix = s.place(Request("mix", gpus=2, vcpus=2, memory_mb=1024, gpu_model="any"))
+    assert len(set(_models(s, mix))) == 2
+
+
+def test_gpu_model_picks_a_model_by_name_or_pci_id(mixed):
+    s = mixed()
+    l4 = s.place(Request("l4s", gpus=3, vcpus=2, memory_mb=1024, gpu_model="l4"))
+    assert _models(s, l4) == [0x27B8] * 3
+    other = s.place(Request("other", gpus=1, vcpus=2, memory_mb=1024, gpu_model="10de:2bff"))
+    assert other.gpus == ("0000:b9:00.0",)
+    with pytest.raises(PlacementError, match="gpu_model L40S"):
+        s.place(Request("three-l40s", gpus=3, vcpus=2, memory_mb=1024, gpu_model="L40S"))
+    with pytest.raises(PlacementError, match="gpu_model: 'L50' is neither a GPU model"):
+        s.place(Request("typo", gpus=1, vcpus=2, memory_mb=1024, gpu_model="L50"))
+
+
+def test_gpu_index_over_two_models_is_refused_unless_asked(mixed):
+    s = mixed()
+    with pytest.raises(PlacementError, match=r"gpu_index 2 \(GPUs 2-3\) holds 1 x L4, "
+                                             r"1 x RTX-6000-Ada"):
+        s.place(Request("span", gpus=2, gpu_index=2, vcpus=2, memory_mb=1024))
+    assert s.place(Request("span", gpus=2, gpu_index=2, vcpus=2, memory_mb=1024,
+                           gpu_model="any")).gpu_indexes == (2, 3)
+
+
+def test_a_vm_keeps_its_gpus_unless_a_named_model_differs(mixed):
+    s = mixed()
+    first = s.place(Request("vm", gpus=1, vcpus=2, memory_mb=1024, gpu_model="H100-NVL"))
+    again = s.place(Request("vm", gpus=1, vcpus=2, memory_mb=1024))
+    assert again.gpu_indexes == first.gpu_indexes == (6,)
+    moved = s.place(Request("vm", gpus=1, vcpus=2, memory_mb=1024, gpu_model="L40S"))
+    assert _models(s, moved) == [0x26B9]

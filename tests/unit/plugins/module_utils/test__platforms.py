@@ -9,16 +9,18 @@ import pytest
 import topo_factory
 
 from ansible_collections.gpuvirt.kvm.plugins.module_utils import _platforms
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._platform_file import (
+    get_platform,
+    platform_from_dict,
+)
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
     GPU_IDS,
     NVSWITCH_IDS,
     PLATFORMS,
     PlatformError,
     detect,
-    get_platform,
-    platform_from_dict,
 )
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import read_host
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._sysfs import read_host
 
 
 def _r(a, b):
@@ -111,7 +113,7 @@ def test_h100_service_vm_device():
     ("dgx-a100", "dgx-a100", "8 x A100-SXM4-80GB"),
     ("dgx-h100", "dgx-h100", "4 x NVSwitch gen 3"),
     ("pcie4", "generic", "dgx-h100 needs 8 GPUs and 4 NVSwitches"),
-    ("cpu-only", "generic", "no allow-listed NVIDIA GPU"),
+    ("cpu-only", "generic", "found no NVIDIA GPU"),
 ])
 def test_detect(host, name, why):
     plat, reason = detect(topo_factory.HOSTS[host]())

@@ -7,12 +7,13 @@ import os
 
 import pytest
 
-from ansible_collections.gpuvirt.kvm.plugins.module_utils import _seed
+from ansible_collections.gpuvirt.kvm.plugins.module_utils import _cloud_init, _seed
 
 
 def test_render_user_with_keys_and_password():
-    files = _seed.render("vm-a", {"user": "ops", "ssh_authorized_keys": ["ssh-ed25519 AAAA k"],
-                                  "password_hash": "$6$salt$hash"})
+    files = _cloud_init.render("vm-a", {"user": "ops",
+                                        "ssh_authorized_keys": ["ssh-ed25519 AAAA k"],
+                                        "password_hash": "$6$salt$hash"})
     meta = json.loads(files["meta-data"])
     assert meta == {"instance-id": "vm-a", "local-hostname": "vm-a"}
     assert files["user-data"].startswith("#cloud-config\n")
@@ -23,15 +24,16 @@ def test_render_user_with_keys_and_password():
 
 
 def test_digest_changes_with_content_only():
-    a = _seed.render("vm-a", {"hostname": "h1"})
-    assert _seed.digest(a) == _seed.digest(_seed.render("vm-a", {"hostname": "h1"}))
-    assert _seed.digest(a) != _seed.digest(_seed.render("vm-a", {"hostname": "h2"}))
+    render, digest = _cloud_init.render, _cloud_init.digest
+    a = render("vm-a", {"hostname": "h1"})
+    assert digest(a) == digest(render("vm-a", {"hostname": "h1"}))
+    assert digest(a) != digest(render("vm-a", {"hostname": "h2"}))
 
 
 @pytest.mark.skipif(_seed.iso_tool() is None, reason="no genisoimage/mkisofs/xorrisofs")
 def test_write_iso_is_a_cidata_volume(tmp_path):
     path = tmp_path / "seed.iso"
-    _seed.write_iso(str(path), _seed.render("vm-a", {"user": "ops"}))
+    _seed.write_iso(str(path), _cloud_init.render("vm-a", {"user": "ops"}))
     data = path.read_bytes()
     # ISO 9660: primary volume descriptor at sector 16, volume id at offset 40 of it.
     assert data[0x8001:0x8006] == b"CD001"

@@ -16,7 +16,10 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
     GPU_IDS,
     NVSWITCH_CLASSES,
     NVSWITCH_IDS,
+    host_gpus,
 )
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._ranges import format_ranges
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._sysfs import read_host
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import (
     LINK_NODE,
     LINK_PHB,
@@ -24,8 +27,6 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import (
     LINK_PXB,
     LINK_SYS,
     TopologyError,
-    format_cpulist,
-    read_host,
 )
 
 GIB = 1 << 30
@@ -135,6 +136,27 @@ HOSTS = {
         not_gpus=["0000:44:00.0", "0000:06:00.0", "0000:42:00.0"],
         cmdline={"amd_iommu": "on", "default_hugepagesz": "1G", "hugepages": "8"},
     ),
+    "pcie-mixed": dict(
+        functions=31,
+        gpus=_bdfs("18 19 37 38 98 99 b8 b9"),
+        gpu_nodes=[0, 0, 0, 0, 1, 1, 1, 1],
+        # L40S, L40S, L4, RTX 6000 Ada (VGA class), L4, L4, H100 NVL, a model nobody names
+        gpu_ids=[0x26B9, 0x26B9, 0x27B8, 0x26B1, 0x27B8, 0x27B8, 0x2321, 0x2BFF],
+        nvswitches=[],
+        nvswitch_nodes=[],
+        cpus=128,
+        node_cpus=["0-31,64-95", "32-63,96-127"],
+        node_sockets=[0, 1],
+        siblings={0: (0, 64), 127: (63, 127)},
+        memory_kb=[256 * GIB_KB] * 2,
+        hugepages_1g=[0, 0],
+        # one group per function but the RTX's two functions and the BMC's bridge with its VGA
+        iommu_groups=29,
+        gpu_driver="vfio-pci",
+        nvswitch_driver=None,
+        not_gpus=["0000:02:00.0", "0000:38:00.1", "0000:39:00.0", "0000:ba:00.0"],
+        cmdline={"intel_iommu": "on", "iommu": "pt"},
+    ),
     "h100-cloud-vm": dict(
         functions=7,
         gpus=["0000:00:06.0"],
@@ -171,7 +193,8 @@ def topology(host_tree):
 
 
 def _gpus(topo):
-    return topo.devices_matching(GPU_IDS, GPU_CLASSES)
+    """What discovery counts as GPUs: every NVIDIA function of a GPU class."""
+    return host_gpus(topo)
 
 
 def _nvswitches(topo):
@@ -194,7 +217,7 @@ def test_gpus_found_in_pci_order_with_their_nodes(topology, name):
     assert [g.bdf for g in gpus] == row["gpus"]
     assert [g.numa_node for g in gpus] == row["gpu_nodes"]
     assert [g.device for g in gpus] == row["gpu_ids"]
-    assert all(g.vendor == 0x10DE and g.class_code == 0x030200 for g in gpus)
+    assert all(g.vendor == 0x10DE and g.pci_class in GPU_CLASSES for g in gpus)
 
 
 @pytest.mark.parametrize("name", sorted(HOSTS))
@@ -231,7 +254,7 @@ def test_cpus_nodes_and_siblings(topology, name):
     topo = topology(name)
     assert len(topo.cpus) == row["cpus"]
     assert [n.id for n in topo.numa_nodes] == list(range(len(row["node_cpus"])))
-    assert [format_cpulist(n.cpus) for n in topo.numa_nodes] == row["node_cpus"]
+    assert [format_ranges(n.cpus) for n in topo.numa_nodes] == row["node_cpus"]
     assert [topo.socket_of_node(n.id) for n in topo.numa_nodes] == row["node_sockets"]
     for cpu, siblings in row["siblings"].items():
         assert topo.cpus[cpu].siblings == siblings
@@ -448,19 +471,26 @@ def _tiny_host(devices):
     }
 
 
-def test_vga_class_gpu_found_but_not_unlisted_or_non_nvidia(tmp_path):
+def test_every_nvidia_gpu_function_is_a_gpu_and_nothing_else_is(tmp_path):
     desc = _tiny_host([
-        # An allow-listed GPU that shows class 0300 (VGA), as some PCIe cards do (hardware.md s.2).
+        # A GPU that shows class 0300 (VGA), as some PCIe cards do (hardware.md s.2).
         {"bdf": "00:02.0", "model": "h100-sxm5-80gb", "class": 0x030000},
-        # An NVIDIA 3D controller that is not on the allow-list (H100 PCIe, 10de:2331).
+        # An NVIDIA 3D controller of another model (H100 PCIe, 10de:2331) ...
         {"bdf": "00:03.0", "model": "h100-sxm5-80gb", "device": 0x2331},
-        # An allow-listed ID with a class that is neither 0300 nor 0302.
+        # ... and one of a model the collection does not name: a GPU all the same.
+        {"bdf": "00:06.0", "model": "h100-sxm5-80gb", "device": 0x2bff},
+        # A GPU's ID with a class that is neither 0300 nor 0302.
         {"bdf": "00:04.0", "model": "h100-sxm5-80gb", "class": 0x068000},
+        # A GPU's audio function (class 0403): not a GPU.
+        {"bdf": "00:07.0", "model": "h100-sxm5-80gb", "device": 0x22ba, "class": 0x040300},
         "00:05.0 aspeed-vga",
     ])
     topo = read_host(*sysfs_builder.build(desc, str(tmp_path)))
-    assert len(topo.pci) == 4
-    assert [g.bdf for g in _gpus(topo)] == ["0000:00:02.0"]
+    assert len(topo.pci) == 6
+    assert [g.bdf for g in _gpus(topo)] == ["0000:00:02.0", "0000:00:03.0", "0000:00:06.0"]
+    # The ID table names models; it no longer gates discovery.
+    assert [g.bdf for g in topo.devices_matching(GPU_IDS, GPU_CLASSES)] == [
+        "0000:00:02.0", "0000:00:03.0"]
     assert _nvswitches(topo) == []
 
 
@@ -473,16 +503,16 @@ def test_this_machines_sys_and_proc_read(tmp_path):
     topo = read_host()
     assert len(topo.cpus) == os.sysconf("SC_NPROCESSORS_ONLN")
     assert topo.numa_nodes and all(n.memory_total_kb > 0 for n in topo.numa_nodes)
-    # GPUs found must be exactly the allow-listed functions, read here straight from the files.
+    # GPUs found must be exactly the NVIDIA functions of a GPU class, read straight from the files.
     expected = []
     for bdf in sorted(os.listdir("/sys/bus/pci/devices")):
         path = os.path.join("/sys/bus/pci/devices", bdf)
         with open(os.path.join(path, "vendor")) as v, open(os.path.join(path, "device")) as d, \
                 open(os.path.join(path, "class")) as c:
             ids = (int(v.read(), 16), int(d.read(), 16))
-            if ids in GPU_IDS and int(c.read(), 16) >> 8 in GPU_CLASSES:
+            if ids[0] == 0x10DE and int(c.read(), 16) >> 8 in GPU_CLASSES:
                 expected.append(bdf)
-    assert [g.bdf for g in _gpus(topo)] == expected
+    assert [g.bdf for g in host_gpus(topo)] == expected
     assert len(topo.pci) == len(os.listdir("/sys/bus/pci/devices"))
 
 

@@ -11,18 +11,20 @@ import time
 
 import pytest
 
-from ansible_collections.gpuvirt.kvm.plugins.module_utils import _images
+from ansible_collections.gpuvirt.kvm.plugins.module_utils import _image_store, _qemu_img
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import read_domains
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_context import HostContext
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import (
     LibvirtGateway,
     has_libvirt,
 )
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import get_platform
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import read_host
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm import (
-    HostContext,
-    Planner,
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._platform_file import get_platform
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._sysfs import read_host
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_apply import converge, plan_vms
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_request import (
     VmError,
-    converge,
+    exclusive_removals,
+    layout_requests,
     request_from_params,
     resolve,
 )
@@ -47,6 +49,8 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm import (
     ({"name": "ok", "networks": [{"network": "a", "bridge": "b"}]}, "exactly one of"),
     ({"name": "ok", "networks": [{}]}, "exactly one of"),
     ({"name": "ok", "timeout": -1}, "timeout: -1"),
+    ({"name": "ok", "gpus": 1, "gpu_model": "L50"}, "gpu_model: 'L50' is neither a GPU model"),
+    ({"name": "ok", "gpus": True}, "gpus: True is not a number"),
 ])
 def test_bad_options_name_the_option(params, words):
     with pytest.raises(VmError) as err:
@@ -70,7 +74,7 @@ def dgx2_ctx(host_tree, tmp_path):
     sysfs, proc = host_tree("dgx2")
     topo = read_host(sysfs, proc)
     return HostContext(topology=topo, platform=get_platform("auto", topo),
-                       store=_images.ImageStore(str(tmp_path / "store")),
+                       store=_image_store.ImageStore(str(tmp_path / "store")),
                        disk_dir=str(tmp_path / "disks"))
 
 
@@ -123,7 +127,7 @@ def test_unknown_network_is_a_per_vm_error(dgx2_ctx, test_driver):
 def test_foreign_domain_is_never_adopted(dgx2_ctx, test_driver):
     # test:///default ships a domain called "test" that gpuvirt did not create.
     with pytest.raises(VmError, match="was not created by gpuvirt.kvm"):
-        Planner(test_driver, dgx2_ctx).plan([req("test")])
+        plan_vms(test_driver, dgx2_ctx, [req("test")])
 
 
 def test_absent_keeps_the_data_disk(dgx2_ctx, test_driver):
@@ -140,32 +144,38 @@ def test_absent_keeps_the_data_disk(dgx2_ctx, test_driver):
 
 
 class _Module:
-    """What layout_requests needs of an AnsibleModule: a place for secrets to hide."""
+    """What kvm_layout hands layout_requests of its AnsibleModule: a place for secrets to hide."""
 
     def __init__(self):
         self.no_log_values = set()
 
 
-def test_exclusive_keeps_to_the_owner_tag(dgx2_ctx, test_driver):
-    from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm import layout_requests
+def layout(module, gateway, params):
+    """kvm_layout's requests, with what exclusive removes (what converge adds under the lock):
+    (requests, removed names)."""
+    requests, exclusive = layout_requests(params, secrets=module.no_log_values)
+    removals = []
+    if gateway is not None:
+        removals = exclusive_removals(read_domains(gateway.list_domains()), exclusive)
+    return requests + removals, [r.name for r in removals]
 
+
+def test_exclusive_keeps_to_the_owner_tag(dgx2_ctx, test_driver):
     converge(test_driver, dgx2_ctx, [req("mine", state="present", owner_tag="team-a"),
                                      req("theirs", state="present", owner_tag="team-b"),
                                      req("untagged", state="present")])
     params = {"vms": [], "exclusive": True, "defaults": {"owner_tag": "team-a"}}
-    requests, removed = layout_requests(_Module(), test_driver, params)
+    requests, removed = layout(_Module(), test_driver, params)
     assert removed == ["mine"] and [(r.name, r.state) for r in requests] == [("mine", "absent")]
     # Without a tag every managed VM is in scope; "test" (not gpuvirt's) never is.
-    requests, removed = layout_requests(_Module(), test_driver, dict(params, defaults={}))
+    requests, removed = layout(_Module(), test_driver, dict(params, defaults={}))
     assert removed == ["mine", "theirs", "untagged"]
 
 
 def test_layout_secrets_are_hidden():
-    from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm import layout_requests
-
     module = _Module()
     with pytest.raises(VmError, match="listed twice"):
-        layout_requests(module, None, {"vms": [
+        layout(module, None, {"vms": [
             {"name": "a", "cloud_init": {"password_hash": "$6$secret"}}, {"name": "a"}]})
     assert "$6$secret" in module.no_log_values
 
@@ -251,7 +261,7 @@ def test_moving_a_running_vms_gpus_needs_recreate(dgx2_ctx, test_driver):
     out = converge(test_driver, dgx2_ctx, [req("mover", gpus=2, gpu_index=4)])[0]
     assert "gpu_index is 4 but the running VM holds GPU(s) 0, 1" in out["error"]
     assert "recreate: true" in out["error"] and out["changed"] is False
-    held = Planner(test_driver, dgx2_ctx).read_domains()["mover"].hostdevs
+    held = read_domains(test_driver.list_domains())["mover"].hostdevs
     assert set(first["vm"]["gpus"]) <= set(held)  # libvirt's definition still names them
     # Nobody else may take them meanwhile.
     other = converge(test_driver, dgx2_ctx, [req("other", gpus=2, gpu_index=0)])[0]
@@ -269,7 +279,7 @@ def test_moving_a_running_vms_gpus_needs_recreate(dgx2_ctx, test_driver):
 
 
 def _virtual_gib(path):
-    return _images.info(path, backing_chain=False).virtual_size / _images.GIB
+    return _qemu_img.info(path, backing_chain=False).virtual_size / _qemu_img.GIB
 
 
 def test_data_disk_grows_and_is_never_shrunk(dgx2_ctx, test_driver):
@@ -313,8 +323,8 @@ def test_a_failed_run_shrinks_back_what_it_grew(dgx2_ctx, test_driver, monkeypat
     assert "cannot start f: no" in out["error"] and "shrink" in out["error"]
     assert out["changed"] is False  # everything it did was undone: the host is as it was
     assert _virtual_gib(data) == 1
-    assert [d.size_gb for d in Planner(test_driver, dgx2_ctx).plan(
-        [req("f", state="stopped")])[0].actual.disks if d.role == "data"] == [1]
+    planned = plan_vms(test_driver, dgx2_ctx, [req("f", state="stopped")])[0]
+    assert [d.size_gb for d in planned.actual.disks if d.role == "data"] == [1]
 
 
 def test_absent_never_removes_a_file_it_did_not_make(dgx2_ctx, test_driver, tmp_path):
@@ -326,7 +336,7 @@ def test_absent_never_removes_a_file_it_did_not_make(dgx2_ctx, test_driver, tmp_
     # An admin attaches an installer ISO and a scratch disk by hand (virsh attach-disk).
     iso, scratch = tmp_path / "installer.iso", tmp_path / "scratch.qcow2"
     iso.write_bytes(b"iso")
-    _images.create_disk(str(scratch), 1)
+    _qemu_img.create_disk(str(scratch), 1)
     root = ET.fromstring(test_driver.domain_xml("h"))
     devices = root.find("devices")
     for kind, path, dev in (("cdrom", iso, "sdz"), ("disk", scratch, "vdz")):
@@ -341,10 +351,8 @@ def test_absent_never_removes_a_file_it_did_not_make(dgx2_ctx, test_driver, tmp_
 
 
 def test_layout_entries_are_typed_like_kvm_vm_options(test_driver):
-    from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm import layout_requests
-
     module = _Module()
-    requests, _removed = layout_requests(module, test_driver, {"vms": [
+    requests, _removed = layout(module, test_driver, {"vms": [
         {"name": "a", "gpus": "2", "vcpus": "4", "timeout": "60"},
         # "false" from a template: false, not a truthy string that would delete the data disk
         {"name": "b", "state": "absent", "remove_data": "false", "force": "yes"},
@@ -364,7 +372,7 @@ def test_layout_entries_are_typed_like_kvm_vm_options(test_driver):
             ([{"name": "a"}], {"timeout": "soon"}, "defaults: argument 'timeout'"),
             ([{"name": "a", "cpu_policy": "greedy"}], {}, "vms[0]: value of cpu_policy must be")):
         with pytest.raises(VmError) as err:
-            layout_requests(_Module(), test_driver, {"vms": vms, "defaults": defaults})
+            layout(_Module(), test_driver, {"vms": vms, "defaults": defaults})
         assert words in str(err.value), str(err.value)
 
 
@@ -373,7 +381,7 @@ def test_a_disk_the_running_qemu_has_not_opened_is_grown_with_qemu_img(dgx2_ctx,
     # (until its reboot QEMU does not have it open), then a second run asks for more.
     os.makedirs(dgx2_ctx.disk_dir)
     data = os.path.join(dgx2_ctx.disk_dir, "k-data.qcow2")
-    _images.create_disk(data, 1)
+    _qemu_img.create_disk(data, 1)
     converge(test_driver, dgx2_ctx, [req("k")])
     assert test_driver.state("k") == "running"
     added = converge(test_driver, dgx2_ctx, [req("k", data_disk_size=2)])[0]
@@ -413,10 +421,10 @@ def test_a_failed_undo_step_does_not_stop_the_others(dgx2_ctx, test_driver, monk
         raise LibvirtGatewayError("cannot start u: no")
 
     def no_shrink(*_args, **_kw):
-        raise _images.ImagesError("qemu-img: cannot shrink")
+        raise _qemu_img.ImagesError("qemu-img: cannot shrink")
 
     monkeypatch.setattr(test_driver, "start", no_start)
-    monkeypatch.setattr(_images, "undo_grow", no_shrink)
+    monkeypatch.setattr(_qemu_img, "undo_grow", no_shrink)
     out = converge(test_driver, dgx2_ctx, [req("u", data_disk_size=2)])[0]
     assert "FAILED, clean up by hand" in out["error"]
     assert "restore_definition u" in out["error"] and out["changed"] is True

@@ -9,35 +9,36 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import uuid
 import xml.etree.ElementTree as ET
 
 import pytest
 
 import sysfs_builder
-from ansible_collections.gpuvirt.kvm.plugins.module_utils import _libvirt
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain import Domain, format_cpuset
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import (
-    HostState,
-    PlacementError,
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain import (
+    Address,
+    Domain,
+    format_cpuset,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain_builder import (
+    BLK_QUEUES_MAX,
+    COLLECTION_VERSION,
+    build_domain,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import read_domain
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import HostState
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import (
     Request,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import PLATFORMS
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import (
-    Bar,
-    PciDevice,
-    read_host,
-)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._sysfs import read_host
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import Bar, PciDevice
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_spec import (
-    BLK_QUEUES_MAX,
-    COLLECTION_VERSION,
     NET_QUEUES_MAX,
     DiskSpec,
     NetworkSpec,
     SpecError,
     VmSpec,
-    build_domain,
     derive_mac,
     make_spec,
     mmio64_window_mb,
@@ -125,7 +126,7 @@ def check_common(placement, spec, topo, tmp_path):
     assert memory.get("mode") == "strict"
     assert memory.get("nodeset") == format_cpuset(placement.numa_nodes)
     # Whole devices passed through, at the placement's BDFs, managed by libvirt.
-    sources = [_libvirt._bdf_of(h.find("./source/address"))
+    sources = [Address.from_element(h.find("./source/address")).bdf
                for h in root.findall("./devices/hostdev")]
     assert sorted(sources) == sorted(placement.gpus + placement.nvswitches)
     assert all(h.get("managed") == "yes" for h in root.findall("./devices/hostdev"))
@@ -135,7 +136,7 @@ def check_common(placement, spec, topo, tmp_path):
     for disk in root.findall("./devices/disk[@device='disk']"):
         assert disk.find("driver").get("queues") == str(min(placement.vcpus, BLK_QUEUES_MAX))
     # The libvirt gateway reads back what the spec holds (libvirt XML is the source of truth).
-    alloc = _libvirt.parse_allocation(xml)
+    alloc = read_domain(xml)
     assert alloc.hostdevs == tuple(sorted(spec.hostdevs))
     assert alloc.pinned_cpus == tuple(sorted(spec.cpus))
     assert alloc.numa_nodes == spec.numa_nodes
@@ -189,7 +190,7 @@ def test_dgx2(host, tmp_path, gpus):
     assert all(e.find("model").get("name") == "pxb-pcie" for e in expanders)
     # Every GPU and NVSwitch sits under the expander bus of its own host node's cell.
     for hostdev in root.findall("./devices/hostdev"):
-        bdf = _libvirt._bdf_of(hostdev.find("./source/address"))
+        bdf = Address.from_element(hostdev.find("./source/address")).bdf
         assert guest_bus_cell(root, hostdev) == spec.numa_nodes.index(topo.pci[bdf].numa_node)
 
 
@@ -222,7 +223,7 @@ def test_a100_multi_node(host, tmp_path):
              for e in root.findall("./devices/controller[@model='pcie-expander-bus']")]
     assert buses == [0x80, 0xA0, 0xC0, 0xE0]
     for hostdev in root.findall("./devices/hostdev"):
-        bdf = _libvirt._bdf_of(hostdev.find("./source/address"))
+        bdf = Address.from_element(hostdev.find("./source/address")).bdf
         assert guest_bus_cell(root, hostdev) == spec.numa_nodes.index(topo.pci[bdf].numa_node)
     # A100-80GB: 128 GiB + 32 MiB of 64-bit BARs each, x8 x2 -> 4 TiB.
     assert spec.mmio64_mb == 4 * 1024 * 1024
@@ -238,7 +239,7 @@ def test_a100_shared_policy_multi_node(host, tmp_path):
     root = ET.fromstring(xml)
     assert root.find("./cputune/vcpupin") is None
     assert root.find("vcpu").get("cpuset") is not None
-    alloc = _libvirt.parse_allocation(xml)
+    alloc = read_domain(xml)
     assert alloc.pinned_cpus == () and alloc.cpuset == tuple(sorted(placement.cpus))
     cells = dom.cpu.cells
     assert len(cells) == len(placement.numa_nodes) == 2
@@ -391,7 +392,7 @@ def test_group_members_follow_the_gpu(grouped_host, tmp_path):
     assert (gpu.bus, gpu.slot, gpu.function, gpu.multifunction) == (audio.bus, 0, 0, True)
     assert (audio.function, audio.multifunction) == (1, None)
     xml = dom.to_xml()
-    assert _libvirt.parse_allocation(xml).hostdevs == ("0000:05:00.0", "0000:05:00.1")
+    assert read_domain(xml).hostdevs == ("0000:05:00.0", "0000:05:00.1")
     assert VmSpec.from_domain(Domain.from_xml(xml)) == spec
     validate(xml, tmp_path)
 
@@ -459,7 +460,7 @@ def test_disks(host, tmp_path):
     assert (seed.device, seed.target_dev, seed.target_bus, seed.readonly, seed.driver_type) == (
         "cdrom", "sda", "sata", True, "raw")
     assert dom.os.boot == []  # per-device boot order instead (libvirt forbids both)
-    assert [(d.target, d.role, d.size_gb) for d in dom.allocation.disks] == [
+    assert [(d.target, d.role, d.size_gb) for d in dom.gpuvirt.disks] == [
         ("vda", "os", 50), ("vdb", "data", 200), ("sda", "seed", None)]
 
 
@@ -600,57 +601,6 @@ def _remove(libvirt, conn, name):
 
 
 @pytest.mark.libvirt
-def test_tiny_vm_runs_on_this_host():
-    """A CPU-only VM placed on this machine's real topology starts, pinned, and reads back."""
-    libvirt, conn = _connect()
-    if shutil.which("qemu-img") is None:
-        pytest.skip("qemu-img is not installed")
-    topo = read_host()
-    name = "gpuvirt-unit-%s" % uuid.uuid4().hex[:8]
-    try:
-        placement = HostState(topo, PLATFORMS["generic"]).place(
-            Request(name, gpus=0, vcpus=1, memory_mb=64))
-    except PlacementError as exc:
-        pytest.skip("this machine has no unreserved CPU to pin: %s" % exc)
-    # QEMU runs as its own user: the folder must be reachable (pytest's tmp_path is 0700), and
-    # on a disk (cache='none' opens with O_DIRECT, which tmpfs refuses).
-    folder = tempfile.mkdtemp(prefix="gpuvirt-unit-", dir="/var/tmp")
-    os.chmod(folder, 0o755)
-    try:
-        base, overlay = os.path.join(folder, "base.qcow2"), os.path.join(folder, "os.qcow2")
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, "16M"], check=True)
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2",
-                        overlay], check=True)
-        spec = make_spec(
-            placement, topo, disks=[DiskSpec(role="os", path=overlay, size_gb=1, backing=base)],
-            networks=[NetworkSpec(type="user")],
-            domain_type="kvm" if os.path.exists("/dev/kvm") else "qemu",
-            # This lab's KVM (kvm_pvm) refuses the IA32_ARCH_CAPABILITIES MSR (docs/lab-notes).
-            cpu_disable_features=["arch-capabilities"] if os.path.exists("/dev/kvm") else ())
-        try:
-            dom = conn.defineXML(build_domain(spec, topo).to_xml())
-            dom.create()
-            state, _reason = dom.state()
-            assert state == libvirt.VIR_DOMAIN_RUNNING
-            # The pinning took effect in the running QEMU, not only in the XML.
-            _info, cpumaps = dom.vcpus()
-            assert [c for c, on in enumerate(cpumaps[0]) if on] == list(spec.cpus)
-            emulator = dom.emulatorPinInfo()
-            assert [c for c, on in enumerate(emulator) if on] == list(spec.emulator_cpus)
-            inactive = Domain.from_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-            assert VmSpec.from_domain(inactive) == spec
-            live = _libvirt.parse_allocation(dom.XMLDesc(0), active=True)
-            assert live.pinned_cpus == tuple(sorted(spec.cpus)) and live.managed
-        finally:
-            _remove(libvirt, conn, name)
-        with pytest.raises(libvirt.libvirtError):
-            conn.lookupByName(name)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-        conn.close()
-
-
-@pytest.mark.libvirt
 def test_libvirt_accepts_a_dgx2_gpu_vm(host):
     """libvirt takes the hostdev/expander/pcihole64 XML (define needs no devices; start would)."""
     libvirt, conn = _connect()
@@ -670,7 +620,7 @@ def test_libvirt_accepts_a_dgx2_gpu_vm(host):
             2048 * GIB_KIB)
         assert root.find("./os/type").get("machine").startswith("pc-q35")
         assert VmSpec.from_domain(Domain.from_xml(stored)) == spec
-        alloc = _libvirt.parse_allocation(stored)
+        alloc = read_domain(stored)
         assert alloc.hostdevs == tuple(sorted(spec.hostdevs))
     finally:
         _remove(libvirt, conn, name)

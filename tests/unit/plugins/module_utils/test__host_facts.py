@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """allocation_map: who holds each GPU and NVSwitch, in words an admin reads."""
 
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._report import allocation_map
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_facts import allocation_map
 
 
 def _result(allocations, plan=()):
@@ -38,3 +38,24 @@ def test_running_defined_planned_and_free_are_told_apart():
 def test_an_allocation_without_an_active_flag_reads_defined():
     lines = allocation_map(_result([{"name": "old", "gpus": ["0000:10:00.0"], "nvswitches": []}]))
     assert any(line.endswith("-> old (defined)") for line in lines)
+
+
+def test_every_gpu_of_a_mixed_server_is_reported_with_its_model(host_tree):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_facts import build
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import detect
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._sysfs import read_host
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_request import plan_requests
+
+    topology = read_host(*host_tree("pcie-mixed"))
+    platform, reason = detect(topology)
+    result = build(topology, platform, reason, [], plan_requests(
+        [{"name": "pair", "gpus": 2}, {"name": "mix", "gpus": 2, "gpu_model": "any"}]))
+    assert [g["model"] for g in result["gpus"]] == [
+        "L40S", "L40S", "L4", "RTX-6000-Ada", "L4", "L4", "H100-NVL", "unknown 10de:2bff"]
+    assert [g["id"] for g in result["gpus"]][-1] == "10de:2bff"
+    assert result["warnings"] == [
+        "GPU 0000:b9:00.0 (10de:2bff) is an NVIDIA GPU of a model this collection does not name; "
+        "it is placed as a PCIe GPU of its own model (ask for it with gpu_model: 10de:2bff)"]
+    pair, mix = result["plan"]
+    assert len({result["gpus"][i]["model"] for i in pair["gpu_indexes"]}) == 1
+    assert "error" not in mix

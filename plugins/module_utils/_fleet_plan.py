@@ -2,12 +2,13 @@
 # Copyright (c) gpuvirt.kvm contributors
 # GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Fleet planning over gpu_topology facts: the fleet_plan filter's backend. Private.
+"""The fleet_plan filter's backend: tenants over a fleet, from gpu_topology's facts. Private.
 
-Pure: no Ansible, no I/O. ``plan()`` takes each host's gpu_topology result and a list of
-kvm_vm-style requests, rebuilds every host's HostState from the facts (exactly the state
-gpu_topology and kvm_layout build on the host), limits requests with a ``where`` JMESPath
-expression to the hosts it matches, and places them with ``_placement.Fleet``.
+No I/O. ``fleet_plan()`` takes each host's gpu_topology result and a list of kvm_vm-style
+requests (typed and checked with kvm_vm's own spec, ``_vm_request``), rebuilds every host's
+HostState from the facts (exactly the state gpu_topology and kvm_layout build on the host),
+limits requests with a ``where`` JMESPath expression to the hosts it matches, and places them
+with ``_fleet_placement.Fleet``.
 
 Runs on the controller only (the filter imports it); ``jmespath`` is imported when a request
 has a ``where``, so the rest works without it.
@@ -17,35 +18,40 @@ from __future__ import annotations
 
 import json
 
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import (
-    CPU_POLICIES,
-    POLICY_DEDICATED,
-    Allocation,
-    Fleet,
-    HostState,
-    PlacementError,
-    Request,
-)
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
-    PLATFORMS,
-    PlatformError,
-    platform_from_dict,
-)
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._report import (
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._argspec import ArgSpecError
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._fleet_placement import Fleet
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import holding_from_facts
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_facts import (
     PLACEMENT_STATE_FORMAT,
     placement_entry,
 )
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import HostState
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import PlacementError
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._platform_file import platform_from_dict
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
+    PLATFORMS,
+    PlatformError,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._ranges import parse_ranges
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import (
     Cpu,
     HostTopology,
     NumaNode,
     PciDevice,
-    parse_cpulist,
 )
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._units import parse_size_mb
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_request import (
+    PLACEMENT_OPTIONS,
+    VM_OPTIONS,
+    VmError,
+    placement_request,
+    request_from_params,
+    resolve,
+)
 
-# Request keys the planner reads; every other key travels to kvm_layout untouched.
-PLAN_KEYS = ("name", "gpus", "gpu_index", "vcpus", "memory", "cpu_policy", "hugepages", "state")
+# Request keys the planner reads (typed and checked with kvm_vm's own spec); every other key
+# travels to kvm_layout untouched.
+PLAN_KEYS = PLACEMENT_OPTIONS + ("state",)
+_PLAN_ENTRY = VM_OPTIONS.subset(PLAN_KEYS).without_defaults()
 # Keys only the planner uses: dropped from the entries handed to kvm_layout.
 FLEET_KEYS = ("host", "where")
 
@@ -55,20 +61,6 @@ class FleetError(Exception):
 
 
 # --- requests ----------------------------------------------------------------------------------
-
-def _int_option(where, key, value, minimum):
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise FleetError("%s.%s: %r is not a number" % (where, key, value))
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if not isinstance(value, int):
-        raise FleetError("%s.%s: %r is not a whole number" % (where, key, value))
-    if value < minimum:
-        raise FleetError("%s.%s: %d; give %d or more" % (where, key, value, minimum))
-    return value
-
 
 class FleetRequest(object):
     """One request: what placement reads, where it may go, and the entry for kvm_layout."""
@@ -106,25 +98,11 @@ def requests_from_entries(entries):
             raise FleetError("%s: the name %r is used by requests[%d] too; names must be unique"
                              % (where, name, seen[name]))
         seen[name] = n
-        gpus = _int_option(where, "gpus", entry.get("gpus"), 0) or 0
-        gpu_index = _int_option(where, "gpu_index", entry.get("gpu_index"), 0)
-        if gpu_index is not None and gpus == 0:
-            raise FleetError("%s.gpu_index is set but gpus is 0; give gpus too (gpu_index is the "
-                             "first GPU of a gpus-sized block)" % where)
-        vcpus = _int_option(where, "vcpus", entry.get("vcpus"), 1)
-        memory_mb = None
-        if entry.get("memory") is not None:
-            try:
-                memory_mb = parse_size_mb(entry.get("memory"), "%s.memory" % where)
-            except ValueError as exc:
-                raise FleetError(str(exc)) from exc
-        policy = entry.get("cpu_policy") or POLICY_DEDICATED
-        if policy not in CPU_POLICIES:
-            raise FleetError("%s.cpu_policy: %r is not one of %s" % (
-                where, policy, ", ".join(CPU_POLICIES)))
-        hugepages = entry.get("hugepages") or False
-        if not isinstance(hugepages, bool):
-            raise FleetError("%s.hugepages: %r; give true or false" % (where, hugepages))
+        try:
+            typed = _PLAN_ENTRY.typed({k: entry[k] for k in PLAN_KEYS if k in entry}, where)
+            vm = request_from_params(typed, where)
+        except (ArgSpecError, VmError) as exc:
+            raise FleetError(str(exc)) from exc
         host = entry.get("host")
         if host is not None and (not isinstance(host, str) or not host):
             raise FleetError("%s.host: %r; give an inventory host name, or leave it out" % (
@@ -133,13 +111,10 @@ def requests_from_entries(entries):
         if expression is not None and (not isinstance(expression, str) or not expression.strip()):
             raise FleetError("%s.where: %r; give a JMESPath expression as a string, e.g. "
                              "\"platform == 'dgx2'\"" % (where, expression))
-        state = entry.get("state") or "running"
-        request = Request(name=str(name), gpus=gpus, gpu_index=gpu_index, vcpus=vcpus,
-                          memory_mb=memory_mb, cpu_policy=str(policy), hugepages=hugepages,
-                          host=None if host is None else str(host))
+        request = placement_request(resolve(vm), host=None if host is None else str(host))
         passed = dict((k, v) for k, v in entry.items() if k not in FLEET_KEYS)
         result.append(FleetRequest(request, passed, None if expression is None
-                                   else str(expression), state == "absent", n))
+                                   else str(expression), vm.state == "absent", n))
     return result
 
 
@@ -238,15 +213,15 @@ class StateBuilder(object):
                                      host_bridge=bridge)
         siblings = {}
         for group in static["cpu_siblings"]:
-            cpus = parse_cpulist(group)
+            cpus = parse_ranges(group)
             for cpu in cpus:
                 siblings[cpu] = cpus
         cpus = {}
         nodes = []
         reserved = set()
         for node_id, cpulist, reserved_list, memory_mb, pools in static["numa_nodes"]:
-            node_cpus = parse_cpulist(cpulist)
-            reserved.update(parse_cpulist(reserved_list))
+            node_cpus = parse_ranges(cpulist)
+            reserved.update(parse_ranges(reserved_list))
             for cpu in node_cpus:
                 sib = siblings.get(cpu, (cpu,))
                 cpus[cpu] = Cpu(id=cpu, socket=-1, core=min(sib), node=node_id, siblings=sib)
@@ -274,29 +249,12 @@ class StateBuilder(object):
                                  host, type(exc).__name__, exc)) from exc
         base = self.base(host, static)
         try:
-            allocations = [allocation_from_entry(a) for a in facts["allocations"]]
+            allocations = [holding_from_facts(a) for a in facts["allocations"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise FleetError("host %r: an allocation in its facts is malformed (%s: %s)" % (
                 host, type(exc).__name__, exc)) from exc
         unhealthy = [g["bdf"] for g in facts["gpus"] if g.get("healthy", True) is False]
         return base.derive(allocations, unhealthy)
-
-
-def allocation_from_entry(entry):
-    """gpu_topology's allocations[] entry -> the Allocation the host built from its domain."""
-    nodes = tuple(int(n) for n in entry.get("numa_nodes") or ())
-    memory_mb = int(entry.get("memory_mb") or 0)
-    by_node = {}
-    if nodes:
-        # As _report.allocations_from_domains: libvirt's nodeset does not say how memory splits.
-        share, extra = divmod(memory_mb, len(nodes))
-        by_node = dict((n, share + (1 if k < extra else 0)) for k, n in enumerate(nodes))
-    policy = entry.get("cpu_policy") or POLICY_DEDICATED
-    return Allocation(
-        name=str(entry["name"]), gpus=tuple(str(b) for b in entry.get("gpus") or ()),
-        nvswitches=tuple(str(b) for b in entry.get("nvswitches") or ()),
-        cpus=parse_cpulist(str(entry.get("cpus") or "")), numa_nodes=nodes,
-        memory_mb=memory_mb if nodes else 0, memory_by_node=by_node, cpu_policy=str(policy))
 
 
 # --- where -------------------------------------------------------------------------------------
@@ -403,7 +361,8 @@ def _one_line(exc):
 
 # --- the plan ----------------------------------------------------------------------------------
 
-def plan(facts_by_host, entries, labels=None, exclusive=False, owner_tag=None, skipped=None):
+def fleet_plan(facts_by_host, entries, labels=None, exclusive=False, owner_tag=None,
+               skipped=None):
     """Assign requests to hosts; the fleet_plan filter's result (see docs/fleet.md).
 
     facts_by_host: host name -> gpu_topology result. labels: host name -> dict. skipped: hosts

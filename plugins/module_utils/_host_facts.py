@@ -2,100 +2,26 @@
 # Copyright (c) gpuvirt.kvm contributors
 # GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""gpu_topology's backend: discovery + allocations + placement -> a result. Private.
+"""gpu_topology's host facts: discovery + what domains hold + placement -> the result. Private.
 
-Pure apart from what it is handed: the module reads sysfs through _topology and libvirt
-through _libvirt, and this file turns those into the returned facts.
+Pure apart from what it is handed: the module reads the host (``_host_context``) and the
+defined domains (``_holdings``), and this file turns those into the returned facts, the
+allocation map, and ``placement_state`` (what the fleet planner needs to rebuild the host).
 """
 
 from __future__ import annotations
 
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import (
-    POLICY_DEDICATED,
-    POLICY_SHARED,
-    Allocation,
-    HostState,
-    PlacementError,
-    Request,
-)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import holdings
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import HostState
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import PlacementError
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
     GPU_IDS,
     NVSWITCH_IDS,
     platform_gpus,
     platform_nvswitches,
 )
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._ranges import format_ranges
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._readiness import assess
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import format_cpulist
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._units import parse_size_mb
-
-
-class RequestError(ValueError):
-    """A plan entry is malformed (not a placement failure: the whole call fails)."""
-
-
-def requests_from_options(entries, option="plan"):
-    """Turn the module's plan entries into Requests, validating what the argspec cannot."""
-    requests = []
-    seen = {}
-    for n, entry in enumerate(entries):
-        where = "%s[%d]" % (option, n)
-        name = entry.get("name")
-        if not name or not str(name).strip():
-            raise RequestError("%s.name is empty; give every VM a name" % where)
-        if name in seen:
-            raise RequestError("%s: the name %r is used by %s[%d] too; names must be unique"
-                               % (where, name, option, seen[name]))
-        seen[name] = n
-        gpus = entry.get("gpus") or 0
-        if gpus < 0:
-            raise RequestError("%s.gpus is %d; give 0 (CPU-only) or more" % (where, gpus))
-        gpu_index = entry.get("gpu_index")
-        if gpu_index is not None and gpus == 0:
-            raise RequestError(
-                "%s.gpu_index is set but %s.gpus is 0; give gpus too (gpu_index is the first "
-                "GPU of a gpus-sized block)" % (where, where))
-        if gpu_index is not None and gpu_index < 0:
-            raise RequestError("%s.gpu_index is %d; GPU indexes start at 0" % (where, gpu_index))
-        memory = entry.get("memory")
-        memory_mb = None
-        if memory is not None:
-            try:
-                memory_mb = parse_size_mb(memory, "%s.memory" % where)
-            except ValueError as exc:
-                raise RequestError(str(exc)) from exc
-        vcpus = entry.get("vcpus")
-        if vcpus is not None and vcpus < 1:
-            raise RequestError("%s.vcpus is %d; give 1 or more" % (where, vcpus))
-        requests.append(Request(
-            name=name, gpus=gpus, gpu_index=gpu_index, vcpus=vcpus, memory_mb=memory_mb,
-            cpu_policy=entry.get("cpu_policy") or POLICY_DEDICATED,
-            hugepages=bool(entry.get("hugepages")),
-        ))
-    return requests
-
-
-def allocations_from_domains(domains, gpu_bdfs, switch_bdfs):
-    """What each defined domain holds, in placement's terms (unmanaged domains count too)."""
-    gpu_set, switch_set = set(gpu_bdfs), set(switch_bdfs)
-    result = []
-    for dom in domains:
-        gpus = tuple(b for b in dom.hostdevs if b in gpu_set)
-        switches = tuple(b for b in dom.hostdevs if b in switch_set)
-        pinned = bool(dom.pinned_cpus)
-        memory_mb = dom.memory_kib // 1024
-        nodes = tuple(dom.numa_nodes)
-        by_node = {}
-        if nodes:
-            # libvirt's strict nodeset does not say how memory splits; count it evenly.
-            share, extra = divmod(memory_mb, len(nodes))
-            by_node = {n: share + (1 if k < extra else 0) for k, n in enumerate(nodes)}
-        result.append(Allocation(
-            name=dom.name, gpus=gpus, nvswitches=switches,
-            cpus=dom.pinned_cpus if pinned else dom.cpuset, numa_nodes=nodes,
-            memory_mb=memory_mb if nodes else 0, memory_by_node=by_node,
-            cpu_policy=POLICY_DEDICATED if pinned else POLICY_SHARED,
-        ))
-    return result
 
 
 def _device_entries(devices, names, holders, unhealthy, platform=None):
@@ -105,7 +31,8 @@ def _device_entries(devices, names, holders, unhealthy, platform=None):
             "index": index,
             "bdf": dev.bdf,
             "id": "%04x:%04x" % dev.id_pair,
-            "model": names.get(dev.id_pair, "unknown"),
+            # A model the table does not name is reported with its ID ("unknown 10de:2bff").
+            "model": names.get(dev.id_pair) or "unknown %04x:%04x" % dev.id_pair,
             "numa_node": dev.numa_node,
             "iommu_group": dev.iommu_group,
             "iommu_group_members": list(dev.iommu_group_members),
@@ -134,7 +61,7 @@ def placement_entry(request, outcome):
         "nvswitches": list(outcome.nvswitches),
         "numa_nodes": list(outcome.numa_nodes),
         "cpus": list(outcome.cpus),
-        "cpuset": format_cpulist(outcome.cpus),
+        "cpuset": format_ranges(outcome.cpus),
         "emulator_cpus": list(outcome.emulator_cpus),
         "vcpus": outcome.vcpus,
         "memory_mb": outcome.memory_mb,
@@ -151,9 +78,8 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
     gpus = platform_gpus(topology, platform)
     switches = platform_nvswitches(topology, platform)
     unhealthy = set(unhealthy_gpus)
-    allocations = allocations_from_domains(domains, [g.bdf for g in gpus],
-                                           [s.bdf for s in switches])
-    state = HostState(topology, platform, allocations=allocations, reserved_cpus=reserved_cpus,
+    allocations = holdings(domains, [g.bdf for g in gpus], [s.bdf for s in switches])
+    state = HostState(topology, platform, allocations, reserved_cpus=reserved_cpus,
                       reserved_memory_mb=reserved_memory_mb, unhealthy_gpus=sorted(unhealthy),
                       nvlinks=nvlinks)
     before = {"gpus": state.holders(), "free_blocks": state.free_blocks()}
@@ -176,8 +102,8 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
         "numa_nodes": [
             {
                 "id": node.id,
-                "cpus": format_cpulist(node.cpus),
-                "reserved_cpus": format_cpulist([c for c in node.cpus if c in reserved]),
+                "cpus": format_ranges(node.cpus),
+                "reserved_cpus": format_ranges([c for c in node.cpus if c in reserved]),
                 "memory_mb": node.memory_mb,
                 "memory_free_mb": node.memory_free_mb,
                 "hugepages": {str(size): dict(v) for size, v in node.hugepages.items()},
@@ -196,10 +122,10 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
                 "nvswitches": [a for a in dom.hostdevs if a in {s.bdf for s in switches}],
                 "other_hostdevs": [a for a in dom.hostdevs
                                    if a not in {g.bdf for g in gpus} | {s.bdf for s in switches}],
-                "cpus": format_cpulist(dom.pinned_cpus or dom.cpuset),
+                "cpus": format_ranges(dom.pinned_cpus or dom.cpuset),
                 "numa_nodes": list(dom.numa_nodes),
                 "memory_mb": dom.memory_kib // 1024,
-                "cpu_policy": POLICY_DEDICATED if dom.pinned_cpus else POLICY_SHARED,
+                "cpu_policy": dom.cpu_policy,
                 "owner_tag": (dom.metadata or {}).get("owner_tag"),
             }
             for dom in domains
@@ -207,7 +133,11 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
         "readiness": assess(topology, gpus, switches),
         "placement_state": placement_state(state),
         "plan": [placement_entry(req, out) for req, out in outcomes],
-        "warnings": list(state.warnings),
+        "warnings": list(state.warnings) + [
+            "GPU %s (%04x:%04x) is an NVIDIA GPU of a model this collection does not name; it is "
+            "placed as a PCIe GPU of its own model (ask for it with gpu_model: %04x:%04x)" % (
+                (g.bdf,) + g.id_pair + g.id_pair)
+            for g in gpus if g.id_pair not in GPU_IDS],
     }
     if requests:
         result["free_blocks_after_plan"] = {
@@ -233,7 +163,7 @@ def placement_state(state):
     return {
         "format": PLACEMENT_STATE_FORMAT,
         "platform": None if platform.source == "built-in" else platform.to_dict(),
-        "cpu_siblings": [format_cpulist(core) for core in sorted(cores)],
+        "cpu_siblings": [format_ranges(core) for core in sorted(cores)],
         "reserved_memory_mb": {str(n): mb for n, mb in sorted(m.reserve_mb.items())},
         "nvlinks": [[a, b, count] for (a, b), count in sorted(m.nvlinks.items()) if count],
     }
@@ -266,7 +196,7 @@ def allocation_map(result):
                              entry["name"], len(entry["gpus"]),
                              _indexes(entry["gpu_indexes"]) or "-", entry["vcpus"],
                              entry["cpuset"], entry["cpu_policy"],
-                             format_cpulist(entry["emulator_cpus"]) or "-", entry["memory_mb"],
+                             format_ranges(entry["emulator_cpus"]) or "-", entry["memory_mb"],
                              ",".join(str(n) for n in entry["numa_nodes"])))
     free = result.get("free_blocks_after_plan", result["free_blocks"])
     lines.append("free blocks: %s" % (", ".join(
@@ -275,4 +205,4 @@ def allocation_map(result):
 
 
 def _indexes(indexes):
-    return "GPU " + format_cpulist(indexes) if indexes else ""
+    return "GPU " + format_ranges(indexes) if indexes else ""

@@ -1,0 +1,172 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) gpuvirt.kvm contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Argument specs with the constraints they carry, and the options shared by the modules. Private.
+
+:class:`ArgumentSpec` (after community.crypto's) holds an Ansible argument spec together with its
+``mutually_exclusive``, ``required_one_of`` and ``required_by`` rules, for options and for the
+options of list/dict sub-options. One spec checks a module's options, the entries of
+``kvm_layout``, ``gpu_topology``'s ``plan`` and the ``fleet_plan`` filter's requests alike:
+
+- types, choices and unknown options with Ansible's own ``ArgumentSpecValidator`` (so a value
+  from a template, ``"2"`` or ``"false"``, means what it means to any Ansible option);
+- the constraints here, in words that name where the option sits (``vms[3].networks[0]``),
+  which Ansible's messages do not. For that reason the constraints are not handed to
+  ``AnsibleModule``: every caller checks them with :meth:`ArgumentSpec.check`.
+
+Ansible is imported only where it is used, so that code that merely reads a spec (the fleet
+planner, ``tools/inspect-host.py`` on a host without Ansible) does not need it.
+"""
+
+from __future__ import annotations
+
+
+class ArgSpecError(ValueError):
+    """Options break their spec; the message names where, the option and the fix."""
+
+
+def _given(value):
+    """Whether an option counts as set for a constraint (a bool option set to false does not)."""
+    return value is not None and value is not False and value != ""
+
+
+def _words(names):
+    names = list(names)
+    return names[0] if len(names) == 1 else "%s or %s" % (", ".join(names[:-1]), names[-1])
+
+
+class ArgumentSpec:
+    """An argument spec and its constraints. Sub-options may be ArgumentSpecs themselves."""
+
+    def __init__(self, options, mutually_exclusive=(), required_one_of=(), required_by=None,
+                 labels=None, reasons=None):
+        self.options = dict(options)
+        self.mutually_exclusive = [tuple(g) for g in mutually_exclusive]
+        self.required_one_of = [tuple(g) for g in required_one_of]
+        self.required_by = dict(required_by or {})
+        # How a message names an option of a group ("user: true"), and why a rule exists.
+        self.labels = dict(labels or {})
+        self.reasons = dict(reasons or {})
+
+    @property
+    def argument_spec(self):
+        """The plain Ansible argument spec (types, defaults, choices, nested options)."""
+        result = {}
+        for name, opt in self.options.items():
+            opt = dict(opt)
+            if isinstance(opt.get("options"), ArgumentSpec):
+                opt["options"] = opt["options"].argument_spec
+            result[name] = opt
+        return result
+
+    def subset(self, names, defaults=None):
+        """A spec of only these options (their constraints kept where all members remain),
+        with ``defaults`` (name -> value) set on them."""
+        names = [n for n in names if n in self.options]
+        options = {n: dict(self.options[n]) for n in names}
+        for name, value in (defaults or {}).items():
+            options[name]["default"] = value
+        keep = set(names)
+        return ArgumentSpec(
+            options,
+            mutually_exclusive=[g for g in self.mutually_exclusive if keep.issuperset(g)],
+            required_one_of=[g for g in self.required_one_of if keep.issuperset(g)],
+            required_by={k: v for k, v in self.required_by.items() if k in keep and v in keep},
+            labels=self.labels, reasons=self.reasons)
+
+    def without_defaults(self):
+        """The same spec with no defaults and nothing required (to type a partial mapping)."""
+        options = {n: {k: v for k, v in o.items() if k not in ("default", "required")}
+                   for n, o in self.options.items()}
+        return ArgumentSpec(options, labels=self.labels, reasons=self.reasons)
+
+    def secrets(self, params):
+        """The values of no_log options in ``params`` (raw or typed), sub-options included."""
+        found = set()
+        if not isinstance(params, dict):
+            return found
+        for name, opt in self.options.items():
+            value = params.get(name)
+            if value is None:
+                continue
+            sub = opt.get("options")
+            if opt.get("no_log"):
+                if isinstance(value, (list, tuple)):
+                    found.update(str(v) for v in value if v not in (None, ""))
+                elif value != "":
+                    found.add(str(value))
+            elif sub is not None:
+                sub = sub if isinstance(sub, ArgumentSpec) else ArgumentSpec(sub)
+                for item in value if isinstance(value, list) else [value]:
+                    found |= sub.secrets(item)
+        return found
+
+    def typed(self, params, where):
+        """``params`` typed as Ansible types a module's options (types, choices, unknown
+        options, defaults); returns the typed mapping or raises ArgSpecError naming ``where``.
+        The constraints are :meth:`check`'s."""
+        # Imported here: the module shells get this from AnsibleModule and never call it.
+        from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
+        from ansible.module_utils.errors import UnsupportedError
+
+        if not isinstance(params, dict):
+            raise ArgSpecError("%s: expected a mapping of options, got %r" % (where, params))
+        result = ArgumentSpecValidator(self.argument_spec).validate(params)
+        if result.error_messages:
+            raise ArgSpecError("%s: %s" % (where, "; ".join(
+                ("unknown option %s" % e.error_message) if isinstance(e, UnsupportedError)
+                else e.error_message for e in result.errors.errors)))
+        return result.validated_parameters
+
+    def check(self, params, where=""):
+        """Raise ArgSpecError when typed ``params`` break a constraint (sub-options too)."""
+        prefix = where + "." if where else ""
+        for group in self.mutually_exclusive + self.required_one_of:
+            chosen = [n for n in group if _given(params.get(n))]
+            exclusive = group in self.mutually_exclusive
+            one_of = group in self.required_one_of
+            if (exclusive and len(chosen) > 1) or (one_of and not chosen):
+                what = "exactly one of" if exclusive and one_of else (
+                    "only one of" if exclusive else "one of")
+                raise ArgSpecError("%s: give %s %s, got %s" % (
+                    where or "options", what, _words(self.labels.get(n, n) for n in group),
+                    ", ".join(chosen) or "none"))
+        for name, needed in self.required_by.items():
+            if params.get(name) is not None and params.get(needed) is None:
+                reason = self.reasons.get(name)
+                raise ArgSpecError("%s%s: set, but %s is not given; give %s too%s" % (
+                    prefix, name, needed, needed, " (%s)" % reason if reason else ""))
+        for name, opt in self.options.items():
+            sub = opt.get("options")
+            value = params.get(name)
+            if not isinstance(sub, ArgumentSpec) or value is None:
+                continue
+            if isinstance(value, list):
+                for n, item in enumerate(value):
+                    sub.check(item or {}, "%s%s[%d]" % (prefix, name, n))
+            else:
+                sub.check(value, prefix + name)
+
+
+# --- options shared by the modules (twins of the doc fragments) --------------------------------
+
+def host_argspec():
+    """Options of the gpuvirt.kvm.host doc fragment."""
+    return dict(
+        sysfs_root=dict(type="path", default="/sys"),
+        proc_root=dict(type="path", default="/proc"),
+        platform=dict(type="str", default="auto"),
+        nvidia_smi_topo=dict(type="str"),
+        unhealthy_gpus=dict(type="list", elements="str", default=[]),
+        reserved_cpus=dict(type="str"),
+        reserved_memory_mb=dict(type="int"),
+    )
+
+
+def libvirt_argspec():
+    """Options of the gpuvirt.kvm.host.LIBVIRT doc fragment."""
+    from ansible.module_utils.common.parameters import env_fallback
+
+    # No default here: a default would win over env_fallback; resolve_uri() supplies it.
+    return dict(uri=dict(type="str", fallback=(env_fallback, ["LIBVIRT_DEFAULT_URI"])))

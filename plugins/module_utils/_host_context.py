@@ -1,0 +1,117 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) gpuvirt.kvm contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""What one run knows about the host, read once from the host options; its libvirt. Private.
+
+``gpu_topology``, ``kvm_vm`` and ``kvm_layout`` share it: the topology (through the sysfs
+gateway), the platform (auto-detected, named, or a platform file) and why, the NVLink counts
+when ``nvidia_smi_topo`` is given, the host's bridges, and the host-wide placement settings
+(reserved CPUs and memory, unhealthy GPUs); and the connection to libvirt that the ``uri``
+option names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import (
+    DEFAULT_URI,
+    LibvirtGateway,
+    LibvirtGatewayError,
+    has_libvirt,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._nvidia_smi import (
+    NvidiaSmiTopoError,
+    nvlinks_for_host,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._platform_file import get_platform
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
+    PlatformError,
+    detect,
+    platform_gpus,
+    platform_nvswitches,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._sysfs import read_bridges, read_host
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import TopologyError
+
+DEFAULT_DISK_DIR = "/var/lib/gpuvirt/disks"
+
+
+class HostContextError(Exception):
+    """The host options do not describe a usable host; the message names the option."""
+
+
+@dataclass
+class HostContext:
+    """What one run knows about the host: read once, shared by every VM of a layout."""
+
+    topology: object
+    platform: object
+    store: object = None  # _image_store.ImageStore (kvm_vm, kvm_layout)
+    disk_dir: str = DEFAULT_DISK_DIR
+    reserved_cpus: object = None
+    reserved_memory_mb: object = None
+    unhealthy_gpus: tuple = ()
+    nvlinks: dict | None = None
+    bridges: tuple = ()  # host bridges (from sysfs)
+    platform_reason: str = ""
+    _bdfs: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def gpu_bdfs(self):
+        """The platform's GPUs on this host, in index (PCI bus) order."""
+        if "gpus" not in self._bdfs:
+            self._bdfs["gpus"] = [d.bdf for d in platform_gpus(self.topology, self.platform)]
+        return self._bdfs["gpus"]
+
+    @property
+    def switch_bdfs(self):
+        """The platform's NVSwitches on this host, in index order."""
+        if "switches" not in self._bdfs:
+            self._bdfs["switches"] = [d.bdf for d in platform_nvswitches(self.topology,
+                                                                         self.platform)]
+        return self._bdfs["switches"]
+
+
+def host_context(p, store=None, bridges=True):
+    """Read the host once for a run from the host options (the gpuvirt.kvm.host fragment).
+
+    ``store``: the image store of the run, if it has one; ``bridges``: read the host's network
+    bridges too (a VM's NICs may name one).
+    """
+    try:
+        topology = read_host(p["sysfs_root"], p["proc_root"])
+        if p.get("platform") in (None, "auto"):
+            platform, reason = detect(topology)
+        else:
+            platform, reason = get_platform(p["platform"], topology), "named by the platform option"
+        nvlinks = None
+        if p.get("nvidia_smi_topo"):
+            nvlinks = nvlinks_for_host(p["nvidia_smi_topo"],
+                                       len(platform_gpus(topology, platform)), p["sysfs_root"])
+    except (TopologyError, PlatformError, NvidiaSmiTopoError) as exc:
+        raise HostContextError(str(exc)) from exc
+    return HostContext(
+        topology=topology, platform=platform, platform_reason=reason, store=store,
+        disk_dir=p.get("disk_dir") or DEFAULT_DISK_DIR, reserved_cpus=p.get("reserved_cpus"),
+        reserved_memory_mb=p.get("reserved_memory_mb"),
+        unhealthy_gpus=tuple(p.get("unhealthy_gpus") or ()), nvlinks=nvlinks,
+        bridges=read_bridges(p["sysfs_root"]) if bridges else ())
+
+
+def resolve_uri(uri):
+    """The URI to use: the option (or LIBVIRT_DEFAULT_URI), else qemu:///system."""
+    return uri or DEFAULT_URI
+
+
+def connect_or_fail(module):
+    """A LibvirtGateway for the module's uri option, or fail_json saying what is missing."""
+    from ansible.module_utils.basic import missing_required_lib
+
+    if not has_libvirt():
+        module.fail_json(msg=missing_required_lib("libvirt-python"))
+    try:
+        return LibvirtGateway(resolve_uri(module.params["uri"]))
+    except LibvirtGatewayError as exc:
+        module.fail_json(msg="uri: %s" % exc)

@@ -1,0 +1,341 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) gpuvirt.kvm contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Who holds what on one host: GPUs, NVSwitches, pinned CPUs, memory and hugepages per node.
+Private, pure.
+
+:class:`HostLedger` records and releases holdings over the static host model
+(``_placement_model``) and answers what is free: the free-block vector, free GPUs, whether a block
+fits. ``_placement.HostState`` adds the rules that choose.
+"""
+
+from __future__ import annotations
+
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._bdf import normalize_bdf
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import (
+    POLICY_DEDICATED,
+    _HostModel,
+    format_indexes,
+    split_proportionally,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._ranges import format_ranges
+
+
+class HostLedger(object):
+    """One host's devices, CPUs and memory, and which VM holds what (placing is
+    ``_placement.HostState``'s)."""
+
+    def __init__(self, topology, platform, allocations=(), reserved_cpus=None,
+                 reserved_memory_mb=None, unhealthy_gpus=(), nvlinks=None):
+        self.model = _HostModel(topology, platform, reserved_cpus, reserved_memory_mb, nvlinks)
+        self.warnings = []
+        self._reset()
+        self.unhealthy = frozenset()
+        self._set_unhealthy(unhealthy_gpus)
+        for alloc in allocations:
+            self._record(alloc, warn=True)
+
+    def _reset(self):
+        m = self.model
+        self.gpu_holder = [None] * m.gpu_count
+        self.switch_holder = [None] * m.switch_count
+        self.cpu_holder = {}
+        self.node_free = {n: len(c) for n, c in m.node_cpus.items()}
+        self.mem_used = {n: 0 for n in m.node_ids}
+        self.huge_used = {n: {} for n in m.node_ids}
+        self.allocations = {}
+        self.free_mask = (1 << (m.gpu_count + m.switch_count)) - 1
+        self.free_gpus = m.gpu_count
+
+    def _set_unhealthy(self, bdfs):
+        bad = set()
+        for bdf in bdfs:
+            norm = normalize_bdf(bdf)
+            if norm in self.model.gpu_index:
+                bad.add(self.model.gpu_index[norm])
+            else:
+                self.warnings.append(
+                    "unhealthy_gpus: %s is not a GPU on this host; ignored" % bdf)
+        self.unhealthy = frozenset(bad)
+        for i in bad:
+            if self.free_mask & (1 << i):
+                self.free_mask &= ~(1 << i)
+                self.free_gpus -= 1
+
+    def copy(self):
+        """An independent state sharing the static host model (cheap; used for fleets)."""
+        new = object.__new__(type(self))
+        new.model = self.model
+        new.warnings = list(self.warnings)
+        new.unhealthy = self.unhealthy
+        new.gpu_holder = list(self.gpu_holder)
+        new.switch_holder = list(self.switch_holder)
+        new.cpu_holder = dict(self.cpu_holder)
+        new.node_free = dict(self.node_free)
+        new.mem_used = dict(self.mem_used)
+        new.huge_used = {n: dict(v) for n, v in self.huge_used.items()}
+        new.allocations = dict(self.allocations)
+        new.free_mask = self.free_mask
+        new.free_gpus = self.free_gpus
+        return new
+
+    def derive(self, allocations=(), unhealthy_gpus=()):
+        """A state of another host built like this one: the same (shared) host model, other
+        allocations and unhealthy GPUs. What HostState() would make, without rebuilding the
+        model (fleets of one hardware model share it, and its caches)."""
+        new = object.__new__(type(self))
+        new.model = self.model
+        new.warnings = []
+        new._reset()
+        new.unhealthy = frozenset()
+        new._set_unhealthy(unhealthy_gpus)
+        for alloc in allocations:
+            new._record(alloc, warn=True)
+        return new
+
+    def restore(self, alloc):
+        """Record an allocation again when all it held is still free (a failed resize); bool."""
+        if not self._is_free_for(alloc):
+            return False
+        self._record(alloc)
+        return True
+
+    # --- bookkeeping -------------------------------------------------------------------------
+
+    @property
+    def platform(self):
+        return self.model.platform
+
+    def _record(self, alloc, warn=False):
+        m = self.model
+        for bdf in alloc.gpus:
+            i = m.gpu_index.get(normalize_bdf(bdf))
+            if i is None:
+                if warn:
+                    self.warnings.append("%s holds GPU %s, which this host does not have"
+                                         % (alloc.name, bdf))
+                continue
+            if self.gpu_holder[i] is not None and warn:
+                self.warnings.append("%s and %s both hold GPU %d (%s)" % (
+                    self.gpu_holder[i], alloc.name, i, bdf))
+                continue
+            self.gpu_holder[i] = alloc.name
+            if self.free_mask & (1 << i):
+                self.free_mask &= ~(1 << i)
+                self.free_gpus -= 1
+        for bdf in alloc.nvswitches:
+            s = m.switch_index.get(normalize_bdf(bdf))
+            if s is None:
+                if warn:
+                    self.warnings.append("%s holds NVSwitch %s, which this host does not have"
+                                         % (alloc.name, bdf))
+                continue
+            if self.switch_holder[s] is not None and warn:
+                self.warnings.append("%s and %s both hold NVSwitch %s" % (
+                    self.switch_holder[s], alloc.name, bdf))
+                continue
+            self.switch_holder[s] = alloc.name
+            self.free_mask &= ~(1 << (m.gpu_count + s))
+        if alloc.cpu_policy == POLICY_DEDICATED:
+            for cpu in alloc.cpus:
+                if cpu in self.cpu_holder:
+                    if warn:
+                        self.warnings.append("%s and %s both pin CPU %d" % (
+                            self.cpu_holder[cpu], alloc.name, cpu))
+                    continue
+                self.cpu_holder[cpu] = alloc.name
+                node = m.topology.cpus[cpu].node if cpu in m.topology.cpus else None
+                if node in self.node_free and cpu not in m.reserved:
+                    self.node_free[node] -= 1
+        for node, mb in self._memory_of(alloc).items():
+            if node not in self.mem_used:
+                continue
+            if alloc.hugepage_kb:
+                pages = -(-mb * 1024 // alloc.hugepage_kb)
+                used = self.huge_used[node]
+                used[alloc.hugepage_kb] = used.get(alloc.hugepage_kb, 0) + pages
+            else:
+                self.mem_used[node] += mb
+        self.allocations[alloc.name] = alloc
+
+    def _memory_of(self, alloc):
+        if alloc.memory_by_node:
+            return {int(k): int(v) for k, v in alloc.memory_by_node.items()}
+        if not alloc.memory_mb:
+            return {}
+        nodes = list(alloc.numa_nodes) or sorted(set(
+            self.model.topology.cpus[c].node for c in alloc.cpus
+            if c in self.model.topology.cpus)) or list(self.model.node_ids[:1])
+        return dict(zip(nodes, split_proportionally(alloc.memory_mb, [1] * len(nodes))))
+
+    def release(self, name):
+        """Forget a VM's allocation (its domain was undefined). Returns it, or None."""
+        alloc = self.allocations.pop(name, None)
+        if alloc is None:
+            return None
+        m = self.model
+        for i, holder in enumerate(self.gpu_holder):
+            if holder == name:
+                self.gpu_holder[i] = None
+                if i not in self.unhealthy:
+                    self.free_mask |= 1 << i
+                    self.free_gpus += 1
+        for s, holder in enumerate(self.switch_holder):
+            if holder == name:
+                self.switch_holder[s] = None
+                self.free_mask |= 1 << (m.gpu_count + s)
+        if alloc.cpu_policy == POLICY_DEDICATED:
+            for cpu in alloc.cpus:
+                if self.cpu_holder.get(cpu) == name:
+                    del self.cpu_holder[cpu]
+                    node = m.topology.cpus[cpu].node if cpu in m.topology.cpus else None
+                    if node in self.node_free and cpu not in m.reserved:
+                        self.node_free[node] += 1
+        for node, mb in self._memory_of(alloc).items():
+            if node not in self.mem_used:
+                continue
+            if alloc.hugepage_kb:
+                pages = -(-mb * 1024 // alloc.hugepage_kb)
+                used = self.huge_used[node]
+                used[alloc.hugepage_kb] = max(0, used.get(alloc.hugepage_kb, 0) - pages)
+            else:
+                self.mem_used[node] = max(0, self.mem_used[node] - mb)
+        return alloc
+
+    # --- queries -----------------------------------------------------------------------------
+
+    @property
+    def gpu_bdfs(self):
+        """GPU BDFs in index order (PCI bus order)."""
+        return self.model.gpu_bdfs
+
+    @property
+    def nvswitch_bdfs(self):
+        return self.model.switch_bdfs
+
+    def summary(self):
+        """Plain data for module results: platform, GPUs with holder and health, free blocks."""
+        m = self.model
+        return {
+            "platform": m.platform.name,
+            "gpus": [{"index": i, "bdf": bdf, "numa_node": m.gpu_node[i],
+                      "holder": self.gpu_holder[i], "healthy": i not in self.unhealthy}
+                     for i, bdf in enumerate(m.gpu_bdfs)],
+            "nvswitches": [{"index": j, "bdf": bdf, "holder": self.switch_holder[j]}
+                           for j, bdf in enumerate(m.switch_bdfs)],
+            "free_blocks": self.free_blocks(),
+            "reserved_cpus": format_ranges(m.reserved),
+            "warnings": list(self.warnings),
+        }
+
+    def holders(self):
+        """GPU BDF -> name of the VM that holds it."""
+        return {self.model.gpu_bdfs[i]: h for i, h in enumerate(self.gpu_holder) if h}
+
+    def free_gpu_indexes(self):
+        return [i for i in range(self.model.gpu_count) if self.free_mask >> i & 1]
+
+    def free_vector(self):
+        """Free-block counts aligned with model.sizes_desc (generic: (free GPUs,))."""
+        if self.model.partitioned:
+            return self.model.vector(self.free_mask)
+        return (self.free_gpus,)
+
+    def free_by_model(self):
+        """Free healthy GPUs per model ((vendor, device) -> count): a VM gets GPUs of one model
+        unless it asks for a mix (gpu_model: any)."""
+        counts = {}
+        for i in self.free_gpu_indexes():
+            model = self.model.gpu_model[i]
+            counts[model] = counts.get(model, 0) + 1
+        return counts
+
+    def free_blocks(self):
+        """{size: count}, largest first: free healthy GPUs as a maximal set of blocks (on a
+        generic host, of one model each)."""
+        m = self.model
+        if m.partitioned:
+            return {s: c for s, c in zip(m.sizes_desc, m.vector(self.free_mask)) if c}
+        groups = list(self.free_by_model().values())
+        blocks = {s: sum(g // s for g in groups) for s in range(m.gpu_count, 0, -1)}
+        return {s: c for s, c in blocks.items() if c}
+
+    def can_fit_gpus(self, n, gpu_model=None):
+        """True when some free GPU set of n GPUs exists, of one model unless ``gpu_model`` is
+        "any" (CPUs, memory and which model gpu_model names are not checked)."""
+        if n == 0:
+            return True
+        m = self.model
+        if m.partitioned:
+            free = self.free_mask
+            return any(b.mask & free == b.mask for b in m.blocks_by_size.get(n, ()))
+        if self.free_gpus < n or len(set(m.gpu_model)) == 1 or str(gpu_model).lower() == "any":
+            return self.free_gpus >= n
+        return max(self.free_by_model().values()) >= n
+
+    def template(self, gpus):
+        """Default vcpus / memory_mb / os_disk_gb for a GPU count on this host."""
+        return self.model.template(gpus)
+
+    def templates(self):
+        """{GPU count: Template} for every size this host can place (generic: 1..GPUs)."""
+        return self.model.templates()
+
+    # --- who holds what, in words -------------------------------------------------------------
+
+    def _holders_text(self, indexes=None):
+        groups = {}
+        for i in range(self.model.gpu_count) if indexes is None else indexes:
+            holder = self.gpu_holder[i]
+            if holder is not None:
+                groups.setdefault("held by %s" % holder, []).append(i)
+            elif i in self.unhealthy:
+                groups.setdefault("unhealthy", []).append(i)
+        parts = sorted(groups.items(), key=lambda kv: min(kv[1]))
+        return ", ".join("%s %s" % (format_indexes(ix), why) for why, ix in parts)
+
+    def _switch_holders_text(self, switches):
+        parts = []
+        for s in switches:
+            if self.switch_holder[s] is not None:
+                parts.append("NVSwitch %d (%s) held by %s" % (
+                    s, self.model.switch_bdfs[s], self.switch_holder[s]))
+        return ", ".join(parts)
+
+    def _cpu_use_text(self, node):
+        m = self.model
+        by_vm = {}
+        for cpu in m.node_cpus.get(node, ()):
+            holder = self.cpu_holder.get(cpu)
+            if holder is not None:
+                by_vm[holder] = by_vm.get(holder, 0) + 1
+        parts = ["%d held by %s" % (n, vm) for vm, n in sorted(by_vm.items())]
+        parts.append("%d reserved" % len(m.node_reserved.get(node, ())))
+        return ", ".join(parts)
+
+    def _mem_use_text(self, node):
+        by_vm = {}
+        for alloc in self.allocations.values():
+            if alloc.hugepage_kb:
+                continue
+            mb = self._memory_of(alloc).get(node, 0)
+            if mb:
+                by_vm[alloc.name] = mb
+        parts = ["%d MB held by %s" % (mb, vm) for vm, mb in sorted(by_vm.items())]
+        parts.append("%d MB reserved" % self.model.reserve_mb[node])
+        return ", ".join(parts)
+
+    def _is_free_for(self, alloc):
+        m = self.model
+        for bdf in alloc.gpus:
+            i = m.gpu_index.get(normalize_bdf(bdf))
+            if i is not None and self.gpu_holder[i] is not None:
+                return False
+        for bdf in alloc.nvswitches:
+            s = m.switch_index.get(normalize_bdf(bdf))
+            if s is not None and self.switch_holder[s] is not None:
+                return False
+        if alloc.cpu_policy == POLICY_DEDICATED and any(c in self.cpu_holder for c in alloc.cpus):
+            return False
+        return True
