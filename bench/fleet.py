@@ -36,13 +36,13 @@ import time
 
 import placement  # bench/placement.py: the collection import path, mixes, best_of, topo_factory
 from ansible_collections.gpuvirt.kvm.plugins.filter.fleet import fleet_plan
-from ansible_collections.gpuvirt.kvm.plugins.module_utils import _fleet
+from ansible_collections.gpuvirt.kvm.plugins.module_utils import _fleet_plan
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._fleet_placement import place_on_fleet
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import DomainAllocation
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import DefinedDomain
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_facts import build
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import HostState
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import Request
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import PLATFORMS
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._report import build
 
 WHERE = [
     "labels.pool == 'train'",
@@ -63,7 +63,7 @@ def host_facts(hosts):
     domains = []
     for j, size in enumerate((4, 2, 1, 1)):
         p = state.place(Request("old@-%d" % j, gpus=size))
-        domains.append(DomainAllocation(
+        domains.append(DefinedDomain(
             name=p.name, uuid=p.name, active=True, hostdevs=tuple(sorted(p.gpus + p.nvswitches)),
             pinned_cpus=tuple(sorted(p.cpus)), numa_nodes=p.numa_nodes,
             memory_kib=p.memory_mb * 1024, managed=True))
@@ -117,11 +117,11 @@ def main(argv=None):
     worst = 0.0
     for mix_name in ("small-heavy", "mixed"):
         entries = request_dicts(args.requests, args.hosts, mix_name)
-        requests = [fr.request for fr in _fleet.requests_from_entries(entries)]
-        builder = _fleet.StateBuilder()
+        requests = [fr.request for fr in _fleet_plan.requests_from_entries(entries)]
+        builder = _fleet_plan.StateBuilder()
         states = [(h, builder.state(h, facts[h])) for h in sorted(facts)]
-        docs = [(h, _fleet.where_document(h, s, facts[h], labels[h])) for h, s in states]
-        sets = dict((w, _fleet.where_hosts(w, docs, "bench")) for w in WHERE)
+        docs = [(h, _fleet_plan.where_document(h, s, facts[h], labels[h])) for h, s in states]
+        sets = dict((w, _fleet_plan.where_hosts(w, docs, "bench")) for w in WHERE)
         allowed = [sets.get(e.get("where")) for e in entries]
         # Pinned requests whose host fails their where cannot occur: pins carry no where here.
 
@@ -132,12 +132,12 @@ def main(argv=None):
             return place_on_fleet([(h, s.copy()) for h, s in states], requests, allowed=allowed)
 
         def rebuild():
-            b = _fleet.StateBuilder()
+            b = _fleet_plan.StateBuilder()
             return [(h, b.state(h, facts[h])) for h in sorted(facts)]
 
         def where(states=tuple(states)):
-            ds = [(h, _fleet.where_document(h, s, facts[h], labels[h])) for h, s in states]
-            return [_fleet.where_hosts(w, ds, "bench") for w in WHERE]
+            ds = [(h, _fleet_plan.where_document(h, s, facts[h], labels[h])) for h, s in states]
+            return [_fleet_plan.where_hosts(w, ds, "bench") for w in WHERE]
 
         through_filter = functools.partial(fleet_plan, facts, entries, labels=labels)
 

@@ -78,7 +78,6 @@ def _tiny_xml(name):
     return TINY.format(type="qemu", name=name, cpu_mode="maximum", cpu_extra="")
 
 
-
 def test_lifecycle_of_a_tiny_vm(system_gateway):
     gw = system_gateway
     name = "gpuvirt-it-%s" % uuid.uuid4().hex[:8]
@@ -104,7 +103,6 @@ def test_lifecycle_of_a_tiny_vm(system_gateway):
         if gw.state(name) is not None:
             gw.destroy(name)
             gw.undefine(name)
-
 
 
 def test_tiny_vm_runs_on_this_host():

@@ -1,0 +1,188 @@
+# -*- coding: utf-8 -*-
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""plan(): requests and an observed snapshot -> steps, with no libvirt, qemu-img or files.
+
+Every case builds the Snapshot by hand - the domains as libvirt would return them (made with the
+collection's own domain builder), which files exist, what size a disk has - and checks the steps,
+the diff and the refusals. converge() on the libvirt test driver is test__vm.py's.
+"""
+
+import pytest
+
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain_builder import build_domain
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import read_domain
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_context import HostContext
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._image_store import Image
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import PLATFORMS
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._sysfs import read_host
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._units import GIB
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_observe import Snapshot
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_plan import disk_paths, plan
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_request import request_from_params
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_spec import VmSpec
+
+DISKS = "/d"
+BASE = "/store/os-1.qcow2"
+IMAGE = Image(name="os", version="1", format="qcow2", path=BASE, virtual_size=GIB)
+
+
+@pytest.fixture(scope="module")
+def ctx(host_tree):
+    topology = read_host(*host_tree("dgx2"))
+    return HostContext(topology=topology, platform=PLATFORMS["dgx2"], disk_dir=DISKS,
+                       reserved_cpus="0,24,48,72", bridges=("br0",))
+
+
+def req(name="vm", **kw):
+    kw.setdefault("networks", [{"network": "default"}])
+    kw.setdefault("vcpus", 2)
+    kw.setdefault("memory", 1024)
+    return request_from_params(dict(kw, name=name))
+
+
+def snapshot(*vms, files=(), sizes=None, live=None):
+    """A host holding these VMs ((request, active) pairs, defined as a first run would)."""
+    snap = Snapshot(networks={"default": True, "down": False}, images={"os": (IMAGE, BASE)},
+                    sizes=dict(sizes or {}), live_disks=dict(live or {}))
+    for path in files:
+        snap.paths[path] = True
+    return snap, list(vms)
+
+
+def observed(ctx, snap, vms, requests):
+    """Fill the snapshot as observe() would: the VMs defined, every file path looked at."""
+    for request, active in vms:
+        empty = Snapshot(networks=snap.networks, images=snap.images)
+        _own_files(empty, ctx, [request])
+        (vp,) = plan([request], empty, ctx)
+        assert vp.error is None, vp.error
+        xml = build_domain(vp.desired, ctx.topology, uuid="u-" + request.name).to_xml()
+        snap.domains[request.name] = read_domain(xml, active)
+        snap.specs[request.name] = VmSpec.from_domain(snap.domains[request.name].domain)
+    _own_files(snap, ctx, requests)
+    return snap
+
+
+def _own_files(snap, ctx, requests):
+    for r in requests:
+        for path in disk_paths(DISKS, r.name).values():
+            snap.paths.setdefault(path, False)
+
+
+def run(ctx, requests, *vms, whole=False, **kw):
+    snap, defined = snapshot(*vms, **kw)
+    return plan(requests, observed(ctx, snap, defined, requests), ctx, whole=whole)
+
+
+P = disk_paths(DISKS, "vm")
+
+
+@pytest.mark.parametrize("case, request_kw, vms, files, steps", [
+    ("new, running", {"image": "os"}, [], [],
+     [("create_overlay", P["os"]), ("define", "vm"), ("start", "vm")]),
+    ("new, present, a data disk", {"image": "os", "state": "present", "data_disk_size": 2}, [],
+     [], [("create_overlay", P["os"]), ("create_data_disk", P["data"]), ("define", "vm")]),
+    ("running, as asked", {"image": "os"}, [({"image": "os"}, True)], [P["os"]], []),
+    ("stopped, to run", {"image": "os"}, [({"image": "os"}, False)], [P["os"]],
+     [("start", "vm")]),
+    ("running, to stop", {"state": "stopped"}, [({"image": "os"}, True)], [P["os"]],
+     [("stop", "vm")]),
+    ("running, removed", {"state": "absent"}, [({"image": "os"}, True)], [P["os"], P["data"]],
+     [("stop", "vm"), ("undefine", "vm"), ("remove_file", P["os"])]),
+    ("removed with its data", {"state": "absent", "remove_data": True},
+     [({"image": "os"}, False)], [P["os"], P["data"]],
+     [("undefine", "vm"), ("remove_file", P["os"]), ("remove_file", P["data"])]),
+    ("absent, nothing there", {"state": "absent"}, [], [], []),
+    ("stopped, new firmware", {"state": "stopped", "firmware": "ovmf"},
+     [({"image": "os", "state": "stopped"}, False)], [P["os"]], [("redefine", "vm")]),
+])
+def test_steps(ctx, case, request_kw, vms, files, steps):
+    request_kw = {k: v for k, v in request_kw.items() if v is not None}
+    defined = [(req(**kw), active) for kw, active in vms]
+    (vp,) = run(ctx, [req(**request_kw)], *defined, files=files)
+    assert vp.error is None, (case, vp.error)
+    assert vp.steps == steps, case
+    assert vp.changed == bool(steps)
+
+
+def test_a_kept_data_disk_comes_back_as_it_is_or_grown(ctx):
+    again = run(ctx, [req(state="present", data_disk_size=1)], files=[P["data"]],
+                sizes={P["data"]: GIB})[0]
+    assert again.steps == [("define", "vm")]
+    assert [d.path for d in again.desired.disks] == [P["data"]]
+    grown = run(ctx, [req(state="present", data_disk_size=2)], files=[P["data"]],
+                sizes={P["data"]: GIB})[0]
+    assert grown.steps == [("define", "vm"), ("grow_disk", P["data"])]
+
+
+def test_absent_keeps_the_data_disk_and_says_so(ctx):
+    (vp,) = run(ctx, [req(state="absent")], (req(image="os"), False), files=[P["os"], P["data"]])
+    assert vp.kept == [P["data"]] and vp.diff["name"] == {"before": "vm", "after": None}
+
+
+def test_a_disk_grows_offline_or_live_and_never_shrinks(ctx):
+    made = req(image="os", data_disk_size=1)
+    stopped = run(ctx, [req(state="stopped", data_disk_size=3)], (made, False),
+                  files=[P["os"], P["data"]], sizes={P["data"]: GIB})[0]
+    assert stopped.steps == [("redefine", "vm"), ("grow_disk", P["data"])]
+    assert stopped.grow == [(P["data"], 3, GIB, False)] and not stopped.reboot_required
+    live = run(ctx, [req(data_disk_size=3)], (made, True), files=[P["os"], P["data"]],
+               sizes={P["data"]: GIB}, live={"vm": frozenset([P["data"]])})[0]
+    assert live.grow == [(P["data"], 3, GIB, True)] and not live.reboot_required
+    shrink = run(ctx, [req(data_disk_size=2)], (made, True), files=[P["os"], P["data"]],
+                 sizes={P["data"]: 3 * GIB})[0]
+    assert "2 GiB is smaller than %s (3.0 GiB); disks are never shrunk" % P["data"] \
+        in shrink.error and shrink.steps == []
+    unreadable = run(ctx, [req(data_disk_size=2)], (made, True), files=[P["os"], P["data"]],
+                     sizes={P["data"]: "qemu-img: no such file"})[0]
+    assert "cannot read the size of %s: qemu-img: no such file" % P["data"] in unreadable.error
+
+
+@pytest.mark.parametrize("request_kw, words", [
+    ({"image": "nope"}, "image: 'nope' is not installed"),
+    ({"image": "os", "networks": [{"network": "gone"}]}, "libvirt has no network 'gone'"),
+    ({"image": "os", "networks": [{"network": "down"}]}, "'down' is not active"),
+    ({"image": "os", "networks": [{"bridge": "br9"}]}, "the host has no bridge 'br9'"),
+    ({"image": "os", "gpus": 3}, "dgx2 places only 1/2/4/8/16-GPU VMs"),
+    ({"image": "os", "os_disk_size": 0.5}, None),
+])
+def test_refusals_name_the_option(ctx, request_kw, words):
+    if words is None:  # a half GiB is refused before planning, by the request
+        with pytest.raises(Exception, match="os_disk_size"):
+            req(**request_kw)
+        return
+    snap, _defined = snapshot()
+    snap.images["nope"] = "image: 'nope' is not installed; the store has os"
+    (vp,) = plan([req(**request_kw)], observed(ctx, snap, [], [req(**request_kw)]), ctx)
+    assert words in vp.error and vp.steps == []
+
+
+def test_a_running_vm_is_not_moved_without_recreate(ctx):
+    held = req(image="os", gpus=2, gpu_index=0)
+    (vp,) = run(ctx, [req(image="os", gpus=2, gpu_index=4)], (held, True), files=[P["os"]])
+    assert "gpu_index is 4 but the running VM holds GPU(s) 0, 1" in vp.error
+    (vp,) = run(ctx, [req(image="os", gpus=2, gpu_index=4, recreate=True)], (held, True),
+                files=[P["os"]])
+    assert vp.steps == [("redefine", "vm"), ("stop", "vm"), ("start", "vm")]
+
+
+def test_a_layout_applied_whole_holds_every_entry_when_one_fails(ctx):
+    requests = [req("a", image="os", gpus=8), req("b", image="os", gpus=8),
+                req("c", image="os", gpus=8), req("d", state="absent")]
+    defined = [(req("d", image="os"), True)]
+    plans = run(ctx, requests, *defined, files=disk_paths(DISKS, "d").values())
+    assert [vp.error is not None for vp in plans] == [False, False, True, False]
+    assert [vp.steps != [] for vp in plans] == [True, True, False, True]
+    held = run(ctx, requests, *defined, files=disk_paths(DISKS, "d").values(), whole=True)
+    assert "no free 8-GPU block" in held[2].error
+    assert [vp.held for vp in held] == [True, True, False, True]
+    assert all(vp.steps == [] and not vp.changed for vp in held)
+
+
+def test_a_domain_the_collection_did_not_make_is_refused(ctx):
+    snap, _defined = snapshot()
+    foreign = read_domain("<domain type='kvm'><name>vm</name><memory>65536</memory>"
+                          "<vcpu>1</vcpu><os><type>hvm</type></os><devices/></domain>")
+    snap.domains["vm"] = foreign
+    with pytest.raises(Exception, match="not created by gpuvirt.kvm"):
+        plan([req(image="os")], observed(ctx, snap, [], [req(image="os")]), ctx)
