@@ -12,6 +12,7 @@ case); everything is compared in this form.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 BDF_RE = re.compile(r"^(?:([0-9a-fA-F]{1,4}):)?([0-9a-fA-F]{1,2}):([0-9a-fA-F]{1,2})\.([0-7])$")
 
@@ -29,6 +30,7 @@ def format_bdf(domain, bus, slot, function):
     return "%04x:%02x:%02x.%d" % (domain or 0, bus or 0, slot or 0, function or 0)
 
 
+@lru_cache(maxsize=4096)  # placement normalises the same few hundred addresses over and over
 def normalize_bdf(text):
     """``text`` in the kernel's spelling; text that is no PCI address comes back stripped and
     lower-cased (it then matches nothing, and the caller says so)."""

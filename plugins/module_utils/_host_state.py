@@ -270,7 +270,7 @@ class HostLedger(object):
         if m.partitioned:
             free = self.free_mask
             return any(b.mask & free == b.mask for b in m.blocks_by_size.get(n, ()))
-        if self.free_gpus < n or len(set(m.gpu_model)) == 1 or str(gpu_model).lower() == "any":
+        if self.free_gpus < n or m.single_model or str(gpu_model).lower() == "any":
             return self.free_gpus >= n
         return max(self.free_by_model().values()) >= n
 

@@ -119,6 +119,8 @@ class HostState(HostLedger):
 
     def _model_ok(self, request, indexes):
         """Whether GPUs of these indexes may go to the request together (their models)."""
+        if request.gpu_model is None and self.model.single_model:
+            return True
         models = set(self.model.gpu_model[i] for i in indexes)
         wanted = self._models_of(request)
         if wanted is not None:

@@ -179,6 +179,7 @@ class _HostModel(object):
         switches = platform_nvswitches(topology, platform)
         self.gpu_bdfs = tuple(d.bdf for d in gpus)
         self.gpu_model = tuple(d.id_pair for d in gpus)  # (vendor, device) per GPU index
+        self.single_model = len(set(self.gpu_model)) <= 1
         self.switch_bdfs = tuple(d.bdf for d in switches)
         self.gpu_count = len(gpus)
         self.switch_count = len(switches)
