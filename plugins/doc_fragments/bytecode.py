@@ -12,11 +12,11 @@ class ModuleDocFragment:
     DOCUMENTATION = r"""
 options: {}
 notes:
-  - On the managed host, the module keeps the collection's compiled Python code (its
-    module_utils) in C(~/.cache/gpuvirt.kvm/bytecode) of the user it runs as, so that later runs
-    do not compile it again (about 0.15 s of each run). An entry is used only for the same
-    source (by SHA-256) and Python, and only while the folder and the file belong to that user
-    and nobody else can write them. Set the environment variable C(GPUVIRT_BYTECODE_CACHE) to
-    another folder, or to V(off) to store nothing (the C(environment) keyword of a play or task
-    does this).
+  - On the managed host, the module compiles the collection's Python code (its module_utils)
+    once per run. Set the environment variable C(GPUVIRT_BYTECODE_CACHE) to V(on) (or to a
+    folder) to keep the compiled code in C(~/.cache/gpuvirt.kvm/bytecode) of the user the module
+    runs as, so that later runs do not compile it again (about 0.05 s of each run; the
+    C(environment) keyword of a play or task sets it). An entry is used only for the same source
+    (by SHA-256) and Python, and only while the folder and the file belong to that user and
+    nobody else can write them. See the collection's docs/bytecode.md.
 """

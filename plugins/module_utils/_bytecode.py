@@ -16,15 +16,15 @@ interpreter's bytecode magic, the module's name and its source; on a miss it com
 source once and stores the code. A different source or Python never matches an entry, and
 anything unreadable in the cache is compiled again, so the cache can only save time.
 
-The cache folder is ``$GPUVIRT_BYTECODE_CACHE`` when that is set, else
-``~/.cache/gpuvirt.kvm/bytecode`` in the home folder of the user the module runs as (from the
-password database, not ``$HOME``, which ``become`` may leave pointing at the login user's home).
-It is made with mode 0700 and used only while it is a real folder that the running user owns and
-nobody else can write; an entry is used only if it is such a file too (code read from there runs
-as that user). Otherwise nothing is read or stored, and each module_util is compiled once per
-run. ``GPUVIRT_BYTECODE_CACHE=off`` does that on purpose. An entry
-(``_vm.cpython-312-<sha256>.code``) takes 2-100 KB; storing a new source of a module_util removes
-that module_util's older entries for the same Python.
+The cache is off unless the admin turns it on (docs/bytecode.md): ``GPUVIRT_BYTECODE_CACHE=on``
+uses ``~/.cache/gpuvirt.kvm/bytecode`` in the home folder of the user the module runs as (from
+the password database, not ``$HOME``, which ``become`` may leave pointing at the login user's
+home); a path uses that folder. Off, nothing is read or stored, and each module_util is still
+compiled once per run rather than twice. The folder is made with mode 0700 and used only while
+it is a real folder that the running user owns and nobody else can write; an entry is used only
+if it is such a file too and holds code (code read from there runs as that user). An entry
+(``_vm_plan.cpython-312-<sha256>.code``) takes 2-100 KB; storing a new source of a module_util
+removes that module_util's older entries for the same Python.
 """
 
 from __future__ import annotations
@@ -42,14 +42,17 @@ import zipimport
 PACKAGE = __name__.rpartition(".")[0]
 ENV = "GPUVIRT_BYTECODE_CACHE"
 OFF = ("", "off", "0", "false", "no")
+ON = ("on", "1", "true", "yes")
 SUFFIX = ".code"
 
 
 def cache_dir():
-    """The cache folder this process would use, or None when caching is off."""
-    value = os.environ.get(ENV)
-    if value is not None:
-        return None if value.strip().lower() in OFF else value
+    """The cache folder this process would use, or None when caching is off (the default)."""
+    value = (os.environ.get(ENV) or "").strip()
+    if value.lower() in OFF:
+        return None
+    if value.lower() not in ON:
+        return value  # a folder of the admin's choosing
     try:
         home = pwd.getpwuid(os.geteuid()).pw_dir
     except KeyError:

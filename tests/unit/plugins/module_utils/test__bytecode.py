@@ -10,6 +10,7 @@ import glob
 import json
 import marshal
 import os
+import pwd
 import shutil
 import stat
 import subprocess
@@ -79,8 +80,10 @@ def make_zip(path, version=1):
 
 
 def probe(zip_path, cache, python=sys.executable, forbid_compile=False):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env["GPUVIRT_BYTECODE_CACHE"] = str(cache)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PYTHON") and k != "GPUVIRT_BYTECODE_CACHE"}
+    if cache is not None:
+        env["GPUVIRT_BYTECODE_CACHE"] = str(cache)
     if forbid_compile:
         env["FORBID_COMPILE"] = "1"
     proc = subprocess.run([python, "-I", "-c", "ZIP = %r\n" % zip_path + PROBE], env=env,
@@ -161,11 +164,23 @@ def test_an_entry_that_is_not_code_is_compiled_again(tmp_path, cache):
     assert probe(zip_path, cache, forbid_compile=True)["compiles"] == 0
 
 
-@pytest.mark.parametrize("setting", ["off", "", "0"])
-def test_turned_off_it_compiles_once_and_stores_nothing(tmp_path, cache, setting):
+@pytest.mark.parametrize("setting", [None, "off", "", "0"])
+def test_off_by_default_it_compiles_once_and_stores_nothing(tmp_path, cache, setting):
     result = probe(make_zip(tmp_path / "a.zip"), setting)
     assert result["folder"] is None and result["compiles"] == 1 and result["version"] == 1
     assert not os.path.exists(str(cache))
+
+
+@pytest.mark.parametrize("setting, folder", [
+    (None, None), ("off", None), ("no", None), ("on", "home"), ("YES", "home"),
+    ("/srv/cache", "/srv/cache")])
+def test_the_admin_turns_it_on(monkeypatch, setting, folder):
+    if setting is None:
+        monkeypatch.delenv("GPUVIRT_BYTECODE_CACHE", raising=False)
+    else:
+        monkeypatch.setenv("GPUVIRT_BYTECODE_CACHE", setting)
+    home = os.path.join(pwd.getpwuid(os.geteuid()).pw_dir, ".cache", "gpuvirt.kvm", "bytecode")
+    assert _bytecode.cache_dir() == (home if folder == "home" else folder)
 
 
 def test_a_folder_others_can_write_is_neither_read_nor_written(tmp_path, cache):
