@@ -20,6 +20,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model impor
     Placement,
     PlacementError,
     Request,
+    duplicate_refusals,
 )
 
 
@@ -164,14 +165,9 @@ class Fleet(object):
                                                     buckets[key][0]))
             for key in ranked:
                 for h in list(buckets.get(key, ())):
-                    try:
-                        placement = self.states[h].place(request)
-                    except PlacementError as exc:
-                        # GPUs fit, CPUs or memory did not: try the next equivalent host.
-                        if len(errors) < 3:
-                            errors.append("%s: %s" % (self.names[h], exc))
-                        continue
-                    return self._done(h, request, placement)
+                    placed = self._try(h, request, self.states[h].place, errors)
+                    if placed is not None:
+                        return placed
         raise PlacementError(self._why_not(request, errors, idx))
 
     def _after(self, h, n):
@@ -200,14 +196,21 @@ class Fleet(object):
             state = self.states[h]
             if not state.can_fit_gpus(n, request.gpu_model):
                 continue
-            try:
-                placement = first_fit(state, request)
-            except PlacementError as exc:
-                if len(errors) < 3:
-                    errors.append("%s: %s" % (self.names[h], exc))
-                continue
-            return self._done(h, request, placement)
+            placed = self._try(h, request, lambda r, s=state: first_fit(s, r), errors)
+            if placed is not None:
+                return placed
         raise PlacementError(self._why_not(request, errors, idx))
+
+    def _try(self, h, request, place, errors):
+        """(host name, Placement) when ``place`` fits the request on host h, else None with
+        why in ``errors`` (the first three: GPUs fit there, CPUs or memory did not)."""
+        try:
+            placement = place(request)
+        except PlacementError as exc:
+            if len(errors) < 3:
+                errors.append("%s: %s" % (self.names[h], exc))
+            return None
+        return self._done(h, request, placement)
 
     def _why_not(self, request, errors, idx):
         largest = {}
@@ -278,16 +281,8 @@ class Fleet(object):
         if len(allowed) != len(requests):
             raise PlacementError("allowed: %d entries for %d requests" % (
                 len(allowed), len(requests)))
-        results = [None] * len(requests)
+        results = duplicate_refusals(requests)
         effective = list(requests)
-        seen = {}
-        for k, req in enumerate(requests):
-            if req.name in seen:
-                results[k] = PlacementError(
-                    "request %r appears twice (first at position %d); give each VM one entry"
-                    % (req.name, seen[req.name]))
-            else:
-                seen[req.name] = k
         changed = {}
         for k, req in enumerate(requests):
             current = self.vm_host.get(req.name)

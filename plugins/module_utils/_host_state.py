@@ -29,6 +29,10 @@ class HostLedger(object):
     def __init__(self, topology, platform, allocations=(), reserved_cpus=None,
                  reserved_memory_mb=None, unhealthy_gpus=(), nvlinks=None):
         self.model = _HostModel(topology, platform, reserved_cpus, reserved_memory_mb, nvlinks)
+        self._start(allocations, unhealthy_gpus)
+
+    def _start(self, allocations, unhealthy_gpus):
+        """Nothing held, then these unhealthy GPUs and holdings (warning about conflicts)."""
         self.warnings = []
         self._reset()
         self.unhealthy = frozenset()
@@ -86,12 +90,7 @@ class HostLedger(object):
         model (fleets of one hardware model share it, and its caches)."""
         new = object.__new__(type(self))
         new.model = self.model
-        new.warnings = []
-        new._reset()
-        new.unhealthy = frozenset()
-        new._set_unhealthy(unhealthy_gpus)
-        for alloc in allocations:
-            new._record(alloc, warn=True)
+        new._start(allocations, unhealthy_gpus)
         return new
 
     def restore(self, alloc):
@@ -109,32 +108,13 @@ class HostLedger(object):
 
     def _record(self, alloc, warn=False):
         m = self.model
-        for bdf in alloc.gpus:
-            i = m.gpu_index.get(normalize_bdf(bdf))
-            if i is None:
-                if warn:
-                    self.warnings.append("%s holds GPU %s, which this host does not have"
-                                         % (alloc.name, bdf))
-                continue
-            if self.gpu_holder[i] is not None and warn:
-                self.warnings.append("%s and %s both hold GPU %d (%s)" % (
-                    self.gpu_holder[i], alloc.name, i, bdf))
-                continue
+        for i in self._held(alloc, alloc.gpus, "GPU", m.gpu_index, self.gpu_holder, warn):
             self.gpu_holder[i] = alloc.name
             if self.free_mask & (1 << i):
                 self.free_mask &= ~(1 << i)
                 self.free_gpus -= 1
-        for bdf in alloc.nvswitches:
-            s = m.switch_index.get(normalize_bdf(bdf))
-            if s is None:
-                if warn:
-                    self.warnings.append("%s holds NVSwitch %s, which this host does not have"
-                                         % (alloc.name, bdf))
-                continue
-            if self.switch_holder[s] is not None and warn:
-                self.warnings.append("%s and %s both hold NVSwitch %s" % (
-                    self.switch_holder[s], alloc.name, bdf))
-                continue
+        for s in self._held(alloc, alloc.nvswitches, "NVSwitch", m.switch_index,
+                            self.switch_holder, warn):
             self.switch_holder[s] = alloc.name
             self.free_mask &= ~(1 << (m.gpu_count + s))
         if alloc.cpu_policy == POLICY_DEDICATED:
@@ -148,16 +128,37 @@ class HostLedger(object):
                 node = m.topology.cpus[cpu].node if cpu in m.topology.cpus else None
                 if node in self.node_free and cpu not in m.reserved:
                     self.node_free[node] -= 1
+        self._count_memory(alloc, 1)
+        self.allocations[alloc.name] = alloc
+
+    def _held(self, alloc, bdfs, kind, index, holder, warn):
+        """The indexes of the devices ``alloc`` holds that this host has and nobody else holds
+        (with warnings for the others when ``warn``)."""
+        for bdf in bdfs:
+            i = index.get(normalize_bdf(bdf))
+            if i is None:
+                if warn:
+                    self.warnings.append("%s holds %s %s, which this host does not have"
+                                         % (alloc.name, kind, bdf))
+                continue
+            if holder[i] is not None and warn:
+                self.warnings.append("%s and %s both hold %s %s" % (
+                    holder[i], alloc.name, kind, "%d (%s)" % (i, bdf) if kind == "GPU" else bdf))
+                continue
+            yield i
+
+    def _count_memory(self, alloc, sign):
+        """Add (sign 1) or give back (sign -1) the memory, or hugepages, a holding uses on each
+        of its nodes."""
         for node, mb in self._memory_of(alloc).items():
             if node not in self.mem_used:
                 continue
             if alloc.hugepage_kb:
                 pages = -(-mb * 1024 // alloc.hugepage_kb)
                 used = self.huge_used[node]
-                used[alloc.hugepage_kb] = used.get(alloc.hugepage_kb, 0) + pages
+                used[alloc.hugepage_kb] = max(0, used.get(alloc.hugepage_kb, 0) + sign * pages)
             else:
-                self.mem_used[node] += mb
-        self.allocations[alloc.name] = alloc
+                self.mem_used[node] = max(0, self.mem_used[node] + sign * mb)
 
     def _memory_of(self, alloc):
         if alloc.memory_by_node:
@@ -192,15 +193,7 @@ class HostLedger(object):
                     node = m.topology.cpus[cpu].node if cpu in m.topology.cpus else None
                     if node in self.node_free and cpu not in m.reserved:
                         self.node_free[node] += 1
-        for node, mb in self._memory_of(alloc).items():
-            if node not in self.mem_used:
-                continue
-            if alloc.hugepage_kb:
-                pages = -(-mb * 1024 // alloc.hugepage_kb)
-                used = self.huge_used[node]
-                used[alloc.hugepage_kb] = max(0, used.get(alloc.hugepage_kb, 0) - pages)
-            else:
-                self.mem_used[node] = max(0, self.mem_used[node] - mb)
+        self._count_memory(alloc, -1)
         return alloc
 
     # --- queries -----------------------------------------------------------------------------

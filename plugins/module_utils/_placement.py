@@ -44,6 +44,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model impor
     _Block,
     _comb,
     _format_blocks,
+    duplicate_refusals,
     format_indexes,
     split_proportionally,
 )
@@ -482,15 +483,7 @@ class HostState(HostLedger):
     def plan(self, requests):
         """Place and record requests jointly, largest first; [(request, Placement or error)]."""
         requests = list(requests)
-        results = [None] * len(requests)
-        seen = {}
-        for k, req in enumerate(requests):
-            if req.name in seen:
-                results[k] = PlacementError(
-                    "request %r appears twice (first at position %d); give each VM one entry"
-                    % (req.name, seen[req.name]))
-            else:
-                seen[req.name] = k
+        results = duplicate_refusals(requests)
         todo = [k for k in range(len(requests)) if results[k] is None]
         # Free what changed VMs hold now, so others (and they themselves) can use it; a VM that
         # cannot be re-placed gets its old allocation back below if that is still free.

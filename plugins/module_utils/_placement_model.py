@@ -124,6 +124,20 @@ class Placement:
         )
 
 
+def duplicate_refusals(requests):
+    """[PlacementError or None] per request: an error for each repeat of an earlier name."""
+    results, seen = [], {}
+    for k, req in enumerate(requests):
+        if req.name in seen:
+            results.append(PlacementError(
+                "request %r appears twice (first at position %d); give each VM one entry"
+                % (req.name, seen[req.name])))
+        else:
+            seen[req.name] = k
+            results.append(None)
+    return results
+
+
 def format_indexes(indexes):
     """'GPU 3' / 'GPUs 0-3' / 'GPUs 0,2' for messages."""
     indexes = sorted(indexes)

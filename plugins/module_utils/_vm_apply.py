@@ -334,6 +334,33 @@ def converge(gateway, ctx, requests, check_mode=False, lock=None, workers=1, exc
     return results
 
 
+def converge_module(module, requests, owner, **kwargs):
+    """converge() for a module shell (kvm_vm, kvm_layout): the host's libvirt, the host read
+    from the module's options, the host lock; a failure of any of them fails the module."""
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_context import (
+        HostContextError,
+        connect_or_fail,
+        host_context,
+    )
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._image_store import ImageStore
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._lock import (
+        HostLock,
+        HostLockError,
+    )
+
+    p = module.params
+    gateway = connect_or_fail(module)
+    try:
+        with gateway:
+            ctx = host_context(p, store=ImageStore(p["store"]))
+            return converge(gateway, ctx, requests, check_mode=module.check_mode,
+                            lock=HostLock(p["lock_path"], p["lock_timeout"], owner=owner),
+                            **kwargs)
+    except (VmError, HostContextError, HostLockError, LibvirtGatewayError,
+            _qemu_img.ImagesError) as exc:
+        module.fail_json(msg=str(exc), changed=False)
+
+
 def vm_result(gateway, ctx, vp, actions, check_mode):
     """One VM's result: what it is (or would be), what was done, the diff, any error."""
     req = vp.request

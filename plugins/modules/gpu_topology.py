@@ -275,7 +275,7 @@ allocation_map:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-# _bytecode first: it compiles the module_utils imported after it once per host (see there).
+# _bytecode first: it compiles the module_utils imported after it once per run (see there).
 from ansible_collections.gpuvirt.kvm.plugins.module_utils import _bytecode  # noqa: F401 pylint: disable=unused-import
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._argspec import (
     host_argspec,

@@ -169,30 +169,16 @@ not_applied:
 
 from ansible.module_utils.basic import AnsibleModule
 
-# _bytecode first: it compiles the module_utils imported after it once per host (see there).
+# _bytecode first: it compiles the module_utils imported after it once per run (see there).
 from ansible_collections.gpuvirt.kvm.plugins.module_utils import _bytecode  # noqa: F401 pylint: disable=unused-import
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._argspec import (
     host_argspec,
     libvirt_argspec,
 )
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_context import (
-    DEFAULT_DISK_DIR,
-    HostContextError,
-    connect_or_fail,
-    host_context,
-)
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._image_store import (
-    DEFAULT_STORE,
-    ImageStore,
-)
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import LibvirtGatewayError
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._lock import (
-    HostLock,
-    HostLockError,
-    lock_argspec,
-)
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._qemu_img import ImagesError
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_apply import converge
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_context import DEFAULT_DISK_DIR
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._image_store import DEFAULT_STORE
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._lock import lock_argspec
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_apply import converge_module
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_request import (
     VmError,
     layout_requests,
@@ -220,17 +206,8 @@ def main():
         requests, exclusive = layout_requests(p, secrets=module.no_log_values)
     except VmError as exc:
         module.fail_json(msg=str(exc), changed=False)
-    gateway = connect_or_fail(module)
-    try:
-        with gateway:
-            ctx = host_context(p, store=ImageStore(p["store"]))
-            results = converge(gateway, ctx, requests, check_mode=module.check_mode,
-                               lock=HostLock(p["lock_path"], p["lock_timeout"],
-                                             owner="kvm_layout"),
-                               workers=p["workers"], exclusive=exclusive,
-                               whole=not p["partial"])
-    except (VmError, HostContextError, HostLockError, LibvirtGatewayError, ImagesError) as exc:
-        module.fail_json(msg=str(exc), changed=False)
+    results = converge_module(module, requests, "kvm_layout", workers=p["workers"],
+                              exclusive=exclusive, whole=not p["partial"])
     listed = {r.name for r in requests}
     applied = [r["vm"]["name"] for r in results if r.pop("applied")]
     not_applied = [r["vm"]["name"] for r in results if r["vm"]["name"] not in applied]

@@ -328,30 +328,16 @@ kept_data_disks:
 
 from ansible.module_utils.basic import AnsibleModule
 
-# _bytecode first: it compiles the module_utils imported after it once per host (see there).
+# _bytecode first: it compiles the module_utils imported after it once per run (see there).
 from ansible_collections.gpuvirt.kvm.plugins.module_utils import _bytecode  # noqa: F401 pylint: disable=unused-import
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._argspec import (
     host_argspec,
     libvirt_argspec,
 )
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_context import (
-    DEFAULT_DISK_DIR,
-    HostContextError,
-    connect_or_fail,
-    host_context,
-)
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._image_store import (
-    DEFAULT_STORE,
-    ImageStore,
-)
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import LibvirtGatewayError
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._lock import (
-    HostLock,
-    HostLockError,
-    lock_argspec,
-)
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._qemu_img import ImagesError
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_apply import converge
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_context import DEFAULT_DISK_DIR
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._image_store import DEFAULT_STORE
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._lock import lock_argspec
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_apply import converge_module
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_request import (
     VmError,
     request_from_params,
@@ -369,21 +355,11 @@ def main():
     argument_spec.update(libvirt_argspec())
     argument_spec.update(lock_argspec())
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
-    p = module.params
     try:
-        request = request_from_params(p)
+        request = request_from_params(module.params)
     except VmError as exc:
         module.fail_json(msg=str(exc))
-    gateway = connect_or_fail(module)
-    try:
-        with gateway:
-            ctx = host_context(p, store=ImageStore(p["store"]))
-            results = converge(gateway, ctx, [request], check_mode=module.check_mode,
-                               lock=HostLock(p["lock_path"], p["lock_timeout"],
-                                             owner="kvm_vm %s" % request.name))
-    except (VmError, HostContextError, HostLockError, LibvirtGatewayError, ImagesError) as exc:
-        module.fail_json(msg=str(exc), changed=False)
-    result = results[0]
+    result = converge_module(module, [request], "kvm_vm %s" % request.name)[0]
     result.pop("applied")
     if result.get("error"):
         module.fail_json(msg=result["error"], changed=result["changed"],
