@@ -984,6 +984,7 @@ class Emulator:
 def _read_source(reader, kind):
     """(path, (pool, volume)) of a disk's or backing store's <source>: a file or block device
     path, or a storage-pool volume; network sources stay in extras."""
+    kind = kind or "file"  # libvirt's default, for XML written by hand
     if kind not in ("file", "block", "volume"):
         return None, None
     src = reader.sub("source")

@@ -103,7 +103,10 @@ class Fleet(object):
 
     @staticmethod
     def _key(state):
-        return (state.free_gpus, id(state.model.platform), state.free_vector())
+        # Hosts of one bucket answer can_fit_gpus alike: on a generic host of several GPU
+        # models that needs the free GPUs per model too (a VM gets one model).
+        models = () if state.model.single_model else tuple(sorted(state.free_by_model().items()))
+        return (state.free_gpus, id(state.model.platform), state.free_vector(), models)
 
     def _refresh(self, h):
         key = self._key(self.states[h])

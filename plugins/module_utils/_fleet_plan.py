@@ -27,7 +27,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_facts import (
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import HostState
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import PlacementError
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._platform_file import platform_from_dict
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._platform_data import platform_from_dict
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
     PLATFORMS,
     PlatformError,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain import Domain
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain import Domain, DomainXmlError
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import (
     POLICY_DEDICATED,
     POLICY_SHARED,
@@ -80,7 +80,14 @@ def read_domain(xml, active=False):
 
 def read_domains(listing):
     """{name: DefinedDomain} from the gateway's list_domains() (name, active, xml, ...)."""
-    return {d.name: read_domain(d.xml, d.active) for d in listing}
+    result = {}
+    for entry in listing:
+        try:
+            result[entry.name] = read_domain(entry.xml, entry.active)
+        except DomainXmlError as exc:
+            raise DomainXmlError("cannot read what domain %s holds from its XML: %s" % (
+                entry.name, exc)) from exc
+    return result
 
 
 def even_split(memory_mb, nodes):
@@ -120,7 +127,7 @@ def holding_from_facts(entry):
         cpu_policy=str(entry.get("cpu_policy") or POLICY_DEDICATED))
 
 
-def disk_paths(domain, volume_path=None):
+def disk_files(domain, volume_path=None):
     """File and block paths of a domain's disks and of the backingStore chains in its XML.
 
     ``volume_path(pool, volume)`` turns a storage-pool volume into its path (None: skipped);
@@ -157,7 +164,12 @@ def disk_chains(listing, volume_path=None):
         for xml in (entry.xml, entry.live_xml):
             if not xml:
                 continue
-            for path in disk_paths(Domain.from_xml(xml), volume_path):
+            try:
+                domain = Domain.from_xml(xml)
+            except DomainXmlError as exc:
+                raise DomainXmlError("cannot read the disks of domain %s from its XML: %s" % (
+                    entry.name, exc)) from exc
+            for path in disk_files(domain, volume_path):
                 if path not in paths:
                     paths.append(path)
         result[entry.name] = tuple(paths)

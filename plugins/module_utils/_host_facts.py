@@ -16,6 +16,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import Host
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import PlacementError
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
     GPU_IDS,
+    GPU_VENDORS,
     NVSWITCH_IDS,
     platform_gpus,
     platform_nvswitches,
@@ -137,7 +138,7 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
             "GPU %s (%04x:%04x) is an NVIDIA GPU of a model this collection does not name; it is "
             "placed as a PCIe GPU of its own model (ask for it with gpu_model: %04x:%04x)" % (
                 (g.bdf,) + g.id_pair + g.id_pair)
-            for g in gpus if g.id_pair not in GPU_IDS],
+            for g in gpus if g.id_pair not in GPU_IDS and g.vendor in GPU_VENDORS],
     }
     if requests:
         result["free_blocks_after_plan"] = {

@@ -72,7 +72,7 @@ class _NoLock:
 class ImageTask:
     """One kvm_image run: validate, decide from one comparison, act (unless check mode), report.
 
-    ``usage_reader()`` returns {domain: disk paths} (LibvirtGateway.disk_chains); ``lock`` is
+    ``usage_reader()`` returns {domain: disk paths} (``_holdings.disk_chains``); ``lock`` is
     a context manager held from reading usage to changing the store (module_utils._lock).
     """
 

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 
 from ansible_collections.gpuvirt.kvm.plugins.module_utils import _qemu_img, _seed
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain import DomainXmlError
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain_builder import build_domain
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import read_domains
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import LibvirtGatewayError
@@ -356,7 +357,7 @@ def converge_module(module, requests, owner, **kwargs):
             return converge(gateway, ctx, requests, check_mode=module.check_mode,
                             lock=HostLock(p["lock_path"], p["lock_timeout"], owner=owner),
                             **kwargs)
-    except (VmError, HostContextError, HostLockError, LibvirtGatewayError,
+    except (VmError, HostContextError, HostLockError, LibvirtGatewayError, DomainXmlError,
             _qemu_img.ImagesError) as exc:
         module.fail_json(msg=str(exc), changed=False)
 
@@ -365,8 +366,8 @@ def vm_result(gateway, ctx, vp, actions, check_mode):
     """One VM's result: what it is (or would be), what was done, the diff, any error."""
     req = vp.request
     spec = vp.desired if req.state != "absent" else None
-    if spec is None and req.state != "absent":
-        spec = vp.actual
+    if vp.held or (spec is None and req.state != "absent"):
+        spec = vp.actual  # a held VM is reported as it is
     if vp.held:  # left as it was found
         state = ("running" if vp.active else "shutoff") if vp.exists else "absent"
     elif req.state == "absent":
@@ -388,7 +389,7 @@ def vm_result(gateway, ctx, vp, actions, check_mode):
             "memory_mb": spec.memory_mb, "disks": [d.to_dict() for d in spec.disks],
             "macs": [n.mac for n in spec.networks], "spec": spec.to_dict(),
         })
-        if vp.desired is not None:
+        if vp.desired is not None and not vp.held:
             # The definition this run would make (check mode) or made: what libvirt is given.
             vm["xml"] = build_domain(vp.desired, ctx.topology, uuid=vp.uuid).to_xml()
     before = {k: v["before"] for k, v in vp.diff.items()}
@@ -403,5 +404,32 @@ def vm_result(gateway, ctx, vp, actions, check_mode):
         "changed": vp.changed, "actions": actions, "vm": vm,
         "reboot_required": vp.reboot_required, "kept_data_disks": list(vp.kept),
         "diff": {"before": before, "after": after}, "error": vp.error,
-        "applied": vp.error is None and not vp.held,
+        "applied": vp.error is None and not vp.held, "held": vp.held,
     }
+
+
+def layout_outcome(results, listed):
+    """kvm_layout's result from converge()'s, and its failure message (None: it did not fail).
+
+    ``listed``: the names the layout lists (the others are exclusive removals).
+    """
+    held = [r["vm"]["name"] for r in results if r.pop("held")]
+    applied = [r["vm"]["name"] for r in results if r.pop("applied")]
+    diff = {"before": {r["vm"]["name"]: r["diff"]["before"] for r in results if r["changed"]},
+            "after": {r["vm"]["name"]: r["diff"]["after"] for r in results if r["changed"]}}
+    for r in results:
+        r.pop("diff")
+    outcome = dict(
+        changed=any(r["changed"] for r in results), vms=results, diff=diff, applied=applied,
+        not_applied=[r["vm"]["name"] for r in results if r["vm"]["name"] not in applied],
+        removed=[name for name in applied if name not in listed],
+        actions=["%s: %s" % (r["vm"]["name"], a) for r in results for a in r["actions"]])
+    errors = [r["error"] for r in results if r.get("error")]
+    if not errors:
+        return outcome, None
+    msg = "; ".join(errors)
+    if held:
+        # Held at the plan: nothing of the layout was done.
+        msg += ("; nothing was changed: the layout is applied whole or not at all (set partial: "
+                "true to apply what can be: %s)" % ", ".join(held))
+    return outcome, msg

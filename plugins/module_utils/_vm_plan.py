@@ -18,6 +18,10 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._cloud_init import dig
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import holdings
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import HostState
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import PlacementError
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
+    gpu_model_ids,
+    gpu_model_name,
+)
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._units import GIB
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_request import (
     VmError,
@@ -146,6 +150,7 @@ def plan(requests, snap, ctx, whole=False):
         for vp in plans:
             if vp.error is None:
                 vp.held, vp.steps, vp.grow, vp.reboot_required = True, [], [], False
+                vp.kept, vp.files_to_remove = [], []
     return plans
 
 
@@ -159,6 +164,16 @@ def _refusal(vp, ctx):
         return ("%s: gpus is %d but the running VM holds %d GPU(s); a GPU count change "
                 "re-places the VM: set recreate: true to stop, re-place and restart it"
                 % (req.name, req.gpus, len(vp.actual.gpus)))
+    wanted = _models_named(req.gpu_model)
+    if vp.active and not req.recreate and wanted is not None and vp.actual.gpus:
+        held = sorted(set(ctx.topology.pci[b].id_pair for b in vp.actual.gpus
+                          if b in ctx.topology.pci) - wanted)
+        if held:
+            # As a move: the running QEMU holds its GPUs, which must not look free.
+            return ("%s: gpu_model is %s but the running VM holds GPU(s) of model %s; that "
+                    "re-places the VM: set recreate: true to stop, re-place and restart it, or "
+                    "leave gpu_model out to keep its GPUs" % (
+                        req.name, req.gpu_model, ", ".join(gpu_model_name(m) for m in held)))
     if vp.active and not req.recreate and req.gpu_index is not None and vp.actual.gpus:
         index = {b: i for i, b in enumerate(ctx.gpu_bdfs)}
         held = sorted(index[b] for b in vp.actual.gpus if b in index)
@@ -170,6 +185,16 @@ def _refusal(vp, ctx):
                     "or leave gpu_index out to keep its GPUs" % (
                         req.name, req.gpu_index, ", ".join(str(i) for i in held)))
     return None
+
+
+def _models_named(gpu_model):
+    """The (vendor, device) pairs a request's gpu_model names; None for none or any."""
+    if gpu_model is None:
+        return None
+    try:
+        return gpu_model_ids(gpu_model)
+    except ValueError:
+        return None  # the request checked it; placement says why again
 
 
 def _network_problem(req, networks, bridges):

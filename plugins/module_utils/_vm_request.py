@@ -349,6 +349,9 @@ def layout_requests(p, secrets=None):
     check_unique(requests, wheres)
     exclusive = None
     if p.get("exclusive"):
+        if defaults.get("timeout") is not None and defaults["timeout"] < 0:
+            # The removals' shutdown wait: checked here, as no entry may carry it.
+            raise VmError("defaults.timeout: %d; give seconds >= 0" % defaults["timeout"])
         exclusive = Exclusive(listed=frozenset(r.name for r in requests),
                               owner_tag=defaults.get("owner_tag"),
                               force=bool(defaults.get("force", False)),

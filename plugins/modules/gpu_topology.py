@@ -281,6 +281,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._argspec import (
     host_argspec,
     libvirt_argspec,
 )
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain import DomainXmlError
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import read_domains
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_context import (
     HostContextError,
@@ -311,6 +312,8 @@ def _read_domains(module, uri):
     try:
         with LibvirtGateway(uri) as gateway:
             domains = list(read_domains(gateway.list_domains()).values())
+    except DomainXmlError as exc:  # a domain that cannot be read may hold any GPU: no plan
+        module.fail_json(msg="uri: %s" % exc)
     except LibvirtGatewayError as exc:
         status["error"] = str(exc)
         module.warn("allocations not read (every GPU is shown free): %s" % exc)

@@ -89,6 +89,7 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 # _bytecode first: it compiles the module_utils imported after it once per run (see there).
 from ansible_collections.gpuvirt.kvm.plugins.module_utils import _bytecode  # noqa: F401 pylint: disable=unused-import
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._argspec import libvirt_argspec
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain import DomainXmlError
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import disk_chains
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_context import resolve_uri
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._image_store import (
@@ -122,7 +123,7 @@ def main():
     except LibvirtGatewayError as exc:
         module.fail_json(msg="uri: %s; kvm_image_info reads which domains use an image from "
                          "libvirt" % exc)
-    except ImagesError as exc:
+    except (ImagesError, DomainXmlError) as exc:
         module.fail_json(msg=str(exc))
     for warning in warnings + [w for w in more if w not in warnings]:
         module.warn(warning)

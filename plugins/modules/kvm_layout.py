@@ -178,7 +178,10 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._argspec import (
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_context import DEFAULT_DISK_DIR
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._image_store import DEFAULT_STORE
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._lock import lock_argspec
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_apply import converge_module
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_apply import (
+    converge_module,
+    layout_outcome,
+)
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_request import (
     VmError,
     layout_requests,
@@ -208,25 +211,9 @@ def main():
         module.fail_json(msg=str(exc), changed=False)
     results = converge_module(module, requests, "kvm_layout", workers=p["workers"],
                               exclusive=exclusive, whole=not p["partial"])
-    listed = {r.name for r in requests}
-    applied = [r["vm"]["name"] for r in results if r.pop("applied")]
-    not_applied = [r["vm"]["name"] for r in results if r["vm"]["name"] not in applied]
-    removed = [name for name in applied if name not in listed]
-    actions = ["%s: %s" % (r["vm"]["name"], a) for r in results for a in r["actions"]]
-    failed = [r for r in results if r.get("error")]
-    diff = {"before": {r["vm"]["name"]: r["diff"]["before"] for r in results if r["changed"]},
-            "after": {r["vm"]["name"]: r["diff"]["after"] for r in results if r["changed"]}}
-    for r in results:
-        r.pop("diff")
-    outcome = dict(changed=any(r["changed"] for r in results), vms=results, actions=actions,
-                   removed=removed, diff=diff, applied=applied, not_applied=not_applied)
-    if failed:
-        msg = "; ".join(r["error"] for r in failed)
-        if not applied and not p["partial"]:
-            msg += ("; nothing was changed: the layout is applied whole or not at all (set "
-                    "partial: true to apply the %d of %d entries that can be)" % (
-                        len(results) - len(failed), len(results)))
-        module.fail_json(msg=msg, **outcome)
+    outcome, failure = layout_outcome(results, {r.name for r in requests})
+    if failure is not None:
+        module.fail_json(msg=failure, **outcome)
     module.exit_json(**outcome)
 
 

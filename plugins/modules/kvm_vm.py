@@ -361,6 +361,7 @@ def main():
         module.fail_json(msg=str(exc))
     result = converge_module(module, [request], "kvm_vm %s" % request.name)[0]
     result.pop("applied")
+    result.pop("held")
     if result.get("error"):
         module.fail_json(msg=result["error"], changed=result["changed"],
                          actions=result["actions"])

@@ -386,7 +386,7 @@ def test_dgx2_default_templates(gpus, vcpus):
 
 
 def test_platform_template_overrides(tmp_path):
-    from ansible_collections.gpuvirt.kvm.plugins.module_utils._platform_file import (
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._platform_data import (
         platform_from_dict,
     )
     plat = platform_from_dict({"base": "dgx2", "templates": {"2": {"vcpus": 12}}})
@@ -432,7 +432,7 @@ def test_generic_prefers_one_switch_then_nvlinks():
 
 
 def test_generic_sizes_from_a_platform_file():
-    from ansible_collections.gpuvirt.kvm.plugins.module_utils._platform_file import (
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._platform_data import (
         platform_from_dict,
     )
     plat = platform_from_dict({"base": "generic", "name": "pairs", "allowed_sizes": [1, 2, 4]})

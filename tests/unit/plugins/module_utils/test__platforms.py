@@ -9,10 +9,8 @@ import pytest
 import topo_factory
 
 from ansible_collections.gpuvirt.kvm.plugins.module_utils import _platforms
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._platform_file import (
-    get_platform,
-    platform_from_dict,
-)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._platform_data import platform_from_dict
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._platform_file import get_platform
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
     GPU_IDS,
     NVSWITCH_IDS,

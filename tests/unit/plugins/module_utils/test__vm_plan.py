@@ -4,7 +4,7 @@
 
 Every case builds the Snapshot by hand - the domains as libvirt would return them (made with the
 collection's own domain builder), which files exist, what size a disk has - and checks the steps,
-the diff and the refusals. converge() on the libvirt test driver is test__vm.py's.
+the diff and the refusals. converge() on the libvirt test driver is test__vm_apply.py's.
 """
 
 import pytest
@@ -18,7 +18,10 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._sysfs import read_hos
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._units import GIB
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_observe import Snapshot
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_plan import disk_paths, plan
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_request import request_from_params
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_request import (
+    VmError,
+    request_from_params,
+)
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_spec import VmSpec
 
 DISKS = "/d"
@@ -148,7 +151,7 @@ def test_a_disk_grows_offline_or_live_and_never_shrinks(ctx):
 ])
 def test_refusals_name_the_option(ctx, request_kw, words):
     if words is None:  # a half GiB is refused before planning, by the request
-        with pytest.raises(Exception, match="os_disk_size"):
+        with pytest.raises(VmError, match="os_disk_size"):
             req(**request_kw)
         return
     snap, _defined = snapshot()
@@ -184,5 +187,32 @@ def test_a_domain_the_collection_did_not_make_is_refused(ctx):
     foreign = read_domain("<domain type='kvm'><name>vm</name><memory>65536</memory>"
                           "<vcpu>1</vcpu><os><type>hvm</type></os><devices/></domain>")
     snap.domains["vm"] = foreign
-    with pytest.raises(Exception, match="not created by gpuvirt.kvm"):
+    with pytest.raises(VmError, match="not created by gpuvirt.kvm"):
         plan([req(image="os")], observed(ctx, snap, [], [req(image="os")]), ctx)
+
+
+@pytest.fixture(scope="module")
+def mixed_ctx(host_tree):
+    topology = read_host(*host_tree("pcie-mixed"))
+    return HostContext(topology=topology, platform=PLATFORMS["generic"], disk_dir=DISKS,
+                       reserved_cpus="0,64,32,96")
+
+
+def test_a_running_vm_is_not_moved_to_another_gpu_model_without_recreate(mixed_ctx):
+    held = req(image="os", gpus=2, gpu_model="L40S")
+    (vp,) = run(mixed_ctx, [req(image="os", gpus=2, gpu_model="L4")], (held, True),
+                files=[P["os"]])
+    assert "gpu_model is L4 but the running VM holds GPU(s) of model L40S" in vp.error
+    # Its QEMU holds the L40S pair: nobody else gets them in the same run.
+    plans = run(mixed_ctx, [req(image="os", gpus=2, gpu_model="L4"),
+                            req("b", image="os", gpus=2, gpu_model="L40S", state="present")],
+                (held, True), files=[P["os"]])
+    assert plans[0].error is not None and plans[1].steps == []
+    assert "no free 2-GPU block is of gpu_model L40S" in plans[1].error
+    (moved,) = run(mixed_ctx, [req(image="os", gpus=2, gpu_model="L4", recreate=True)],
+                   (held, True), files=[P["os"]])
+    assert moved.steps == [("redefine", "vm"), ("stop", "vm"), ("start", "vm")]
+    # The same model, or none named, keeps the VM as it is.
+    for same in (req(image="os", gpus=2, gpu_model="l40s"), req(image="os", gpus=2)):
+        (kept,) = run(mixed_ctx, [same], (held, True), files=[P["os"]])
+        assert kept.error is None and kept.steps == []

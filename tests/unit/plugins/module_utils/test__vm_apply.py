@@ -429,3 +429,47 @@ def test_a_failed_undo_step_does_not_stop_the_others(dgx2_ctx, test_driver, monk
     assert "FAILED, clean up by hand" in out["error"]
     assert "restore_definition u" in out["error"] and out["changed"] is True
     assert test_driver.domain_xml("u") == before  # the definition was still put back
+
+
+# --- kvm_layout's outcome: applied whole, partial, a failure while applying -------------------
+
+def _layout(gw, ctx, requests, whole=True):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_apply import layout_outcome
+
+    return layout_outcome(converge(gw, ctx, requests, whole=whole), {r.name for r in requests})
+
+
+def test_a_layout_held_whole_says_nothing_was_changed_and_names_what_could_be(dgx2_ctx,
+                                                                              test_driver):
+    os.makedirs(dgx2_ctx.disk_dir)
+    converge(test_driver, dgx2_ctx, [req("old", state="present", data_disk_size=1)])
+    layout = [req("big", gpus=8, state="present"), req("huge", gpus=32, state="present"),
+              req("old", state="absent")]
+    outcome, msg = _layout(test_driver, dgx2_ctx, layout)
+    assert "set gpus to 16 or fewer" in msg
+    assert msg.endswith("nothing was changed: the layout is applied whole or not at all (set "
+                        "partial: true to apply what can be: big, old)")
+    assert outcome["applied"] == [] and outcome["actions"] == [] and not outcome["changed"]
+    held = {r["vm"]["name"]: r for r in outcome["vms"]}
+    # Reported as they are: old still holds its data disk, big has nothing and no XML.
+    assert held["old"]["vm"]["state"] == "shutoff" and held["old"]["kept_data_disks"] == []
+    assert held["big"]["vm"] == {"name": "big", "state": "absent"}
+    assert test_driver.exists("old") and not test_driver.exists("big")
+    partial, msg = _layout(test_driver, dgx2_ctx, layout, whole=False)
+    assert sorted(partial["applied"]) == ["big", "old"] and partial["not_applied"] == ["huge"]
+    assert "nothing was changed" not in msg and test_driver.exists("big")
+
+
+def test_a_failure_while_applying_does_not_claim_nothing_changed(dgx2_ctx, test_driver,
+                                                                monkeypatch):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import (
+        LibvirtGatewayError,
+    )
+
+    def refuse(*_args, **_kw):
+        raise LibvirtGatewayError("cannot start x: no")
+
+    monkeypatch.setattr(test_driver, "start", refuse)
+    outcome, msg = _layout(test_driver, dgx2_ctx, [req("x")])
+    assert "cannot start x: no" in msg and "rolled back" in msg
+    assert "nothing was changed" not in msg and outcome["not_applied"] == ["x"]
