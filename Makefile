@@ -48,7 +48,8 @@ RUN := PATH="$(VENV_BIN):$$PATH"
 
 LINT_PY_PATHS = $(wildcard plugins tests bench tools .ci)
 SHELL_SCRIPTS = $(wildcard .ci/run tools/*.sh tests/integration/*.sh tests/lab/*.sh tests/ee/*.sh \
-  tests/integration/targets/*/runme.sh tests/integration/targets/*/files/*.sh)
+  tests/integration/targets/*/runme.sh tests/integration/targets/*/files/*.sh \
+  tests/fixtures/fabric/fmpm tests/fixtures/fabric/jsoncpp/*.sh)
 
 .PHONY: help system-deps setup lint sanity units integration molecule test build main demo sync clean
 

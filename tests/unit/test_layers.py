@@ -26,10 +26,10 @@ PREFIX = "ansible_collections.gpuvirt.kvm.plugins."
 
 HELPERS = {"_ranges", "_bdf", "_units"}
 PURE = HELPERS | {
-    "_argspec", "_cloud_init", "_domain", "_domain_builder", "_fleet_placement", "_fleet_plan",
-    "_holdings", "_host_facts", "_host_state", "_nvidia_smi", "_placement", "_placement_model",
-    "_platform_data", "_platforms", "_readiness", "_topology", "_vm_plan", "_vm_request",
-    "_vm_spec",
+    "_argspec", "_cloud_init", "_domain", "_domain_builder", "_fabric_model", "_fleet_placement",
+    "_fleet_plan", "_holdings", "_host_facts", "_host_state", "_nvidia_smi", "_placement",
+    "_placement_model", "_platform_data", "_platforms", "_readiness", "_topology", "_vm_plan",
+    "_vm_request", "_vm_spec",
 }
 GATEWAYS = {
     "_libvirt": "libvirt (libvirt-python)",
@@ -40,6 +40,7 @@ GATEWAYS = {
     "_lock": "the host lock (flock)",
     "_image_store": "the image store's files and URLs",
     "_platform_file": "platform files",
+    "_fabric": "Fabric Manager (fmpm)",
     "_bytecode": "Python's import system (the bytecode cache)",
 }
 # Above the gateways: they read the host, plan and act (the module shells' backends).

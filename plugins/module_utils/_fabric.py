@@ -1,0 +1,238 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) gpuvirt.kvm contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""The gateway to NVIDIA Fabric Manager: the collection's only caller of ``fmpm``.
+
+FM keeps the NVSwitches of a shared-NVSwitch host (HGX A100, H100/H200, B200) and activates a
+tenant's GPU partition before the VM starts. fmpm (NVIDIA/Fabric-Manager-Client) is its command
+line: ``-l``, ``-a``, ``-d``, ``--set-activated-list``, ``--get-nvlink-failed-devices``,
+``--list-unsupported-partitions``, ``--hostname``. :class:`FabricManager` runs it with a timeout,
+reads its JSON (``_fabric_model``) and turns every fmReturn into a FabricError a user can act on:
+IN_USE names the active partition in the way and the domain holding it, NOT_CONFIGURED (FM still
+starting) is retried until a deadline, NOT_SUPPORTED says FM is not in shared mode, and a
+connection failure names the address.
+
+Runs without Ansible (the libvirt hook uses it on the host's own Python): standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_model import (
+    CONNECT_FAILED,
+    FM_IN_USE,
+    FM_NOT_CONFIGURED,
+    FM_UNINITIALIZED,
+    INVALID_PARTITION_ID,
+    LIB_INIT_FAILED,
+    MAX_PARTITION_ID,
+    FabricError,
+    failure_code,
+    failure_message,
+    in_use_message,
+    parse_failed_devices,
+    parse_partition_list,
+    parse_unsupported,
+)
+
+DEFAULT_FMPM = "fmpm"
+DEFAULT_ADDRESS = "127.0.0.1"  # fmpm's own default (FM_CMD_BIND_INTERFACE)
+DEFAULT_CALL_TIMEOUT = 30.0  # one fmpm run; FM itself gives up on a connect after 1 s
+DEFAULT_STARTING_WAIT = 120.0  # how long NOT_CONFIGURED (FM still starting) is retried
+RETRY_INTERVAL = 2.0
+
+
+class FabricManager:
+    """One FM instance, reached through fmpm.
+
+    ``address``: FM's TCP address (``--hostname``; FM on this host: None, fmpm's 127.0.0.1).
+    ``fmpm``: the program (a name on PATH or a path). ``starting_wait``: seconds to keep
+    retrying while FM answers NOT_CONFIGURED. ``runner``/``sleep``/``clock`` are seams for tests
+    of the retry timing; the tests of every answer run the stand-in fmpm for real.
+    """
+
+    def __init__(self, address=None, fmpm=DEFAULT_FMPM, call_timeout=DEFAULT_CALL_TIMEOUT,
+                 starting_wait=DEFAULT_STARTING_WAIT, retry_interval=RETRY_INTERVAL,
+                 env=None, sleep=time.sleep, clock=time.monotonic):
+        self.address = address or DEFAULT_ADDRESS
+        self._hostname = address
+        self.fmpm = fmpm or DEFAULT_FMPM
+        self.call_timeout = call_timeout
+        self.starting_wait = starting_wait
+        self.retry_interval = retry_interval
+        self._env = env
+        self._sleep = sleep
+        self._clock = clock
+
+    # ------------------------------------------------------------------ running fmpm
+
+    def _argv(self, args):
+        argv = [self.fmpm] + list(args)
+        if self._hostname:
+            argv += ["--hostname", self._hostname]
+        return argv
+
+    def _run_once(self, args):
+        env = dict(os.environ if self._env is None else self._env)
+        env.update(LANG="C", LC_ALL="C")
+        try:
+            proc = subprocess.run(  # pylint: disable=ansible-bad-function
+                self._argv(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                timeout=self.call_timeout, check=False)
+        except FileNotFoundError:
+            raise FabricError(
+                "fmpm was not found at %r: install NVIDIA Fabric-Manager-Client's fmpm on the "
+                "host, or give its path" % self.fmpm,
+                address=self.address) from None
+        except PermissionError:
+            raise FabricError("fmpm at %r is not executable" % self.fmpm,
+                              address=self.address) from None
+        except subprocess.TimeoutExpired:
+            raise FabricError(
+                "fmpm %s got no answer from Fabric Manager at %s within %g s: is "
+                "nvidia-fabricmanager running, and is FM_CMD_BIND_INTERFACE set to that address?"
+                % (" ".join(args), self.address, self.call_timeout),
+                address=self.address) from None
+        return (proc.returncode, proc.stdout.decode("utf-8", "replace"),
+                proc.stderr.decode("utf-8", "replace").strip())
+
+    def _call(self, args, action, pid=None):
+        """Run fmpm until FM answers something other than NOT_CONFIGURED (or the wait is over);
+        return its stdout, or raise FabricError with what to do."""
+        deadline = self._clock() + self.starting_wait
+        while True:
+            rc, out, err = self._run_once(args)
+            if rc == 0:
+                return out
+            if CONNECT_FAILED in out:
+                raise FabricError(
+                    "cannot reach Fabric Manager at %s to %s (fmpm: %s). Is "
+                    "nvidia-fabricmanager running there in shared NVSwitch mode, and does its "
+                    "FM_CMD_BIND_INTERFACE name %s?" % (self.address, action, CONNECT_FAILED,
+                                                        self.address),
+                    code=failure_code("", rc), address=self.address)
+            if LIB_INIT_FAILED in out:
+                raise FabricError("fmpm could not load the Fabric Manager API library "
+                                  "(libnvfm): install the nvidia-fabricmanager-dev package of "
+                                  "the FM version the host runs", address=self.address)
+            if INVALID_PARTITION_ID in out:
+                raise FabricError("partition %s is not a Fabric Manager partition ID (0-%d)"
+                                  % (pid, MAX_PARTITION_ID), address=self.address)
+            code = failure_code(out, rc)
+            if code is None:
+                raise FabricError("fmpm %s failed with status %d: %s" % (
+                    " ".join(args), rc, (err or out).strip() or "no output"),
+                    address=self.address)
+            if code == FM_NOT_CONFIGURED and self._clock() + self.retry_interval < deadline:
+                self._sleep(self.retry_interval)
+                continue
+            raise _Failed(code, out)
+
+    # ------------------------------------------------------------------ operations
+
+    def partitions(self):
+        """``fmpm -l``: the partitions FM knows, with their state (FmPartitionList)."""
+        try:
+            return parse_partition_list(self._call(["-l"], "list its partitions"))
+        except _Failed as failed:
+            raise self._error(failed, "list its partitions") from None
+
+    def activate(self, pid, holders=None):
+        """``fmpm -a``. ``holders`` maps active partition IDs to the domains that hold them
+        (named in the IN_USE message)."""
+        pid = _partition_id(pid)
+        action = "activate partition %d" % pid
+        try:
+            self._call(["-a", str(pid)], action, pid)
+        except _Failed as failed:
+            if failed.code == FM_IN_USE:
+                listing = self._listing_or_none()
+                raise FabricError(in_use_message(self.address, listing, pid, holders),
+                                  code=FM_IN_USE, address=self.address) from None
+            raise self._error(failed, action, pid) from None
+
+    def deactivate(self, pid):
+        """``fmpm -d``. Returns False when the partition was not active (FM's UNINITIALIZED):
+        releasing twice is not an error."""
+        pid = _partition_id(pid)
+        action = "deactivate partition %d" % pid
+        try:
+            self._call(["-d", str(pid)], action, pid)
+        except _Failed as failed:
+            if failed.code == FM_UNINITIALIZED:
+                return False
+            raise self._error(failed, action, pid) from None
+        return True
+
+    def declare_active(self, pids):
+        """``fmpm --set-activated-list``: after FM restarted (FABRIC_MODE_RESTART=1), tell it
+        which partitions the running tenants hold (none is a valid answer). Then read the list
+        back: an fmpm built before NVIDIA/Fabric-Manager-Client 944a949 sends an empty list
+        whatever it is given (its parser moved a pointer instead of counting), and a tenant
+        would lose its NVLinks without a word."""
+        ids = sorted({_partition_id(p) for p in pids})  # fmpm 1.0.1 loops forever on a repeat
+        action = "take the list of active partitions"
+        try:
+            self._call(["--set-activated-list", ",".join(str(p) for p in ids)], action)
+        except _Failed as failed:
+            raise self._error(failed, action) from None
+        if not ids:
+            return ()
+        listing = self.partitions()
+        missing = [p for p in ids if listing.get(p) is None or not listing.get(p).active]
+        if missing:
+            raise FabricError(
+                "Fabric Manager at %s took the list of active partitions, but partitions %s are "
+                "not active in `fmpm -l` afterwards: this fmpm drops the list (fmpm 1.0.1 built "
+                "before NVIDIA/Fabric-Manager-Client commit 944a949). Build fmpm from a newer "
+                "commit; until then the tenants of those partitions have no NVLink"
+                % (self.address, ", ".join(str(p) for p in missing)), address=self.address)
+        return tuple(ids)
+
+    def nvlink_failures(self):
+        """``fmpm --get-nvlink-failed-devices`` (NvlinkFailures; empty on H100 and later)."""
+        action = "list its NVLink-failed devices"
+        try:
+            return parse_failed_devices(self._call(["--get-nvlink-failed-devices"], action))
+        except _Failed as failed:
+            raise self._error(failed, action) from None
+
+    def unsupported_partitions(self):
+        """``fmpm --list-unsupported-partitions``: {partition id: module IDs}."""
+        action = "list its unsupported partitions"
+        try:
+            return parse_unsupported(self._call(["--list-unsupported-partitions"], action))
+        except _Failed as failed:
+            raise self._error(failed, action) from None
+
+    # ------------------------------------------------------------------ helpers
+
+    def _listing_or_none(self):
+        try:
+            return self.partitions()
+        except FabricError:
+            return None
+
+    def _error(self, failed, action, pid=None):
+        return FabricError(failure_message(failed.code, action, self.address, pid),
+                           code=failed.code, address=self.address)
+
+
+class _Failed(Exception):
+    """fmpm reached FM and FM said no: the fmReturn, for the caller to word."""
+
+    def __init__(self, code, out):
+        super().__init__(code)
+        self.code = code
+        self.out = out
+
+
+def _partition_id(pid):
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid <= MAX_PARTITION_ID:
+        raise FabricError("partition %r is not a Fabric Manager partition ID (0-%d)"
+                          % (pid, MAX_PARTITION_ID))
+    return pid
