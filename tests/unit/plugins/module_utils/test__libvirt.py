@@ -13,6 +13,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import (
 
 # --- the real libvirt of this machine (VMs that start: tests/integration/targets/real_vms) ----
 
+
 @pytest.fixture
 def system_gateway():
     if not has_libvirt():

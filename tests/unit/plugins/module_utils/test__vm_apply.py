@@ -460,8 +460,8 @@ def test_a_layout_held_whole_says_nothing_was_changed_and_names_what_could_be(dg
     assert "nothing was changed" not in msg and test_driver.exists("big")
 
 
-def test_a_failure_while_applying_does_not_claim_nothing_changed(dgx2_ctx, test_driver,
-                                                                monkeypatch):
+def test_a_failure_while_applying_does_not_claim_nothing_changed(
+        dgx2_ctx, test_driver, monkeypatch):
     from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import (
         LibvirtGatewayError,
     )
