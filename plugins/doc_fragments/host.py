@@ -28,9 +28,9 @@ options:
       - The platform whose partition rules, NVSwitch rules and template sizes apply.
       - V(auto) detects it from the GPUs and NVSwitches found (their PCI IDs and counts), and
         falls back to V(generic).
-      - A name (V(dgx2), V(dgx-a100), V(dgx-h100), V(generic)), or the path of a YAML or JSON
-        file that describes a platform with the same fields (see the platforms guide in
-        C(docs/platforms.md)).
+      - A name (V(dgx2), V(dgx-a100), V(dgx-h100), V(hgx-b200), V(generic)), or the path of a
+        YAML or JSON file that describes a platform with the same fields (see the platforms
+        guide in C(docs/platforms.md)).
     type: str
     default: auto
   nvidia_smi_topo:
@@ -59,6 +59,45 @@ options:
       - MiB of every NUMA node kept for the host. Guests are placed in what is left.
       - By default the larger of 2048 MiB and 5% of the node.
     type: int
+  fabric_manager:
+    description:
+      - On a shared-NVSwitch platform (V(dgx-a100), V(dgx-h100), V(hgx-b200)), the NVIDIA
+        Fabric Manager to read partitions from, through C(fmpm) (NVIDIA/Fabric-Manager-Client).
+      - When set, the GPU blocks a VM may get are the partitions that C(fmpm -l) lists now (the
+        platform's table is not used), GPUs of an active partition are not free, and partitions
+        that FM reports with degraded or failed NVLinks are not placed. Every GPU needs its
+        module ID, from O(host_record) or a platform file's C(module_ids); without a complete
+        map no run goes ahead. See C(docs/fabric.md).
+      - When not set on such a platform, the built-in table is used with module IDs assumed in
+        PCI order, and a warning says that nothing activates the partitions yet.
+      - It only reads; nothing here activates a partition.
+    type: dict
+    suboptions:
+      address:
+        description:
+          - FM's address (C(fmpm --hostname)); FM in a service VM is reached this way.
+          - Not set, fmpm's own default, C(127.0.0.1) (FM on this host).
+        type: str
+      fmpm:
+        description:
+          - The C(fmpm) program, a name on E(PATH) or a path.
+        type: str
+        default: fmpm
+      starting_wait:
+        description:
+          - Seconds to keep asking while FM answers that it is still starting (NOT_CONFIGURED).
+        type: int
+        default: 120
+  host_record:
+    description:
+      - The record the P(gpuvirt.kvm.kvm_host#role) role keeps of the host. With
+        O(fabric_manager), its C(fabric) section gives each GPU's Fabric Manager module ID
+        (C(module_ids), GPU address -> module ID, as read while the NVIDIA driver still owned the
+        GPUs). The role does not write that section yet (it rewrites its record, so do not edit
+        it by hand): give the map in a platform file's C(module_ids) instead.
+      - A missing file is no error; a platform file's C(module_ids) then has to name every GPU.
+    type: path
+    default: /etc/gpuvirt/kvm_host.json
 """
 
     LIBVIRT = r"""

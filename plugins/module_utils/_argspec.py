@@ -187,6 +187,12 @@ def host_argspec():
         unhealthy_gpus=dict(type="list", elements="str", default=[]),
         reserved_cpus=dict(type="str"),
         reserved_memory_mb=dict(type="int"),
+        fabric_manager=dict(type="dict", options=dict(
+            address=dict(type="str"),
+            fmpm=dict(type="str", default="fmpm"),
+            starting_wait=dict(type="int", default=120),
+        )),
+        host_record=dict(type="path", default="/etc/gpuvirt/kvm_host.json"),
     )
 
 

@@ -18,6 +18,7 @@ Runs without Ansible (the libvirt hook uses it on the host's own Python): standa
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -220,6 +221,25 @@ class FabricManager:
     def _error(self, failed, action, pid=None):
         return FabricError(failure_message(failed.code, action, self.address, pid),
                            code=failed.code, address=self.address)
+
+
+DEFAULT_HOST_RECORD = "/etc/gpuvirt/kvm_host.json"
+
+
+def read_fabric_record(path):
+    """The ``fabric`` section of the host record ``kvm_host`` keeps (``{}`` when there is no
+    record, or no such section): ``module_ids`` (GPU address -> FM module ID). A record that
+    cannot be read is a FabricError naming it."""
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise FabricError("host_record: cannot read %s: %s; fix the file, or point host_record "
+                          "at the record kvm_host keeps" % (path, exc)) from None
+    section = data.get("fabric") if isinstance(data, dict) else None
+    return section if isinstance(section, dict) else {}
 
 
 class _Failed(Exception):

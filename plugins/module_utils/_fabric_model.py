@@ -232,9 +232,8 @@ def failure_message(code, action, address, pid=None):
     name = FM_RETURN_NAMES.get(code, str(code))
     if code == FM_NOT_SUPPORTED:
         return ("%s cannot %s: it is not in shared NVSwitch mode (fmReturn %d %s). Set "
-                "FABRIC_MODE=1 in /usr/share/nvidia/nvswitch/fabricmanager.cfg on the FM host, "
-                "restart nvidia-fabricmanager, or convert the host with kvm_host fabric_mode="
-                "shared_nvswitch" % (where, action, code, name))
+                "FABRIC_MODE=1 in /usr/share/nvidia/nvswitch/fabricmanager.cfg on the FM host "
+                "and restart nvidia-fabricmanager (docs/fabric.md)" % (where, action, code, name))
     if code == FM_BADPARAM:
         return ("%s knows no partition %s (fmReturn %d %s): `fmpm -l` lists the partitions it "
                 "has; a platform table that names other IDs is out of date"

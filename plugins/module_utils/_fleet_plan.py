@@ -254,7 +254,8 @@ class StateBuilder(object):
             raise FleetError("host %r: an allocation in its facts is malformed (%s: %s)" % (
                 host, type(exc).__name__, exc)) from exc
         unhealthy = [g["bdf"] for g in facts["gpus"] if g.get("healthy", True) is False]
-        return base.derive(allocations, unhealthy)
+        busy = {g["bdf"]: g["busy"] for g in facts["gpus"] if g.get("busy")}
+        return base.derive(allocations, unhealthy, busy)
 
 
 # --- where -------------------------------------------------------------------------------------

@@ -13,8 +13,18 @@ option names.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric import (
+    FabricManager,
+    read_fabric_record,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_model import FabricError
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_placement import (
+    FabricPlacementError,
+    fabric_view,
+    module_map,
+)
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import (
     DEFAULT_URI,
     LibvirtGateway,
@@ -27,6 +37,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._nvidia_smi import (
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platform_file import get_platform
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
+    FABRIC_SHARED_NVSWITCH,
     PlatformError,
     detect,
     platform_gpus,
@@ -56,6 +67,9 @@ class HostContext:
     nvlinks: dict | None = None
     bridges: tuple = ()  # host bridges (from sysfs)
     platform_reason: str = ""
+    busy_gpus: dict = field(default_factory=dict)  # address -> why (active FM partitions)
+    fabric: dict | None = None  # shared NVSwitch with fabric_manager: FM's partitions, reported
+    warnings: list = field(default_factory=list)
     _bdfs: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -92,12 +106,52 @@ def host_context(p, store=None, bridges=True):
                                        len(platform_gpus(topology, platform)), p["sysfs_root"])
     except (TopologyError, PlatformError, NvidiaSmiTopoError) as exc:
         raise HostContextError(str(exc)) from exc
+    busy, fabric, warnings = {}, None, []
+    if platform.fabric == FABRIC_SHARED_NVSWITCH and p.get("fabric_manager"):
+        platform, busy, fabric = live_fabric(p, platform, topology)
+    elif platform.fabric == FABRIC_SHARED_NVSWITCH:
+        warnings.append(
+            "platform %s keeps its NVSwitches with Fabric Manager, but fabric_manager is not set: "
+            "partitions come from the built-in table, module IDs are assumed to follow PCI order "
+            "and nothing activates a partition, so multi-GPU VMs get no NVLink. Set "
+            "fabric_manager (docs/fabric.md)" % platform.name)
     return HostContext(
         topology=topology, platform=platform, platform_reason=reason, store=store,
         disk_dir=p.get("disk_dir") or DEFAULT_DISK_DIR, reserved_cpus=p.get("reserved_cpus"),
         reserved_memory_mb=p.get("reserved_memory_mb"),
         unhealthy_gpus=tuple(p.get("unhealthy_gpus") or ()), nvlinks=nvlinks,
-        bridges=read_bridges(p["sysfs_root"]) if bridges else ())
+        bridges=read_bridges(p["sysfs_root"]) if bridges else (), busy_gpus=busy,
+        fabric=fabric, warnings=warnings)
+
+
+def fabric_manager(p):
+    """The FabricManager that the ``fabric_manager`` option names."""
+    opts = p["fabric_manager"]
+    return FabricManager(address=opts.get("address"), fmpm=opts.get("fmpm"),
+                         starting_wait=opts.get("starting_wait", 120))
+
+
+def live_fabric(p, platform, topology):
+    """A shared-NVSwitch host with ``fabric_manager``: (the platform with FM's live partitions,
+    busy GPUs {address: why}, the fabric report). Raises HostContextError when a GPU has no
+    module ID or FM cannot answer."""
+    gpus = [d.bdf for d in platform_gpus(topology, platform)]
+    try:
+        record = read_fabric_record(p.get("host_record") or "/etc/gpuvirt/kvm_host.json")
+        ids = module_map(gpus, [("platform file %s" % platform.source, platform.module_ids),
+                                ("host record %s" % p.get("host_record"),
+                                 record.get("module_ids") or {})])
+        fm = fabric_manager(p)
+        view = fabric_view(fm.partitions(), ids, gpus, fm.nvlink_failures(),
+                           fm.unsupported_partitions())
+    except FabricPlacementError as exc:
+        raise HostContextError(str(exc)) from exc
+    except FabricError as exc:
+        raise HostContextError("fabric_manager: %s" % exc.message) from exc
+    source = "%s, partitions from Fabric Manager at %s" % (platform.source, fm.address)
+    live = replace(view.platform(platform), source=source)
+    report = dict(view.report(gpus), address=fm.address)
+    return live, view.busy_gpus(gpus), report
 
 
 def resolve_uri(uri):

@@ -25,7 +25,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._ranges import format_
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._readiness import assess
 
 
-def _device_entries(devices, names, holders, unhealthy, platform=None):
+def _device_entries(devices, names, holders, unhealthy, platform=None, busy=None):
     entries = []
     for index, dev in enumerate(devices):
         entry = {
@@ -44,6 +44,7 @@ def _device_entries(devices, names, holders, unhealthy, platform=None):
         }
         if unhealthy is not None:
             entry["healthy"] = dev.bdf not in unhealthy
+            entry["busy"] = (busy or {}).get(dev.bdf)
             entry["mmio64_mb"] = dev.mmio64_size // 2 ** 20
             if platform is not None and index < len(platform.physical_ids):
                 entry["physical_id"] = platform.physical_ids[index]
@@ -74,7 +75,8 @@ def placement_entry(request, outcome):
 
 
 def build(topology, platform, platform_reason, domains, requests, reserved_cpus=None,
-          reserved_memory_mb=None, unhealthy_gpus=(), nvlinks=None):
+          reserved_memory_mb=None, unhealthy_gpus=(), nvlinks=None, busy_gpus=None,
+          fabric=None):
     """The whole gpu_topology result. Raises PlacementError for bad host-wide settings."""
     gpus = platform_gpus(topology, platform)
     switches = platform_nvswitches(topology, platform)
@@ -82,7 +84,7 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
     allocations = holdings(domains, [g.bdf for g in gpus], [s.bdf for s in switches])
     state = HostState(topology, platform, allocations, reserved_cpus=reserved_cpus,
                       reserved_memory_mb=reserved_memory_mb, unhealthy_gpus=sorted(unhealthy),
-                      nvlinks=nvlinks)
+                      nvlinks=nvlinks, busy_gpus=busy_gpus)
     before = {"gpus": state.holders(), "free_blocks": state.free_blocks()}
     holders = dict(before["gpus"])
     for dom in allocations:
@@ -98,7 +100,7 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
             "fabric": platform.fabric,
             "allowed_sizes": list(platform.allowed_sizes),
         },
-        "gpus": _device_entries(gpus, GPU_IDS, holders, unhealthy, platform),
+        "gpus": _device_entries(gpus, GPU_IDS, holders, unhealthy, platform, busy_gpus),
         "nvswitches": _device_entries(switches, NVSWITCH_IDS, holders, None),
         "numa_nodes": [
             {
@@ -140,6 +142,8 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
                 (g.bdf,) + g.id_pair + g.id_pair)
             for g in gpus if g.id_pair not in GPU_IDS and g.vendor in GPU_VENDORS],
     }
+    if fabric is not None:
+        result["fabric"] = fabric
     if requests:
         result["free_blocks_after_plan"] = {
             str(k): v for k, v in sorted(state.free_blocks().items(), reverse=True)}
@@ -183,11 +187,20 @@ def allocation_map(result):
     lines = ["platform %s: %s" % (result["platform"]["name"], result["platform"]["reason"])]
     for gpu in result["gpus"]:
         health = "" if gpu.get("healthy", True) else " UNHEALTHY"
+        if gpu.get("busy") and gpu["bdf"] not in owner:
+            health += " (%s)" % gpu["busy"]
         lines.append("GPU%-2d %s node %-2s -> %s%s" % (
             gpu["index"], gpu["bdf"], gpu["numa_node"], owner.get(gpu["bdf"], "free"), health))
     for sw in result["nvswitches"]:
         lines.append("NVSwitch%-2d %s node %-2s -> %s" % (
             sw["index"], sw["bdf"], sw["numa_node"], owner.get(sw["bdf"], "free")))
+    for part in (result.get("fabric") or {}).get("partitions", []):
+        if part["active"] or not part["placeable"]:
+            holders = sorted(set(owner.get(b, "no VM") for b in part["gpus"]))
+            lines.append("FM partition %-2d %s -> %s" % (
+                part["id"], _indexes(part["gpu_indexes"]),
+                "active, %s" % ", ".join(holders) if part["active"]
+                else "not placeable: %s" % part["why_not"]))
     for entry in result["plan"]:
         if "error" in entry:
             lines.append("%s: NOT PLACED: %s" % (entry["name"], entry["error"]))

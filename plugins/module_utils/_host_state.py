@@ -27,16 +27,20 @@ class HostLedger(object):
     ``_placement.HostState``'s)."""
 
     def __init__(self, topology, platform, allocations=(), reserved_cpus=None,
-                 reserved_memory_mb=None, unhealthy_gpus=(), nvlinks=None):
+                 reserved_memory_mb=None, unhealthy_gpus=(), nvlinks=None, busy_gpus=None):
         self.model = _HostModel(topology, platform, reserved_cpus, reserved_memory_mb, nvlinks)
-        self._start(allocations, unhealthy_gpus)
+        self._start(allocations, unhealthy_gpus, busy_gpus)
 
-    def _start(self, allocations, unhealthy_gpus):
-        """Nothing held, then these unhealthy GPUs and holdings (warning about conflicts)."""
+    def _start(self, allocations, unhealthy_gpus, busy_gpus=None):
+        """Nothing held, then these unhealthy and busy GPUs and holdings (warning about
+        conflicts). ``busy_gpus``: {address: why} for GPUs that no VM may get now whoever holds
+        them (on a shared-NVSwitch host, those of an active Fabric Manager partition)."""
         self.warnings = []
         self._reset()
         self.unhealthy = frozenset()
         self._set_unhealthy(unhealthy_gpus)
+        self.busy = {}
+        self._set_busy(busy_gpus or {})
         for alloc in allocations:
             self._record(alloc, warn=True)
 
@@ -67,12 +71,26 @@ class HostLedger(object):
                 self.free_mask &= ~(1 << i)
                 self.free_gpus -= 1
 
+    def _set_busy(self, reasons):
+        for bdf, why in reasons.items():
+            i = self.model.gpu_index.get(normalize_bdf(bdf))
+            if i is None:
+                continue
+            self.busy[i] = why
+            if self.free_mask & (1 << i):
+                self.free_mask &= ~(1 << i)
+                self.free_gpus -= 1
+
+    def _unusable(self, i):
+        return i in self.unhealthy or i in self.busy
+
     def copy(self):
         """An independent state sharing the static host model (cheap; used for fleets)."""
         new = object.__new__(type(self))
         new.model = self.model
         new.warnings = list(self.warnings)
         new.unhealthy = self.unhealthy
+        new.busy = self.busy
         new.gpu_holder = list(self.gpu_holder)
         new.switch_holder = list(self.switch_holder)
         new.cpu_holder = dict(self.cpu_holder)
@@ -84,13 +102,13 @@ class HostLedger(object):
         new.free_gpus = self.free_gpus
         return new
 
-    def derive(self, allocations=(), unhealthy_gpus=()):
+    def derive(self, allocations=(), unhealthy_gpus=(), busy_gpus=None):
         """A state of another host built like this one: the same (shared) host model, other
         allocations and unhealthy GPUs. What HostState() would make, without rebuilding the
         model (fleets of one hardware model share it, and its caches)."""
         new = object.__new__(type(self))
         new.model = self.model
-        new._start(allocations, unhealthy_gpus)
+        new._start(allocations, unhealthy_gpus, busy_gpus)
         return new
 
     def restore(self, alloc):
@@ -179,7 +197,7 @@ class HostLedger(object):
         for i, holder in enumerate(self.gpu_holder):
             if holder == name:
                 self.gpu_holder[i] = None
-                if i not in self.unhealthy:
+                if not self._unusable(i):
                     self.free_mask |= 1 << i
                     self.free_gpus += 1
         for s, holder in enumerate(self.switch_holder):
@@ -213,7 +231,8 @@ class HostLedger(object):
         return {
             "platform": m.platform.name,
             "gpus": [{"index": i, "bdf": bdf, "numa_node": m.gpu_node[i],
-                      "holder": self.gpu_holder[i], "healthy": i not in self.unhealthy}
+                      "holder": self.gpu_holder[i], "healthy": i not in self.unhealthy,
+                      "busy": self.busy.get(i)}
                      for i, bdf in enumerate(m.gpu_bdfs)],
             "nvswitches": [{"index": j, "bdf": bdf, "holder": self.switch_holder[j]}
                            for j, bdf in enumerate(m.switch_bdfs)],
@@ -285,6 +304,8 @@ class HostLedger(object):
                 groups.setdefault("held by %s" % holder, []).append(i)
             elif i in self.unhealthy:
                 groups.setdefault("unhealthy", []).append(i)
+            elif i in self.busy:
+                groups.setdefault(self.busy[i], []).append(i)
         parts = sorted(groups.items(), key=lambda kv: min(kv[1]))
         return ", ".join("%s %s" % (format_indexes(ix), why) for why, ix in parts)
 

@@ -165,6 +165,9 @@ class HostState(HostLedger):
                                  "fewer" % (prefix, m.gpu_count, "" if m.gpu_count == 1 else "s",
                                             m.platform.name, m.gpu_count))
         if m.partitioned:
+            if n not in m.blocks_by_size and self._unavailable(n):
+                raise PlacementError("%s: no %d-GPU block can be placed now: %s" % (
+                    prefix, n, self._unavailable(n)))
             if n not in m.blocks_by_size:
                 raise PlacementError(
                     "%s: %s places only %s-GPU VMs; set gpus to one of %s" % (
@@ -198,8 +201,17 @@ class HostState(HostLedger):
                                  "gpu_index or leave it out to let placement choose" % (
                                      prefix, request.gpu_index, format_indexes(b.indexes), why))
         held = self._holders_text()
-        raise PlacementError("%s: no free %d-GPU block: %s; free blocks: %s" % (
-            prefix, n, held or "no GPU is held", _format_blocks(self.free_blocks())))
+        out = self._unavailable(n)
+        raise PlacementError("%s: no free %d-GPU block: %s%s; free blocks: %s" % (
+            prefix, n, held or "no GPU is held", "; not placeable now: " + out if out else "",
+            _format_blocks(self.free_blocks())))
+
+    def _unavailable(self, n, start=None):
+        """The platform's n-GPU blocks that cannot be placed now, and why, in words."""
+        return "; ".join(
+            "%s: %s" % (format_indexes(block), why)
+            for block, why in sorted(self.model.platform.unavailable.items())
+            if len(block) == n and (start is None or block[0] == start))
 
     def _aligned_block(self, request, blocks):
         m = self.model
@@ -211,6 +223,9 @@ class HostState(HostLedger):
         for b in blocks:
             if b.indexes[0] == i:
                 return b
+        out = self._unavailable(request.gpus, i)
+        if out:
+            raise PlacementError("%s: gpu_index %d cannot be placed now: %s" % (prefix, i, out))
         starts = ", ".join(str(b.indexes[0]) for b in blocks)
         raise PlacementError(
             "%s: gpu_index %d is misaligned: on %s a %d-GPU VM starts at gpu_index %s" % (

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._bdf import format_bdf, parse_bdf
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
     FABRIC_NONE,
     FABRIC_SHARED_NVSWITCH,
@@ -31,7 +32,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
 FILE_KEYS = (
     "name", "description", "base", "gpu_ids", "nvswitch_ids", "gpu_count", "nvswitch_count",
     "fabric", "physical_ids", "fm_partitions", "partitions", "allowed_sizes", "templates",
-    "os_disk_gb", "extra_passthrough_ids", "gpu_classes", "nvswitch_classes",
+    "os_disk_gb", "extra_passthrough_ids", "gpu_classes", "nvswitch_classes", "module_ids",
 )
 
 
@@ -219,7 +220,32 @@ def platform_from_dict(data, source="platform file"):
             raise _bad(source, "extra_passthrough_ids must map vendor:device -> why")
         changes["extra_passthrough_ids"] = {
             _parse_id(source, "extra_passthrough_ids", k): str(v) for k, v in raw.items()}
+    if "module_ids" in data:
+        changes["module_ids"] = _module_ids(source, data["module_ids"])
     return replace(base, **changes)
+
+
+def _module_ids(source, raw):
+    """``module_ids``: GPU address -> Fabric Manager module ID (shared NVSwitch)."""
+    if not isinstance(raw, dict):
+        raise _bad(source, "module_ids must map GPU addresses to module IDs, e.g. "
+                           "{'0000:1b:00.0': 5}, as 'nvidia-smi -q' prints \"Module ID\"")
+    result = {}
+    for bdf, module in raw.items():
+        try:
+            key = format_bdf(*parse_bdf(bdf))
+        except ValueError as exc:
+            raise _bad(source, "module_ids: %s" % exc) from exc
+        if key in result:
+            raise _bad(source, "module_ids names %s twice" % key)
+        result[key] = _int_value(source, "module_ids %s" % key, module, 0)
+    taken = {}
+    for key, module in sorted(result.items()):
+        if module in taken:
+            raise _bad(source, "module_ids gives module ID %d to both %s and %s; each GPU has its "
+                               "own" % (module, taken[module], key))
+        taken[module] = key
+    return result
 
 
 def _parse_partitions(source, raw, physical_ids, gpu_count, nvswitch_count):

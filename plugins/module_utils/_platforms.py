@@ -116,6 +116,10 @@ class Platform:
     # file may widen them, e.g. for stand-in devices in a lab or a new device class.
     gpu_classes: tuple = GPU_CLASSES
     nvswitch_classes: tuple = NVSWITCH_CLASSES
+    # Shared NVSwitch: GPU address -> FM module ID, from a platform file (``module_ids``).
+    module_ids: dict = field(default_factory=dict)
+    # Blocks left out of ``partitions`` for now, and why (FM reports their NVLinks degraded).
+    unavailable: dict = field(default_factory=dict)
 
     @property
     def partitioned(self):
@@ -181,6 +185,7 @@ class Platform:
             },
             "gpu_classes": ["0x%04x" % c for c in self.gpu_classes],
             "nvswitch_classes": ["0x%04x" % c for c in self.nvswitch_classes],
+            "module_ids": dict(sorted(self.module_ids.items())),
         }
 
 
@@ -280,6 +285,13 @@ _H100_FM = _fm_table(
     + [(pid, (pid - 6,), 0) for pid in range(7, 15)]
 )
 
+# B200 / B300 (fabric.md section 4): no partition 0; pairs {1,2} {3,4} {5,6} {7,8}.
+_B200_FM = _fm_table(
+    [(1, _r(1, 8), 18), (2, _r(1, 4), 18), (3, _r(5, 8), 18),
+     (4, (1, 2), 18), (5, (3, 4), 18), (6, (5, 6), 18), (7, (7, 8), 18)]
+    + [(pid, (pid - 7,), 0) for pid in range(8, 16)]
+)
+
 _A100_PHYSICAL = _r(1, 8)
 # Module 1..8 in PCI bus order (1b 43 52 61 9d c3 d1 df on the published H200 system).
 _H100_PHYSICAL = _r(1, 8)
@@ -330,6 +342,19 @@ PLATFORMS = {
             (PMC_SIERRA, 0x4128): "PMC-Sierra memory controller: goes to the Fabric Manager "
                                   "service VM together with the NVSwitches, never to a tenant",
         },
+    ),
+    "hgx-b200": Platform(
+        name="hgx-b200",
+        description="NVIDIA DGX / HGX B200 8-GPU: 8 B200; the NVSwitches sit on the NVLink tray, "
+                    "out of the host's PCI tree (shared NVSwitch, Fabric Manager partitions)",
+        gpu_ids=((NVIDIA, 0x2901),),
+        nvswitch_ids=(),
+        gpu_count=8,
+        nvswitch_count=0,
+        fabric=FABRIC_SHARED_NVSWITCH,
+        partitions=partitions_from_fm(_B200_FM, _H100_PHYSICAL),
+        physical_ids=_H100_PHYSICAL,
+        fm_partitions=_B200_FM,
     ),
     "generic": Platform(
         name="generic",

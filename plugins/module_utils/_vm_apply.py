@@ -354,6 +354,8 @@ def converge_module(module, requests, owner, **kwargs):
     try:
         with gateway:
             ctx = host_context(p, store=ImageStore(p["store"]))
+            for warning in ctx.warnings:
+                module.warn(warning)
             return converge(gateway, ctx, requests, check_mode=module.check_mode,
                             lock=HostLock(p["lock_path"], p["lock_timeout"], owner=owner),
                             **kwargs)
@@ -389,6 +391,8 @@ def vm_result(gateway, ctx, vp, actions, check_mode):
             "memory_mb": spec.memory_mb, "disks": [d.to_dict() for d in spec.disks],
             "macs": [n.mac for n in spec.networks], "spec": spec.to_dict(),
         })
+        if ctx.fabric is not None:
+            vm["fm_partition"] = _partition_state(ctx, vm["gpu_indexes"])
         if vp.desired is not None and not vp.held:
             # The definition this run would make (check mode) or made: what libvirt is given.
             vm["xml"] = build_domain(vp.desired, ctx.topology, uuid=vp.uuid).to_xml()
@@ -406,6 +410,16 @@ def vm_result(gateway, ctx, vp, actions, check_mode):
         "diff": {"before": before, "after": after}, "error": vp.error,
         "applied": vp.error is None and not vp.held, "held": vp.held,
     }
+
+
+def _partition_state(ctx, indexes):
+    """The FM partition a VM's GPUs make on a shared-NVSwitch host, and whether FM has it
+    active as this run found it: {id, active}; None for a VM without GPUs."""
+    if not indexes:
+        return None
+    pid = ctx.platform.fm_partition_for(indexes)
+    active = [row["active"] for row in ctx.fabric["partitions"] if row["id"] == pid]
+    return {"id": pid, "active": bool(active and active[0])}
 
 
 def layout_outcome(results, listed):

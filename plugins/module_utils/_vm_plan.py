@@ -101,7 +101,7 @@ def plan(requests, snap, ctx, whole=False):
             ctx.topology, ctx.platform,
             holdings(list(domains.values()), ctx.gpu_bdfs, ctx.switch_bdfs),
             reserved_cpus=ctx.reserved_cpus, reserved_memory_mb=ctx.reserved_memory_mb,
-            unhealthy_gpus=ctx.unhealthy_gpus, nvlinks=ctx.nvlinks)
+            unhealthy_gpus=ctx.unhealthy_gpus, nvlinks=ctx.nvlinks, busy_gpus=ctx.busy_gpus)
     except PlacementError as exc:  # host-wide options (reserved_cpus, ...) are bad
         raise VmError(str(exc)) from exc
     plans = []

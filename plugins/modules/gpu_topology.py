@@ -163,12 +163,48 @@ gpus:
           and a warning says so).
       type: str
       sample: L40S
+    physical_id:
+      description:
+        - Fabric Manager's ID of the GPU (the module ID on H100 and later). With
+          O(fabric_manager), the one the host record or platform file gives, else the platform
+          table's.
+      type: int
+    busy:
+      description:
+        - With O(fabric_manager), why no new VM may get the GPU now, whether or not a domain
+          holds it, such as C(in active FM partition 3 (GPU modules 1, 3)). Else V(null).
+      type: str
+      version_added: 0.2.0
   sample:
     - {index: 0, bdf: "0000:34:00.0", id: "10de:1db8", model: Tesla V100-SXM3-32GB, numa_node: 0,
        iommu_group: 40, iommu_group_members: ["0000:34:00.0"], driver: vfio-pci,
        pcie_path: ["0000:2e:00.0", "0000:2f:00.0", "0000:30:00.0", "0000:31:00.0", "0000:32:00.0"],
-       host_bridge: "pci0000:2e", allocated_to: train-a, healthy: true, mmio64_mb: 32768,
-       physical_id: 1}
+       host_bridge: "pci0000:2e", allocated_to: train-a, healthy: true, busy: null,
+       mmio64_mb: 32768, physical_id: 1}
+fabric:
+  description:
+    - Fabric Manager's partitions as C(fmpm -l) listed them, in this host's terms.
+  returned: when O(fabric_manager) is set on a shared-NVSwitch platform
+  type: dict
+  version_added: 0.2.0
+  contains:
+    address: {description: FM's address., type: str, sample: 127.0.0.1}
+    partitions:
+      description: Each partition FM lists whose GPUs are all on this host.
+      type: list
+      elements: dict
+      sample:
+        - {id: 3, active: true, modules: [1, 3], gpu_indexes: [4, 5],
+           gpus: ["0000:9d:00.0", "0000:c3:00.0"], nvlinks_per_gpu: 18, placeable: true,
+           why_not: null}
+    foreign_partitions:
+      description: IDs of partitions that name a GPU module this host does not have (left out).
+      type: list
+      elements: int
+    failed_elsewhere:
+      description: NVLink-failed GPUs FM names that are not this host's GPUs.
+      type: list
+      elements: str
 nvswitches:
   description: Every NVSwitch found, in PCI bus order, with the same keys as RV(gpus).
   returned: success
@@ -264,10 +300,18 @@ plan:
     - {name: train-a, gpus: ["0000:34:00.0"], gpu_indexes: [0], nvswitches: [], numa_nodes: [0],
        cpus: [2, 50, 3, 51], emulator_cpus: [0, 48], vcpus: 4, memory_mb: 65536}
     - {name: too-big, error: "request 'too-big' (16 GPUs): no free 16-GPU block: ..."}
+  contains:
+    fm_partition:
+      description: On a shared-NVSwitch platform, the Fabric Manager partition made of exactly
+        the entry's GPUs (the one to activate), else V(null).
+      type: int
 allocation_map:
   description: The allocations and the plan as readable lines, GPU by GPU. A GPU or NVSwitch
     held by a domain reads C(NAME (running)) or C(NAME (defined)) (defined, not running), one
     that a request of O(plan) would take C(NAME (planned)), else C(free).
+    With O(fabric_manager), a line per active Fabric Manager partition
+    (C(FM partition 3  GPU 4-5 -> active, NAME (running))) and per partition that cannot be
+    placed, with why.
   returned: success
   type: list
   elements: str
@@ -342,11 +386,12 @@ def main():
         result = build(
             ctx.topology, ctx.platform, ctx.platform_reason, domains, requests,
             reserved_cpus=ctx.reserved_cpus, reserved_memory_mb=ctx.reserved_memory_mb,
-            unhealthy_gpus=ctx.unhealthy_gpus, nvlinks=ctx.nvlinks,
+            unhealthy_gpus=ctx.unhealthy_gpus, nvlinks=ctx.nvlinks, busy_gpus=ctx.busy_gpus,
+            fabric=ctx.fabric,
         )
     except PlacementError as exc:  # a host-wide setting (reserved_cpus, unhealthy_gpus) is bad
         module.fail_json(msg=str(exc))
-    for warning in result.pop("warnings"):
+    for warning in ctx.warnings + result.pop("warnings"):
         module.warn(warning)
     module.exit_json(changed=False, libvirt=libvirt_status, **result)
 

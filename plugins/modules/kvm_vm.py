@@ -277,6 +277,16 @@ vm:
       description: NVSwitch PCI addresses passed through with the GPUs.
       type: list
       elements: str
+    fm_partition:
+      description:
+        - With O(fabric_manager) on a shared-NVSwitch platform, the Fabric Manager partition
+          made of exactly the VM's GPUs (C(id)), and whether FM had it active when this run read
+          its list (C(active)); V(null) for a VM without GPUs. Nothing activates it yet
+          (C(docs/fabric.md)).
+      type: dict
+      returned: when O(fabric_manager) is set on a shared-NVSwitch platform
+      version_added: 0.2.0
+      sample: {id: 3, active: false}
     cpus:
       description: Host CPUs of vCPU 0, 1 and so on (dedicated), or the floating set (shared).
       type: list

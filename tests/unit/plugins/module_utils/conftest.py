@@ -1,12 +1,52 @@
 # -*- coding: utf-8 -*-
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Fixtures of the image tests: a store folder, a source folder, a local HTTP server."""
+"""Fixtures of the image tests (a store folder, a source folder, a local HTTP server) and of the
+fabric tests (a stand-in Fabric Manager behind the stand-in fmpm)."""
 
 import functools
 import http.server
+import json
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
+
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric import FabricManager
+
+FABRIC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))), "fixtures", "fabric")
+FMPM = os.path.join(FABRIC, "fmpm")
+
+
+@pytest.fixture
+def fm_state(tmp_path):
+    """fm_state(board, *init_args, **FabricManager_kwargs) starts a stand-in FM and returns a
+    FabricManager for it; .make, .control, .state and .path reach the rest."""
+    path = str(tmp_path / "fm" / "state.json")
+    env = dict(os.environ, FMPM_STATE=path)
+
+    def control(*args):
+        subprocess.run([sys.executable, os.path.join(FABRIC, "fake_fm.py"), "--state", path]
+                       + [str(a) for a in args], check=True, stdout=subprocess.PIPE)
+
+    def start(board="h100", *extra, **kwargs):
+        control("init", "--board", board, *extra)
+        return make(**kwargs)
+
+    def make(**kwargs):
+        kwargs.setdefault("fmpm", FMPM)
+        kwargs.setdefault("retry_interval", 0.1)
+        kwargs.setdefault("starting_wait", 0.0)
+        return FabricManager(env=env, **kwargs)
+
+    def state():
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+
+    start.make, start.control, start.state, start.path = make, control, state, path
+    return start
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ import sys
 import threading
 
 import pytest
+from conftest import FABRIC, FMPM  # the stand-in fmpm and its FM (fm_state is conftest's)
 
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric import FabricManager
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_model import (
     FM_BADPARAM,
     FM_IN_USE,
@@ -30,41 +30,8 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_model import (
     parse_partition_list,
 )
 
-FABRIC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))), "fixtures", "fabric")
-FMPM = os.path.join(FABRIC, "fmpm")
 sys.path.insert(0, FABRIC)
 import fake_fm  # noqa: E402  pylint: disable=wrong-import-position
-
-
-@pytest.fixture
-def fm_state(tmp_path):
-    """fm_state(board, *init_args, **FabricManager_kwargs) starts a stand-in FM and returns a
-    FabricManager for it; .make, .control, .state and .path reach the rest."""
-    path = str(tmp_path / "fm" / "state.json")
-    env = dict(os.environ, FMPM_STATE=path)
-
-    def control(*args):
-        subprocess.run([sys.executable, os.path.join(FABRIC, "fake_fm.py"), "--state", path]
-                       + [str(a) for a in args], check=True, stdout=subprocess.PIPE)
-
-    def start(board="h100", *extra, **kwargs):
-        control("init", "--board", board, *extra)
-        return make(**kwargs)
-
-    def make(**kwargs):
-        kwargs.setdefault("fmpm", FMPM)
-        kwargs.setdefault("retry_interval", 0.1)
-        kwargs.setdefault("starting_wait", 0.0)
-        return FabricManager(env=env, **kwargs)
-
-    def state():
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-
-    start.make, start.control, start.state, start.path = make, control, state, path
-    return start
-
 
 # ----------------------------------------------------------------------------- the stand-in
 

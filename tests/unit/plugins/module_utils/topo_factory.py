@@ -129,6 +129,17 @@ def dgx_h100(device_id=0x2330, with_pmc=True):
     return host(devices, cpus, nodes)
 
 
+def dgx_b200():
+    """HGX B200 as the H100 layout with B200s (10de:2901, pci.ids): its NVSwitches sit on the
+    NVLink tray, outside the host's PCI tree."""
+    devices = []
+    for i, bus in enumerate(H100_GPU_BUSES):
+        hb = "pci0000:%02x" % (bus - 3)
+        devices.append(gpu(bus, i // 4, hb, (_bdf(bus - 2), _bdf(bus - 1)), 0x2901))
+    cpus, nodes = cpus_and_nodes(2, 56, 2, memory_gib_per_node=1024)
+    return host(devices, cpus, nodes)
+
+
 def pcie4():
     """A generic 2-socket PCIe box: GPUs 0,1 behind one switch on node 0, GPUs 2,3 on node 1."""
     devices = [

@@ -1,0 +1,208 @@
+# -*- coding: utf-8 -*-
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Placement on a shared-NVSwitch host from Fabric Manager's live list (_fabric_placement).
+
+The lists come from the stand-in fmpm (tests/fixtures/fabric), which prints what fmpm 1.0.1
+prints; everything after that is pure and tested with tables.
+"""
+
+import pytest
+import topo_factory
+
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_model import (
+    FailedDevice,
+    NvlinkFailures,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_placement import (
+    FabricPlacementError,
+    fabric_view,
+    module_map,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import HostState
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import (
+    PlacementError,
+    Request,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._platform_data import platform_from_dict
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import PLATFORMS, detect
+
+H100_BDFS = ["0000:%02x:00.0" % b for b in topo_factory.H100_GPU_BUSES]
+IDENTITY = tuple(range(1, 9))
+# NVIDIA's HGX integration guide (WP-12736-002), bus -> module: 0f->5, 10->7, 41->6, 44->8,
+# 86->1, 87->3, b8->2, bb->4 (fabric.md section 5): module IDs do not follow PCI order.
+WP_BUSES = (0x0F, 0x10, 0x41, 0x44, 0x86, 0x87, 0xB8, 0xBB)
+WP_MODULES = (5, 7, 6, 8, 1, 3, 2, 4)
+
+
+def _blocks(platform, size):
+    return platform.partitions.get(size, ())
+
+
+# --- the module map ------------------------------------------------------------------------------
+
+def test_module_ids_come_from_the_first_source_that_names_the_gpu():
+    record = {b: i + 1 for i, b in enumerate(H100_BDFS)}
+    platform_file = {"1b:00.0": 8, "0000:DF:00.0": 1}  # other spellings of two addresses
+    ids = module_map(H100_BDFS, [("platform file", platform_file), ("host record", record)])
+    assert ids == (8, 2, 3, 4, 5, 6, 7, 1)
+
+
+def test_a_gpu_without_module_id_stops_placement_and_says_how_to_give_one():
+    record = {b: i + 1 for i, b in enumerate(H100_BDFS[:6])}
+    with pytest.raises(FabricPlacementError) as err:
+        module_map(H100_BDFS, [("host record", record)])
+    msg = str(err.value)
+    assert "no module ID for GPUs 6 (0000:d1:00.0), 7 (0000:df:00.0)" in msg
+    assert "module_ids in a platform file" in msg and "nvidia-smi -q" in msg
+    assert "fabric.module_ids section of the file the host_record option names" in msg
+
+
+def test_a_module_id_given_twice_is_refused():
+    record = {b: 3 for b in H100_BDFS}
+    with pytest.raises(FabricPlacementError, match=r"GPUs 0 \(0000:1b:00.0, from host record\) "
+                                                   r"and 1 .* both have module ID 3"):
+        module_map(H100_BDFS, [("host record", record)])
+
+
+def test_a_platform_file_carries_module_ids_and_checks_them():
+    plat = platform_from_dict({"base": "dgx-h100", "module_ids": {"1b:00.0": 5, "43:00.0": 7}})
+    assert plat.module_ids == {"0000:1b:00.0": 5, "0000:43:00.0": 7}
+    assert platform_from_dict(plat.to_dict()).module_ids == plat.module_ids  # facts round trip
+    with pytest.raises(Exception, match="module_ids gives module ID 5 to both"):
+        platform_from_dict({"base": "dgx-h100", "module_ids": {"1b:00.0": 5, "43:00.0": 5}})
+    with pytest.raises(Exception, match="module_ids: 'GPU0' is not a PCI address"):
+        platform_from_dict({"base": "dgx-h100", "module_ids": {"GPU0": 1}})
+
+
+# --- partitions from the live list ---------------------------------------------------------------
+
+def test_h100_pairs_are_modules_1_3_and_2_4(fm_state):
+    view = fabric_view(fm_state("h100").partitions(), IDENTITY, H100_BDFS)
+    plat = view.platform(PLATFORMS["dgx-h100"])
+    assert _blocks(plat, 2) == ((0, 2), (1, 3), (4, 6), (5, 7))
+    assert _blocks(plat, 4) == ((0, 1, 2, 3), (4, 5, 6, 7))
+    assert view.partition_for((0, 2)) == 3 and view.partition_for((0, 1)) is None
+    assert view.partition_for(range(8)) == 0
+
+
+def test_b200_pairs_are_modules_1_2_and_there_is_no_partition_0(fm_state):
+    view = fabric_view(fm_state("b200").partitions(), IDENTITY, H100_BDFS)
+    plat = view.platform(PLATFORMS["hgx-b200"])
+    assert _blocks(plat, 2) == ((0, 1), (2, 3), (4, 5), (6, 7))
+    assert view.partition_for(range(8)) == 1 and view.partition_for((0, 1)) == 4
+    assert view.partition_for((7,)) == 15
+
+
+def test_the_live_list_wins_over_the_table(fm_state):
+    # A B200 board's FM behind a platform whose table is H100's: the pairs are FM's.
+    view = fabric_view(fm_state("b200").partitions(), IDENTITY, H100_BDFS)
+    plat = view.platform(PLATFORMS["dgx-h100"])
+    assert _blocks(plat, 2) == ((0, 1), (2, 3), (4, 5), (6, 7))
+    assert plat.fm_partition_for((0, 1)) == 4 and plat.fm_partition_for((0, 2)) is None
+
+
+def test_module_ids_out_of_pci_order_map_partitions_to_the_right_gpus(fm_state):
+    bdfs = ["0000:%02x:00.0" % b for b in WP_BUSES]
+    view = fabric_view(fm_state("h100").partitions(), WP_MODULES, bdfs)
+    plat = view.platform(PLATFORMS["dgx-h100"])
+    # {1,3} is buses 86, 87; {2,4} b8, bb; {5,7} 0f, 10; {6,8} 41, 44.
+    assert _blocks(plat, 2) == ((0, 1), (2, 3), (4, 5), (6, 7))
+    assert view.partition_for((4, 5)) == 3 and view.partition_for((0, 1)) == 5
+    assert _blocks(plat, 4) == ((0, 1, 2, 3), (4, 5, 6, 7))
+    assert view.partition_for((4, 5, 6, 7)) == 1
+
+
+# --- what is not free ----------------------------------------------------------------------------
+
+def _state(topology, fm_listing_view, base, allocations=(), unhealthy=()):
+    plat = fm_listing_view.platform(base)
+    bdfs = [d.bdf for d in topology.pci.values() if d.class_code >> 8 == 0x0302]
+    return HostState(topology, plat, allocations, unhealthy_gpus=unhealthy,
+                     busy_gpus=fm_listing_view.busy_gpus(sorted(bdfs)))
+
+
+def test_gpus_of_an_active_partition_and_those_overlapping_it_are_not_free(fm_state):
+    fm = fm_state("h100")
+    fm.activate(3)  # modules 1, 3: GPUs 0 and 2
+    view = fabric_view(fm.partitions(), IDENTITY, H100_BDFS)
+    assert view.busy == {0: 3, 2: 3}
+    assert view.busy_gpus(H100_BDFS) == {
+        "0000:1b:00.0": "in active FM partition 3 (GPU modules 1, 3)",
+        "0000:52:00.0": "in active FM partition 3 (GPU modules 1, 3)"}
+    state = _state(topo_factory.dgx_h100(), view, PLATFORMS["dgx-h100"])
+    got = state.place(Request(name="a", gpus=2, vcpus=4, memory_mb=1024))
+    assert got.gpu_indexes == (1, 3) and got.fm_partition == 4
+    with pytest.raises(PlacementError) as err:  # the quad 1-4 overlaps the active pair
+        state.place(Request(name="b", gpus=4, gpu_index=0, vcpus=4, memory_mb=1024))
+    assert "GPUs 0,2 in active FM partition 3 (GPU modules 1, 3), GPUs 1,3 held by a" \
+        in str(err.value)
+    assert state.place(Request(name="c", gpus=4, vcpus=4, memory_mb=1024)).gpu_indexes == \
+        (4, 5, 6, 7)
+    assert state.summary()["gpus"][0]["busy"] == "in active FM partition 3 (GPU modules 1, 3)"
+
+
+def test_busy_gpus_stay_busy_when_the_vm_holding_them_is_released(fm_state):
+    fm = fm_state("h100")
+    fm.activate(4)
+    view = fabric_view(fm.partitions(), IDENTITY, H100_BDFS)
+    state = _state(topo_factory.dgx_h100(), view, PLATFORMS["dgx-h100"])
+    held = state.place(Request(name="x", gpus=2, gpu_index=0, vcpus=4, memory_mb=1024))
+    state.release("x")
+    assert set(state.free_gpu_indexes()) == set(range(8)) - {1, 3}
+    assert held.gpu_indexes == (0, 2)
+
+
+def test_a_degraded_gpu_makes_its_multi_gpu_partitions_unplaceable(fm_state):
+    fm = fm_state("h100")
+    fm_state.control("degrade", 2, 12)  # module 2 = GPU 1 keeps 12 of 18 links
+    view = fabric_view(fm.partitions(), IDENTITY, H100_BDFS)
+    assert sorted(view.unplaceable) == [0, 1, 4]  # 1-8, 1-4, {2,4}; single 8 stays
+    plat = view.platform(PLATFORMS["dgx-h100"])
+    assert _blocks(plat, 2) == ((0, 2), (4, 6), (5, 7)) and 8 not in plat.partitions
+    assert (1,) in _blocks(plat, 1)
+    state = HostState(topo_factory.dgx_h100(), plat)
+    with pytest.raises(PlacementError) as err:
+        state.place(Request(name="a", gpus=2, gpu_index=1, vcpus=4, memory_mb=1024))
+    assert "gpu_index 1 cannot be placed now: GPUs 1,3: FM partition 4: FM reports fewer " \
+           "NVLinks than the GPUs have on GPU modules 2" in str(err.value)
+    with pytest.raises(PlacementError, match="no 8-GPU block can be placed now"):
+        state.place(Request(name="b", gpus=8, vcpus=4, memory_mb=1024))
+    row = [r for r in view.report(H100_BDFS)["partitions"] if r["id"] == 4][0]
+    assert row["placeable"] is False and "GPU modules 2" in row["why_not"]
+
+
+def test_failed_devices_and_unsupported_partitions(fm_state):
+    listing = fm_state("h100").partitions()
+    gpu = FailedDevice("gpu", "GPU-0001", "00000000:DF:00.0", (3,))  # module 8
+    switch = FailedDevice("switch", "", "00000000:07:00.0", (10,))
+    view = fabric_view(listing, IDENTITY, H100_BDFS, NvlinkFailures(gpus=(gpu,)))
+    assert sorted(view.unplaceable) == [0, 2, 6]
+    other = FailedDevice("gpu", "GPU-9", "00000000:AA:00.0", ())
+    view = fabric_view(listing, IDENTITY, H100_BDFS, NvlinkFailures(gpus=(other,)))
+    assert view.unplaceable == {} and view.failed_elsewhere == ("GPU 00000000:AA:00.0",)
+    view = fabric_view(listing, IDENTITY, H100_BDFS, NvlinkFailures(switches=(switch,)))
+    assert sorted(view.unplaceable) == list(range(7))  # every multi-GPU partition
+    assert "NVSwitch 00000000:07:00.0" in view.unplaceable[3]
+    view = fabric_view(listing, IDENTITY, H100_BDFS, unsupported={5: (5, 7)})
+    assert view.unplaceable == {5: "FM lists it as unsupported (degraded NVLinks)"}
+
+
+def test_partitions_of_gpus_this_host_lacks_are_left_out(fm_state):
+    listing = fm_state("h100").partitions()
+    view = fabric_view(listing, (1, 2, 3, 4), H100_BDFS[:4])
+    assert set(view.foreign) == {0, 2, 5, 6} | set(range(11, 15))
+    plat = view.platform(PLATFORMS["dgx-h100"])
+    assert plat.partitions == {1: ((0,), (1,), (2,), (3,)), 2: ((0, 2), (1, 3)),
+                               4: ((0, 1, 2, 3),)}
+
+
+# --- B200 ----------------------------------------------------------------------------------------
+
+def test_hgx_b200_is_detected_and_places_fm_pairs():
+    plat, why = detect(topo_factory.dgx_b200())
+    assert plat.name == "hgx-b200" and "8 GPUs (8 x B200) and 0 NVSwitches" in why
+    assert plat.nvswitch_count == 0 and plat.allowed_sizes == (1, 2, 4, 8)
+    assert sorted(plat.fm_partitions) == list(range(1, 16))
+    state = HostState(topo_factory.dgx_b200(), plat)
+    got = state.place(Request(name="a", gpus=2, gpu_index=2, vcpus=4, memory_mb=1024))
+    assert got.gpu_indexes == (2, 3) and got.fm_partition == 5 and got.nvswitches == ()
