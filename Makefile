@@ -49,7 +49,8 @@ RUN := PATH="$(VENV_BIN):$$PATH"
 LINT_PY_PATHS = $(wildcard plugins tests bench tools .ci)
 SHELL_SCRIPTS = $(wildcard .ci/run tools/*.sh tests/integration/*.sh tests/lab/*.sh tests/ee/*.sh \
   tests/integration/targets/*/runme.sh tests/integration/targets/*/files/*.sh \
-  tests/fixtures/fabric/fmpm tests/fixtures/fabric/jsoncpp/*.sh)
+  tests/fixtures/fabric/fmpm tests/fixtures/fabric/jsoncpp/*.sh roles/kvm_host/files/gpuvirt-qemu-hook \
+  roles/kvm_host/files/gpuvirt-fabric-redeclare)
 
 .PHONY: help system-deps setup lint sanity units integration molecule test build main demo sync clean
 

@@ -70,7 +70,12 @@ options:
         map no run goes ahead. See C(docs/fabric.md).
       - When not set on such a platform, the built-in table is used with module IDs assumed in
         PCI order, and a warning says that nothing activates the partitions yet.
-      - It only reads; nothing here activates a partition.
+      - It only reads. M(gpuvirt.kvm.kvm_vm) and M(gpuvirt.kvm.kvm_layout) record each VM's
+        partition in its domain metadata, and the collection's libvirt hook activates it when
+        the VM starts; the P(gpuvirt.kvm.kvm_host#role) role does not install that hook yet.
+      - When FM cannot be reached or a GPU has no module ID, VMs that keep the GPUs they hold,
+        VMs without GPUs and removals still go ahead; a VM that needs GPUs placed fails, and
+        M(gpuvirt.kvm.gpu_topology) fails.
     type: dict
     suboptions:
       address:
@@ -93,8 +98,8 @@ options:
       - The record the P(gpuvirt.kvm.kvm_host#role) role keeps of the host. With
         O(fabric_manager), its C(fabric) section gives each GPU's Fabric Manager module ID
         (C(module_ids), GPU address -> module ID, as read while the NVIDIA driver still owned the
-        GPUs). The role does not write that section yet (it rewrites its record, so do not edit
-        it by hand): give the map in a platform file's C(module_ids) instead.
+        GPUs). The role does not write that section yet, and it rewrites its record, so do not
+        edit the record by hand. Give the map in a platform file's C(module_ids) instead.
       - A missing file is no error; a platform file's C(module_ids) then has to name every GPU.
     type: path
     default: /etc/gpuvirt/kvm_host.json

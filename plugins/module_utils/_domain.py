@@ -498,6 +498,9 @@ class GpuvirtMetadata:
     image_version: str | None = None
     owner_tag: str | None = None
     seed_digest: str | None = None  # content hash of the cloud-init seed files
+    # Shared NVSwitch: the Fabric Manager partition of exactly these GPUs, which the libvirt
+    # hook activates when the domain starts and deactivates when it is released.
+    fm_partition: int | None = None
     gpus: tuple = ()
     nvswitches: tuple = ()
     numa_nodes: tuple = ()
@@ -516,7 +519,8 @@ class GpuvirtMetadata:
 
         obj = cls(owner=r.get("owner"), created_by=r.get("created_by"),
                   template=r.get("template"), cpu_policy=r.get("cpu_policy"),
-                  seed_digest=r.get("seed_digest"), image=child("image"),
+                  seed_digest=r.get("seed_digest"), fm_partition=r.num("fm_partition"),
+                  image=child("image"),
                   image_version=child("image_version"),
                   owner_tag=child("owner_tag"), gpus=_split_list(child("gpus")),
                   nvswitches=_split_list(child("nvswitches")),
@@ -529,7 +533,8 @@ class GpuvirtMetadata:
     def to_element(self):
         el = _element(self.TAG, [("owner", self.owner), ("created_by", self.created_by),
                                  ("template", self.template), ("cpu_policy", self.cpu_policy),
-                                 ("seed_digest", self.seed_digest)],
+                                 ("seed_digest", self.seed_digest),
+                                 ("fm_partition", self.fm_partition)],
                       self.extras)
         for tag, value in (("image", self.image), ("image_version", self.image_version),
                            ("owner_tag", self.owner_tag),

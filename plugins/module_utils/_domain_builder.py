@@ -226,7 +226,8 @@ def build_domain(spec, topology, uuid=None, ovmf_code=DEFAULT_OVMF_CODE,
     dom.metadata = [GpuvirtMetadata(
         owner=COLLECTION, created_by=created_by, template=spec.template,
         cpu_policy=spec.cpu_policy, image=spec.image, image_version=spec.image_version,
-        owner_tag=spec.owner_tag, seed_digest=spec.seed_digest, gpus=tuple(spec.gpus),
+        owner_tag=spec.owner_tag, seed_digest=spec.seed_digest,
+        fm_partition=spec.fm_partition, gpus=tuple(spec.gpus),
         nvswitches=tuple(spec.nvswitches),
         numa_nodes=tuple(spec.numa_nodes),
         disks=[MetadataDisk(target=t, role=d.role, size_gb=d.size_gb)

@@ -224,22 +224,87 @@ class FabricManager:
 
 
 DEFAULT_HOST_RECORD = "/etc/gpuvirt/kvm_host.json"
+DEFAULT_HOOK_CONFIG = "/etc/gpuvirt/fabric.json"
+DEFAULT_HOOK_STATE = "/run/gpuvirt/fabric"
 
 
-def read_fabric_record(path):
-    """The ``fabric`` section of the host record ``kvm_host`` keeps (``{}`` when there is no
-    record, or no such section): ``module_ids`` (GPU address -> FM module ID). A record that
-    cannot be read is a FabricError naming it."""
+def _json_file(path, what, fix=""):
+    """The JSON object in a file (``{}`` when there is no file); FabricError naming ``what``
+    when it cannot be read or is no object."""
     try:
         with open(path, "r", encoding="utf-8") as handle:
             data = json.load(handle)
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
-        raise FabricError("host_record: cannot read %s: %s; fix the file, or point host_record "
-                          "at the record kvm_host keeps" % (path, exc)) from None
-    section = data.get("fabric") if isinstance(data, dict) else None
+        raise FabricError("cannot read %s %s: %s%s" % (what, path, exc, fix)) from None
+    if not isinstance(data, dict):
+        raise FabricError("%s %s must hold a JSON object%s" % (what, path, fix))
+    return data
+
+
+def read_fabric_record(path):
+    """The ``fabric`` section of the host record ``kvm_host`` keeps (``{}`` when there is no
+    record, or no such section): ``module_ids`` (GPU address -> FM module ID). A record that
+    cannot be read is a FabricError naming it."""
+    data = _json_file(path, "host_record: the host record",
+                      "; fix the file, or point host_record at the record kvm_host keeps")
+    section = data.get("fabric")
     return section if isinstance(section, dict) else {}
+
+
+def read_hook_config(path):
+    """The libvirt hook's settings: ``{"address", "fmpm", "starting_wait"}`` from a JSON file
+    (``{}`` when there is none: FM on this host, fmpm on PATH)."""
+    return _json_file(path, "the hook's settings")
+
+
+class PartitionHolders:
+    """Which domain had the hook activate which partition: a file per partition under
+    ``state_dir`` (``/run``: gone after a reboot, as FM's partitions are), written under a lock
+    that serialises the hook's runs. The hook cannot ask libvirt (a hook that calls libvirt
+    deadlocks it); these files let IN_USE name the domain in the way, and keep a failed start
+    from deactivating a partition another domain holds."""
+
+    def __init__(self, state_dir=DEFAULT_HOOK_STATE):
+        self.dir = state_dir
+        self._lock = None
+
+    def __enter__(self):
+        import fcntl
+
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        self._lock = open(os.path.join(self.dir, ".lock"), "a+", encoding="utf-8")  # pylint: disable=consider-using-with
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.close()
+        self._lock = None
+
+    def _path(self, pid):
+        return os.path.join(self.dir, "partition-%d" % _partition_id(pid))
+
+    def all(self):
+        """{partition ID: domain name}."""
+        found = {}
+        for name in os.listdir(self.dir) if os.path.isdir(self.dir) else ():
+            if name.startswith("partition-") and name[10:].isdigit():
+                with open(os.path.join(self.dir, name), encoding="utf-8") as handle:
+                    found[int(name[10:])] = handle.read().strip()
+        return found
+
+    def record(self, pid, domain):
+        tmp = self._path(pid) + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(domain + "\n")
+        os.replace(tmp, self._path(pid))
+
+    def forget(self, pid):
+        try:
+            os.unlink(self._path(pid))
+        except FileNotFoundError:
+            pass
 
 
 class _Failed(Exception):

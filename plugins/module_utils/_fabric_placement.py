@@ -61,6 +61,10 @@ def module_map(gpu_bdfs, sources):
     FabricPlacementError naming every GPU without a module ID, or a module ID given twice."""
     merged, origin = {}, {}
     for label, mapping in sources:
+        if mapping is not None and not isinstance(mapping, dict):
+            raise FabricPlacementError(
+                "%s: module_ids must map GPU addresses to module IDs ({\"0000:1b:00.0\": 5, "
+                "...}), got %s" % (label, type(mapping).__name__))
         for bdf, module in (mapping or {}).items():
             key = normalize_bdf(bdf)
             if key in merged:
@@ -127,9 +131,11 @@ class FabricView:
             if pid in live:
                 block = self.indexes(self.listing.get(pid))
                 unavailable.setdefault(block, "FM partition %d: %s" % (pid, why))
+        # Not "built-in" any more: a host's facts carry it to the fleet planner as data.
         return replace(base, fm_partitions=live, physical_ids=tuple(self.module_ids),
                        partitions=partitions_from_fm(placeable, self.module_ids),
-                       partition_nvswitches={}, unavailable=unavailable)
+                       partition_nvswitches={}, unavailable=unavailable,
+                       source="%s, partitions from Fabric Manager" % base.source)
 
     def busy_gpus(self, gpu_bdfs):
         """{GPU address: why it is busy} for the GPUs of active partitions."""
@@ -168,6 +174,17 @@ def fabric_view(listing, module_ids, gpu_bdfs, failures=None, unsupported=None):
     on_host = set(module_ids)
     index_of_bdf = {normalize_bdf(b): i for i, b in enumerate(gpu_bdfs)}
     foreign = tuple(p.id for p in listing.partitions if not set(p.modules) <= on_host)
+    listed = set(m for p in listing.partitions for m in p.modules)
+    unknown = [(i, m) for i, m in enumerate(module_ids) if m not in listed]
+    if unknown or (listing.partitions and len(foreign) == len(listing.partitions)):
+        raise FabricPlacementError(
+            "shared_nvswitch: the module IDs do not match Fabric Manager's partitions: %s; FM "
+            "lists GPU modules %s. The map is wrong (module IDs are FM's physicalId, as "
+            "'nvidia-smi -q' prints \"Module ID\"): fix it" % (
+                ", ".join("GPU %d (%s) has module ID %d, which no partition names" % (
+                    i, gpu_bdfs[i], m) for i, m in unknown)
+                or "no partition is made of this host's GPUs",
+                ", ".join(str(m) for m in sorted(listed)) or "none"))
 
     failed_modules, elsewhere = {}, []
     for dev in failures.gpus:

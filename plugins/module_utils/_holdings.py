@@ -28,7 +28,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._ranges import parse_r
 
 # The scalar fields of the collection's metadata, as the flat `metadata` mapping reports them.
 _METADATA_FIELDS = ("owner", "created_by", "template", "cpu_policy", "seed_digest", "image",
-                    "image_version", "owner_tag")
+                    "image_version", "owner_tag", "fm_partition")
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,7 @@ class HostContext:
     platform_reason: str = ""
     busy_gpus: dict = field(default_factory=dict)  # address -> why (active FM partitions)
     fabric: dict | None = None  # shared NVSwitch with fabric_manager: FM's partitions, reported
+    fabric_error: str | None = None  # fabric_manager set, but FM or the module map failed
     warnings: list = field(default_factory=list)
     _bdfs: dict = field(default_factory=dict, repr=False)
 
@@ -106,22 +107,26 @@ def host_context(p, store=None, bridges=True):
                                        len(platform_gpus(topology, platform)), p["sysfs_root"])
     except (TopologyError, PlatformError, NvidiaSmiTopoError) as exc:
         raise HostContextError(str(exc)) from exc
-    busy, fabric, warnings = {}, None, []
+    busy, fabric, fabric_error, warnings = {}, None, None, []
     if platform.fabric == FABRIC_SHARED_NVSWITCH and p.get("fabric_manager"):
-        platform, busy, fabric = live_fabric(p, platform, topology)
+        try:
+            platform, busy, fabric = live_fabric(p, platform, topology)
+        except HostContextError as exc:
+            # Stopping, removing or keeping VMs needs no FM; placing GPUs does (_vm_plan).
+            fabric_error = str(exc)
     elif platform.fabric == FABRIC_SHARED_NVSWITCH:
         warnings.append(
-            "platform %s keeps its NVSwitches with Fabric Manager, but fabric_manager is not set: "
-            "partitions come from the built-in table, module IDs are assumed to follow PCI order "
-            "and nothing activates a partition, so multi-GPU VMs get no NVLink. Set "
-            "fabric_manager (docs/fabric.md)" % platform.name)
+            "platform %s: fabric_manager is not set, so partitions come from the built-in table "
+            "with module IDs assumed to follow PCI order, and VMs record no partition for the "
+            "collection's libvirt hook to activate: multi-GPU VMs get no NVLink. Set "
+            "fabric_manager and install the hook (docs/fabric.md)" % platform.name)
     return HostContext(
         topology=topology, platform=platform, platform_reason=reason, store=store,
         disk_dir=p.get("disk_dir") or DEFAULT_DISK_DIR, reserved_cpus=p.get("reserved_cpus"),
         reserved_memory_mb=p.get("reserved_memory_mb"),
         unhealthy_gpus=tuple(p.get("unhealthy_gpus") or ()), nvlinks=nvlinks,
         bridges=read_bridges(p["sysfs_root"]) if bridges else (), busy_gpus=busy,
-        fabric=fabric, warnings=warnings)
+        fabric=fabric, fabric_error=fabric_error, warnings=warnings)
 
 
 def fabric_manager(p):

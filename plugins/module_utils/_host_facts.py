@@ -130,6 +130,7 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
                 "memory_mb": dom.memory_kib // 1024,
                 "cpu_policy": dom.cpu_policy,
                 "owner_tag": (dom.metadata or {}).get("owner_tag"),
+                "fm_partition": (dom.metadata or {}).get("fm_partition"),
             }
             for dom in domains
         ],
@@ -143,12 +144,27 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
             for g in gpus if g.id_pair not in GPU_IDS and g.vendor in GPU_VENDORS],
     }
     if fabric is not None:
+        result["warnings"].extend(_fabric_warnings(fabric, domains))
+    if fabric is not None:
         result["fabric"] = fabric
     if requests:
         result["free_blocks_after_plan"] = {
             str(k): v for k, v in sorted(state.free_blocks().items(), reverse=True)}
     result["allocation_map"] = allocation_map(result)
     return result
+
+
+def _fabric_warnings(fabric, domains):
+    """Running tenants whose partition FM does not have active (no NVLink), e.g. after an FM
+    restart that nobody answered with the list of active partitions."""
+    active = {row["id"] for row in fabric["partitions"] if row["active"]}
+    return [
+        "%s is running, but its Fabric Manager partition %s is not active, so its GPUs have no "
+        "NVLink: after a Fabric Manager restart declare the running tenants' partitions again "
+        "(fmpm --set-activated-list), or restart the VM" % (dom.name, dom.metadata["fm_partition"])
+        for dom in domains
+        if dom.active and (dom.metadata or {}).get("fm_partition") is not None
+        and dom.metadata["fm_partition"] not in active]
 
 
 PLACEMENT_STATE_FORMAT = 1
@@ -187,10 +203,9 @@ def allocation_map(result):
     lines = ["platform %s: %s" % (result["platform"]["name"], result["platform"]["reason"])]
     for gpu in result["gpus"]:
         health = "" if gpu.get("healthy", True) else " UNHEALTHY"
-        if gpu.get("busy") and gpu["bdf"] not in owner:
-            health += " (%s)" % gpu["busy"]
+        held = owner.get(gpu["bdf"]) or ("busy: %s" % gpu["busy"] if gpu.get("busy") else "free")
         lines.append("GPU%-2d %s node %-2s -> %s%s" % (
-            gpu["index"], gpu["bdf"], gpu["numa_node"], owner.get(gpu["bdf"], "free"), health))
+            gpu["index"], gpu["bdf"], gpu["numa_node"], held, health))
     for sw in result["nvswitches"]:
         lines.append("NVSwitch%-2d %s node %-2s -> %s" % (
             sw["index"], sw["bdf"], sw["numa_node"], owner.get(sw["bdf"], "free")))

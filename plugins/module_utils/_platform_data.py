@@ -33,6 +33,7 @@ FILE_KEYS = (
     "name", "description", "base", "gpu_ids", "nvswitch_ids", "gpu_count", "nvswitch_count",
     "fabric", "physical_ids", "fm_partitions", "partitions", "allowed_sizes", "templates",
     "os_disk_gb", "extra_passthrough_ids", "gpu_classes", "nvswitch_classes", "module_ids",
+    "unavailable",
 )
 
 
@@ -222,6 +223,15 @@ def platform_from_dict(data, source="platform file"):
             _parse_id(source, "extra_passthrough_ids", k): str(v) for k, v in raw.items()}
     if "module_ids" in data:
         changes["module_ids"] = _module_ids(source, data["module_ids"])
+    if data.get("unavailable"):
+        # Blocks Fabric Manager reported degraded (a host's facts carry them to the fleet).
+        raw = data["unavailable"]
+        if not isinstance(raw, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("gpus"), list) for e in raw):
+            raise _bad(source, "unavailable must be a list of {gpus: [indexes], why: text}")
+        changes["unavailable"] = {
+            tuple(_int_list(source, len(e["gpus"]), e["gpus"])): str(e.get("why", ""))
+            for e in raw}
     return replace(base, **changes)
 
 

@@ -186,6 +186,8 @@ class Platform:
             "gpu_classes": ["0x%04x" % c for c in self.gpu_classes],
             "nvswitch_classes": ["0x%04x" % c for c in self.nvswitch_classes],
             "module_ids": dict(sorted(self.module_ids.items())),
+            "unavailable": [{"gpus": list(block), "why": why}
+                            for block, why in sorted(self.unavailable.items())],
         }
 
 

@@ -418,6 +418,11 @@ def _partition_state(ctx, indexes):
     if not indexes:
         return None
     pid = ctx.platform.fm_partition_for(indexes)
+    if pid is None:
+        return {"id": None, "active": False,
+                "why": "GPUs %s make no partition Fabric Manager lists (placed before "
+                       "fabric_manager was set?): set recreate: true to re-place the VM on one, "
+                       "or it runs without NVLink" % ", ".join(str(i) for i in indexes)}
     active = [row["active"] for row in ctx.fabric["partitions"] if row["id"] == pid]
     return {"id": pid, "active": bool(active and active[0])}
 

@@ -159,6 +159,10 @@ def plan(requests, snap, ctx, whole=False):
 def _refusal(vp, ctx):
     """Why a VM must not be re-placed as asked (its running QEMU holds the old devices)."""
     req = vp.request
+    if ctx.fabric_error and req.gpus and not (vp.actual is not None
+                                              and len(vp.actual.gpus) == req.gpus):
+        # A VM that keeps the GPUs it holds needs no answer from FM; a new placement does.
+        return "%s: %s" % (req.name, ctx.fabric_error)
     if vp.exists and vp.actual is not None and len(vp.actual.gpus) != req.gpus \
             and vp.active and not req.recreate:
         return ("%s: gpus is %d but the running VM holds %d GPU(s); a GPU count change "
@@ -273,7 +277,8 @@ def _desired(vp, placement, snap, ctx):
         domain_type=req.domain_type, cpu_mode=req.cpu_mode,
         cpu_disable_features=req.cpu_disable_features, firmware=req.firmware,
         template=str(req.gpus), image=image_name, image_version=image_version,
-        owner_tag=req.owner_tag, seed_digest=seed_digest)
+        owner_tag=req.owner_tag, seed_digest=seed_digest,
+        fm_partition=_fm_partition(ctx, vp.actual, placement))
     actual = vp.actual
     if actual is not None and actual.cpu_policy == vp.desired.cpu_policy == "dedicated" \
             and sorted(actual.cpus) == sorted(vp.desired.cpus):
@@ -281,6 +286,16 @@ def _desired(vp, placement, snap, ctx):
         # set; keep the VM's own vCPU -> host CPU map (siblings paired), or every run would
         # redefine it with sorted pins that split the guest's SMT pairs.
         vp.desired = replace(vp.desired, cpus=actual.cpus)
+
+
+def _fm_partition(ctx, actual, placement):
+    """The Fabric Manager partition a VM records for the libvirt hook: with fabric_manager, the
+    live one of its GPUs; without, what it recorded while its GPUs stay the same."""
+    if ctx.fabric is not None:
+        return placement.fm_partition
+    if actual is not None and sorted(actual.gpus) == sorted(placement.gpus):
+        return actual.fm_partition
+    return None
 
 
 def _size(vp, snap, path, wanted_gb, recorded_gb, option):

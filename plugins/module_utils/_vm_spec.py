@@ -127,6 +127,7 @@ class VmSpec:
     image_version: str | None = None
     owner_tag: str | None = None
     seed_digest: str | None = None  # cloud-init seed content hash (a change rewrites the ISO)
+    fm_partition: int | None = None  # shared NVSwitch: the partition the libvirt hook activates
 
     @property
     def hostdevs(self):
@@ -161,6 +162,7 @@ class VmSpec:
             "image_version": self.image_version,
             "owner_tag": self.owner_tag,
             "seed_digest": self.seed_digest,
+            "fm_partition": self.fm_partition,
         }
 
     @classmethod
@@ -256,7 +258,8 @@ def group_members(bdfs, topology, option="gpus"):
 
 def make_spec(placement, topology, disks=(), networks=(), domain_type="kvm", cpu_mode=None,
               cpu_disable_features=(), machine="q35", firmware="bios", template=None,
-              image=None, image_version=None, owner_tag=None, seed_digest=None):
+              image=None, image_version=None, owner_tag=None, seed_digest=None,
+              fm_partition=None):
     """The spec of a VM placed on this host (placement from _placement, sizes already in it)."""
     if domain_type not in DOMAIN_TYPES:
         raise SpecError("domain_type: %r is not one of %s; use kvm (hardware virtualisation) or "
@@ -300,6 +303,7 @@ def make_spec(placement, topology, disks=(), networks=(), domain_type="kvm", cpu
         cpu_disable_features=tuple(features), machine=machine, firmware=firmware,
         template=None if template is None else str(template), image=image,
         image_version=image_version, owner_tag=owner_tag, seed_digest=seed_digest,
+        fm_partition=fm_partition if placement.gpus else None,
     )
 
 
@@ -443,7 +447,7 @@ def _spec_from_domain(dom):
             f.name for f in cpu.features if f.policy == "disable"),
         machine=_machine_family(os_.machine), firmware=firmware, template=alloc.template,
         image=alloc.image, image_version=alloc.image_version, owner_tag=alloc.owner_tag,
-        seed_digest=alloc.seed_digest,
+        seed_digest=alloc.seed_digest, fm_partition=alloc.fm_partition,
     )
 
 

@@ -236,7 +236,16 @@ allocations:
   elements: dict
   sample:
     - {name: train-a, active: true, managed: true, gpus: ["0000:34:00.0"], nvswitches: [], other_hostdevs: [],
-       cpus: "2-3,50-51", numa_nodes: [0], memory_mb: 65536, cpu_policy: dedicated, owner_tag: null}
+       cpus: "2-3,50-51", numa_nodes: [0], memory_mb: 65536, cpu_policy: dedicated, owner_tag: null,
+       fm_partition: null}
+  contains:
+    fm_partition:
+      description:
+        - The Fabric Manager partition the domain records for the libvirt hook (shared
+          NVSwitch with O(fabric_manager)), else V(null). With O(fabric_manager), a running
+          domain whose partition FM does not have active gets a warning (no NVLink).
+      type: int
+      version_added: 0.2.0
 placement_state:
   description:
     - What the P(gpuvirt.kvm.fleet_plan#filter) filter needs besides RV(platform), RV(gpus),
@@ -381,6 +390,8 @@ def main():
     except (VmError, HostContextError) as exc:
         module.fail_json(msg=str(exc))
 
+    if ctx.fabric_error:
+        module.fail_json(msg=ctx.fabric_error)
     domains, libvirt_status = _read_domains(module, resolve_uri(p["uri"]))
     try:
         result = build(

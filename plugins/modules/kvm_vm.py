@@ -281,8 +281,10 @@ vm:
       description:
         - With O(fabric_manager) on a shared-NVSwitch platform, the Fabric Manager partition
           made of exactly the VM's GPUs (C(id)), and whether FM had it active when this run read
-          its list (C(active)); V(null) for a VM without GPUs. Nothing activates it yet
-          (C(docs/fabric.md)).
+          its list (C(active)); V(null) for a VM without GPUs. The VM records it in its domain
+          metadata, where the collection's libvirt hook finds it (C(docs/fabric.md)).
+        - C(id) is V(null), with C(why), when the VM holds GPUs that make no partition FM lists
+          (placed before O(fabric_manager) was set); O(recreate) re-places it on one.
       type: dict
       returned: when O(fabric_manager) is set on a shared-NVSwitch platform
       version_added: 0.2.0

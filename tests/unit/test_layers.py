@@ -45,7 +45,7 @@ GATEWAYS = {
     "_bytecode": "Python's import system (the bytecode cache)",
 }
 # Above the gateways: they read the host, plan and act (the module shells' backends).
-RUNS = {"_host_context", "_vm_observe", "_vm_apply", "_image_task"}
+RUNS = {"_host_context", "_vm_observe", "_vm_apply", "_image_task", "_fabric_hook"}
 # What only a gateway may import: ways to reach outside the process.
 IO_MODULES = {"os", "subprocess", "shutil", "tempfile", "socket", "fcntl", "pwd", "urllib",
               "http", "libvirt", "zipimport", "marshal", "tarfile", "pathlib", "io", "glob",

@@ -330,3 +330,18 @@ def test_parse_rejects_what_fmpm_never_prints():
         parse_partition_list("Connected to Fabric Manager instance.")
     with pytest.raises(FabricError, match="'partitionId' is not a count"):
         parse_partition_list('{"partitionInfo": [{"partitionId": -1, "isActive": 0}]}')
+
+
+def test_the_host_record_gives_its_fabric_section(tmp_path):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric import read_fabric_record
+
+    path = tmp_path / "kvm_host.json"
+    assert read_fabric_record(str(path)) == {}  # no record: nothing learned yet
+    path.write_text(json.dumps({"version": 1, "files": []}))
+    assert read_fabric_record(str(path)) == {}
+    path.write_text(json.dumps({"fabric": {"module_ids": {"0000:1b:00.0": 5}}}))
+    assert read_fabric_record(str(path)) == {"module_ids": {"0000:1b:00.0": 5}}
+    for text in ("{not json", "[1, 2]"):
+        path.write_text(text)
+        with pytest.raises(FabricError, match="host_record: the host record .*point host_record"):
+            read_fabric_record(str(path))

@@ -9,6 +9,7 @@ prints; everything after that is pure and tested with tables.
 import pytest
 import topo_factory
 
+from ansible_collections.gpuvirt.kvm.plugins.module_utils import _fleet_plan
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_model import (
     FailedDevice,
     NvlinkFailures,
@@ -18,8 +19,11 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_placement impo
     fabric_view,
     module_map,
 )
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import DefinedDomain
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_facts import build
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import HostState
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import (
+    Holding,
     PlacementError,
     Request,
 )
@@ -62,6 +66,22 @@ def test_a_module_id_given_twice_is_refused():
     with pytest.raises(FabricPlacementError, match=r"GPUs 0 \(0000:1b:00.0, from host record\) "
                                                    r"and 1 .* both have module ID 3"):
         module_map(H100_BDFS, [("host record", record)])
+
+
+@pytest.mark.parametrize("ids", [tuple(range(0, 8)), tuple(range(11, 19))], ids=["0-7", "11-18"])
+def test_module_ids_that_fm_does_not_list_are_refused(fm_state, ids):
+    listing = fm_state("h100").partitions()
+    with pytest.raises(FabricPlacementError) as err:
+        fabric_view(listing, ids, H100_BDFS)
+    assert "do not match Fabric Manager's partitions" in str(err.value)
+    assert "has module ID %d, which no partition names" % ids[0] in str(err.value)
+    assert "FM lists GPU modules 1, 2, 3, 4, 5, 6, 7, 8" in str(err.value)
+
+
+def test_a_host_record_whose_map_is_not_a_mapping_is_refused():
+    with pytest.raises(FabricPlacementError, match="host record: module_ids must map GPU "
+                                                   "addresses to module IDs"):
+        module_map(H100_BDFS, [("platform file", {}), ("host record", ["x"])])
 
 
 def test_a_platform_file_carries_module_ids_and_checks_them():
@@ -143,13 +163,30 @@ def test_gpus_of_an_active_partition_and_those_overlapping_it_are_not_free(fm_st
 
 def test_busy_gpus_stay_busy_when_the_vm_holding_them_is_released(fm_state):
     fm = fm_state("h100")
-    fm.activate(4)
+    fm.activate(4)  # modules 2, 4: GPUs 1 and 3, held by VM x
     view = fabric_view(fm.partitions(), IDENTITY, H100_BDFS)
-    state = _state(topo_factory.dgx_h100(), view, PLATFORMS["dgx-h100"])
-    held = state.place(Request(name="x", gpus=2, gpu_index=0, vcpus=4, memory_mb=1024))
-    state.release("x")
-    assert set(state.free_gpu_indexes()) == set(range(8)) - {1, 3}
-    assert held.gpu_indexes == (0, 2)
+    held = Holding(name="x", gpus=(H100_BDFS[1], H100_BDFS[3]), memory_mb=1024)
+    state = _state(topo_factory.dgx_h100(), view, PLATFORMS["dgx-h100"], allocations=[held])
+    assert state.summary()["gpus"][1]["holder"] == "x"
+    for ledger in (state.copy(), state.derive([held], busy_gpus=view.busy_gpus(H100_BDFS)),
+                   state):
+        ledger.release("x")  # x is undefined while its partition is still active
+        assert set(ledger.free_gpu_indexes()) == set(range(8)) - {1, 3}
+    assert state.derive([held]).free_gpu_indexes() == [0, 2, 4, 5, 6, 7]  # held, not busy
+
+
+def test_busy_gpus_travel_to_the_fleet_planner(fm_state):
+    fm = fm_state("h100")
+    fm.activate(3)
+    view = fabric_view(fm.partitions(), IDENTITY, H100_BDFS)
+    plat = view.platform(PLATFORMS["dgx-h100"])
+    topology = topo_factory.dgx_h100()
+    facts = build(topology, plat, "test", [], [], busy_gpus=view.busy_gpus(H100_BDFS))
+    rebuilt = _fleet_plan.StateBuilder().state("h", facts)
+    assert rebuilt.busy == {0: view.busy_gpus(H100_BDFS)[H100_BDFS[0]],
+                            2: view.busy_gpus(H100_BDFS)[H100_BDFS[2]]}
+    with pytest.raises(PlacementError, match="in active FM partition 3"):
+        rebuilt.place(Request(name="q", gpus=4, gpu_index=0, vcpus=4, memory_mb=1024))
 
 
 def test_a_degraded_gpu_makes_its_multi_gpu_partitions_unplaceable(fm_state):
@@ -169,6 +206,12 @@ def test_a_degraded_gpu_makes_its_multi_gpu_partitions_unplaceable(fm_state):
         state.place(Request(name="b", gpus=8, vcpus=4, memory_mb=1024))
     row = [r for r in view.report(H100_BDFS)["partitions"] if r["id"] == 4][0]
     assert row["placeable"] is False and "GPU modules 2" in row["why_not"]
+    # The fleet planner rebuilds the platform from the host's facts, reasons included.
+    facts = build(topo_factory.dgx_h100(), plat, "test", [], [])
+    rebuilt = _fleet_plan.StateBuilder().state("h", facts)
+    with pytest.raises(PlacementError, match="no 8-GPU block can be placed now: GPUs 0-7: FM "
+                                             "partition 0: FM reports fewer NVLinks"):
+        rebuilt.place(Request(name="b", gpus=8, vcpus=4, memory_mb=1024))
 
 
 def test_failed_devices_and_unsupported_partitions(fm_state):
@@ -206,3 +249,27 @@ def test_hgx_b200_is_detected_and_places_fm_pairs():
     state = HostState(topo_factory.dgx_b200(), plat)
     got = state.place(Request(name="a", gpus=2, gpu_index=2, vcpus=4, memory_mb=1024))
     assert got.gpu_indexes == (2, 3) and got.fm_partition == 5 and got.nvswitches == ()
+
+
+def test_a_running_tenant_without_its_active_partition_is_reported(fm_state):
+    fm = fm_state("h100")
+    fm.activate(4)
+    view = fabric_view(fm.partitions(), IDENTITY, H100_BDFS)
+    plat = view.platform(PLATFORMS["dgx-h100"])
+
+    def tenant(name, pid, gpus, active=True):
+        return DefinedDomain(name=name, uuid=None, active=active, managed=True,
+                             hostdevs=tuple(H100_BDFS[i] for i in gpus), memory_kib=1 << 20,
+                             metadata={"owner": "gpuvirt.kvm", "fm_partition": pid})
+
+    domains = [tenant("ok", 4, (1, 3)), tenant("lost", 3, (0, 2)),
+               tenant("off", 5, (4, 6), active=False)]
+    report = dict(view.report(H100_BDFS), address="127.0.0.1")
+    facts = build(topo_factory.dgx_h100(), plat, "test", domains, [], fabric=report,
+                  busy_gpus=view.busy_gpus(H100_BDFS))
+    lost = [w for w in facts["warnings"] if "partition" in w]
+    assert len(lost) == 1 and lost[0].startswith("lost is running, but its Fabric Manager "
+                                                 "partition 3 is not active")
+    assert [a["fm_partition"] for a in facts["allocations"]] == [4, 3, 5]
+    assert "FM partition 4  GPU 1,3 -> active, ok (running)" in facts["allocation_map"]
+    assert facts["allocation_map"][2].endswith("-> ok (running)")  # GPU 1: held, not "busy"

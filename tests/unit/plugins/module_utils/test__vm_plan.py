@@ -7,6 +7,8 @@ collection's own domain builder), which files exist, what size a disk has - and 
 the diff and the refusals. converge() on the libvirt test driver is test__vm_apply.py's.
 """
 
+from dataclasses import replace
+
 import pytest
 
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain_builder import build_domain
@@ -216,3 +218,18 @@ def test_a_running_vm_is_not_moved_to_another_gpu_model_without_recreate(mixed_c
     for same in (req(image="os", gpus=2, gpu_model="l40s"), req(image="os", gpus=2)):
         (kept,) = run(mixed_ctx, [same], (held, True), files=[P["os"]])
         assert kept.error is None and kept.steps == []
+
+
+def test_fabric_manager_unreachable_stops_new_gpu_placements_only(ctx):
+    """fabric_manager set but FM cannot answer: VMs that keep the GPUs they hold, and VMs
+    without GPUs, are converged; a VM that needs a placement from FM's list is refused."""
+    down = replace(ctx, fabric_error="fabric_manager: cannot reach Fabric Manager at 10.0.0.5")
+    requests = [req("old", image="os", gpus=2, state="stopped"), req("cpu", image="os"),
+                req("new", image="os", gpus=2)]
+    snap, defined = snapshot((req("old", image="os", gpus=2, gpu_index=0), True),
+                             files=[disk_paths(DISKS, "old")["os"]])
+    plans = plan(requests, observed(ctx, snap, defined, requests), down)
+    assert [vp.error for vp in plans[:2]] == [None, None]
+    assert plans[0].steps == [("stop", "old")]
+    assert plans[2].error == "new: fabric_manager: cannot reach Fabric Manager at 10.0.0.5"
+    assert plans[2].steps == []

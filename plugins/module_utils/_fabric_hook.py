@@ -1,0 +1,208 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) gpuvirt.kvm contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""The libvirt qemu hook of a shared-NVSwitch host: a tenant's Fabric Manager partition is active
+while its VM runs, however the VM is started or stopped. Private.
+
+libvirt runs ``/etc/libvirt/hooks/qemu NAME OPERATION SUB-OPERATION EXTRA`` with the domain's XML
+on stdin at every start and stop: ``virsh start``, ``shutdown`` and ``destroy``, autostart after a
+reboot, and this collection's modules alike. For a domain whose gpuvirt metadata records
+``fm_partition`` (``kvm_vm`` records it when ``fabric_manager`` is set):
+
+- ``prepare begin``, before libvirt touches the devices: activate the partition. When Fabric
+  Manager refuses or cannot be reached the hook exits 1 with FM's reason on stderr, and libvirt
+  refuses the start with that reason. (NVIDIA's own hook lets the VM boot without NVLink and
+  says nothing.) A partition already active for this domain is kept.
+- ``release end``, once QEMU is gone (after a failed start too): deactivate the partition, but
+  only if this domain activated it. A start that failed because another domain holds the
+  partition must not take it from that domain.
+
+Every other call, and every domain without the record, exits 0 at once.
+
+After Fabric Manager restarts (``FABRIC_MODE_RESTART=1``) it waits 60 s to be told which
+partitions are still in use, else it drops them all. :func:`redeclare` tells it: the partitions
+recorded in the live definitions of the running domains (``fmpm --set-activated-list``), and
+makes the hook's records match. ``roles/kvm_host/files/gpuvirt-fabric-redeclare`` runs it, and
+``gpuvirt-fabric-redeclare.service`` runs that each time ``nvidia-fabricmanager`` starts.
+
+It runs on the host's own Python without Ansible: this module, ``_fabric``, ``_fabric_model``,
+``_domain`` and its helpers (``_bdf``, ``_ranges``, ``_units``) are all it imports.
+``roles/kvm_host/files/gpuvirt-qemu-hook`` is the script libvirt runs. Settings (FM's address,
+the fmpm path) come from ``/etc/gpuvirt/fabric.json``; without it, FM on this host and fmpm on
+PATH. Not yet done here: installing it (``kvm_host``), and skipping the GPU reset that libvirt
+and QEMU do at start, which on boards without Autonomous Link Initialization (HGX-2, HGX A100)
+leaves an activated partition's NVLinks down (NVIDIA/libvirt-hooks README).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain import Domain, DomainXmlError
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric import (
+    DEFAULT_HOOK_CONFIG,
+    DEFAULT_HOOK_STATE,
+    FabricManager,
+    PartitionHolders,
+    read_hook_config,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_model import (
+    FabricError,
+    in_use_message,
+)
+
+ACTIVATE = "activate"
+DEACTIVATE = "deactivate"
+HOOKED = {("prepare", "begin"): ACTIVATE, ("release", "end"): DEACTIVATE}
+
+
+def decide(argv, xml_text):
+    """(ACTIVATE or DEACTIVATE, partition ID) for one hook call, or (None, None).
+
+    ``argv``: the hook's arguments (domain, operation, sub-operation, extra). Raises
+    DomainXmlError when a hooked call brings XML that records a partition but cannot be read."""
+    if len(argv) < 3:
+        return None, None
+    action = HOOKED.get((argv[1], argv[2]))
+    if action is None or "fm_partition" not in xml_text:  # most calls: nothing to parse
+        return None, None
+    meta = Domain.from_xml(xml_text).gpuvirt
+    if meta is None or meta.fm_partition is None:
+        return None, None
+    return action, meta.fm_partition
+
+
+def run(argv, xml_text, config=None, state_dir=DEFAULT_HOOK_STATE, fm=None):
+    """Do what one hook call asks: (exit status, message for stderr)."""
+    try:
+        action, pid = decide(argv, xml_text)
+    except DomainXmlError as exc:
+        return 1, "gpuvirt fabric hook: %s: cannot read the domain XML: %s" % (argv[0], exc)
+    if action is None:
+        return 0, ""
+    domain = argv[0]
+    try:
+        if fm is None:
+            cfg = read_hook_config(DEFAULT_HOOK_CONFIG) if config is None else config
+            fm = FabricManager(address=cfg.get("address"), fmpm=cfg.get("fmpm"),
+                               starting_wait=cfg.get("starting_wait", 60))
+        with PartitionHolders(state_dir) as holders:
+            if action == ACTIVATE:
+                return 0, _activate(fm, holders, domain, pid)
+            return 0, _deactivate(fm, holders, domain, pid)
+    except (FabricError, OSError) as exc:
+        what = "start" if action == ACTIVATE else "release"
+        tail = ("; the VM does not start" if action == ACTIVATE else
+                "; the partition may still be active: check `fmpm -l` and run `fmpm -d %d` "
+                "once nothing uses it" % pid)
+        return 1, "gpuvirt fabric hook: %s (%s, Fabric Manager partition %d): %s%s" % (
+            domain, what, pid, getattr(exc, "message", None) or exc, tail)
+
+
+def _activate(fm, holders, domain, pid):
+    held = holders.all()
+    listing = fm.partitions()
+    part = listing.get(pid)
+    if part is None:
+        raise FabricError(
+            "Fabric Manager at %s lists no partition %d, which the domain's metadata records: "
+            "its partitions changed since the VM was placed. Run kvm_vm for it again with "
+            "fabric_manager set, with recreate: true if its GPUs must move" % (fm.address, pid))
+    if part.active:
+        holder = held.get(pid)
+        if holder not in (None, domain):
+            raise FabricError(in_use_message(fm.address, listing, pid, held))
+        holders.record(pid, domain)
+        return "partition %d is already active; kept for %s" % (pid, domain)
+    fm.activate(pid, held)
+    holders.record(pid, domain)
+    return "activated partition %d for %s" % (pid, domain)
+
+
+def _deactivate(fm, holders, domain, pid):
+    holder = holders.all().get(pid)
+    if holder != domain:
+        return "partition %d was not activated for %s (%s); left as it is" % (
+            pid, domain, "held by %s" % holder if holder else "no record")
+    was_active = fm.deactivate(pid)
+    holders.forget(pid)
+    return "deactivated partition %d of %s%s" % (
+        pid, domain, "" if was_active else " (it was no longer active)")
+
+
+def running_partitions(domains):
+    """{partition ID: domain name} recorded in the live definitions of the running domains
+    (``_libvirt.DomainXml`` with ``live_xml``). Two running domains recording one partition, or
+    partitions that share a GPU, cannot both be right: ValueError naming them."""
+    held = {}
+    for dom in domains:
+        if not dom.active or "fm_partition" not in (dom.live_xml or dom.xml):
+            continue
+        meta = Domain.from_xml(dom.live_xml or dom.xml).gpuvirt
+        if meta is None or meta.fm_partition is None:
+            continue
+        if meta.fm_partition in held:
+            raise ValueError("running domains %s and %s both record Fabric Manager partition %d"
+                             % (held[meta.fm_partition], dom.name, meta.fm_partition))
+        held[meta.fm_partition] = dom.name
+    return held
+
+
+def redeclare(gateway, fm, holders):
+    """Declare the running domains' partitions to a Fabric Manager that has just restarted, and
+    rewrite the hook's records (``holders``, a locked PartitionHolders) to match. Returns
+    {partition ID: domain name}."""
+    held = running_partitions(gateway.list_domains(live=True))
+    fm.declare_active(sorted(held))
+    for pid in holders.all():
+        if pid not in held:
+            holders.forget(pid)
+    for pid, name in held.items():
+        holders.record(pid, name)
+    return held
+
+
+def redeclare_main(argv=None, stdout=None, stderr=None, uri="qemu:///system",
+                   config_path=DEFAULT_HOOK_CONFIG, state_dir=DEFAULT_HOOK_STATE):
+    """``gpuvirt-fabric-redeclare``: redeclare() on this host; returns the exit status."""
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import (
+        LibvirtGateway,
+        LibvirtGatewayError,
+    )
+
+    stdout = sys.stdout if stdout is None else stdout
+    stderr = sys.stderr if stderr is None else stderr
+    try:
+        config = read_hook_config(config_path)
+        fm = FabricManager(address=config.get("address"), fmpm=config.get("fmpm"),
+                           starting_wait=config.get("starting_wait", 60))
+        with LibvirtGateway(uri) as gateway, PartitionHolders(state_dir) as holders:
+            held = redeclare(gateway, fm, holders)
+    except (FabricError, LibvirtGatewayError, DomainXmlError, ValueError, OSError) as exc:
+        why = getattr(exc, "message", None) or exc
+        stderr.write("gpuvirt-fabric-redeclare: %s; the running tenants may have no NVLink "
+                     "until their partitions are declared\n" % why)
+        return 1
+    said = ", ".join("partition %d (%s)" % kv for kv in sorted(held.items()))
+    stdout.write("declared %s\n" % (said or "no active partition (no running tenant records one)"))
+    return 0
+
+
+def main(argv=None, stdin=None, stderr=None, config_path=DEFAULT_HOOK_CONFIG,
+         state_dir=DEFAULT_HOOK_STATE):
+    """The hook as libvirt runs it; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    stdin = sys.stdin if stdin is None else stdin
+    stderr = sys.stderr if stderr is None else stderr
+    if len(argv) < 3 or (argv[1], argv[2]) not in HOOKED:
+        return 0  # libvirt's XML is not even read
+    try:
+        config = read_hook_config(config_path)
+    except FabricError as exc:
+        stderr.write("gpuvirt fabric hook: %s\n" % exc.message)
+        return 1
+    status, message = run(argv, stdin.read(), config=config, state_dir=state_dir)
+    if status and message:
+        stderr.write(message + "\n")
+    return status

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-3.0-or-later
+# Restart libvirtd so that it looks for hook scripts again (it does so only when it starts):
+# through systemd where it runs the daemon, else as this machine's CI runs it (libvirtd -d).
+set -euo pipefail
+if command -v systemctl >/dev/null && systemctl is-active --quiet libvirtd 2>/dev/null; then
+  systemctl restart libvirtd
+else
+  # The system daemon's own pid file: private daemons of other tests are left alone.
+  if [ -s /run/libvirtd.pid ] && pid=$(cat /run/libvirtd.pid) && kill -0 "$pid" 2>/dev/null; then
+    kill "$pid"
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+  libvirtd -d
+fi
+for _ in $(seq 100); do
+  virsh -c qemu:///system version >/dev/null 2>&1 && exit 0
+  sleep 0.2
+done
+echo "libvirtd did not come back" >&2
+exit 1

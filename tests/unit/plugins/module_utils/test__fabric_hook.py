@@ -1,0 +1,266 @@
+# -*- coding: utf-8 -*-
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""The libvirt qemu hook (roles/kvm_host/files/gpuvirt-qemu-hook, _fabric_hook), run as libvirt
+runs it: a program with the domain, operation and sub-operation as arguments and the domain XML
+on stdin, on the host's own Python (without Ansible where the machine has one), against the
+stand-in fmpm and Fabric Manager (tests/fixtures/fabric)."""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import FMPM  # the stand-in fmpm (fm_state, the stand-in FM, is conftest's)
+
+import ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_hook as fabric_hook
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain import Domain, GpuvirtMetadata
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.dirname(os.path.abspath(fabric_hook.__file__)))))))
+HOOK = os.path.join(ROOT, "ansible_collections", "gpuvirt", "kvm", "roles", "kvm_host", "files",
+                    "gpuvirt-qemu-hook")
+# libvirt runs hooks with a short PATH: python3 is the distribution's, which has no Ansible here.
+SYSTEM_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+HOOK_PATH = "%s:/usr/bin:/bin" % os.path.dirname(SYSTEM_PYTHON) if SYSTEM_PYTHON == \
+    sys.executable else "/usr/bin:/bin"
+
+NS = "https://gpuvirt.invalid/xmlns/kvm/1"
+
+
+def _xml(name, partition=None, ours=True):
+    """Domain XML as libvirt hands it to a hook (trimmed to what matters)."""
+    meta = ""
+    if ours:
+        attr = ' fm_partition="%d"' % partition if partition is not None else ""
+        meta = ('<metadata><gpuvirt:allocation xmlns:gpuvirt="%s" owner="gpuvirt.kvm"%s>'
+                '<gpuvirt:gpus>0000:9d:00.0,0000:c3:00.0</gpuvirt:gpus></gpuvirt:allocation>'
+                '</metadata>' % (NS, attr))
+    return ("<domain type='kvm'><name>%s</name><memory unit='KiB'>1048576</memory>%s"
+            "<vcpu>2</vcpu><os><type arch='x86_64' machine='q35'>hvm</type></os></domain>"
+            % (name, meta))
+
+
+@pytest.fixture
+def hook(fm_state, tmp_path):
+    """hook(domain, op, sub, xml) runs the hook script; returns (status, stderr)."""
+    config = tmp_path / "fabric.json"
+    config.write_text(json.dumps({"fmpm": FMPM, "starting_wait": 1}))
+    env = {"PATH": HOOK_PATH, "LC_ALL": "C", "GPUVIRT_HOOK_LIB": ROOT,
+           "GPUVIRT_HOOK_CONFIG": str(config), "GPUVIRT_HOOK_STATE": str(tmp_path / "run"),
+           "FMPM_STATE": fm_state.path}
+
+    def call(domain, op, sub, xml):
+        proc = subprocess.run([HOOK, domain, op, sub, "-"], input=xml.encode(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                              timeout=60, check=False)
+        return proc.returncode, proc.stderr.decode()
+
+    call.state_dir = tmp_path / "run"
+    return call
+
+
+def _active(fm):
+    return sorted(p.id for p in fm.partitions().active)
+
+
+def test_start_activates_and_release_deactivates(fm_state, hook):
+    fm = fm_state("h100")
+    xml = _xml("pair-a", 3)
+    assert hook("pair-a", "prepare", "begin", xml) == (0, "")
+    assert _active(fm) == [3]
+    assert (hook.state_dir / "partition-3").read_text() == "pair-a\n"
+    for op, sub in (("start", "begin"), ("started", "begin"), ("stopped", "end")):
+        assert hook("pair-a", op, sub, xml) == (0, "")
+        assert _active(fm) == [3]
+    assert hook("pair-a", "release", "end", xml) == (0, "")
+    assert _active(fm) == []
+    assert not (hook.state_dir / "partition-3").exists()
+    assert hook("pair-a", "release", "end", xml) == (0, "")  # released twice: nothing to do
+
+
+def test_domains_without_a_partition_are_left_alone(fm_state, hook):
+    fm = fm_state("h100")
+    assert hook("cpu-only", "prepare", "begin", _xml("cpu-only")) == (0, "")
+    assert hook("theirs", "prepare", "begin", _xml("theirs", ours=False)) == (0, "")
+    assert _active(fm) == [] and not hook.state_dir.exists()
+
+
+def test_an_overlapping_active_partition_fails_the_start_and_names_its_domain(fm_state, hook):
+    fm = fm_state("h100")
+    assert hook("quad", "prepare", "begin", _xml("quad", 1))[0] == 0  # modules 1-4
+    status, err = hook("pair-a", "prepare", "begin", _xml("pair-a", 3))  # modules 1, 3
+    assert status == 1
+    assert "pair-a (start, Fabric Manager partition 3)" in err
+    assert "in use (fmReturn -7 IN_USE) by partition 1 (GPU modules 1-4), held by domain " \
+           "'quad'" in err and "the VM does not start" in err
+    # libvirt releases a domain whose start failed: quad keeps its partition.
+    assert hook("pair-a", "release", "end", _xml("pair-a", 3)) == (0, "")
+    assert _active(fm) == [1]
+
+
+def test_a_partition_active_for_another_domain_is_not_taken(fm_state, hook):
+    fm = fm_state("h100")
+    assert hook("a", "prepare", "begin", _xml("a", 4))[0] == 0
+    status, err = hook("b", "prepare", "begin", _xml("b", 4))
+    assert status == 1 and "held by domain 'a'" in err
+    # libvirt releases b after its failed start: a's partition stays active.
+    assert hook("b", "release", "end", _xml("b", 4)) == (0, "")
+    assert _active(fm) == [4]
+    assert hook("a", "prepare", "begin", _xml("a", 4)) == (0, "")  # a restart of a keeps it
+    assert _active(fm) == [4]
+
+
+def test_fabric_manager_down_fails_the_start_with_its_address(fm_state, hook):
+    fm_state("h100")
+    fm_state.control("stop")
+    status, err = hook("pair-a", "prepare", "begin", _xml("pair-a", 3))
+    assert status == 1
+    assert "cannot reach Fabric Manager at 127.0.0.1" in err and "the VM does not start" in err
+    assert not (hook.state_dir / "partition-3").exists()
+
+
+def test_a_release_that_cannot_reach_fm_keeps_the_record_and_says_so(fm_state, hook):
+    fm_state("h100")
+    assert hook("pair-a", "prepare", "begin", _xml("pair-a", 5))[0] == 0
+    fm_state.control("stop")
+    status, err = hook("pair-a", "release", "end", _xml("pair-a", 5))
+    assert status == 1 and "fmpm -d 5" in err
+    assert (hook.state_dir / "partition-5").read_text() == "pair-a\n"
+
+
+def test_a_partition_fm_does_not_list_fails_the_start(fm_state, hook):
+    fm = fm_state("b200")  # B200 has no partition 0
+    status, err = hook("all8", "prepare", "begin", _xml("all8", 0))
+    assert status == 1 and "lists no partition 0" in err and "recreate" in err
+    assert _active(fm) == []
+
+
+def test_unreadable_settings_fail_the_start(fm_state, hook, tmp_path):
+    fm_state("h100")
+    (tmp_path / "fabric.json").write_text("{not json")
+    status, err = hook("pair-a", "prepare", "begin", _xml("pair-a", 3))
+    assert status == 1 and "cannot read the hook's settings" in err
+
+
+@pytest.mark.skipif(SYSTEM_PYTHON == sys.executable, reason="no separate system Python here")
+def test_the_hook_runs_without_ansible(fm_state, hook):
+    probe = subprocess.run([SYSTEM_PYTHON, "-c", "import ansible"], stderr=subprocess.PIPE,
+                           check=False)
+    assert probe.returncode != 0  # so the runs above used no Ansible
+    fm_state("h100")
+    assert hook("x", "prepare", "begin", _xml("x", 7)) == (0, "")
+
+
+def test_the_partition_is_recorded_in_the_metadata_the_builder_writes():
+    meta = GpuvirtMetadata(owner="gpuvirt.kvm", fm_partition=6, gpus=("0000:52:00.0",))
+    dom = Domain.from_xml(_xml("x", 6))
+    assert dom.gpuvirt.fm_partition == 6
+    dom.metadata = [meta]
+    again = Domain.from_xml(dom.to_xml())
+    assert again.gpuvirt.fm_partition == 6
+    assert fabric_hook.decide(["x", "prepare", "begin", "-"], dom.to_xml()) == ("activate", 6)
+    assert fabric_hook.decide(["x", "release", "end", "-"], dom.to_xml()) == ("deactivate", 6)
+    assert fabric_hook.decide(["x", "start", "begin", "-"], dom.to_xml()) == (None, None)
+
+
+def test_eight_parallel_starts_never_activate_overlapping_partitions(fm_state, hook):
+    fm = fm_state("h100")
+    wanted = {"all8": 0, "quad-a": 1, "quad-b": 2, "p13": 3, "p24": 4, "p57": 5, "p68": 6,
+              "one": 7}
+    with ThreadPoolExecutor(8) as pool:
+        futures = {name: pool.submit(hook, name, "prepare", "begin", _xml(name, pid))
+                   for name, pid in wanted.items()}
+    results = {name: future.result() for name, future in futures.items()}
+    listing = fm.partitions()
+    for a, b in itertools.combinations(listing.active, 2):
+        assert not a.overlaps(b), (a.id, b.id)
+    started = sorted(n for n, (status, _err) in results.items() if status == 0)
+    assert started and sorted(wanted[n] for n in started) == sorted(p.id for p in listing.active)
+    for name, (status, err) in results.items():
+        if status:
+            assert "IN_USE" in err and "held by domain '" in err, (name, err)
+    records = {int(f.name[10:]): f.read_text().strip() for f in hook.state_dir.iterdir()
+               if f.name.startswith("partition-")}
+    assert records == {wanted[n]: n for n in started}
+
+
+@pytest.mark.libvirt
+def test_after_a_restart_the_running_tenants_partitions_are_declared_again(fm_state, tmp_path):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric import PartitionHolders
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import LibvirtGateway
+
+    pytest.importorskip("libvirt")
+    fm = fm_state("h100")
+    tenants = {"gvt-rd-a": (3, True), "gvt-rd-b": (6, True), "gvt-rd-off": (4, False),
+               "gvt-rd-plain": (None, True)}
+    with LibvirtGateway("test:///default") as gateway:
+        try:
+            for name, (pid, running) in tenants.items():
+                xml = _xml(name, pid, ours=pid is not None).replace("type='kvm'", "type='test'")
+                dom = gateway.conn.defineXML(xml)
+                if running:
+                    dom.create()
+            fm.activate(3)
+            fm.activate(6)
+            fm_state.control("restart")  # FM came back with --restart: it waits for the list
+            with PartitionHolders(str(tmp_path / "run")) as holders:
+                holders.record(5, "gvt-rd-gone")  # a record from before that nothing runs now
+                held = fabric_hook.redeclare(gateway, fm, holders)
+                records = holders.all()
+        finally:
+            for name in tenants:
+                dom = gateway.conn.lookupByName(name)
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefine()
+    assert held == {3: "gvt-rd-a", 6: "gvt-rd-b"}
+    assert sorted(p.id for p in fm.partitions().active) == [3, 6]
+    assert records == held
+    asked = [c[1] for c in fm_state.state()["calls"]]
+    assert asked[asked.index(["--set-activated-list", 3, 6]) + 1] == ["-l"]  # read back
+
+
+def test_two_running_domains_with_one_partition_are_refused():
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import DomainXml
+
+    doms = [DomainXml(name=n, active=True, xml=_xml(n, 3), live_xml=_xml(n, 3)) for n in "ab"]
+    with pytest.raises(ValueError, match="running domains a and b both record Fabric Manager "
+                                         "partition 3"):
+        fabric_hook.running_partitions(doms)
+    doms[1] = DomainXml(name="b", active=False, xml=_xml("b", 3))
+    assert fabric_hook.running_partitions(doms) == {3: "a"}
+
+
+REDECLARE = os.path.join(os.path.dirname(HOOK), "gpuvirt-fabric-redeclare")
+
+
+@pytest.mark.libvirt
+@pytest.mark.parametrize("fm_up", [True, False], ids=["fm-up", "fm-down"])
+def test_the_redeclare_script_as_its_unit_runs_it(fm_state, tmp_path, fm_up):
+    """The script on the host's python3 (with python3-libvirt, without Ansible), against a fresh
+    test:///default (one running domain that records no partition)."""
+    probe = subprocess.run([SYSTEM_PYTHON, "-c", "import libvirt"], check=False,
+                           stderr=subprocess.PIPE)
+    if probe.returncode:
+        pytest.skip("the host's python3 has no libvirt-python (python3-libvirt)")
+    fm_state("h100")
+    fm_state.control("restart" if fm_up else "stop")
+    config = tmp_path / "fabric.json"
+    config.write_text(json.dumps({"fmpm": FMPM, "starting_wait": 1}))
+    env = {"PATH": HOOK_PATH, "LC_ALL": "C", "GPUVIRT_HOOK_LIB": ROOT,
+           "GPUVIRT_HOOK_CONFIG": str(config), "GPUVIRT_HOOK_STATE": str(tmp_path / "run"),
+           "GPUVIRT_LIBVIRT_URI": "test:///default", "FMPM_STATE": fm_state.path}
+    proc = subprocess.run([REDECLARE], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          timeout=60, check=False)
+    if fm_up:
+        assert (proc.returncode, proc.stdout.decode()) == (
+            0, "declared no active partition (no running tenant records one)\n")
+        assert ["--set-activated-list"] in [c[1] for c in fm_state.state()["calls"]]
+        assert fm_state.state()["restart_deadline"] is None  # FM got its answer in time
+    else:
+        assert proc.returncode == 1
+        assert "cannot reach Fabric Manager at 127.0.0.1" in proc.stderr.decode()
+        assert "may have no NVLink" in proc.stderr.decode()
