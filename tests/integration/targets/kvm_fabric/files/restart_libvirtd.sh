@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: GPL-3.0-or-later
 # Restart libvirtd so that it looks for hook scripts again (it does so only when it starts):
-# through systemd where it runs the daemon, else as this machine's CI runs it (libvirtd -d).
+# through systemd where it runs the daemon, else as tools/start-libvirt.sh starts it (libvirtd -d
+# under tools/subreaper.py, whose path is the argument, so that QEMU's orphans are reaped at once).
+# Usage: restart_libvirtd.sh [SUBREAPER.PY]
 set -euo pipefail
+subreaper=${1:-}
 if command -v systemctl >/dev/null && systemctl is-active --quiet libvirtd 2>/dev/null; then
   systemctl restart libvirtd
 else
@@ -11,7 +14,11 @@ else
     kill "$pid"
     for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   fi
-  libvirtd -d
+  if [ -n "$subreaper" ] && [ -f "$subreaper" ]; then
+    python3 "$subreaper" libvirtd -d
+  else
+    libvirtd -d
+  fi
 fi
 for _ in $(seq 100); do
   virsh -c qemu:///system version >/dev/null 2>&1 && exit 0
