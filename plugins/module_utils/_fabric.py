@@ -135,12 +135,16 @@ class FabricManager:
 
     # ------------------------------------------------------------------ operations
 
+    def _query(self, args, action, parse):
+        """Run a listing fmpm call and parse its JSON, or FabricError saying what to do."""
+        try:
+            return parse(self._call(args, action))
+        except _Failed as failed:
+            raise self._error(failed, action) from None
+
     def partitions(self):
         """``fmpm -l``: the partitions FM knows, with their state (FmPartitionList)."""
-        try:
-            return parse_partition_list(self._call(["-l"], "list its partitions"))
-        except _Failed as failed:
-            raise self._error(failed, "list its partitions") from None
+        return self._query(["-l"], "list its partitions", parse_partition_list)
 
     def activate(self, pid, holders=None):
         """``fmpm -a``. ``holders`` maps active partition IDs to the domains that hold them
@@ -196,19 +200,13 @@ class FabricManager:
 
     def nvlink_failures(self):
         """``fmpm --get-nvlink-failed-devices`` (NvlinkFailures; empty on H100 and later)."""
-        action = "list its NVLink-failed devices"
-        try:
-            return parse_failed_devices(self._call(["--get-nvlink-failed-devices"], action))
-        except _Failed as failed:
-            raise self._error(failed, action) from None
+        return self._query(["--get-nvlink-failed-devices"], "list its NVLink-failed devices",
+                           parse_failed_devices)
 
     def unsupported_partitions(self):
         """``fmpm --list-unsupported-partitions``: {partition id: module IDs}."""
-        action = "list its unsupported partitions"
-        try:
-            return parse_unsupported(self._call(["--list-unsupported-partitions"], action))
-        except _Failed as failed:
-            raise self._error(failed, action) from None
+        return self._query(["--list-unsupported-partitions"], "list its unsupported partitions",
+                           parse_unsupported)
 
     # ------------------------------------------------------------------ helpers
 

@@ -226,37 +226,39 @@ def describe_partition(partition, holders=None):
     return text
 
 
+_ADVICE = {
+    FM_NOT_SUPPORTED:
+        "%(where)s cannot %(action)s: it is not in shared NVSwitch mode (%(fm)s). Set "
+        "FABRIC_MODE=1 in /usr/share/nvidia/nvswitch/fabricmanager.cfg on the FM host and "
+        "restart nvidia-fabricmanager (docs/fabric.md)",
+    FM_BADPARAM:
+        "%(where)s knows no partition %(pid)s (%(fm)s): `fmpm -l` lists the partitions it has; "
+        "a platform table that names other IDs is out of date",
+    FM_UNINITIALIZED: "%(where)s cannot %(action)s: the partition is not active (%(fm)s)",
+    FM_NOT_CONFIGURED:
+        "%(where)s is still starting (%(fm)s) and did not finish in time; check `systemctl "
+        "status nvidia-fabricmanager` and /var/log/fabricmanager.log",
+    FM_NVLINK_ERROR:
+        "%(where)s could not %(action)s: NVLink training failed (%(fm)s). `fmpm "
+        "--get-nvlink-failed-devices` names the devices; dmesg shows their SXid/Xid errors",
+    FM_VERSION_MISMATCH:
+        "%(where)s could not %(action)s: fmpm and FM speak different API versions (%(fm)s): "
+        "build fmpm against the FM version the host runs",
+    FM_CONNECTION_NOT_VALID:
+        "%(where)s could not %(action)s: the connection failed or timed out (%(fm)s); retry, "
+        "and check /var/log/fabricmanager.log",
+}
+_ADVICE[FM_TIMEOUT] = _ADVICE[FM_CONNECTION_NOT_VALID]
+
+
 def failure_message(code, action, address, pid=None):
     """What a user can do about an fmReturn; ``action`` is e.g. 'activate partition 3'."""
-    where = "Fabric Manager at %s" % address
-    name = FM_RETURN_NAMES.get(code, str(code))
-    if code == FM_NOT_SUPPORTED:
-        return ("%s cannot %s: it is not in shared NVSwitch mode (fmReturn %d %s). Set "
-                "FABRIC_MODE=1 in /usr/share/nvidia/nvswitch/fabricmanager.cfg on the FM host "
-                "and restart nvidia-fabricmanager (docs/fabric.md)" % (where, action, code, name))
-    if code == FM_BADPARAM:
-        return ("%s knows no partition %s (fmReturn %d %s): `fmpm -l` lists the partitions it "
-                "has; a platform table that names other IDs is out of date"
-                % (where, pid if pid is not None else "of that ID", code, name))
-    if code == FM_UNINITIALIZED:
-        return "%s cannot %s: the partition is not active (fmReturn %d %s)" % (
-            where, action, code, name)
-    if code == FM_NOT_CONFIGURED:
-        return ("%s is still starting (fmReturn %d %s) and did not finish in time; check "
-                "`systemctl status nvidia-fabricmanager` and /var/log/fabricmanager.log"
-                % (where, code, name))
-    if code == FM_NVLINK_ERROR:
-        return ("%s could not %s: NVLink training failed (fmReturn %d %s). `fmpm "
-                "--get-nvlink-failed-devices` names the devices; dmesg shows their SXid/Xid "
-                "errors" % (where, action, code, name))
-    if code == FM_VERSION_MISMATCH:
-        return ("%s could not %s: fmpm and FM speak different API versions (fmReturn %d %s): "
-                "build fmpm against the FM version the host runs" % (where, action, code, name))
-    if code in (FM_CONNECTION_NOT_VALID, FM_TIMEOUT):
-        return ("%s could not %s: the connection failed or timed out (fmReturn %d %s); retry, "
-                "and check /var/log/fabricmanager.log" % (where, action, code, name))
-    return ("%s could not %s (fmReturn %d %s); /var/log/fabricmanager.log on the FM host says why"
-            % (where, action, code, name))
+    template = _ADVICE.get(code, "%(where)s could not %(action)s (%(fm)s); "
+                                 "/var/log/fabricmanager.log on the FM host says why")
+    return template % {
+        "where": "Fabric Manager at %s" % address, "action": action,
+        "fm": "fmReturn %d %s" % (code, FM_RETURN_NAMES.get(code, str(code))),
+        "pid": pid if pid is not None else "of that ID"}
 
 
 def in_use_message(address, partitions, pid, holders):

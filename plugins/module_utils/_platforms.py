@@ -294,9 +294,19 @@ _B200_FM = _fm_table(
     + [(pid, (pid - 7,), 0) for pid in range(8, 16)]
 )
 
-_A100_PHYSICAL = _r(1, 8)
-# Module 1..8 in PCI bus order (1b 43 52 61 9d c3 d1 df on the published H200 system).
-_H100_PHYSICAL = _r(1, 8)
+# Without a module map the built-in tables assume module 1..8 in PCI bus order (as on the
+# published H200 system: 1b 43 52 61 9d c3 d1 df); NVIDIA's HGX integration guide shows a board
+# where it is not, so placement with fabric_manager reads the real map (_fabric_placement).
+
+
+def _hgx8(name, description, gpu_ids, nvswitch_ids, nvswitch_count, fm, **extra):
+    """An 8-GPU shared-NVSwitch board: FM's partitions over modules 1-8 in PCI order (the
+    default of a host without a module map; ``_fabric_placement`` reads the real one)."""
+    return Platform(name=name, description=description, gpu_ids=gpu_ids,
+                    nvswitch_ids=nvswitch_ids, gpu_count=8, nvswitch_count=nvswitch_count,
+                    fabric=FABRIC_SHARED_NVSWITCH, partitions=partitions_from_fm(fm, _r(1, 8)),
+                    physical_ids=_r(1, 8), fm_partitions=fm, **extra)
+
 
 PLATFORMS = {
     "dgx2": Platform(
@@ -315,49 +325,24 @@ PLATFORMS = {
         physical_ids=_r(1, 16),
         fm_partitions=_DGX2_FM,
     ),
-    "dgx-a100": Platform(
-        name="dgx-a100",
-        description="NVIDIA DGX / HGX A100 8-GPU: 8 A100-SXM4, 6 NVSwitch gen 2 kept by the "
-                    "host (shared NVSwitch, Fabric Manager partitions)",
-        gpu_ids=((NVIDIA, 0x20B0), (NVIDIA, 0x20B2)),
-        nvswitch_ids=((NVIDIA, 0x1AF1),),
-        gpu_count=8,
-        nvswitch_count=6,
-        fabric=FABRIC_SHARED_NVSWITCH,
-        partitions=partitions_from_fm(_A100_FM, _A100_PHYSICAL),
-        physical_ids=_A100_PHYSICAL,
-        fm_partitions=_A100_FM,
-    ),
-    "dgx-h100": Platform(
-        name="dgx-h100",
-        description="NVIDIA DGX / HGX H100 and H200 8-GPU: 8 GPUs, 4 NVSwitch gen 3 kept by the "
+    "dgx-a100": _hgx8(
+        "dgx-a100", "NVIDIA DGX / HGX A100 8-GPU: 8 A100-SXM4, 6 NVSwitch gen 2 kept by the host "
+                    "(shared NVSwitch, Fabric Manager partitions)",
+        gpu_ids=((NVIDIA, 0x20B0), (NVIDIA, 0x20B2)), nvswitch_ids=((NVIDIA, 0x1AF1),),
+        nvswitch_count=6, fm=_A100_FM),
+    "dgx-h100": _hgx8(
+        "dgx-h100", "NVIDIA DGX / HGX H100 and H200 8-GPU: 8 GPUs, 4 NVSwitch gen 3 kept by the "
                     "host or a service VM (shared NVSwitch, Fabric Manager partitions)",
         gpu_ids=((NVIDIA, 0x2330), (NVIDIA, 0x2335), (NVIDIA, 0x2336)),
-        nvswitch_ids=((NVIDIA, 0x22A3), (NVIDIA, 0x22A4)),
-        gpu_count=8,
-        nvswitch_count=4,
-        fabric=FABRIC_SHARED_NVSWITCH,
-        partitions=partitions_from_fm(_H100_FM, _H100_PHYSICAL),
-        physical_ids=_H100_PHYSICAL,
-        fm_partitions=_H100_FM,
+        nvswitch_ids=((NVIDIA, 0x22A3), (NVIDIA, 0x22A4)), nvswitch_count=4, fm=_H100_FM,
         extra_passthrough_ids={
             (PMC_SIERRA, 0x4128): "PMC-Sierra memory controller: goes to the Fabric Manager "
                                   "service VM together with the NVSwitches, never to a tenant",
-        },
-    ),
-    "hgx-b200": Platform(
-        name="hgx-b200",
-        description="NVIDIA DGX / HGX B200 8-GPU: 8 B200; the NVSwitches sit on the NVLink tray, "
+        }),
+    "hgx-b200": _hgx8(
+        "hgx-b200", "NVIDIA DGX / HGX B200 8-GPU: 8 B200; the NVSwitches sit on the NVLink tray, "
                     "out of the host's PCI tree (shared NVSwitch, Fabric Manager partitions)",
-        gpu_ids=((NVIDIA, 0x2901),),
-        nvswitch_ids=(),
-        gpu_count=8,
-        nvswitch_count=0,
-        fabric=FABRIC_SHARED_NVSWITCH,
-        partitions=partitions_from_fm(_B200_FM, _H100_PHYSICAL),
-        physical_ids=_H100_PHYSICAL,
-        fm_partitions=_B200_FM,
-    ),
+        gpu_ids=((NVIDIA, 0x2901),), nvswitch_ids=(), nvswitch_count=0, fm=_B200_FM),
     "generic": Platform(
         name="generic",
         description="Any PCIe GPU server: no fixed partitions, GPU sets chosen by PCIe/NVLink "
