@@ -67,9 +67,10 @@ options:
         platform's table is not used), GPUs of an active partition are not free, and partitions
         that FM reports with degraded or failed NVLinks are not placed. Every GPU needs its
         module ID, from O(host_record) or a platform file's C(module_ids); without a complete
-        map no run goes ahead. See C(docs/fabric.md).
+        map no VM gets new GPUs. See C(docs/fabric.md).
       - When not set on such a platform, the built-in table is used with module IDs assumed in
-        PCI order, and a warning says that nothing activates the partitions yet.
+        PCI order, VMs record no partition, and a warning says that their partitions are then
+        never activated.
       - It only reads. M(gpuvirt.kvm.kvm_vm) and M(gpuvirt.kvm.kvm_layout) record each VM's
         partition in its domain metadata, and the collection's libvirt hook activates it when
         the VM starts; the P(gpuvirt.kvm.kvm_host#role) role does not install that hook yet.

@@ -101,9 +101,9 @@ class FabricManager:
         return (proc.returncode, proc.stdout.decode("utf-8", "replace"),
                 proc.stderr.decode("utf-8", "replace").strip())
 
-    def _call(self, args, action, pid=None):
-        """Run fmpm until FM answers something other than NOT_CONFIGURED (or the wait is over);
-        return its stdout, or raise FabricError with what to do."""
+    def _call(self, args, action, pid=None, wait=True):
+        """Run fmpm until FM answers something other than NOT_CONFIGURED (or the wait is over;
+        once without ``wait``); return its stdout, or raise FabricError with what to do."""
         deadline = self._clock() + self.starting_wait
         while True:
             rc, out, err = self._run_once(args)
@@ -128,23 +128,26 @@ class FabricManager:
                 raise FabricError("fmpm %s failed with status %d: %s" % (
                     " ".join(args), rc, (err or out).strip() or "no output"),
                     address=self.address)
-            if code == FM_NOT_CONFIGURED and self._clock() + self.retry_interval < deadline:
+            if code == FM_NOT_CONFIGURED and wait and \
+                    self._clock() + self.retry_interval < deadline:
                 self._sleep(self.retry_interval)
                 continue
             raise _Failed(code, out)
 
     # ------------------------------------------------------------------ operations
 
-    def _query(self, args, action, parse):
+    def _query(self, args, action, parse, wait=True):
         """Run a listing fmpm call and parse its JSON, or FabricError saying what to do."""
         try:
-            return parse(self._call(args, action))
+            return parse(self._call(args, action, wait=wait))
         except _Failed as failed:
             raise self._error(failed, action) from None
 
-    def partitions(self):
-        """``fmpm -l``: the partitions FM knows, with their state (FmPartitionList)."""
-        return self._query(["-l"], "list its partitions", parse_partition_list)
+    def partitions(self, wait=True):
+        """``fmpm -l``: the partitions FM knows, with their state (FmPartitionList). Without
+        ``wait``, a FM still starting (or restarted and waiting for the list of active
+        partitions) is a FabricError with code NOT_CONFIGURED at once."""
+        return self._query(["-l"], "list its partitions", parse_partition_list, wait)
 
     def activate(self, pid, holders=None):
         """``fmpm -a``. ``holders`` maps active partition IDs to the domains that hold them

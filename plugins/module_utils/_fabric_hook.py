@@ -48,9 +48,16 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric import (
     read_hook_config,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_model import (
+    FM_NOT_CONFIGURED,
+    FM_NOT_SUPPORTED,
     FabricError,
     in_use_message,
 )
+
+# What the hook and the re-declaration import, and so what a host needs of the collection under
+# /usr/local/lib/gpuvirt/hook/ansible_collections/gpuvirt/kvm/plugins/module_utils/.
+HOST_FILES = ("_fabric_hook", "_fabric", "_fabric_model", "_domain", "_bdf", "_ranges", "_units",
+              "_libvirt")
 
 ACTIVATE = "activate"
 DEACTIVATE = "deactivate"
@@ -110,13 +117,19 @@ def _activate(fm, holders, domain, pid):
             "its partitions changed since the VM was placed. Run kvm_vm for it again with "
             "fabric_manager set, with recreate: true if its GPUs must move" % (fm.address, pid))
     if part.active:
-        holder = held.get(pid)
-        if holder not in (None, domain):
-            raise FabricError(in_use_message(fm.address, listing, pid, held))
-        holders.record(pid, domain)
-        return "partition %d is already active; kept for %s" % (pid, domain)
-    fm.activate(pid, held)
+        if held.get(pid) == domain:  # a restart of the domain, or a record redeclare() wrote
+            return "partition %d is already active for %s; kept" % (pid, domain)
+        raise FabricError(in_use_message(fm.address, listing, pid, held) + (
+            "" if pid in held else "; a domain started before the hook was installed may hold "
+            "it: `fmpm -d %d` frees it once nothing uses it" % pid))
+    # The record first: an activation whose record could not be written would leave an active
+    # partition that no release ever deactivates.
     holders.record(pid, domain)
+    try:
+        fm.activate(pid, held)
+    except FabricError:
+        holders.forget(pid)
+        raise
     return "activated partition %d for %s" % (pid, domain)
 
 
@@ -151,15 +164,30 @@ def running_partitions(domains):
 
 def redeclare(gateway, fm, holders):
     """Declare the running domains' partitions to a Fabric Manager that has just restarted, and
-    rewrite the hook's records (``holders``, a locked PartitionHolders) to match. Returns
-    {partition ID: domain name}."""
+    rewrite the hook's records (``holders``, a PartitionHolders, locked here only while they are
+    rewritten: a hook waits on that lock while libvirt holds its domain, so libvirt and FM are
+    asked first). Returns {partition ID: domain name}, or None when FM was not waiting for a
+    list (it started afresh, or has its list already)."""
     held = running_partitions(gateway.list_domains(live=True))
-    fm.declare_active(sorted(held))
-    for pid in holders.all():
-        if pid not in held:
-            holders.forget(pid)
-    for pid, name in held.items():
-        holders.record(pid, name)
+    try:
+        fm.partitions(wait=False)  # the 60 s window does not allow a wait here
+    except FabricError as exc:
+        if exc.code != FM_NOT_CONFIGURED:
+            raise
+    else:
+        return None  # FM answers: it is not in its restart window
+    try:
+        fm.declare_active(sorted(held))
+    except FabricError as exc:
+        if exc.code != FM_NOT_SUPPORTED:
+            raise
+        return None  # it was starting afresh (at boot), not waiting for a list
+    with holders:
+        for pid in holders.all():
+            if pid not in held:
+                holders.forget(pid)
+        for pid, name in held.items():
+            holders.record(pid, name)
     return held
 
 
@@ -175,15 +203,21 @@ def redeclare_main(argv=None, stdout=None, stderr=None, uri="qemu:///system",
     stderr = sys.stderr if stderr is None else stderr
     try:
         config = read_hook_config(config_path)
+        # One look at FM's list: NOT_CONFIGURED then means "waiting for the list" (or still
+        # starting; declare_active keeps trying that for starting_wait).
         fm = FabricManager(address=config.get("address"), fmpm=config.get("fmpm"),
                            starting_wait=config.get("starting_wait", 60))
-        with LibvirtGateway(uri) as gateway, PartitionHolders(state_dir) as holders:
-            held = redeclare(gateway, fm, holders)
+        with LibvirtGateway(uri) as gateway:
+            held = redeclare(gateway, fm, PartitionHolders(state_dir))
     except (FabricError, LibvirtGatewayError, DomainXmlError, ValueError, OSError) as exc:
         why = getattr(exc, "message", None) or exc
         stderr.write("gpuvirt-fabric-redeclare: %s; the running tenants may have no NVLink "
                      "until their partitions are declared\n" % why)
         return 1
+    if held is None:
+        stdout.write("Fabric Manager is not waiting for a list of active partitions; nothing "
+                     "declared\n")
+        return 0
     said = ", ".join("partition %d (%s)" % kv for kv in sorted(held.items()))
     stdout.write("declared %s\n" % (said or "no active partition (no running tenant records one)"))
     return 0

@@ -130,6 +130,11 @@ def plan(requests, snap, ctx, whole=False):
         if isinstance(outcome, PlacementError):
             vp.error = str(outcome)
             continue
+        if ctx.fabric_error and outcome.gpus and sorted(outcome.gpus) != sorted(
+                vp.actual.gpus if vp.actual is not None else ()):
+            # New GPUs (a move, a model change, an unhealthy GPU) need FM's live list.
+            vp.error = "%s: %s" % (vp.request.name, ctx.fabric_error)
+            continue
         try:
             _desired(vp, outcome, snap, ctx)
         except (VmError, SpecError) as exc:
@@ -161,7 +166,8 @@ def _refusal(vp, ctx):
     req = vp.request
     if ctx.fabric_error and req.gpus and not (vp.actual is not None
                                               and len(vp.actual.gpus) == req.gpus):
-        # A VM that keeps the GPUs it holds needs no answer from FM; a new placement does.
+        # A VM that keeps the GPUs it holds needs no answer from FM; a new placement does (a
+        # move to other GPUs of the same count is caught after placing, in plan()).
         return "%s: %s" % (req.name, ctx.fabric_error)
     if vp.exists and vp.actual is not None and len(vp.actual.gpus) != req.gpus \
             and vp.active and not req.recreate:

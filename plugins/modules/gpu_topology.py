@@ -241,9 +241,10 @@ allocations:
   contains:
     fm_partition:
       description:
-        - The Fabric Manager partition the domain records for the libvirt hook (shared
-          NVSwitch with O(fabric_manager)), else V(null). With O(fabric_manager), a running
-          domain whose partition FM does not have active gets a warning (no NVLink).
+        - The Fabric Manager partition the domain's definition records for the libvirt hook
+          (M(gpuvirt.kvm.kvm_vm) records one when it places GPUs with O(fabric_manager) set),
+          else V(null). With O(fabric_manager), a running domain whose partition FM does not
+          have active gets a warning (no NVLink).
       type: int
       version_added: 0.2.0
 placement_state:

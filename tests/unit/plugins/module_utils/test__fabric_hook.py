@@ -8,6 +8,7 @@ stand-in fmpm and Fabric Manager (tests/fixtures/fabric)."""
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -44,11 +45,23 @@ def _xml(name, partition=None, ours=True):
 
 
 @pytest.fixture
-def hook(fm_state, tmp_path):
+def host_lib(tmp_path):
+    """A folder with only the files the docs tell an admin to copy (fabric_hook.HOST_FILES)."""
+    lib = tmp_path / "lib"
+    where = lib / "ansible_collections" / "gpuvirt" / "kvm" / "plugins" / "module_utils"
+    where.mkdir(parents=True)
+    source = os.path.dirname(os.path.abspath(fabric_hook.__file__))
+    for name in fabric_hook.HOST_FILES:
+        shutil.copy(os.path.join(source, name + ".py"), str(where))
+    return str(lib)
+
+
+@pytest.fixture
+def hook(fm_state, tmp_path, host_lib):
     """hook(domain, op, sub, xml) runs the hook script; returns (status, stderr)."""
     config = tmp_path / "fabric.json"
     config.write_text(json.dumps({"fmpm": FMPM, "starting_wait": 1}))
-    env = {"PATH": HOOK_PATH, "LC_ALL": "C", "GPUVIRT_HOOK_LIB": ROOT,
+    env = {"PATH": HOOK_PATH, "LC_ALL": "C", "GPUVIRT_HOOK_LIB": host_lib,
            "GPUVIRT_HOOK_CONFIG": str(config), "GPUVIRT_HOOK_STATE": str(tmp_path / "run"),
            "FMPM_STATE": fm_state.path}
 
@@ -59,6 +72,7 @@ def hook(fm_state, tmp_path):
         return proc.returncode, proc.stderr.decode()
 
     call.state_dir = tmp_path / "run"
+    call.env = env
     return call
 
 
@@ -111,6 +125,34 @@ def test_a_partition_active_for_another_domain_is_not_taken(fm_state, hook):
     assert _active(fm) == [4]
     assert hook("a", "prepare", "begin", _xml("a", 4)) == (0, "")  # a restart of a keeps it
     assert _active(fm) == [4]
+
+
+def test_an_active_partition_nobody_recorded_is_not_claimed(fm_state, hook):
+    fm = fm_state("h100")
+    fm.activate(4)  # by hand, or by a domain started before the hook was installed
+    status, err = hook("b", "prepare", "begin", _xml("b", 4))
+    assert status == 1 and "held by no domain of this collection" in err and "fmpm -d 4" in err
+    assert hook("b", "release", "end", _xml("b", 4)) == (0, "")
+    assert _active(fm) == [4]
+
+
+def test_no_activation_without_its_record(fm_state, hook, tmp_path):
+    fm = fm_state("h100")
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    hook.env["GPUVIRT_HOOK_STATE"] = str(blocked)
+    status, err = hook("a", "prepare", "begin", _xml("a", 3))
+    assert status == 1 and "the VM does not start" in err
+    assert _active(fm) == []
+
+
+def test_calls_other_than_start_and_release_never_start_python(fm_state, hook):
+    fm_state("h100")
+    hook.env["GPUVIRT_HOOK_LIB"] = "/nonexistent"  # an import would fail
+    for op, sub in (("reconnect", "begin"), ("migrate", "begin"), ("restore", "begin"),
+                    ("attach", "begin"), ("started", "begin"), ("stopped", "end")):
+        assert hook("a", op, sub, _xml("a", 3)) == (0, "")
+    assert hook("a", "prepare", "begin", _xml("a", 3))[0] == 1
 
 
 def test_fabric_manager_down_fails_the_start_with_its_address(fm_state, hook):
@@ -205,10 +247,13 @@ def test_after_a_restart_the_running_tenants_partitions_are_declared_again(fm_st
                     dom.create()
             fm.activate(3)
             fm.activate(6)
-            fm_state.control("restart")  # FM came back with --restart: it waits for the list
-            with PartitionHolders(str(tmp_path / "run")) as holders:
+            holders = PartitionHolders(str(tmp_path / "run"))
+            with holders:
                 holders.record(5, "gvt-rd-gone")  # a record from before that nothing runs now
-                held = fabric_hook.redeclare(gateway, fm, holders)
+            assert fabric_hook.redeclare(gateway, fm, holders) is None  # FM is not waiting
+            fm_state.control("restart")  # FM came back with --restart: it waits for the list
+            held = fabric_hook.redeclare(gateway, fm, holders)
+            with holders:
                 records = holders.all()
         finally:
             for name in tenants:
@@ -218,6 +263,7 @@ def test_after_a_restart_the_running_tenants_partitions_are_declared_again(fm_st
                 dom.undefine()
     assert held == {3: "gvt-rd-a", 6: "gvt-rd-b"}
     assert sorted(p.id for p in fm.partitions().active) == [3, 6]
+    assert fm_state.state()["restart_deadline"] is None
     assert records == held
     asked = [c[1] for c in fm_state.state()["calls"]]
     assert asked[asked.index(["--set-activated-list", 3, 6]) + 1] == ["-l"]  # read back
@@ -238,28 +284,38 @@ REDECLARE = os.path.join(os.path.dirname(HOOK), "gpuvirt-fabric-redeclare")
 
 
 @pytest.mark.libvirt
-@pytest.mark.parametrize("fm_up", [True, False], ids=["fm-up", "fm-down"])
-def test_the_redeclare_script_as_its_unit_runs_it(fm_state, tmp_path, fm_up):
+@pytest.mark.parametrize("fm", ["restarted", "fresh", "starting", "down"])
+def test_the_redeclare_script_as_its_unit_runs_it(fm_state, tmp_path, host_lib, fm):
     """The script on the host's python3 (with python3-libvirt, without Ansible), against a fresh
     test:///default (one running domain that records no partition)."""
     probe = subprocess.run([SYSTEM_PYTHON, "-c", "import libvirt"], check=False,
                            stderr=subprocess.PIPE)
     if probe.returncode:
         pytest.skip("the host's python3 has no libvirt-python (python3-libvirt)")
-    fm_state("h100")
-    fm_state.control("restart" if fm_up else "stop")
+    if fm == "starting":
+        fm_state("h100", "--starting-for", "1.5")  # a boot: FM still initialising
+    else:
+        fm_state("h100")
+    if fm in ("restarted", "down"):
+        fm_state.control("restart" if fm == "restarted" else "stop")
     config = tmp_path / "fabric.json"
-    config.write_text(json.dumps({"fmpm": FMPM, "starting_wait": 1}))
-    env = {"PATH": HOOK_PATH, "LC_ALL": "C", "GPUVIRT_HOOK_LIB": ROOT,
+    config.write_text(json.dumps({"fmpm": FMPM, "starting_wait": 10}))
+    env = {"PATH": HOOK_PATH, "LC_ALL": "C", "GPUVIRT_HOOK_LIB": host_lib,
            "GPUVIRT_HOOK_CONFIG": str(config), "GPUVIRT_HOOK_STATE": str(tmp_path / "run"),
            "GPUVIRT_LIBVIRT_URI": "test:///default", "FMPM_STATE": fm_state.path}
     proc = subprocess.run([REDECLARE], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           timeout=60, check=False)
-    if fm_up:
+    if fm == "restarted":
         assert (proc.returncode, proc.stdout.decode()) == (
             0, "declared no active partition (no running tenant records one)\n")
         assert ["--set-activated-list"] in [c[1] for c in fm_state.state()["calls"]]
         assert fm_state.state()["restart_deadline"] is None  # FM got its answer in time
+    elif fm in ("fresh", "starting"):  # a boot, or FM started without --restart
+        assert (proc.returncode, proc.stdout.decode()) == (
+            0, "Fabric Manager is not waiting for a list of active partitions; nothing "
+               "declared\n")
+        if fm == "fresh":  # FM answered the first look; a starting one is asked and says no
+            assert ["--set-activated-list"] not in [c[1] for c in fm_state.state()["calls"]]
     else:
         assert proc.returncode == 1
         assert "cannot reach Fabric Manager at 127.0.0.1" in proc.stderr.decode()

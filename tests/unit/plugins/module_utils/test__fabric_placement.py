@@ -273,3 +273,17 @@ def test_a_running_tenant_without_its_active_partition_is_reported(fm_state):
     assert [a["fm_partition"] for a in facts["allocations"]] == [4, 3, 5]
     assert "FM partition 4  GPU 1,3 -> active, ok (running)" in facts["allocation_map"]
     assert facts["allocation_map"][2].endswith("-> ok (running)")  # GPU 1: held, not "busy"
+
+
+@pytest.mark.parametrize("request_kw, words", [
+    ({"gpus": 3}, "places only 1/2/4/8-GPU VMs; set gpus to one of 1, 2, 4, 8"),
+    ({"gpus": 4, "gpu_index": 1}, "gpu_index 1 is misaligned: on dgx-h100 a 4-GPU VM starts at "
+                                  "gpu_index 0, 4"),
+    ({"gpus": 2, "gpu_index": 2}, "gpu_index 2 is misaligned: on dgx-h100 a 2-GPU VM starts at "
+                                  "gpu_index 0, 1, 4, 5"),
+])
+def test_sizes_and_indexes_that_start_no_live_partition_are_refused(fm_state, request_kw, words):
+    view = fabric_view(fm_state("h100").partitions(), IDENTITY, H100_BDFS)
+    state = HostState(topo_factory.dgx_h100(), view.platform(PLATFORMS["dgx-h100"]))
+    with pytest.raises(PlacementError, match=words):
+        state.place(Request(name="a", vcpus=4, memory_mb=1024, **request_kw))

@@ -233,3 +233,10 @@ def test_fabric_manager_unreachable_stops_new_gpu_placements_only(ctx):
     assert plans[0].steps == [("stop", "old")]
     assert plans[2].error == "new: fabric_manager: cannot reach Fabric Manager at 10.0.0.5"
     assert plans[2].steps == []
+    # A stopped VM asked onto other GPUs of the same count needs FM's list too.
+    requests = [req("old", image="os", gpus=2, gpu_index=4, state="stopped")]
+    snap, defined = snapshot((req("old", image="os", gpus=2, gpu_index=0), False),
+                             files=[disk_paths(DISKS, "old")["os"]])
+    (vp,) = plan(requests, observed(ctx, snap, defined, requests), down)
+    assert vp.error == "old: fabric_manager: cannot reach Fabric Manager at 10.0.0.5"
+    assert vp.steps == []

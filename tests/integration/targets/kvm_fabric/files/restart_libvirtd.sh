@@ -6,8 +6,13 @@
 # Usage: restart_libvirtd.sh [SUBREAPER.PY]
 set -euo pipefail
 subreaper=${1:-}
-if command -v systemctl >/dev/null && systemctl is-active --quiet libvirtd 2>/dev/null; then
-  systemctl restart libvirtd
+if [ -d /run/systemd/system ]; then
+  # The daemon that serves qemu:///system: the modular virtqemud, or the monolithic libvirtd.
+  if systemctl is-active --quiet virtqemud 2>/dev/null; then
+    systemctl restart virtqemud
+  else
+    systemctl restart libvirtd
+  fi
 else
   # The system daemon's own pid file: private daemons of other tests are left alone.
   if [ -s /run/libvirtd.pid ] && pid=$(cat /run/libvirtd.pid) && kill -0 "$pid" 2>/dev/null; then
