@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric import (
+    DEFAULT_HOST_RECORD,
     FabricManager,
     read_fabric_record,
 )
@@ -142,7 +143,7 @@ def live_fabric(p, platform, topology):
     module ID or FM cannot answer."""
     gpus = [d.bdf for d in platform_gpus(topology, platform)]
     try:
-        record = read_fabric_record(p.get("host_record") or "/etc/gpuvirt/kvm_host.json")
+        record = read_fabric_record(p.get("host_record") or DEFAULT_HOST_RECORD)
         ids = module_map(gpus, [("platform file %s" % platform.source, platform.module_ids),
                                 ("host record %s" % p.get("host_record"),
                                  record.get("module_ids") or {})])
