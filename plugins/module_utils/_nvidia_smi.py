@@ -2,11 +2,13 @@
 # Copyright (c) gpuvirt.kvm contributors
 # GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Parser for the text of ``nvidia-smi topo -m``. Private to this collection.
+"""Parsers for the text of ``nvidia-smi topo -m`` and ``nvidia-smi -q``. Private.
 
-The collection never runs nvidia-smi itself (the host's GPUs are meant to be on vfio-pci, where
-nvidia-smi cannot see them); a user passes the text captured while the GPUs were still on the
-NVIDIA driver, and NVLink counts from it refine placement on hosts without a platform table.
+The modules never run nvidia-smi themselves (the host's GPUs are meant to be on vfio-pci, where
+nvidia-smi cannot see them); a user passes the ``topo -m`` text captured while the GPUs were
+still on the NVIDIA driver, and NVLink counts from it refine placement on hosts without a
+platform table. The kvm_host role runs ``nvidia-smi -q`` once, before it binds the GPUs of a
+shared-NVSwitch host to vfio-pci, to learn each GPU's module ID (Fabric Manager's name for it).
 """
 
 from __future__ import annotations
@@ -22,6 +24,49 @@ _TRAILING_LABELS = ("CPU Affinity", "NUMA Affinity", "GPU NUMA ID")
 
 class NvidiaSmiTopoError(ValueError):
     """The text is not the output of ``nvidia-smi topo -m``."""
+
+
+class NvidiaSmiQueryError(ValueError):
+    """The text is not the output of ``nvidia-smi -q``."""
+
+
+# "GPU 00000000:18:00.0" opens each GPU's section (nvidia-smi prints an 8-digit domain);
+# "Module Id : 7" sits under "Platform Info" (HGX boards; "N/A" elsewhere). Older drivers print
+# "Module ID", which NVIDIA's libvirt hook matches without case: so does this.
+_QUERY_GPU_RE = re.compile(
+    r"^GPU ([0-9A-Fa-f]{4,8}):([0-9A-Fa-f]{2}):([0-9A-Fa-f]{2})\.([0-7])\s*$")
+_QUERY_MODULE_RE = re.compile(r"^\s+Module Id\s*:\s*(.*?)\s*$", re.IGNORECASE)
+
+
+def parse_module_ids(text):
+    """``{bdf: module ID}`` from ``nvidia-smi -q``: every GPU it lists, with None where it
+    prints no module ID or N/A (not an HGX module). NvidiaSmiQueryError when it lists no GPU,
+    or a module ID that is no number."""
+    if not isinstance(text, str):
+        raise NvidiaSmiQueryError("nvidia-smi -q: expected its text, got %r" % (text,))
+    found = {}
+    bdf = None
+    for line in text.splitlines():
+        line = _ANSI_RE.sub("", line).rstrip()
+        header = _QUERY_GPU_RE.match(line)
+        if header:
+            domain, bus, slot, function = header.groups()
+            bdf = "%04x:%s:%s.%s" % (int(domain, 16), bus.lower(), slot.lower(), function)
+            found[bdf] = None
+            continue
+        module = _QUERY_MODULE_RE.match(line)
+        if module and bdf is not None and found[bdf] is None:
+            value = module.group(1)
+            if value.upper() == "N/A" or not value:
+                continue
+            if not value.isdigit():
+                raise NvidiaSmiQueryError("nvidia-smi -q: GPU %s has the module ID %r, not a "
+                                          "number" % (bdf, value))
+            found[bdf] = int(value)
+    if not found:
+        raise NvidiaSmiQueryError("nvidia-smi -q: no 'GPU 00000000:BB:DD.F' section was found; "
+                                  "pass the unmodified output of 'nvidia-smi -q'")
+    return found
 
 
 @dataclass

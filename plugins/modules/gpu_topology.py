@@ -141,6 +141,13 @@ platform:
       type: str
       sample: full_passthrough
     allowed_sizes: {description: GPU counts a VM may have., type: list, elements: int, sample: [1, 2, 4, 8, 16]}
+    module_ids:
+      description:
+        - GPU address -> Fabric Manager module ID, as the platform file gives it (C(module_ids));
+          empty for the built-in platforms. The host record's map is not included.
+      type: dict
+      sample: {"0000:1b:00.0": 5}
+      version_added: 0.2.0
 gpus:
   description:
     - Every GPU found, in PCI bus order - every NVIDIA function of class 3D controller or VGA

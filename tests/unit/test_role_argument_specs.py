@@ -103,3 +103,12 @@ def test_defaults_have_the_declared_type(role):
 def test_every_option_is_described(role):
     options = _main_options(role)
     assert sorted(name for name, spec in options.items() if not spec.get("description")) == []
+
+
+def test_kvm_host_installs_every_file_the_hook_imports():
+    """The role copies _fabric_hook.HOST_FILES next to the libvirt hook: the same list."""
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_hook import HOST_FILES
+
+    with open(os.path.join(ROLES, "kvm_host", "vars", "main.yml"), encoding="utf-8") as handle:
+        role_vars = yaml.safe_load(handle)
+    assert tuple(role_vars["__kvm_host_hook_modules"]) == tuple(HOST_FILES)

@@ -59,3 +59,21 @@ def test_every_gpu_of_a_mixed_server_is_reported_with_its_model(host_tree):
     pair, mix = result["plan"]
     assert len({result["gpus"][i]["model"] for i in pair["gpu_indexes"]}) == 1
     assert "error" not in mix
+
+
+def test_the_platform_files_module_map_is_reported(host_tree):
+    """kvm_host reads platform.module_ids to tell which GPUs still lack a module ID."""
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_facts import build
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._platform_file import (
+        platform_from_dict,
+    )
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import detect
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._sysfs import read_host
+
+    topology = read_host(*host_tree("dgx-h100"))
+    built_in, _reason = detect(topology)
+    assert build(topology, built_in, "detected", [], [])["platform"]["module_ids"] == {}
+    mapped = platform_from_dict({"base": "dgx-h100", "module_ids": {"0000:1b:00.0": 5}})
+    result = build(topology, mapped, "file", [], [])
+    assert result["platform"]["fabric"] == "shared_nvswitch"
+    assert result["platform"]["module_ids"] == {"0000:1b:00.0": 5}

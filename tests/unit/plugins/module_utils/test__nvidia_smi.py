@@ -7,7 +7,9 @@ import os
 import pytest
 
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._nvidia_smi import (
+    NvidiaSmiQueryError,
     NvidiaSmiTopoError,
+    parse_module_ids,
     parse_topo_matrix,
 )
 
@@ -81,3 +83,61 @@ def test_text_of_another_host_is_refused():
     assert nvlinks_for_host(text("pcie-4gpu.txt"), 4, "/sys") == {(0, 1): 12, (1, 0): 12}
     with pytest.raises(NvidiaSmiTopoError, match="lists 16 GPUs but 4 were found"):
         nvlinks_for_host(text("dgx2.txt"), 4, "/sys")
+
+
+# --- nvidia-smi -q: module IDs ------------------------------------------------------------------
+
+def test_module_id_from_a_real_h200_capture():
+    # Driver 580 prints "Module Id" under "Platform Info"; "Module Power Readings" is no match.
+    query = os.path.join(TEXTS, "..", "captured", "h200-cloud-vm", "nvidia-smi-q.txt")
+    with open(query, encoding="utf-8") as handle:
+        assert parse_module_ids(handle.read()) == {"0000:00:06.0": 7}
+
+
+HGX_QUERY = """
+==============NVSMI LOG==============
+
+Driver Version                                         : 570.133.20
+Attached GPUs                                          : 3
+GPU 00000000:1B:00.0
+    Product Name                                       : NVIDIA H100 80GB HBM3
+    Platform Info
+        Peer Type                                      : Switch Connected
+        Module Id                                      : 5
+GPU 00000000:9D:00.0
+    Product Name                                       : NVIDIA H100 80GB HBM3
+    Platform Info
+        Module ID                                      : 1
+GPU 00000001:C3:00.0
+    Product Name                                       : NVIDIA H100 NVL
+    Platform Info
+        Module Id                                      : N/A
+    Module Power Readings
+        Average Power Draw                             : N/A
+"""
+
+
+def test_module_ids_by_address_whatever_the_case_and_domain():
+    assert parse_module_ids(HGX_QUERY) == {"0000:1b:00.0": 5, "0000:9d:00.0": 1,
+                                           "0001:c3:00.0": None}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("Driver Version : 570.133.20\n", "no 'GPU 00000000:BB:DD.F' section"),
+    ("GPU 00000000:1B:00.0\n    Module Id : five\n", "module ID 'five', not a number"),
+    (None, "expected its text"),
+])
+def test_module_ids_refuse_other_text(text, message):
+    with pytest.raises(NvidiaSmiQueryError, match=message):
+        parse_module_ids(text)
+
+
+def test_module_ids_filter_raises_ansible_errors():
+    from ansible.errors import AnsibleFilterError
+
+    from ansible_collections.gpuvirt.kvm.plugins.filter.nvidia_smi_module_ids import (
+        nvidia_smi_module_ids,
+    )
+    assert nvidia_smi_module_ids(HGX_QUERY)["0000:9d:00.0"] == 1
+    with pytest.raises(AnsibleFilterError, match="no 'GPU 00000000"):
+        nvidia_smi_module_ids("")
