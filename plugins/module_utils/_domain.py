@@ -884,6 +884,9 @@ class Cpu:
     dies: int | None = None
     cores: int | None = None
     threads: int | None = None
+    # <maxphysaddr mode='emulate' bits='46'/>: the guest's physical address width
+    maxphysaddr_mode: str | None = None
+    maxphysaddr_bits: int | None = None
     features: list = field(default_factory=list)  # CpuFeature
     cells: list = field(default_factory=list)  # NumaCell
     extras: Extras = field(default_factory=Extras, repr=False)
@@ -893,6 +896,7 @@ class Cpu:
         r = _Reader(el)
         model = r.sub("model")
         topo = r.sub("topology")
+        phys = r.sub("maxphysaddr")
         numa = r.sub("numa")
         obj = cls(
             mode=r.get("mode"), match=r.get("match"), check=r.get("check"),
@@ -903,6 +907,8 @@ class Cpu:
             dies=topo.num("dies") if topo is not None else None,
             cores=topo.num("cores") if topo is not None else None,
             threads=topo.num("threads") if topo is not None else None,
+            maxphysaddr_mode=phys.get("mode") if phys is not None else None,
+            maxphysaddr_bits=phys.num("bits") if phys is not None else None,
             features=[CpuFeature.from_element(f) for f in r.subs("feature")],
             cells=([NumaCell.from_element(c) for c in numa.subs("cell")]
                    if numa is not None else []))
@@ -915,6 +921,8 @@ class Cpu:
         _sub(el, "model", [("fallback", self.model_fallback)], self.extras, text=self.model)
         _sub(el, "topology", [("sockets", self.sockets), ("dies", self.dies),
                               ("cores", self.cores), ("threads", self.threads)], self.extras)
+        _sub(el, "maxphysaddr", [("mode", self.maxphysaddr_mode), ("bits", self.maxphysaddr_bits)],
+             self.extras)
         for feature in self.features:
             el.append(feature.to_element())
         if self.cells or "numa" in self.extras.sub:
@@ -1367,6 +1375,32 @@ def device_from_element(el):
 # --- the domain ----------------------------------------------------------------------------------
 
 @dataclass
+class QemuCommandline:
+    """<qemu:commandline>: arguments libvirt passes to QEMU as they are. The collection uses it
+    only for what libvirt has no element for (OVMF's ``opt/ovmf/X-PciMmio64Mb`` fw_cfg entry,
+    a name libvirt reserves in <sysinfo type='fwcfg'>); <qemu:env> and the rest stay extras."""
+
+    TAG = "{%s}commandline" % QEMU_NS
+    ARG = "{%s}arg" % QEMU_NS
+
+    args: list = field(default_factory=list)  # str, in order
+    extras: Extras = field(default_factory=Extras, repr=False)
+
+    @classmethod
+    def from_element(cls, el):
+        r = _Reader(el)
+        obj = cls(args=[a.get("value") for a in r.subs(cls.ARG)])
+        obj.extras = r.finish()
+        return obj
+
+    def to_element(self):
+        el = _element(self.TAG, (), self.extras)
+        for value in self.args:
+            el.append(_element(self.ARG, [("value", value)]))
+        return _finish(el, self.extras)
+
+
+@dataclass
 class Domain:
     """<domain>: a libvirt guest definition."""
 
@@ -1391,6 +1425,7 @@ class Domain:
     on_reboot: str | None = None
     on_crash: str | None = None
     devices: list = field(default_factory=list)  # typed devices and Raw, in document order
+    qemu_commandline: QemuCommandline | None = None
     extras: Extras = field(default_factory=Extras, repr=False)
     namespaces: dict = field(default_factory=dict, repr=False)  # uri -> prefix seen when parsed
 
@@ -1486,7 +1521,8 @@ class Domain:
             cputune=typed("cputune", CpuTune), numatune=typed("numatune", NumaTune),
             os=typed("os", Os), features=typed("features", Features), cpu=typed("cpu", Cpu),
             clock=typed("clock", Clock), on_poweroff=text("on_poweroff"),
-            on_reboot=text("on_reboot"), on_crash=text("on_crash"), devices=devices)
+            on_reboot=text("on_reboot"), on_crash=text("on_crash"), devices=devices,
+            qemu_commandline=typed(QemuCommandline.TAG, QemuCommandline))
         dom.extras = r.finish()
         return dom
 
@@ -1520,7 +1556,9 @@ class Domain:
         devices = _sub(el, "devices", (), x, force=True)
         for dev in self.devices:
             devices.append(dev.to_element())
-        return _finish(el, x)
+        _finish(el, x)
+        _append(el, self.qemu_commandline)  # last, where libvirt keeps it
+        return el
 
     def to_xml(self):
         """The domain as libvirt-style XML text (two-space indentation, trailing newline)."""

@@ -38,6 +38,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain import (
     NumaCell,
     NumaTune,
     Os,
+    QemuCommandline,
     Rng,
     Timer,
     Vcpu,
@@ -47,7 +48,10 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model impor
     POLICY_DEDICATED,
     split_proportionally,
 )
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_spec import SpecError
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_spec import (
+    SpecError,
+    guest_phys_bits,
+)
 
 BLK_QUEUES_MAX = 16  # see NET_QUEUES_MAX in _vm_spec
 
@@ -57,6 +61,8 @@ COLLECTION_VERSION = "0.1.0"  # galaxy.yml's version (a unit test keeps them equ
 DEFAULT_OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"  # Debian/Ubuntu ovmf package paths
 DEFAULT_OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 DEFAULT_NVRAM_DIR = "/var/lib/libvirt/qemu/nvram"  # libvirt's own default for per-VM NVRAM
+# OVMF's size of its 64-bit PCI window, in MiB, read from QEMU's fw_cfg (OvmfPkg PlatformInitLib).
+OVMF_MMIO64_FWCFG = "opt/ovmf/X-PciMmio64Mb"
 
 # Guest bus numbers of the PCIe expander buses (one per guest NUMA cell). Buses below the first
 # one stay for the root ports libvirt adds on pcie-root (virtio disks, NICs); each expander
@@ -255,6 +261,12 @@ def build_domain(spec, topology, uuid=None, ovmf_code=DEFAULT_OVMF_CODE,
         dom.numatune = NumaTune(mode="strict", nodeset=tuple(spec.numa_nodes), memnodes=[
             MemNode(cellid=k, mode="strict", nodeset=(node,))
             for k, (node, _v, _m) in enumerate(cells)])
+    if spec.firmware == "ovmf" and spec.mmio64_mb:
+        # OVMF sizes its 64-bit PCI window from this fw_cfg entry, not from the q35 host
+        # bridge's pcihole64; libvirt reserves opt/ovmf/ names in <sysinfo type='fwcfg'>, so
+        # it goes to QEMU as an argument.
+        dom.qemu_commandline = QemuCommandline(args=[
+            "-fw_cfg", "name=%s,string=%d" % (OVMF_MMIO64_FWCFG, spec.mmio64_mb)])
     dom.os = _os(spec, ovmf_code, ovmf_vars, nvram_dir)
     dom.features = Features(acpi=True, apic=True)
     dom.cpu = _cpu(spec, topology, cells)
@@ -341,6 +353,14 @@ def _cpu(spec, topology, cells):
         # and migratable='off' lets it see host-only features such as invtsc.
         cpu.check = "none"
         cpu.migratable = False
+    if spec.mmio64_mb:
+        # The guest CPU must reach its RAM and the GPUs' BARs above it, whatever the CPU mode
+        # (an emulated CPU has 40 bits, too few for large guests); never past the host's.
+        bits = guest_phys_bits(spec.memory_mb, spec.mmio64_mb)
+        host_bits = getattr(topology, "phys_bits", None)
+        if host_bits and spec.domain_type == "kvm":
+            bits = min(bits, host_bits)
+        cpu.maxphysaddr_mode, cpu.maxphysaddr_bits = "emulate", bits
     cpu.features = [CpuFeature(policy="disable", name=n) for n in spec.cpu_disable_features]
     cpu.cells = [NumaCell(id=k, cpus=vcpus, memory_kib=mb * 1024)
                  for k, (_node, vcpus, mb) in enumerate(cells)]

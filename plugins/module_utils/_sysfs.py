@@ -92,7 +92,7 @@ class SysfsReader:
         return HostTopology(
             pci=pci, cpus=cpus, numa_nodes=nodes, cmdline=cmdline, iommu_groups=groups,
             sysfs_root=self.sysfs_root, proc_root=self.proc_root,
-            cpu_vendor=_cpu_vendor(cpuinfo),
+            cpu_vendor=_cpu_vendor(cpuinfo), phys_bits=_phys_bits(cpuinfo),
         )
 
     # --- CPUs and NUMA ---------------------------------------------------------------------
@@ -228,6 +228,11 @@ class SysfsReader:
 def _cpu_vendor(cpuinfo):
     m = re.search(r"^vendor_id\s*:\s*(\S+)", cpuinfo, re.MULTILINE)
     return m.group(1) if m else ""
+
+
+def _phys_bits(cpuinfo):
+    m = re.search(r"^address sizes\s*:\s*(\d+) bits physical", cpuinfo, re.MULTILINE)
+    return int(m.group(1)) if m else None
 
 
 def _meminfo_kb(text, key):

@@ -143,6 +143,9 @@ class HostTopology:
     sysfs_root: str = "/sys"
     proc_root: str = "/proc"
     cpu_vendor: str = ""  # vendor_id from /proc/cpuinfo: GenuineIntel, AuthenticAMD, or ""
+    # "address sizes : 46 bits physical" from /proc/cpuinfo: how far the host (and so a KVM
+    # guest) can address memory and BARs; None when the kernel does not say.
+    phys_bits: int | None = None
 
     @property
     def iommu_enabled(self):

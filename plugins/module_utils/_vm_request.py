@@ -252,14 +252,21 @@ CREATE_DEFAULTS = {
     "networks": (NetworkSpec(type="network", source="default"),),
     "cpu_disable_features": (),
     "domain_type": "kvm",
-    "firmware": "bios",
+    # "firmware" depends on the GPUs: see create_firmware().
 }
+
+
+def create_firmware(gpus):
+    """A new VM's firmware when none is asked for: UEFI (OVMF) for GPU VMs, whose large BARs
+    need a 64-bit PCI window the firmware must map (hardware.md section 5); BIOS without GPUs."""
+    return "ovmf" if gpus else "bios"
 
 
 def resolve(req, actual=None):
     """The request with every option left out filled in: from the VM (`actual`) or defaults."""
     if actual is None:
-        fill = dict(CREATE_DEFAULTS)
+        fill = dict(CREATE_DEFAULTS, firmware=create_firmware(
+            req.gpus if req.gpus is not None else CREATE_DEFAULTS["gpus"]))
     else:
         fill = {
             "gpus": len(actual.gpus),

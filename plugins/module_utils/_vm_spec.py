@@ -217,6 +217,35 @@ def mmio64_window_mb(devices):
     return max(1, size // MIB)
 
 
+# QEMU gives an emulated CPU 40 physical address bits; a GPU VM never gets fewer.
+GUEST_MIN_PHYS_BITS = 40
+# q35 keeps at most 2 GiB of RAM below 4 GiB once a guest has 2.75 GiB or more (the rest of
+# that space is for 32-bit PCI and the firmware); everything else lies above 4 GiB.
+_Q35_LOW_RAM = 2 * 1024 * MIB
+_FOUR_GIB = 4 * 1024 * MIB
+
+
+def guest_phys_bits(memory_mb, mmio64_mb):
+    """Physical address bits a q35 guest needs for its RAM and its 64-bit PCI window.
+
+    RAM above 4 GiB ends at 4 GiB + (RAM - 2 GiB); the firmware puts the 64-bit window above
+    it, aligned to the window's own size (OVMF does with ``X-PciMmio64Mb``). One bit more
+    leaves room for firmware that sizes the window from the address width instead (OVMF's
+    dynamic window). A guest CPU with fewer bits cannot reach the BARs at the top: the public
+    failure "the more guest RAM, the fewer GPUs probe"."""
+    return max(GUEST_MIN_PHYS_BITS, _address_bits(memory_mb, mmio64_mb) + 1)
+
+
+def _address_bits(memory_mb, mmio64_mb):
+    """Bits that reach the end of RAM and of the 64-bit window aligned above it."""
+    ram_top = _FOUR_GIB + max(0, memory_mb * MIB - _Q35_LOW_RAM)
+    top = ram_top
+    window = mmio64_mb * MIB
+    if window:
+        top = -(-ram_top // window) * window + window
+    return (top - 1).bit_length()
+
+
 def _is_gpu(dev):
     return dev.vendor in GPU_VENDORS and dev.pci_class in GPU_CLASSES
 
@@ -290,6 +319,8 @@ def make_spec(placement, topology, disks=(), networks=(), domain_type="kvm", cpu
     passthrough = tuple(placement.gpus) + tuple(placement.nvswitches)
     extra = group_members(passthrough, topology) if passthrough else ()
     devices = [topology.pci[b] for b in passthrough + extra]
+    mmio64_mb = mmio64_window_mb(devices) if placement.gpus else 0
+    _check_phys_bits(placement, mmio64_mb, topology, domain_type)
     return VmSpec(
         name=name, domain_type=domain_type, vcpus=placement.vcpus,
         memory_mb=placement.memory_mb, cpu_policy=placement.cpu_policy,
@@ -298,13 +329,27 @@ def make_spec(placement, topology, disks=(), networks=(), domain_type="kvm", cpu
         memory_by_node={int(k): int(v) for k, v in placement.memory_by_node.items()},
         hugepage_kb=placement.hugepage_kb or 0, gpus=tuple(placement.gpus),
         nvswitches=tuple(placement.nvswitches), extra_hostdevs=extra,
-        mmio64_mb=mmio64_window_mb(devices) if placement.gpus else 0,
+        mmio64_mb=mmio64_mb,
         disks=disk_specs, networks=net_specs, cpu_mode=cpu_mode,
         cpu_disable_features=tuple(features), machine=machine, firmware=firmware,
         template=None if template is None else str(template), image=image,
         image_version=image_version, owner_tag=owner_tag, seed_digest=seed_digest,
         fm_partition=fm_partition if placement.gpus else None,
     )
+
+
+def _check_phys_bits(placement, mmio64_mb, topology, domain_type):
+    """A KVM guest cannot address more than its host: refuse RAM plus BARs beyond that."""
+    host_bits = getattr(topology, "phys_bits", None)
+    if not mmio64_mb or not host_bits or domain_type != "kvm":
+        return
+    need = _address_bits(placement.memory_mb, mmio64_mb)
+    if need > host_bits:
+        raise SpecError(
+            "memory: %d MiB of RAM and a %d GiB window for the GPUs' BARs need %d physical "
+            "address bits, and this host's CPU has %d (/proc/cpuinfo address sizes): the guest "
+            "could not reach its GPUs. Give the VM less memory, or fewer GPUs"
+            % (placement.memory_mb, mmio64_mb // 1024, need, host_bits))
 
 
 def _check_hugepages(placement):

@@ -185,8 +185,15 @@ options:
     type: str
     choices: [kvm, qemu]
   firmware:
-    description: V(ovmf) boots with UEFI (needed for large-BAR multi-GPU guests); V(bios) else.
-      When not set, V(bios) for a new VM.
+    description:
+      - V(ovmf) boots with UEFI, V(bios) with SeaBIOS. When not set, V(ovmf) for a new VM with
+        GPUs (multi-GPU guests with large BARs need it), V(bios) for a new VM without; an
+        existing VM keeps its own.
+      - A GPU VM gets OVMF's 64-bit PCI window size (C(opt/ovmf/X-PciMmio64Mb), through fw_cfg
+        as a QEMU argument, since libvirt reserves that name) and, whatever the CPU mode, a
+        guest physical address width (C(<maxphysaddr mode='emulate' bits='N'/>)) that covers
+        its RAM and that window, never more than the host CPU's; a VM whose RAM and BARs need
+        more bits than the host has is refused.
     type: str
     choices: [bios, ovmf]
   force:

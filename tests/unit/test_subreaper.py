@@ -31,7 +31,8 @@ def stat_fields(pid):
     try:
         with open("/proc/%d/stat" % pid, encoding="ascii") as handle:
             return handle.read().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
+        # ESRCH instead of ENOENT: the process was being reaped while /proc was read.
         return None
 
 

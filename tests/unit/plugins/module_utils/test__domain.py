@@ -270,9 +270,20 @@ def test_equality_covers_unknown_elements():
     a = Domain.from_xml(fixture("hand-edited", "in"))
     b = Domain.from_xml(fixture("hand-edited", "out"))
     assert a == b
-    b.extras.children[-1].element.find(
-        "{http://libvirt.org/schemas/domain/qemu/1.0}arg").set("value", "-S")
+    assert b.extras.children[-1].element.tag == "seclabel"
+    b.extras.children[-1].element.set("relabel", "no")
     assert a != b
+
+
+def test_qemu_commandline_is_read_in_order_and_keeps_its_env():
+    a = Domain.from_xml(fixture("hand-edited", "in"))
+    assert a.qemu_commandline.args == ["-fw_cfg", "name=opt/com.example/config,string=a b"]
+    b = Domain.from_xml(fixture("hand-edited", "out"))
+    b.qemu_commandline.args[0] = "-S"
+    assert a != b
+    # <qemu:env> is kept as it was, after the arguments.
+    assert "<qemu:env name='QEMU_AUDIO_DRV' value='none'/>\n  </qemu:commandline>\n</domain>" \
+        in a.to_xml()
 
 
 # --- bad input ----------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_spec import (
     SpecError,
     VmSpec,
     derive_mac,
+    guest_phys_bits,
     make_spec,
     mmio64_window_mb,
     normalize_mac,
@@ -619,9 +620,103 @@ def test_libvirt_accepts_a_dgx2_gpu_vm(host):
         assert root.findtext("./devices/controller[@model='pcie-root']/pcihole64") == str(
             2048 * GIB_KIB)
         assert root.find("./os/type").get("machine").startswith("pc-q35")
+        # libvirt keeps the guest's address width and OVMF's window size (fw_cfg)
+        assert root.find("./cpu/maxphysaddr").attrib == {"mode": "emulate", "bits": "43"}
+        assert _fw_cfg_mb(root) == 2048 * 1024
         assert VmSpec.from_domain(Domain.from_xml(stored)) == spec
         alloc = read_domain(stored)
         assert alloc.hostdevs == tuple(sorted(spec.hostdevs))
     finally:
         _remove(libvirt, conn, name)
         conn.close()
+
+
+# --- what the guest firmware and CPU must reach: the 64-bit window and the address width -------
+
+FWCFG = "./{http://libvirt.org/schemas/domain/qemu/1.0}commandline"
+
+
+def _fw_cfg_mb(root):
+    args = [a.get("value") for a in root.findall(FWCFG + "/{http://libvirt.org/schemas/domain/"
+                                                   "qemu/1.0}arg")]
+    assert args[0] == "-fw_cfg", args
+    name, _sep, value = args[1].partition(",string=")
+    assert name == "name=opt/ovmf/X-PciMmio64Mb"
+    return int(value)
+
+
+def _reaches(root, memory_mb, window_mb):
+    """The guest CPU's address width covers RAM above 4 GiB and the window aligned above it."""
+    bits = int(root.find("./cpu/maxphysaddr").get("bits"))
+    assert root.find("./cpu/maxphysaddr").get("mode") == "emulate"
+    ram_top = (4 * 1024 + max(0, memory_mb - 2048)) * 2 ** 20
+    window = window_mb * 2 ** 20
+    top = -(-ram_top // window) * window + window
+    assert top <= 2 ** bits, (bits, top)
+    return bits
+
+
+def test_dgx2_16_gpus_with_1_4_tib_of_ram_reaches_all_its_bars(host, tmp_path):
+    topo = host("dgx2")
+    assert topo.phys_bits == 46
+    memory_mb = 1434 * 1024  # 1.4 TiB
+    _placement, spec = placed(topo, "dgx2", Request("big", gpus=16, memory_mb=memory_mb),
+                              firmware="ovmf")
+    assert spec.memory_mb == memory_mb and spec.mmio64_mb == 2048 * 1024
+    xml = build_domain(spec, topo).to_xml()
+    root = ET.fromstring(xml)
+    # OVMF gets the 2 TiB window through fw_cfg; RAM ends near 1.4 TiB, the window takes
+    # 2-4 TiB: 42 bits, plus one for firmware that places it by the address width.
+    assert _fw_cfg_mb(root) == 2048 * 1024
+    assert _reaches(root, memory_mb, spec.mmio64_mb) == 43
+    assert root.find("./os/loader").get("type") == "pflash"
+    assert VmSpec.from_domain(Domain.from_xml(xml)) == spec
+    validate(xml, tmp_path)
+
+
+def test_h100_8_gpus_reach_their_bars_for_every_cpu_mode(host, tmp_path):
+    topo = host("dgx-h100")
+    for cpu_mode, domain_type in (("host-passthrough", "kvm"), ("host-model", "kvm"),
+                                  ("maximum", "qemu")):
+        _placement, spec = placed(topo, "dgx-h100", Request("h8", gpus=8), firmware="ovmf",
+                                  cpu_mode=cpu_mode, domain_type=domain_type)
+        root = ET.fromstring(build_domain(spec, topo).to_xml())
+        assert _fw_cfg_mb(root) == spec.mmio64_mb >= 8 * 128 * 1024
+        bits = _reaches(root, spec.memory_mb, spec.mmio64_mb)
+        assert bits <= topo.phys_bits or domain_type == "qemu"
+        validate(build_domain(spec, topo).to_xml(), tmp_path)
+
+
+def test_bios_vms_get_the_address_width_but_no_ovmf_entry(host):
+    topo = host("dgx2")
+    _placement, spec = placed(topo, "dgx2", Request("b", gpus=2))
+    root = ET.fromstring(build_domain(spec, topo).to_xml())
+    assert root.find(FWCFG) is None
+    assert root.find("./cpu/maxphysaddr") is not None
+
+
+def test_a_vm_without_gpus_keeps_qemus_defaults(host):
+    topo = host("dgx2")
+    _placement, spec = placed(topo, "dgx2", Request("cpu-only", gpus=0, vcpus=2,
+                                                   memory_mb=2048), firmware="ovmf")
+    root = ET.fromstring(build_domain(spec, topo).to_xml())
+    assert root.find(FWCFG) is None and root.find("./cpu/maxphysaddr") is None
+
+
+def test_guest_phys_bits():
+    assert guest_phys_bits(1024, 0) == 40  # never below QEMU's 40
+    # 1 TiB of RAM (top near 1 TiB) and a 1 TiB window aligned above it: 2 TiB, 41 + 1 bits
+    assert guest_phys_bits(1024 * 1024, 1024 * 1024) == 43
+    # the same window with less RAM fits lower
+    assert guest_phys_bits(64 * 1024, 1024 * 1024) == 42
+
+
+def test_a_guest_the_host_cpu_cannot_address_is_refused(host):
+    # One V100 (a 128 GiB window) above 66 GiB of RAM ends at 256 GiB: 38 bits.
+    topo = dataclasses.replace(host("dgx2"), phys_bits=37)
+    with pytest.raises(SpecError, match="need 38 physical address bits, and this host's CPU "
+                                        "has 37"):
+        placed(topo, "dgx2", Request("wide", gpus=1, memory_mb=64 * 1024))
+    # Under TCG the guest CPU is emulated: any width goes.
+    placed(topo, "dgx2", Request("wide", gpus=1, memory_mb=64 * 1024), domain_type="qemu",
+           cpu_mode="maximum")

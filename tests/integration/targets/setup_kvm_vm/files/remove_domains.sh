@@ -12,6 +12,7 @@ esac
 virsh -c qemu:///system list --all --name | grep -F "$prefix" | while read -r d; do
   [[ $d == "$prefix"* ]] || continue
   virsh -c qemu:///system destroy "$d" >/dev/null 2>&1
-  virsh -c qemu:///system undefine "$d" >/dev/null 2>&1 && echo "removed $d"
+  # --nvram: a GPU VM boots OVMF by default, and libvirt keeps a started one's NVRAM file.
+  virsh -c qemu:///system undefine --nvram "$d" >/dev/null 2>&1 && echo "removed $d"
 done
 exit 0
