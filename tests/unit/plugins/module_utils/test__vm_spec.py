@@ -637,8 +637,8 @@ FWCFG = "./{http://libvirt.org/schemas/domain/qemu/1.0}commandline"
 
 
 def _fw_cfg_mb(root):
-    args = [a.get("value") for a in root.findall(FWCFG + "/{http://libvirt.org/schemas/domain/"
-                                                   "qemu/1.0}arg")]
+    arg = FWCFG + "/{http://libvirt.org/schemas/domain/qemu/1.0}arg"
+    args = [a.get("value") for a in root.findall(arg)]
     assert args[0] == "-fw_cfg", args
     name, _sep, value = args[1].partition(",string=")
     assert name == "name=opt/ovmf/X-PciMmio64Mb"
@@ -697,8 +697,8 @@ def test_bios_vms_get_the_address_width_but_no_ovmf_entry(host):
 
 def test_a_vm_without_gpus_keeps_qemus_defaults(host):
     topo = host("dgx2")
-    _placement, spec = placed(topo, "dgx2", Request("cpu-only", gpus=0, vcpus=2,
-                                                   memory_mb=2048), firmware="ovmf")
+    request = Request("cpu-only", gpus=0, vcpus=2, memory_mb=2048)
+    _placement, spec = placed(topo, "dgx2", request, firmware="ovmf")
     root = ET.fromstring(build_domain(spec, topo).to_xml())
     assert root.find(FWCFG) is None and root.find("./cpu/maxphysaddr") is None
 
