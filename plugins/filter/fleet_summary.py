@@ -51,9 +51,23 @@ _value:
     changed: {description: Whether the host changed., type: bool}
     errors: {description: Why the host failed., type: list, elements: str}
     line: {description: One line for humans., type: str}
+    versions:
+      description: The host's stack as M(gpuvirt.kvm.gpu_topology) reported it
+        (RV(gpuvirt.kvm.gpu_topology#module:versions)), or an empty dict when the host has no
+        report.
+      type: dict
+      version_added: 0.2.0
+    stack:
+      description: RV(_value[].versions) as one line for humans (V(gpuvirt.kvm 0.1.0, kernel ...,
+        libvirt ..., QEMU ..., OVMF ..., NVIDIA driver ..., Fabric Manager ...)), or an empty
+        string.
+      type: str
+      version_added: 0.2.0
 """
 
 from ansible.errors import AnsibleFilterError
+
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_stack import stack_line
 
 
 def _var(hostvars, host, name):
@@ -76,7 +90,7 @@ def fleet_summary(hostvars, hosts):
                       "failed": [{"name": None, "error": str(error)}]}
         if not isinstance(report, dict):
             out.append({"host": host, "status": "no report", "layout": None, "vms": 0,
-                        "changed": False, "errors": [],
+                        "changed": False, "errors": [], "versions": {}, "stack": "",
                         "line": "%-20s no report (unreachable, or failed before gpu_vms ran)"
                                 % host})
             continue
@@ -95,9 +109,10 @@ def fleet_summary(hostvars, hosts):
         else:
             mismatched = [d["name"] for d in desired if not d.get("matches") and not d.get("error")]
             text = "; ".join(errors + ["%s not as asked" % n for n in mismatched]) or "failed"
+        versions = report.get("versions") if isinstance(report.get("versions"), dict) else {}
         out.append({"host": host, "status": status, "layout": report.get("layout"),
                     "vms": len(desired), "changed": bool(report.get("changed")),
-                    "errors": errors,
+                    "errors": errors, "versions": versions, "stack": stack_line(versions),
                     "line": "%-20s %-7s %-8s %s" % (host, status, report.get("layout") or "",
                                                     text)})
     return out

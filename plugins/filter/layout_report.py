@@ -80,6 +80,11 @@ _value:
     actions: {description: What the converge did, one line each., type: list, elements: str}
     removed: {description: VMs removed because the layout no longer lists them., type: list, elements: str}
     failed: {description: VMs that failed (C(name), C(error)) and the converge's own message., type: list, elements: dict}
+    versions:
+      description: The host's stack (M(gpuvirt.kvm.gpu_topology)'s RV(gpuvirt.kvm.gpu_topology#module:versions)),
+        or an empty dict.
+      type: dict
+      version_added: 0.2.0
 """
 
 from ansible.errors import AnsibleFilterError
@@ -159,6 +164,7 @@ def layout_report(vms, result, topology, host="", layout="", check_mode=False):
         "actions": list(result.get("actions") or []),
         "removed": list(result.get("removed") or []),
         "failed": failed,
+        "versions": dict(topology.get("versions") or {}),
     }
 
 

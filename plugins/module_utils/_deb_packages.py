@@ -8,7 +8,8 @@ kvm_image's package source, and the collection's only caller of the dpkg tools (
 _qemu_img's ``_run``, with ``LANG=C``): DebianPackages reads a package's image out of its .deb
 without installing anything (open_member), installs that very .deb once the image passed its
 checks (install_deb, install_file), and lists what an installed package put on the host;
-pick_image_file chooses the image among a package's files.
+pick_image_file chooses the image among a package's files. installed_versions asks dpkg-query
+(else rpm, on the RHEL family) which versions of some packages are installed.
 """
 
 from __future__ import annotations
@@ -16,15 +17,37 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import subprocess
 import tarfile
 import tempfile
 
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_stack import (
+    DPKG_FORMAT,
+    RPM_FORMAT,
+    parse_dpkg,
+    parse_rpm,
+)
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._qemu_img import ImagesError, _c_env, _run
 
 # Files a package may ship as its image (the store then names it .qcow2 or .raw by content).
 PACKAGE_IMAGE_SUFFIXES = (".qcow2", ".qcow", ".img", ".raw")
 _DEB_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+
+
+def installed_versions(dpkg_names, rpm_names):
+    """(package manager, {package: version} of the installed ones): dpkg-query with dpkg's
+    globs where it is there, else rpm with exact names; (None, {}) with neither. Names that are
+    not installed are left out (both tools then exit 1, and that is no error)."""
+    if shutil.which("dpkg-query"):
+        _rc, out, _err = _run(["dpkg-query", "-W", "-f=" + DPKG_FORMAT] + list(dpkg_names),
+                              ok=(0, 1))
+        return "dpkg", parse_dpkg(out)
+    if shutil.which("rpm"):
+        _rc, out, _err = _run(["rpm", "-q", "--qf", RPM_FORMAT] + list(rpm_names),
+                              ok=tuple(range(256)))
+        return "rpm", parse_rpm(out)
+    return None, {}
 
 
 def _deb_path(name):

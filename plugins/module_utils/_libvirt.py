@@ -79,6 +79,16 @@ class LibvirtGateway:
     def __exit__(self, *exc):
         self.close()
 
+    def versions(self):
+        """(libvirt's version, the hypervisor's version) as libvirt packs them, or None each."""
+        out = []
+        for call in (self.conn.getLibVersion, self.conn.getVersion):
+            try:
+                out.append(call())
+            except libvirt.libvirtError:
+                out.append(None)
+        return tuple(out)
+
     def _list_domains(self):
         try:
             return self.conn.listAllDomains(0)

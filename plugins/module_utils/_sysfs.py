@@ -245,6 +245,13 @@ def read_host(sysfs_root="/sys", proc_root="/proc"):
     return SysfsReader(sysfs_root, proc_root).read()
 
 
+def read_stack_files(sysfs_root="/sys", proc_root="/proc"):
+    """(the kernel's release as `uname -r` prints it, the loaded nvidia module's version), each
+    None when the file is not there (no nvidia module loaded)."""
+    return (_read(os.path.join(proc_root, "sys", "kernel", "osrelease"), "") or None,
+            _read(os.path.join(sysfs_root, "module", "nvidia", "version"), "") or None)
+
+
 def read_bridges(sysfs_root="/sys"):
     """Names of the host's network bridges (interfaces with a ``bridge`` folder in sysfs)."""
     net = os.path.join(sysfs_root, "class", "net")

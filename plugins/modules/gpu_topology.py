@@ -20,6 +20,8 @@ description:
     binding) and what to do where it is not.
   - Optionally plans a list of VM requests on the host without changing anything, the way
     M(gpuvirt.kvm.kvm_vm) would place them.
+  - Reports the host's stack (RV(versions)) - the collection, kernel, libvirt, QEMU, OVMF, NVIDIA
+    driver and Fabric Manager versions - as C(nvidia-vm version show) did.
   - Never changes the host.
 author:
   - gpuvirt.kvm contributors (@gpuvirt)
@@ -285,6 +287,38 @@ placement_state:
       type: list
       elements: list
       sample: [[0, 1, 6]]
+versions:
+  description:
+    - The host's stack, as C(nvidia-vm version show) printed it. Each value is a version string,
+      or V(null) where the part is not there or cannot be read.
+    - The package versions come from C(dpkg-query), else C(rpm), of the host the module runs on.
+  returned: success
+  type: dict
+  version_added: 0.2.0
+  contains:
+    collection: {description: This collection's version., type: str, sample: 0.1.0}
+    kernel:
+      description: The running kernel, as C(uname -r) prints it (from O(proc_root)).
+      type: str
+      sample: 5.15.0-1042-nvidia
+    libvirt: {description: The libvirt daemon's version at O(uri)., type: str, sample: 9.0.0}
+    qemu: {description: The QEMU version libvirt at O(uri) drives., type: str, sample: 7.2.12}
+    ovmf:
+      description: The installed OVMF package (C(ovmf) on Debian and Ubuntu, C(edk2-ovmf) on
+        RHEL).
+      type: str
+      sample: 2022.11-6+deb12u2
+    nvidia_driver:
+      description: The NVIDIA driver, the loaded module's version (C(/sys/module/nvidia/version)
+        under O(sysfs_root)) while it is loaded, else the installed driver package's version.
+      type: str
+      sample: 570.133.20
+    nvidia_driver_loaded: {description: Whether the nvidia module is loaded., type: bool}
+    fabric_manager:
+      description: The installed Fabric Manager package (C(nvidia-fabricmanager-BRANCH) or
+        C(nvidia-fabric-manager)).
+      type: str
+      sample: 570.133.20-1
 libvirt:
   description: Whether allocations could be read from libvirt, and if not, why.
   returned: success
@@ -342,6 +376,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._argspec import (
     host_argspec,
     libvirt_argspec,
 )
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._deb_packages import installed_versions
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain import DomainXmlError
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import read_domains
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_context import (
@@ -350,12 +385,21 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_context import (
     resolve_uri,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_facts import build
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_stack import (
+    DPKG_NAMES,
+    RPM_NAMES,
+    all_names,
+    host_stack,
+    package_versions,
+)
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import (
     LibvirtGateway,
     LibvirtGatewayError,
     has_libvirt,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import PlacementError
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._qemu_img import ImagesError
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._sysfs import read_stack_files
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_request import (
     VmError,
     plan_entry_argspec,
@@ -364,23 +408,25 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_request import (
 
 
 def _read_domains(module, uri):
-    """Every defined domain, or [] with a warning when libvirt is out of reach."""
+    """(every defined domain, libvirt's status, libvirt's and QEMU's versions); no domains and
+    no versions, with a warning, when libvirt is out of reach."""
     status = {"uri": uri, "reachable": False, "error": None}
     if not has_libvirt():
         status["error"] = missing_required_lib("libvirt-python")
         module.warn("allocations not read: %s" % status["error"])
-        return [], status
+        return [], status, (None, None)
     try:
         with LibvirtGateway(uri) as gateway:
             domains = list(read_domains(gateway.list_domains()).values())
+            versions = gateway.versions()
     except DomainXmlError as exc:  # a domain that cannot be read may hold any GPU: no plan
         module.fail_json(msg="uri: %s" % exc)
     except LibvirtGatewayError as exc:
         status["error"] = str(exc)
         module.warn("allocations not read (every GPU is shown free): %s" % exc)
-        return [], status
+        return [], status, (None, None)
     status["reachable"] = True
-    return domains, status
+    return domains, status, versions
 
 
 def main():
@@ -400,7 +446,7 @@ def main():
 
     if ctx.fabric_error:
         module.fail_json(msg=ctx.fabric_error)
-    domains, libvirt_status = _read_domains(module, resolve_uri(p["uri"]))
+    domains, libvirt_status, libvirt_versions = _read_domains(module, resolve_uri(p["uri"]))
     try:
         result = build(
             ctx.topology, ctx.platform, ctx.platform_reason, domains, requests,
@@ -412,7 +458,15 @@ def main():
         module.fail_json(msg=str(exc))
     for warning in ctx.warnings + result.pop("warnings"):
         module.warn(warning)
-    module.exit_json(changed=False, libvirt=libvirt_status, **result)
+    kernel, loaded_driver = read_stack_files(p["sysfs_root"], p["proc_root"])
+    try:
+        manager, installed = installed_versions(all_names(DPKG_NAMES), all_names(RPM_NAMES))
+    except ImagesError as exc:  # the report goes on without the package versions
+        module.warn("versions: cannot ask the package manager: %s" % exc)
+        manager, installed = None, {}
+    versions = host_stack(kernel, loaded_driver, libvirt_versions,
+                          package_versions(manager, installed))
+    module.exit_json(changed=False, libvirt=libvirt_status, versions=versions, **result)
 
 
 if __name__ == "__main__":

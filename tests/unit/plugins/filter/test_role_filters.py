@@ -88,6 +88,9 @@ TOPO = {
                     {"name": "b", "active": False, "managed": True, "gpus": []},
                     {"name": "theirs", "active": True, "managed": False, "gpus": []}],
     "free_blocks": {"1": 0},
+    "versions": {"collection": "0.1.0", "kernel": "5.15.0-1042-nvidia", "libvirt": "9.0.0",
+                 "qemu": "7.2.12", "ovmf": None, "nvidia_driver": None,
+                 "nvidia_driver_loaded": False, "fabric_manager": None},
 }
 
 
@@ -132,6 +135,12 @@ def test_fleet_summary_lists_every_host():
         [("h1", "ok"), ("h2", "failed"), ("h3", "no report")]
     assert out[0]["changed"] and "1 VM(s), changed" in out[0]["line"]
     assert out[1]["errors"] == ["gpu_vms: layout 'night' cannot be converged on h2: x"]
+    # Each host's stack, as gpu_topology read it after the converge (none without a report).
+    assert out[0]["versions"] == TOPO["versions"]
+    assert out[0]["stack"] == ("gpuvirt.kvm 0.1.0, kernel 5.15.0-1042-nvidia, libvirt 9.0.0, "
+                               "QEMU 7.2.12")
+    assert (out[1]["versions"], out[1]["stack"]) == ({}, "")
+    assert (out[2]["versions"], out[2]["stack"]) == ({}, "")
     with pytest.raises(AnsibleFilterError):
         fleet_summary(hostvars, "h1")
 

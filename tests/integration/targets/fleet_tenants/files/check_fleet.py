@@ -72,6 +72,13 @@ def main(step, state_path, report_dir, scratch):
     if step == "day":
         for host in DAY:
             status(host, "ok", changed=True)
+            # Each host's stack, as its gpu_topology read it (libvirt: the fleet's libvirtd).
+            versions = fleet.get(host, {}).get("versions") or {}
+            if not versions.get("libvirt") or not fleet[host]["stack"].startswith(
+                    "gpuvirt.kvm %s, " % versions.get("collection")) or \
+                    "libvirt %s" % versions["libvirt"] not in fleet[host]["stack"]:
+                problems.append("fleet.json: %s has no version report: %r / %r" % (
+                    host, versions, fleet.get(host, {}).get("stack")))
         with open(os.path.join(report_dir, "gpu-a.json")) as f:
             report = json.load(f)
         if [d["name"] for d in report["desired"]] != ["a-train", "a-dev1", "a-dev2", "a-dev3"] \
