@@ -270,6 +270,11 @@ def _desired(vp, placement, snap, ctx):
                          current.size_gb if current else None, "data_disk_size")
         disks.append(DiskSpec(role="data", path=path, format="qcow2", size_gb=size))
     seed_digest = None
+    if req.cloud_init and req.cloud_init.get("data_disk_mount") \
+            and not any(d.role == "data" for d in disks):
+        raise VmError("%s: cloud_init.data_disk_mount: %s asks for the data disk, and the VM "
+                      "has none; set data_disk_size, or leave data_disk_mount out" % (
+                          req.name, req.cloud_init["data_disk_mount"]))
     if req.cloud_init:
         vp.seed_files = render(req.name, req.cloud_init)
         seed_digest = digest(vp.seed_files)

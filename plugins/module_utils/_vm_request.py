@@ -21,6 +21,10 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._argspec import (
     ArgSpecError,
     ArgumentSpec,
 )
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._cloud_init import CloudInitError
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._cloud_init import (
+    check as check_cloud_init,
+)
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import (
     CPU_POLICIES,
     POLICY_DEDICATED,
@@ -58,7 +62,14 @@ NIC_OPTIONS = ArgumentSpec(
 CLOUD_INIT_OPTIONS = ArgumentSpec(dict(
     hostname=dict(type="str"), user=dict(type="str"),
     ssh_authorized_keys=dict(type="list", elements="str", no_log=False),
-    password_hash=dict(type="str", no_log=True)))
+    password_hash=dict(type="str", no_log=True),
+    user_data=dict(type="raw"),
+    packages=dict(type="list", elements="str"),
+    runcmd=dict(type="list", elements="raw"),
+    write_files=dict(type="list", elements="dict"),
+    mounts=dict(type="list", elements="list"),
+    data_disk_mount=dict(type="str"),
+    network_config=dict(type="dict")))
 
 VM_OPTIONS = ArgumentSpec(
     dict(
@@ -213,6 +224,11 @@ def request_from_params(p, where=""):
                         mac=net.get("mac"))
             for net in p["networks"]
             for kind in [next(k for k in ("network", "bridge", "user") if net.get(k))])
+    if p.get("cloud_init"):
+        try:
+            check_cloud_init(p["cloud_init"], prefix + "cloud_init")
+        except CloudInitError as exc:
+            raise VmError(str(exc)) from exc
     timeout = p.get("timeout")
     timeout = 120 if timeout is None else timeout
     if timeout < 0:

@@ -152,13 +152,58 @@ options:
           is stable across re-creation.
         type: str
   cloud_init:
-    description: A NoCloud seed ISO for the guest.
+    description:
+      - A NoCloud seed ISO for the guest (mode 0600 on the host). Its user-data is the user's
+        own O(cloud_init.user_data) with the other options merged in (docs/vms.md).
+      - Without O(cloud_init.user), the keys go to the image's default user (C(debian) on Debian
+        cloud images, C(ubuntu) on Ubuntu's and DGX OS), the documented login of a GPU guest.
     type: dict
     suboptions:
       hostname: {description: Guest hostname (default the VM name)., type: str}
       user: {description: "A user to create, with passwordless sudo.", type: str}
-      ssh_authorized_keys: {description: Keys for that user., type: list, elements: str}
+      ssh_authorized_keys:
+        description: Keys for that user, or for the image's default user without O(cloud_init.user).
+        type: list
+        elements: str
       password_hash: {description: Its password hash (crypt format)., type: str}
+      user_data:
+        description:
+          - The user's own cloud-config, as a mapping or as text that starts with
+            C(#cloud-config) (text needs PyYAML on the managed host).
+          - Its keys win. The VM's hostname, O(cloud_init.user) and O(cloud_init.ssh_authorized_keys)
+            fill in only what it does not set (a user of the same name in its C(users) is left as
+            it is); C(packages), C(runcmd), C(write_files), C(mounts) and C(bootcmd) are joined,
+            its entries first.
+          - It is not hidden from logs: keep secrets in O(cloud_init.password_hash).
+        type: raw
+      packages: {description: Packages to install on first boot (cloud-init C(packages))., type: list, elements: str}
+      runcmd:
+        description: Commands to run on first boot (cloud-init C(runcmd)), each a string or an argv list.
+        type: list
+        elements: raw
+      write_files:
+        description: Files to write on first boot (cloud-init C(write_files)), each with an absolute C(path).
+        type: list
+        elements: dict
+      mounts:
+        description: fstab entries (cloud-init C(mounts)), each a list of 2 to 6 fields.
+        type: list
+        elements: list
+      data_disk_mount:
+        description:
+          - Mount the VM's data disk here (such as V(/data)). At every boot, before the mounts,
+            the disk is formatted ext4 with the label C(gpuvirt-data) only when C(blkid) finds
+            neither a filesystem nor a partition table on it, so a data disk that holds anything
+            (kept across a re-creation) is never formatted.
+          - Needs a data disk (O(data_disk_size)).
+        type: str
+      network_config:
+        description:
+          - cloud-init network configuration, version 1 or 2 (netplan-like), written as the
+            seed's C(network-config); for several NICs and static addresses. Match NICs by their
+            MACs (RV(vm.macs)), which stay the same across re-creation.
+          - Without it the image's own default applies (DHCP on the first NIC on most images).
+        type: dict
   cpu_policy:
     description: V(dedicated) pins vCPUs 1:1 to host CPUs no other VM holds; V(shared) lets them
       float over the node's unreserved CPUs. When not set, V(dedicated) for a new VM.

@@ -51,6 +51,10 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_request import (
     ({"name": "ok", "timeout": -1}, "timeout: -1"),
     ({"name": "ok", "gpus": 1, "gpu_model": "L50"}, "gpu_model: 'L50' is neither a GPU model"),
     ({"name": "ok", "gpus": True}, "gpus: True is not a number"),
+    ({"name": "ok", "cloud_init": {"user_data": "#cloud-config\n[:"}},
+     "vms[3].cloud_init.user_data: not valid YAML"),
+    ({"name": "ok", "cloud_init": {"data_disk_mount": "/da ta"}},
+     "vms[3].cloud_init.data_disk_mount: '/da ta' is not an absolute path"),
 ])
 def test_bad_options_name_the_option(params, words):
     with pytest.raises(VmError) as err:

@@ -162,6 +162,15 @@ def test_refusals_name_the_option(ctx, request_kw, words):
     assert words in vp.error and vp.steps == []
 
 
+def test_a_data_disk_mount_needs_a_data_disk(ctx):
+    (vp,) = run(ctx, [req(image="os", cloud_init={"data_disk_mount": "/data"})])
+    assert "cloud_init.data_disk_mount: /data asks for the data disk, and the VM has none; set " \
+        "data_disk_size" in vp.error and vp.steps == []
+    (vp,) = run(ctx, [req(image="os", data_disk_size=1, cloud_init={"data_disk_mount": "/data"})])
+    assert vp.error is None and ("create_data_disk", P["data"]) in vp.steps
+    assert "LABEL=gpuvirt-data" in vp.seed_files["user-data"]
+
+
 def test_a_running_vm_is_not_moved_without_recreate(ctx):
     held = req(image="os", gpus=2, gpu_index=0)
     (vp,) = run(ctx, [req(image="os", gpus=2, gpu_index=4)], (held, True), files=[P["os"]])
