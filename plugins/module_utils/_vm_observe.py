@@ -22,6 +22,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain import Domain
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import read_domains
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_plan import (
     disk_paths,
+    image_move,
     own_disks,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_spec import VmSpec
@@ -82,7 +83,7 @@ def _observe_files(snap, ctx, req, spec):
             snap.paths[path] = os.path.lexists(path)
     if req.state == "absent":
         return
-    if "os" not in own and req.image and req.image not in snap.images:
+    if ("os" not in own or image_move(req, spec)) and req.image and req.image not in snap.images:
         try:
             image = ctx.store.resolve(req.image)
             snap.images[req.image] = (image, os.path.realpath(image.path))

@@ -74,6 +74,9 @@ def disk_paths(disk_dir, name):
     join = "%s%s" if base.endswith("/") else "%s/%s"
     return {
         "os": join % (base, "%s-os.qcow2" % name),
+        # An image move builds the new OS overlay here (or back at "os", when the VM is on
+        # this one), so that the old one stays until the VM has started on the new.
+        "os_alt": join % (base, "%s-os-alt.qcow2" % name),
         "data": join % (base, "%s-data.qcow2" % name),
         "seed": join % (base, "%s-seed.iso" % name),
     }
@@ -82,8 +85,25 @@ def disk_paths(disk_dir, name):
 def own_disks(spec):
     """The VM's disks that gpuvirt made: recorded in its metadata, named after the VM."""
     own = disk_paths("", spec.name)
-    return [d for d in spec.disks if d.recorded and d.role in own
-            and (d.path or "").rsplit("/", 1)[-1] == own[d.role].rsplit("/", 1)[-1]]
+    names = {role: {own[role].rsplit("/", 1)[-1]} for role in ("os", "data", "seed")}
+    names["os"].add(own["os_alt"].rsplit("/", 1)[-1])
+    return [d for d in spec.disks if d.recorded and d.role in names
+            and (d.path or "").rsplit("/", 1)[-1] in names[d.role]]
+
+
+def other_os_path(paths, current):
+    """The OS overlay path a move builds on: the one of "os" and "os_alt" the VM is not on."""
+    return paths["os_alt"] if current == paths["os"] else paths["os"]
+
+
+def image_move(req, actual):
+    """Whether ``req.image`` moves an existing VM to another image (name, or name-version).
+
+    The image's name alone keeps the version the VM is on: a new default version of the name
+    moves no VM; name-version or another name does."""
+    if not req.image or actual is None or not actual.image:
+        return False
+    return req.image not in (actual.image, "%s-%s" % (actual.image, actual.image_version))
 
 
 def plan(requests, snap, ctx, whole=False):
@@ -231,35 +251,41 @@ def _desired(vp, placement, snap, ctx):
     actual_disks = {d.role: d for d in own_disks(vp.actual)} if vp.actual else {}
     disks = []
     image_name = image_version = None
-    if "os" in actual_disks:
+    moving = "os" in actual_disks and image_move(req, vp.actual)
+    if "os" in actual_disks and not moving:
         # An existing OS disk stays on the base it was made from: re-basing an overlay
-        # would corrupt it.
+        # would corrupt it. A move builds a new overlay instead (below).
         os_disk = actual_disks["os"]
         image_name, image_version = vp.actual.image, vp.actual.image_version
-        if req.image and vp.actual.image and req.image not in (
-                vp.actual.image, "%s-%s" % (vp.actual.image, vp.actual.image_version)):
-            raise VmError(
-                "%s: image: the OS disk is an overlay on %s-%s; to move the VM to %s, remove "
-                "it (state: absent keeps the data disk) and create it again" % (
-                    req.name, vp.actual.image, vp.actual.image_version, req.image))
         disks.append(replace(os_disk, size_gb=_size(
             vp, snap, os_disk.path, req.os_disk_gb, os_disk.size_gb, "os_disk_size")))
     elif req.image:
         found = snap.images[req.image]
         if isinstance(found, str):
-            raise VmError(found)
+            raise VmError("%s: %s" % (req.name, found) if moving else found)
         image, real_path = found
         image_name, image_version = image.name, image.version
-        if req.os_disk_gb is not None and image.virtual_size \
-                and req.os_disk_gb * GIB < image.virtual_size:
+        size_gb = req.os_disk_gb
+        if moving:
+            if vp.active and not req.recreate:
+                raise VmError(
+                    "%s: image: moving the running VM from %s-%s to %s needs it stopped: stop "
+                    "it first (state: stopped), or set recreate: true to stop it, move it and "
+                    "start it again" % (req.name, vp.actual.image, vp.actual.image_version,
+                                        image.ref))
+            # The new overlay keeps the OS disk's size where the image allows it.
+            old_gb = actual_disks["os"].size_gb
+            if size_gb is None and old_gb and old_gb * GIB >= (image.virtual_size or 0):
+                size_gb = old_gb
+        if size_gb is not None and image.virtual_size and size_gb * GIB < image.virtual_size:
             raise VmError(
                 "%s: os_disk_size: %d GiB is smaller than the image %s (%.1f GiB); give "
                 "%d GiB or more, or leave it out for the image's own size" % (
-                    req.name, req.os_disk_gb, image.ref, image.virtual_size / GIB,
+                    req.name, size_gb, image.ref, image.virtual_size / GIB,
                     -(-image.virtual_size // GIB)))
-        disks.append(DiskSpec(role="os", path=paths["os"], format="qcow2",
-                              size_gb=req.os_disk_gb, backing=real_path,
-                              backing_format=image.format))
+        path = other_os_path(paths, actual_disks["os"].path) if moving else paths["os"]
+        disks.append(DiskSpec(role="os", path=path, format="qcow2", size_gb=size_gb,
+                              backing=real_path, backing_format=image.format))
     if req.data_disk_gb is not None or "data" in actual_disks:
         current = actual_disks.get("data")
         path = current.path if current else paths["data"]
@@ -346,8 +372,9 @@ def _steps(vp, snap, ctx):
         # Only files this collection made for the VM: recorded in its metadata and named
         # as it names them. A disk or ISO someone attached by hand is never removed.
         disks = {d.role: d.path for d in own_disks(vp.actual)} if vp.actual else {}
-        for role in ("os", "seed"):
-            path = disks.get(role, own[role])
+        paths = [disks.get("os", own["os"]), other_os_path(own, disks.get("os", own["os"])),
+                 disks.get("seed", own["seed"])]
+        for path in paths:  # the OS overlay, an earlier one a move kept, the seed
             if snap.exists(path):
                 vp.files_to_remove.append(path)
                 vp.steps.append(("remove_file", path))
@@ -363,9 +390,15 @@ def _steps(vp, snap, ctx):
     vp.diff = spec_diff(vp.actual, vp.desired)
     # A running VM whose GPUs change (recreate: true) is redefined first - libvirt keeps
     # the new definition for the next start - then stopped and started again.
-    recreate = vp.active and _moves_devices(vp)
+    recreate = vp.active and (_moves_devices(vp) or _moves_image(vp))
+    own = disk_paths(ctx.disk_dir, name)
     for disk in vp.desired.disks:
-        if disk.role == "os" and not snap.exists(disk.path):
+        if disk.role == "os" and _moves_image(vp):
+            if snap.exists(disk.path):
+                # An overlay an earlier move kept (the VM never started on the one after it).
+                vp.steps.append(("remove_kept_overlay", disk.path))
+            vp.steps.append(("create_overlay", disk.path))
+        elif disk.role == "os" and not snap.exists(disk.path):
             vp.steps.append(("create_overlay", disk.path))
         elif disk.role == "data" and not snap.exists(disk.path):
             vp.steps.append(("create_data_disk", disk.path))
@@ -391,6 +424,14 @@ def _steps(vp, snap, ctx):
         vp.steps.append(("stop", name))
     if (recreate and req.state != "stopped") or (req.state == "running" and not vp.active):
         vp.steps.append(("start", name))
+    # The overlay a move left behind goes once the VM runs on the new one.
+    os_now = next((d.path for d in vp.desired.disks if d.role == "os"), None)
+    if os_now in (own["os"], own["os_alt"]):
+        kept = other_os_path(own, os_now)
+        runs = ("start", name) in vp.steps or (vp.active and not recreate
+                                               and req.state != "stopped")
+        if runs and snap.exists(kept):
+            vp.steps.append(("remove_file", kept))
 
 
 def _needs_reboot(diff):
@@ -405,6 +446,15 @@ def _needs_reboot(diff):
         if shape(change["before"]) != shape(change["after"]):
             return True
     return False
+
+
+def _moves_image(vp):
+    """Whether an existing VM gets a new OS overlay on another image."""
+    if not vp.exists or vp.actual is None or vp.desired is None:
+        return False
+    before = next((d.path for d in own_disks(vp.actual) if d.role == "os"), None)
+    after = next((d.path for d in vp.desired.disks if d.role == "os"), None)
+    return before is not None and after is not None and before != after
 
 
 def _moves_devices(vp):

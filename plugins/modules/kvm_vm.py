@@ -102,6 +102,11 @@ options:
     description:
       - The base image of the OS disk, from the store at O(store) - a name (resolved through its
         default alias) or C(name-version). Required when the VM is created with an OS disk.
+      - On an existing VM, its image's name alone keeps the version it is on. Another version
+        (C(name-version)) or another image moves the VM to a new OS overlay on it, keeping its
+        name, MACs, GPUs and data disk; a running VM moves only with O(recreate). The old
+        overlay is removed once the VM has started on the new one, and a failed move rolls back
+        to it (docs/vms.md).
     type: str
   store:
     description: The image store of M(gpuvirt.kvm.kvm_image).
@@ -254,8 +259,8 @@ options:
     type: bool
     default: false
   recreate:
-    description: Allow a change of GPU count or O(gpu_index) on a running VM (it is stopped,
-      re-placed and started again).
+    description: Allow a change of GPU count, O(gpu_index), O(gpu_model) or O(image) on a
+      running VM (it is stopped, re-placed or moved, and started again).
     type: bool
     default: false
   owner_tag:

@@ -29,6 +29,8 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_spec import VmSpec
 DISKS = "/d"
 BASE = "/store/os-1.qcow2"
 IMAGE = Image(name="os", version="1", format="qcow2", path=BASE, virtual_size=GIB)
+BASE2 = "/store/os-2.qcow2"
+IMAGE2 = Image(name="os", version="2", format="qcow2", path=BASE2, virtual_size=2 * GIB)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,9 @@ def req(name="vm", **kw):
 
 def snapshot(*vms, files=(), sizes=None, live=None):
     """A host holding these VMs ((request, active) pairs, defined as a first run would)."""
-    snap = Snapshot(networks={"default": True, "down": False}, images={"os": (IMAGE, BASE)},
+    snap = Snapshot(networks={"default": True, "down": False},
+                    images={"os": (IMAGE, BASE), "os-2": (IMAGE2, BASE2),
+                            "os-9": "image: 'os-9' is not installed; the store has os-1, os-2"},
                     sizes=dict(sizes or {}), live_disks=dict(live or {}))
     for path in files:
         snap.paths[path] = True
@@ -249,3 +253,68 @@ def test_fabric_manager_unreachable_stops_new_gpu_placements_only(ctx):
     (vp,) = plan(requests, observed(ctx, snap, defined, requests), down)
     assert vp.error == "old: fabric_manager: cannot reach Fabric Manager at 10.0.0.5"
     assert vp.steps == []
+
+
+# --- image moves -------------------------------------------------------------------------------
+
+MADE = {"image": "os", "data_disk_size": 1, "networks": [{"network": "default"}]}
+
+
+def _moved(ctx, active, **kw):
+    (vp,) = run(ctx, [req(**dict(MADE, **kw))], (req(**MADE), active),
+                files=[P["os"], P["data"]])
+    return vp
+
+
+def test_a_stopped_vm_moves_to_a_new_overlay_and_drops_the_old_once_started(ctx):
+    vp = _moved(ctx, False, image="os-2")
+    assert vp.error is None
+    assert vp.steps == [("create_overlay", P["os_alt"]), ("redefine", "vm"), ("start", "vm"),
+                        ("remove_file", P["os"])]
+    disks = {d.role: d for d in vp.desired.disks}
+    assert (disks["os"].path, disks["os"].backing) == (P["os_alt"], BASE2)
+    assert disks["data"].path == P["data"]  # the data disk stays
+    assert (vp.desired.image, vp.desired.image_version) == ("os", "2")
+    assert vp.desired.networks == vp.actual.networks  # MACs included
+    assert vp.desired.gpus == vp.actual.gpus
+    assert set(vp.diff) >= {"disks", "image_version"}
+
+
+def test_a_move_that_does_not_start_keeps_the_old_overlay(ctx):
+    vp = _moved(ctx, False, image="os-2", state="stopped")
+    assert vp.steps == [("create_overlay", P["os_alt"]), ("redefine", "vm")]
+
+
+def test_a_running_vm_moves_only_with_recreate(ctx):
+    vp = _moved(ctx, True, image="os-2")
+    assert "vm: image: moving the running VM from os-1 to os-2 needs it stopped" in vp.error
+    assert vp.steps == []
+    vp = _moved(ctx, True, image="os-2", recreate=True)
+    assert vp.error is None
+    assert vp.steps == [("create_overlay", P["os_alt"]), ("redefine", "vm"), ("stop", "vm"),
+                        ("start", "vm"), ("remove_file", P["os"])]
+
+
+def test_the_name_alone_keeps_the_version_a_vm_is_on(ctx):
+    # "os" resolves to the default version; a VM on os-1 stays there.
+    assert _moved(ctx, True).steps == []
+    assert _moved(ctx, True, image="os-1").steps == []
+
+
+def test_a_move_to_a_version_not_installed_is_refused(ctx):
+    vp = _moved(ctx, False, image="os-9")
+    assert vp.error == "vm: image: 'os-9' is not installed; the store has os-1, os-2"
+    assert vp.steps == []
+
+
+def test_a_move_keeps_a_larger_os_disk_and_refuses_a_smaller_one(ctx):
+    vp = _moved(ctx, False, image="os-2", os_disk_size=1)
+    assert "os_disk_size: 1 GiB is smaller than the image os-2" in vp.error
+
+
+def test_absent_removes_an_overlay_a_move_kept(ctx):
+    (vp,) = run(ctx, [req(state="absent")], (req(**MADE), False),
+                files=[P["os"], P["os_alt"], P["data"]])
+    assert vp.steps == [("undefine", "vm"), ("remove_file", P["os"]),
+                        ("remove_file", P["os_alt"])]
+    assert vp.kept == [P["data"]]
