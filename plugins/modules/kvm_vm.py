@@ -179,7 +179,7 @@ options:
             fill in only what it does not set (a user of the same name in its C(users) is left as
             it is); C(packages), C(runcmd), C(write_files), C(mounts) and C(bootcmd) are joined,
             its entries first.
-          - It is not hidden from logs: keep secrets in O(cloud_init.password_hash).
+          - It is not hidden from logs; keep secrets in O(cloud_init.password_hash).
         type: raw
       packages: {description: Packages to install on first boot (cloud-init C(packages))., type: list, elements: str}
       runcmd:
