@@ -59,6 +59,10 @@ def _user_data(value, where):
     if not isinstance(value, dict):
         raise CloudInitError("%s: expected a mapping of cloud-config keys, got %s" % (
             where, type(value).__name__))
+    odd = sorted(repr(k) for k in value if not isinstance(k, str))
+    if odd:
+        raise CloudInitError("%s: cloud-config keys are names (strings); got %s" % (
+            where, ", ".join(odd)))
     for key in LIST_KEYS + ("users", "bootcmd"):
         if key in value and not isinstance(value[key], list):
             raise CloudInitError("%s.%s: expected a list, got %s" % (
@@ -122,9 +126,11 @@ def _ours(name, cloud_init):
     if mount:
         user["bootcmd"] = [[
             "sh", "-c",
-            # Every boot, before cloud-init's mounts: format only a disk that holds nothing.
-            'd=%s; [ -b "$d" ] || exit 0; [ -z "$(blkid -p -o value -s TYPE "$d")" ] && '
-            '[ -z "$(blkid -p -o value -s PTTYPE "$d")" ] && mkfs.ext4 -q -L %s "$d"; exit 0'
+            # Every boot, before cloud-init's mounts: format only a disk that holds nothing -
+            # blkid -p finds no signature at all (exit 2; not an error, not a conflict) and its
+            # first MiB is zeros, as a new data disk's is.
+            'd=%s; [ -b "$d" ] || exit 0; blkid -p "$d" >/dev/null 2>&1; [ $? -eq 2 ] || exit 0; '
+            'cmp -s -n 1048576 "$d" /dev/zero || exit 0; mkfs.ext4 -q -L %s "$d"; exit 0'
             % (DATA_DEVICE, DATA_LABEL)]]
         user.setdefault("mounts", []).append(
             ["LABEL=%s" % DATA_LABEL, mount, "ext4", "defaults,nofail", "0", "2"])
@@ -145,9 +151,11 @@ def merge(theirs, ours):
         elif key in LIST_KEYS or key == "bootcmd":
             out[key] = list(out[key]) + [v for v in value if v not in out[key]]
         elif key == "users":
+            # Only our named user: a users list without "default" drops the image's default
+            # user on purpose, and stays that way.
             named = {u.get("name") if isinstance(u, dict) else u for u in out[key]}
             out[key] = list(out[key]) + [
-                u for u in value if (u.get("name") if isinstance(u, dict) else u) not in named]
+                u for u in value if isinstance(u, dict) and u.get("name") not in named]
     return out
 
 

@@ -53,11 +53,12 @@ def libvirt_version(number):
 
 
 def parse_dpkg(text):
-    """dpkg-query -W output (DPKG_FORMAT) -> {package: version} of installed packages only."""
+    """dpkg-query -W output (DPKG_FORMAT) -> {package: version} of installed packages only
+    (status 'ii', or 'hi' for a held one, as kvm_host holds the NVIDIA driver and FM)."""
     out = {}
     for line in text.splitlines():
         fields = line.split("\t")
-        if len(fields) == 3 and fields[2].startswith("ii") and fields[1]:
+        if len(fields) == 3 and fields[2][1:2] == "i" and fields[1]:
             out[fields[0]] = fields[1]
     return out
 

@@ -152,9 +152,6 @@ STEPS = {
     "stop": Step(POWER, lambda vp, t: "stop %s" % t, _stop, "start", undo_last=True),
     "undefine": Step(POWER, lambda vp, t: "undefine %s" % t, _undefine),
     "remove_file": Step(POWER, lambda vp, t: "remove %s" % t, _remove_file),
-    # Before an image move builds its overlay where an earlier move kept the one before.
-    "remove_kept_overlay": Step(PREPARE, lambda vp, t: "remove the OS overlay %s that an "
-                                "earlier image move kept" % t, _remove_file),
 }
 
 

@@ -23,6 +23,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import read_
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_plan import (
     disk_paths,
     image_move,
+    other_os_path,
     own_disks,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_spec import VmSpec
@@ -60,11 +61,22 @@ def observe(gateway, ctx, requests, domains=None):
         if dom is not None and dom.managed:
             snap.specs[req.name] = VmSpec.from_domain(dom.domain)
         _observe_files(snap, ctx, req, snap.specs.get(req.name))
-        if dom is not None and dom.active and any(
-                p in snap.sizes for p in _disk_paths_of(snap, ctx, req)):
+        if dom is not None and dom.active and (any(
+                p in snap.sizes for p in _disk_paths_of(snap, ctx, req)) or _kept_overlay(
+                    snap, ctx, req)):
             live = Domain.from_xml(gateway.domain_xml(req.name, inactive=False))
             snap.live_disks[req.name] = frozenset(d.source for d in live.disks if d.source)
     return snap
+
+
+def _kept_overlay(snap, ctx, req):
+    """Whether the OS overlay an image move kept is there (the plan removes it once the VM
+    runs without it: the live definition says so)."""
+    spec = snap.specs.get(req.name)
+    current = next((d.path for d in own_disks(spec) if d.role == "os"), None) if spec else None
+    paths = disk_paths(ctx.disk_dir, req.name)
+    return current in (paths["os"], paths["os_alt"]) and snap.paths.get(
+        other_os_path(paths, current), False)
 
 
 def _disk_paths_of(snap, ctx, req):

@@ -267,7 +267,7 @@ def _desired(vp, placement, snap, ctx):
         image_name, image_version = image.name, image.version
         size_gb = req.os_disk_gb
         if moving:
-            if vp.active and not req.recreate:
+            if vp.active and not req.recreate and req.state != "stopped":
                 raise VmError(
                     "%s: image: moving the running VM from %s-%s to %s needs it stopped: stop "
                     "it first (state: stopped), or set recreate: true to stop it, move it and "
@@ -284,6 +284,15 @@ def _desired(vp, placement, snap, ctx):
                     req.name, size_gb, image.ref, image.virtual_size / GIB,
                     -(-image.virtual_size // GIB)))
         path = other_os_path(paths, actual_disks["os"].path) if moving else paths["os"]
+        if moving and snap.exists(path):
+            # The overlay an earlier move kept: the disk the guest last ran on, since the VM has
+            # not started on the new one yet. Never replaced by a run.
+            raise VmError(
+                "%s: image: %s still holds the OS disk the VM last ran on (kept by the move to "
+                "%s-%s, on which it has not started yet); start the VM once on %s-%s (its old "
+                "disk is then removed) before moving it again, or move that file away to "
+                "discard it" % (req.name, path, vp.actual.image, vp.actual.image_version,
+                                vp.actual.image, vp.actual.image_version))
         disks.append(DiskSpec(role="os", path=path, format="qcow2", size_gb=size_gb,
                               backing=real_path, backing_format=image.format))
     if req.data_disk_gb is not None or "data" in actual_disks:
@@ -394,9 +403,6 @@ def _steps(vp, snap, ctx):
     own = disk_paths(ctx.disk_dir, name)
     for disk in vp.desired.disks:
         if disk.role == "os" and _moves_image(vp):
-            if snap.exists(disk.path):
-                # An overlay an earlier move kept (the VM never started on the one after it).
-                vp.steps.append(("remove_kept_overlay", disk.path))
             vp.steps.append(("create_overlay", disk.path))
         elif disk.role == "os" and not snap.exists(disk.path):
             vp.steps.append(("create_overlay", disk.path))
@@ -428,8 +434,12 @@ def _steps(vp, snap, ctx):
     os_now = next((d.path for d in vp.desired.disks if d.role == "os"), None)
     if os_now in (own["os"], own["os_alt"]):
         kept = other_os_path(own, os_now)
-        runs = ("start", name) in vp.steps or (vp.active and not recreate
-                                               and req.state != "stopped")
+        # Started by this run, or running without the file open (its live definition, read
+        # by observe when such a file exists, does not name it).
+        live = snap.live_disks.get(name)
+        runs = ("start", name) in vp.steps or (
+            vp.active and not recreate and req.state != "stopped"
+            and live is not None and kept not in live)
         if runs and snap.exists(kept):
             vp.steps.append(("remove_file", kept))
 

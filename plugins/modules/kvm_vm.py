@@ -197,9 +197,9 @@ options:
       data_disk_mount:
         description:
           - Mount the VM's data disk here (such as V(/data)). At every boot, before the mounts,
-            the disk is formatted ext4 with the label C(gpuvirt-data) only when C(blkid) finds
-            neither a filesystem nor a partition table on it, so a data disk that holds anything
-            (kept across a re-creation) is never formatted.
+            the disk is formatted ext4 with the label C(gpuvirt-data) only when C(blkid -p) finds
+            no signature on it and its first MiB is zeros, so a data disk kept across a
+            re-creation is never formatted.
           - Needs a data disk (O(data_disk_size)).
         type: str
       network_config:

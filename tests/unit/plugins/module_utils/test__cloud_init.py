@@ -46,7 +46,7 @@ def test_user_data_keys_win_ours_fill_in():
     user = _user(files)
     assert user["hostname"] == "theirs"  # theirs wins
     assert user["timezone"] == "UTC"
-    # Their ops stays as they wrote it; ours is not added twice, and nor is "default".
+    # Their ops stays as they wrote it; ours is not added twice.
     assert user["users"] == [{"name": "ops", "shell": "/bin/zsh"}, "default"]
     assert user["packages"] == ["htop", "nvtop"]  # joined, theirs first
     assert user["preserve_hostname"] is False  # ours, where they set nothing
@@ -86,33 +86,40 @@ def test_data_disk_mount_formats_only_an_empty_disk(tmp_path):
                                "2"]]
     (argv,) = user["bootcmd"]
     assert argv[:2] == ["sh", "-c"]
-    # Run the guard with blkid and mkfs.ext4 as stand-ins on PATH: a disk that holds a
-    # filesystem or a partition table is never formatted; an empty one is, with the label.
-    script = argv[2].replace("/dev/vdb", str(tmp_path / "disk"))
-    (tmp_path / "disk").write_text("")
+    # Run the guard with blkid and mkfs.ext4 as stand-ins on PATH (blkid -p exits 0 when it
+    # finds a signature, 2 when it finds none, 4 on an I/O error, 8 on conflicting ones): only
+    # a disk with no signature and a zeroed first MiB is formatted, with the label.
+    disk = tmp_path / "disk"
+    script = argv[2].replace("/dev/vdb", str(disk))
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool, body in (("blkid", 'case "$*" in *"-s TYPE"*) cat %s/type;; *) cat %s/pttype;; '
-                                 'esac' % (tmp_path, tmp_path)),
+    for tool, body in (("blkid", "exit $(cat %s/rc)" % tmp_path),
                        ("mkfs.ext4", 'echo "$*" > %s/formatted' % tmp_path)):
         (bin_dir / tool).write_text("#!/bin/sh\n%s\n" % body)
         (bin_dir / tool).chmod(0o755)
     env = {"PATH": "%s:/usr/bin:/bin" % bin_dir}
 
-    def boot(fs_type, pttype):
-        (tmp_path / "type").write_text(fs_type)
-        (tmp_path / "pttype").write_text(pttype)
+    def boot(blkid_rc, content=b""):
+        (tmp_path / "rc").write_text(str(blkid_rc))
+        disk.write_bytes(content.ljust(1 << 20, b"\0"))
         (tmp_path / "formatted").unlink(missing_ok=True)
         # test -b fails on a plain file: the guard's device test is checked on its own below
         run = script.replace('[ -b "$d" ] || exit 0; ', "")
         subprocess.run(["sh", "-c", run], env=env, check=True)
         return (tmp_path / "formatted").read_text() if (tmp_path / "formatted").exists() else None
 
-    assert boot("", "") == "-q -L %s %s\n" % (DATA_LABEL, tmp_path / "disk")
-    assert boot("ext4", "") is None
-    assert boot("xfs", "") is None
-    assert boot("", "gpt") is None  # an OS disk, if the names were ever swapped
+    assert boot(2) == "-q -L %s %s\n" % (DATA_LABEL, disk)
+    assert boot(0) is None  # a filesystem or a partition table (an OS disk)
+    assert boot(4) is None  # an I/O error
+    assert boot(8) is None  # conflicting signatures
+    assert boot(2, b"raw data no tool knows") is None  # no signature, but not empty
+    assert boot(127) is None  # no blkid at all
     assert '[ -b "$d" ] || exit 0' in argv[2]
+
+
+def test_our_user_joins_a_users_list_without_bringing_back_default():
+    user = _user(render("vm-a", {"user": "ops", "user_data": {"users": [{"name": "x"}]}}))
+    assert [u if isinstance(u, str) else u["name"] for u in user["users"]] == ["x", "ops"]
 
 
 def test_digest_follows_every_option():
@@ -134,6 +141,8 @@ def test_digest_follows_every_option():
                                           r"absolute path"),
     ({"mounts": [["/dev/vdc"]]}, r"cloud_init\.mounts\[0\]: each entry is a list of 2 to 6"),
     ({"data_disk_mount": "data"}, r"cloud_init\.data_disk_mount: 'data' is not an absolute path"),
+    ({"user_data": "#cloud-config\n1: a\nb: c\n"}, r"cloud_init\.user_data: cloud-config keys are "
+                                                   r"names \(strings\); got 1"),
     ({"network_config": {"ethernets": {}}}, r"cloud_init\.network_config: give cloud-init "
                                             r"network config version 1 or 2"),
     ({"network_config": {"version": 2, "ethernets": []}},

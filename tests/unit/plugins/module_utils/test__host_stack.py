@@ -48,7 +48,7 @@ def test_libvirt_version(number, text):
 # that were once installed and removed show 'rc ' or 'un ', and are not installed.
 DPKG = (
     "ovmf\t2022.11-6+deb12u2\tii \n"
-    "nvidia-fabricmanager-570\t570.133.20-1\tii \n"
+    "nvidia-fabricmanager-570\t570.133.20-1\thi \n"  # held, as kvm_host holds it
     "nvidia-headless-570-server\t570.133.20-0ubuntu0.22.04.1\tii \n"
     "nvidia-headless-535-server\t535.230.02-0ubuntu0.22.04.3\trc \n"
     "nvidia-driver-550\t\tun \n"

@@ -50,7 +50,7 @@ def req(name="vm", **kw):
 def snapshot(*vms, files=(), sizes=None, live=None):
     """A host holding these VMs ((request, active) pairs, defined as a first run would)."""
     snap = Snapshot(networks={"default": True, "down": False},
-                    images={"os": (IMAGE, BASE), "os-2": (IMAGE2, BASE2),
+                    images={"os": (IMAGE, BASE), "os-1": (IMAGE, BASE), "os-2": (IMAGE2, BASE2),
                             "os-9": "image: 'os-9' is not installed; the store has os-1, os-2"},
                     sizes=dict(sizes or {}), live_disks=dict(live or {}))
     for path in files:
@@ -293,6 +293,32 @@ def test_a_running_vm_moves_only_with_recreate(ctx):
     assert vp.error is None
     assert vp.steps == [("create_overlay", P["os_alt"]), ("redefine", "vm"), ("stop", "vm"),
                         ("start", "vm"), ("remove_file", P["os"])]
+
+
+def test_a_running_vm_asked_to_stop_moves_without_recreate(ctx):
+    vp = _moved(ctx, True, image="os-2", state="stopped")
+    assert vp.error is None
+    assert vp.steps == [("create_overlay", P["os_alt"]), ("redefine", "vm"), ("stop", "vm")]
+
+
+def test_a_second_move_never_replaces_the_disk_the_guest_last_ran_on(ctx):
+    # Moved to os-2 while stopped (on -os-alt now, -os kept); asked onto another image again.
+    moved = (req(**dict(MADE, image="os-2")), False)
+    snap, defined = snapshot(files=[P["os"], P["os_alt"], P["data"]])
+    request = req(**dict(MADE, image="os-1"))
+    empty = Snapshot(networks=snap.networks, images=snap.images)
+    _own_files(empty, ctx, [moved[0]])
+    (first,) = plan([req(**MADE)], empty, ctx)
+    spec = replace(first.desired, disks=tuple(
+        replace(d, path=P["os_alt"], backing=BASE2) if d.role == "os" else d
+        for d in first.desired.disks), image_version="2")
+    xml = build_domain(spec, ctx.topology, uuid="u-vm").to_xml()
+    snap.domains["vm"] = read_domain(xml, False)
+    snap.specs["vm"] = VmSpec.from_domain(snap.domains["vm"].domain)
+    _own_files(snap, ctx, [request])
+    (vp,) = plan([request], snap, ctx)
+    assert "vm: image: %s still holds the OS disk the VM last ran on" % P["os"] in vp.error
+    assert vp.steps == []
 
 
 def test_the_name_alone_keeps_the_version_a_vm_is_on(ctx):
