@@ -303,11 +303,10 @@ def test_a_running_vm_asked_to_stop_moves_without_recreate(ctx):
 
 def test_a_second_move_never_replaces_the_disk_the_guest_last_ran_on(ctx):
     # Moved to os-2 while stopped (on -os-alt now, -os kept); asked onto another image again.
-    moved = (req(**dict(MADE, image="os-2")), False)
-    snap, defined = snapshot(files=[P["os"], P["os_alt"], P["data"]])
-    request = req(**dict(MADE, image="os-1"))
+    snap, _defined = snapshot(files=[P["os"], P["os_alt"], P["data"]])
+    request = req(**{**MADE, "image": "os-1"})
     empty = Snapshot(networks=snap.networks, images=snap.images)
-    _own_files(empty, ctx, [moved[0]])
+    _own_files(empty, ctx, [request])
     (first,) = plan([req(**MADE)], empty, ctx)
     spec = replace(first.desired, disks=tuple(
         replace(d, path=P["os_alt"], backing=BASE2) if d.role == "os" else d
