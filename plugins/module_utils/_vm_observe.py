@@ -23,6 +23,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import read_
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_plan import (
     disk_paths,
     image_move,
+    os_path,
     other_os_path,
     own_disks,
 )
@@ -73,7 +74,7 @@ def _kept_overlay(snap, ctx, req):
     """Whether the OS overlay an image move kept is there (the plan removes it once the VM
     runs without it: the live definition says so)."""
     spec = snap.specs.get(req.name)
-    current = next((d.path for d in own_disks(spec) if d.role == "os"), None) if spec else None
+    current = os_path(spec, own=True) if spec else None
     paths = disk_paths(ctx.disk_dir, req.name)
     return current in (paths["os"], paths["os_alt"]) and snap.paths.get(
         other_os_path(paths, current), False)

@@ -91,6 +91,12 @@ def own_disks(spec):
             and (d.path or "").rsplit("/", 1)[-1] in names[d.role]]
 
 
+def os_path(spec, own=False):
+    """The path of a spec's OS disk (with ``own``, only one gpuvirt made), or None."""
+    disks = own_disks(spec) if own else spec.disks
+    return next((d.path for d in disks if d.role == "os"), None)
+
+
 def other_os_path(paths, current):
     """The OS overlay path a move builds on: the one of "os" and "os_alt" the VM is not on."""
     return paths["os_alt"] if current == paths["os"] else paths["os"]
@@ -402,9 +408,8 @@ def _steps(vp, snap, ctx):
     recreate = vp.active and (_moves_devices(vp) or _moves_image(vp))
     own = disk_paths(ctx.disk_dir, name)
     for disk in vp.desired.disks:
-        if disk.role == "os" and _moves_image(vp):
-            vp.steps.append(("create_overlay", disk.path))
-        elif disk.role == "os" and not snap.exists(disk.path):
+        # (a move's new overlay is never there: _desired refuses one whose path is taken)
+        if disk.role == "os" and not snap.exists(disk.path):
             vp.steps.append(("create_overlay", disk.path))
         elif disk.role == "data" and not snap.exists(disk.path):
             vp.steps.append(("create_data_disk", disk.path))
@@ -431,7 +436,7 @@ def _steps(vp, snap, ctx):
     if (recreate and req.state != "stopped") or (req.state == "running" and not vp.active):
         vp.steps.append(("start", name))
     # The overlay a move left behind goes once the VM runs on the new one.
-    os_now = next((d.path for d in vp.desired.disks if d.role == "os"), None)
+    os_now = os_path(vp.desired)
     if os_now in (own["os"], own["os_alt"]):
         kept = other_os_path(own, os_now)
         # Started by this run, or running without the file open (its live definition, read
@@ -462,8 +467,7 @@ def _moves_image(vp):
     """Whether an existing VM gets a new OS overlay on another image."""
     if not vp.exists or vp.actual is None or vp.desired is None:
         return False
-    before = next((d.path for d in own_disks(vp.actual) if d.role == "os"), None)
-    after = next((d.path for d in vp.desired.disks if d.role == "os"), None)
+    before, after = os_path(vp.actual, own=True), os_path(vp.desired)
     return before is not None and after is not None and before != after
 
 
