@@ -685,12 +685,16 @@ class ImageStore:
             pass
 
     def unlink_image(self, path):
-        """Delete an image file and its metadata (no checks: callers decide)."""
+        """Delete an image file, its metadata and manifest (no checks: callers decide)."""
         os.unlink(path)
-        try:
-            os.unlink(self._meta_path(os.path.basename(path)))
-        except FileNotFoundError:
-            pass
+        stem = os.path.basename(path).rpartition(".")[0]
+        # The metadata, and the manifest kvm_image_build writes next to an image it built.
+        for extra in (self._meta_path(os.path.basename(path)),
+                      os.path.join(self.root, stem + ".manifest.json")):
+            try:
+                os.unlink(extra)
+            except FileNotFoundError:
+                pass
 
 
 def _natural(version):

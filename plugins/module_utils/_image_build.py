@@ -1,0 +1,838 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) gpuvirt.kvm contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Guest image builds: a Debian or Ubuntu guest from debootstrap, GPU-ready. Private.
+
+kvm_image_build's engine. A build runs, with no loop device and no mount of the image:
+
+1. debootstrap the suite with the base packages (cloud-init, openssh, the serial getty, ...)
+   into a scratch folder; the result is cached as a tar file per base (suite, mirror,
+   components, base packages), so the next build of that base starts from the same files;
+2. add the user's apt repositories with their keys, pin the packages that carry a version
+   (and the NVIDIA driver branch), ``apt-get install`` the rest, inside a chroot;
+3. configure the guest: an empty machine-id, no SSH host keys (cloud-init makes them), the
+   NoCloud datasource, systemd-networkd and -resolved, a getty on ttyS0;
+4. write a GPT disk into a sparse raw file: an EFI system partition holding a standalone GRUB
+   (``grub-mkstandalone``) whose built-in grub.cfg boots /vmlinuz with ``console=ttyS0``,
+   and an ext4 root written from the folder (``mkfs.ext4 -d``); convert it to qcow2 in the
+   store, check it with qemu-img and install it there as name-version, with a manifest
+   ``<name>-<version>.manifest.json`` (inputs, their digest, the base's Release digest, every
+   installed package and its version).
+
+A rerun with the same inputs finds the manifest and changes nothing; the same version built
+from other inputs is refused. Nothing is registered unless every step passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._image_store import (
+    ImagesError,
+    Staged,
+    file_digests,
+    validate_name,
+)
+
+# Bumped whenever the build recipe changes what an image holds: part of the inputs' digest.
+RECIPE_VERSION = 1
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+DEFAULT_CACHE = "/var/cache/gpuvirt/image-build"
+ESP_MIB = 64
+_SECTOR = 512
+_FIRST_SECTOR = 2048
+
+# What every built guest has: a kernel that boots on virtio and the serial console, cloud-init
+# (NoCloud seed from kvm_vm) with growpart, SSH, networkd and resolved for cloud-init's network
+# config, and the tools a tenant and the tests use (ethtool for multiqueue, pciutils for GPUs).
+# debootstrap installs the first part (its own dependency order is weak: cloud-init's Python
+# packages fail to configure there), apt-get the second, in the chroot.
+DEBOOTSTRAP_PACKAGES = (
+    "linux-image-amd64", "systemd", "systemd-sysv", "udev", "dbus", "libpam-systemd", "kmod",
+    "iproute2", "procps", "netbase", "ca-certificates",
+)
+BASE_PACKAGES = DEBOOTSTRAP_PACKAGES + (
+    "systemd-resolved", "openssh-server", "cloud-init", "cloud-guest-utils", "sudo", "ethtool",
+    "pciutils", "gpg", "e2fsprogs", "util-linux", "less", "locales",
+)
+# The GPU profile: the NVIDIA driver (pinned to nvidia_driver), headers for its DKMS module,
+# the container toolkit; plus the container engine.
+GPU_PACKAGES = ("linux-headers-amd64", "nvidia-driver", "nvidia-container-toolkit")
+ENGINE_PACKAGES = {"docker": ("docker.io",), "podman": ("podman",), "none": ()}
+# Packages the NVIDIA driver pin covers (apt preferences globs). The container toolkit has
+# versions of its own (1.x) that never match a driver version, so the pin leaves it alone.
+NVIDIA_PIN_GLOBS = ("nvidia-* libnvidia-* libcuda* libnvcuvid* libnvoptix* "
+                    "xserver-xorg-video-nvidia* firmware-nvidia-*")
+
+_PKG_RE = re.compile(r"^([a-z0-9][a-z0-9+.-]+)(?:=([A-Za-z0-9.+~:_*-]+))?$")
+_SUITE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$|^\./?$|^/$")
+_COMPONENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+_DRIVER_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_URI_RE = re.compile(r"^(https?|file)://\S+$")
+_KERNEL_ARG_RE = re.compile(r"^[^\s'\"\\;]+$")
+_ARMOR = "-----BEGIN PGP PUBLIC KEY BLOCK-----"
+
+# Host tools a build needs, and the Debian package of each.
+HOST_TOOLS = {
+    "debootstrap": "debootstrap", "chroot": "coreutils", "mount": "mount",
+    "sfdisk": "fdisk", "mkfs.ext4": "e2fsprogs", "mkfs.fat": "dosfstools", "mcopy": "mtools",
+    "mmd": "mtools", "grub-mkstandalone": "grub-common", "qemu-img": "qemu-utils",
+    "tar": "tar",
+}
+GRUB_EFI_DIR = "/usr/lib/grub/x86_64-efi"
+
+
+class BuildError(Exception):
+    """A build that cannot run or failed; the message names the option where one is at fault."""
+
+
+@dataclass
+class Repository:
+    name: str
+    uri: str
+    suite: str
+    components: tuple
+    key: bytes = None  # the key's bytes (armored or binary), None: the image's own keyring
+    key_source: str = ""
+
+    @property
+    def key_sha256(self):
+        return hashlib.sha256(self.key).hexdigest() if self.key else None
+
+    @property
+    def flat(self):
+        return self.suite.endswith("/")
+
+    def public(self):
+        return {"name": self.name, "uri": self.uri, "suite": self.suite,
+                "components": list(self.components), "key_sha256": self.key_sha256}
+
+
+@dataclass
+class BuildRequest:
+    name: str
+    version: str
+    suite: str
+    mirror: str = DEFAULT_MIRROR
+    components: tuple = ("main",)
+    repositories: list = field(default_factory=list)
+    packages: tuple = ()  # the user's, as given (name or name=version)
+    profile: str = "gpu"
+    nvidia_driver: str = None
+    container_engine: str = "docker"
+    disk_size_gb: int = 8
+    kernel_args: tuple = ()
+
+    def extra_packages(self):
+        """What apt-get installs after the base, in order: the profile's, then the user's."""
+        names = []
+        if self.profile == "gpu":
+            names += list(GPU_PACKAGES) + list(ENGINE_PACKAGES[self.container_engine])
+        names += list(self.packages)
+        seen, result = set(), []
+        for spec in names:
+            if spec not in seen:
+                seen.add(spec)
+                result.append(spec)
+        return result
+
+    def pins(self):
+        """[(package glob, version pattern)] for apt preferences: the driver branch, and every
+        package given with a version."""
+        pins = []
+        if self.profile == "gpu" and self.nvidia_driver:
+            pins.append((NVIDIA_PIN_GLOBS, "%s*" % self.nvidia_driver))
+        for spec in self.packages:
+            pkg, _sep, ver = spec.partition("=")
+            if ver:
+                pins.append((pkg, ver))
+        return pins
+
+    def inputs(self):
+        """Everything that decides what the image holds, as plain data (the manifest's)."""
+        return {
+            "recipe": RECIPE_VERSION, "suite": self.suite, "mirror": self.mirror,
+            "components": list(self.components),
+            "base_packages": list(BASE_PACKAGES),
+            "repositories": [r.public() for r in self.repositories],
+            "packages": list(self.packages), "profile": self.profile,
+            "nvidia_driver": self.nvidia_driver,
+            "container_engine": self.container_engine if self.profile == "gpu" else None,
+            "disk_size_gb": self.disk_size_gb, "kernel_args": list(self.kernel_args),
+        }
+
+    def inputs_digest(self):
+        return _digest(self.inputs())
+
+    def base_key(self):
+        """The debootstrap cache's key: what the base folder depends on."""
+        return _digest({"recipe": RECIPE_VERSION, "suite": self.suite, "mirror": self.mirror,
+                        "components": list(self.components),
+                        "packages": list(BASE_PACKAGES)})[:16]
+
+
+def _digest(data):
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _read_key(value, option):
+    """A repository key: armored text, or the path of a key file (armored or binary)."""
+    if not isinstance(value, str) or not value.strip():
+        raise BuildError("%s: give the repository's OpenPGP public key, as ASCII-armored text "
+                         "or the path of a key file on the managed host" % option)
+    text = value.strip()
+    if text.startswith(_ARMOR):
+        if "-----END PGP PUBLIC KEY BLOCK-----" not in text:
+            raise BuildError("%s: the ASCII-armored key has no END line; paste the whole key "
+                             "block" % option)
+        return text.encode("utf-8") + b"\n", "inline"
+    if "\n" in text or not text.startswith("/"):
+        raise BuildError("%s: neither an ASCII-armored OpenPGP public key (it starts with %s) "
+                         "nor an absolute path of a key file" % (option, _ARMOR))
+    try:
+        with open(text, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise BuildError("%s: cannot read the key file %s: %s"
+                         % (option, text, exc.strerror)) from exc
+    if not data.strip():
+        raise BuildError("%s: the key file %s is empty" % (option, text))
+    return data, text
+
+
+def validate(params):
+    """BuildRequest from the module's parameters, or BuildError naming the option."""
+    try:
+        validate_name(params["name"], "name")
+        validate_name(params["version"], "version")
+    except ImagesError as exc:
+        raise BuildError(str(exc)) from exc
+    suite = params["suite"]
+    if not suite or not _COMPONENT_RE.match(suite) or "/" in suite:
+        raise BuildError("suite: %r is not a Debian or Ubuntu suite name (such as bookworm or "
+                         "noble)" % (suite,))
+    mirror = (params.get("mirror") or DEFAULT_MIRROR).rstrip("/")
+    if not _URI_RE.match(mirror):
+        raise BuildError("mirror: %r is not an http://, https:// or file:// URL" % (mirror,))
+    components = tuple(params.get("components") or ("main",))
+    for comp in components:
+        if not _COMPONENT_RE.match(comp):
+            raise BuildError("components: %r is not an archive component (such as main or "
+                             "non-free-firmware)" % (comp,))
+    repos, seen = [], set()
+    for i, repo in enumerate(params.get("repositories") or []):
+        opt = "repositories[%d]" % i
+        name = repo.get("name") or ""
+        if not re.match(r"^[a-z0-9][a-z0-9._-]*$", name):
+            raise BuildError("%s.name: %r must be lower-case letters, digits, '.', '_' or '-' "
+                             "(it names the files in /etc/apt)" % (opt, name))
+        if name in seen:
+            raise BuildError("%s.name: %s is given twice" % (opt, name))
+        seen.add(name)
+        uri = (repo.get("uri") or "").rstrip("/")
+        if not _URI_RE.match(uri):
+            raise BuildError("%s.uri: %r is not an http://, https:// or file:// URL"
+                             % (opt, repo.get("uri")))
+        rsuite = repo.get("suite") or "./"
+        if not _SUITE_RE.match(rsuite) or ".." in rsuite:
+            raise BuildError("%s.suite: %r is not a suite (a name such as bookworm, or a path "
+                             "ending in / for a flat repository such as ./)" % (opt, rsuite))
+        rcomps = tuple(repo.get("components") or ())
+        if rsuite.endswith("/") and rcomps:
+            raise BuildError("%s.components: a flat repository (suite %s) has no components; "
+                             "leave them out" % (opt, rsuite))
+        if not rsuite.endswith("/") and not rcomps:
+            raise BuildError("%s.components: the suite %s needs its components (such as "
+                             "[main]); a flat repository's suite ends in /" % (opt, rsuite))
+        for comp in rcomps:
+            if not _COMPONENT_RE.match(comp):
+                raise BuildError("%s.components: %r is not an archive component" % (opt, comp))
+        key, key_source = (None, "")
+        if repo.get("key") is not None:
+            key, key_source = _read_key(repo.get("key"), opt + ".key")
+        repos.append(Repository(name=name, uri=uri, suite=rsuite, components=rcomps, key=key,
+                                key_source=key_source))
+    packages = []
+    for spec in params.get("packages") or []:
+        if not isinstance(spec, str) or not _PKG_RE.match(spec.strip()):
+            raise BuildError("packages: %r is not a package name, or name=version (such as "
+                             "htop or nvidia-container-toolkit=1.17.8-1)" % (spec,))
+        packages.append(spec.strip())
+    names = [p.partition("=")[0] for p in packages]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise BuildError("packages: %s given more than once" % ", ".join(twice))
+    profile = params.get("profile") or "gpu"
+    driver = params.get("nvidia_driver")
+    if driver is not None and not _DRIVER_RE.match(str(driver)):
+        raise BuildError("nvidia_driver: %r is not a driver version (such as 550.163.01 or 550)"
+                         % (driver,))
+    if profile == "gpu" and not driver:
+        raise BuildError(
+            "nvidia_driver: a GPU image needs the NVIDIA driver version pinned (on a "
+            "shared-NVSwitch host it must equal the host's Fabric Manager version, which "
+            "gpu_topology reports); set it, or profile=minimal for an image without the driver")
+    if profile != "gpu" and driver:
+        raise BuildError("nvidia_driver: only the gpu profile installs the driver; drop it, or "
+                         "use profile=gpu")
+    engine = params.get("container_engine") or "docker"
+    size = params.get("disk_size_gb") or 8
+    if not isinstance(size, int) or size < 2 or size > 4096:
+        raise BuildError("disk_size_gb: %r must be a whole number of GiB from 2 to 4096"
+                         % (size,))
+    kargs = tuple(params.get("kernel_args") or ())
+    for arg in kargs:
+        if not isinstance(arg, str) or not _KERNEL_ARG_RE.match(arg):
+            raise BuildError("kernel_args: %r is not one kernel argument (no spaces, quotes or "
+                             "';')" % (arg,))
+    return BuildRequest(name=params["name"], version=params["version"], suite=suite,
+                        mirror=mirror, components=components, repositories=repos,
+                        packages=tuple(packages), profile=profile,
+                        nvidia_driver=str(driver) if driver else None,
+                        container_engine=engine, disk_size_gb=size, kernel_args=kargs)
+
+
+def missing_host_tools(which=shutil.which, isdir=os.path.isdir):
+    """Debian packages to install on the build host, for tools it lacks."""
+    missing = sorted({pkg for tool, pkg in HOST_TOOLS.items() if not which(tool)})
+    if not isdir(GRUB_EFI_DIR):
+        missing.append("grub-efi-amd64-bin")
+    return missing
+
+
+# ----------------------------------------------------------------------------- apt files
+
+
+def sources_list(request):
+    return "deb %s %s %s\n" % (request.mirror, request.suite, " ".join(request.components))
+
+
+def repository_files(repo):
+    """{path inside the guest: content} for one repository (deb822 with its own key)."""
+    files = {}
+    lines = ["Types: deb", "URIs: %s" % repo.uri, "Suites: %s" % repo.suite]
+    if repo.components:
+        lines.append("Components: %s" % " ".join(repo.components))
+    if repo.key:
+        ext = "asc" if repo.key.lstrip().startswith(_ARMOR.encode()) else "gpg"
+        key_path = "/etc/apt/keyrings/gpuvirt-%s.%s" % (repo.name, ext)
+        files[key_path] = repo.key
+        lines.append("Signed-By: %s" % key_path)
+    files["/etc/apt/sources.list.d/gpuvirt-%s.sources" % repo.name] = (
+        "\n".join(lines) + "\n").encode("utf-8")
+    return files
+
+
+def preferences(request):
+    """apt preferences pinning the driver branch and the packages given with a version."""
+    blocks = []
+    for pkgs, ver in request.pins():
+        blocks.append("Package: %s\nPin: version %s\nPin-Priority: 1001\n" % (pkgs, ver))
+    return "\n".join(blocks)
+
+
+def grub_cfg(root_uuid, kernel_args=()):
+    """The standalone GRUB's built-in config: serial and screen, no menu, /vmlinuz by UUID."""
+    args = " ".join(("ro", "console=tty0", "console=ttyS0,115200n8") + tuple(kernel_args))
+    return (
+        "set timeout=0\n"
+        "serial --unit=0 --speed=115200\n"
+        "terminal_input serial console\n"
+        "terminal_output serial console\n"
+        "search --no-floppy --fs-uuid --set=root %s\n"
+        "linux /vmlinuz root=UUID=%s %s\n"
+        "initrd /initrd.img\n"
+        "boot\n" % (root_uuid, root_uuid, args))
+
+
+CLOUD_CFG = """\
+# gpuvirt.kvm: kvm_vm gives every VM a NoCloud seed; probe nothing else.
+datasource_list: [NoCloud, None]
+# The hostname kvm_vm gives resolves (sudo asks for it).
+manage_etc_hosts: true
+# Built into glibc; cloud-init's default (en_US.UTF-8) would need locale-gen first, which its
+# locale module does not run on Debian 12. A user_data "locale" overrides it.
+locale: C.UTF-8
+system_info:
+  network:
+    renderers: [networkd]
+"""
+
+
+# ----------------------------------------------------------------------------- apt errors
+
+
+def apt_update_error(output, request):
+    """A BuildError naming the repository (and option) that apt-get update failed on."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    bad = [ln for ln in lines if re.search(
+        r"NO_PUBKEY|is not signed|couldn't be verified|BADSIG|EXPKEYSIG|Signed-By|"
+        r"not signed|invalid signature|OpenPGP", ln)]
+    for i, repo in enumerate(request.repositories):
+        for ln in bad:
+            if repo.uri in ln or repo.uri.split("://", 1)[-1] in ln:
+                return BuildError(
+                    "repositories[%d].key: apt could not verify %s (%s) with the key given "
+                    "(%s): %s. Give the key that signs that repository's Release file"
+                    % (i, repo.uri, repo.name, repo.key_source or "the image's keyring", ln))
+    for i, repo in enumerate(request.repositories):
+        for ln in lines:
+            if (repo.uri in ln or repo.uri.split("://", 1)[-1] in ln) and re.match(
+                    r"^(E|W|Err):", ln):
+                return BuildError("repositories[%d].uri: apt could not read %s (%s): %s"
+                                  % (i, repo.uri, repo.name, ln))
+    if bad:
+        return BuildError("mirror: apt could not verify %s: %s" % (request.mirror, bad[0]))
+    errors = [ln for ln in lines if ln.startswith(("E:", "Err:"))]
+    return BuildError("mirror: apt-get update failed in the image: %s"
+                      % "; ".join(errors[-3:] or lines[-3:]))
+
+
+def apt_install_error(output, request):
+    """A BuildError naming the package (and option) that apt-get install failed on."""
+    profile = set(request.extra_packages()) - set(request.packages)
+    for ln in output.splitlines():
+        m = re.search(r"Unable to locate package (\S+)", ln) or re.search(
+            r"Package '?([^' ]+)'? has no installation candidate", ln)
+        if m:
+            pkg = m.group(1)
+            option = "packages"
+            hint = "check its name, or add the repository that has it in repositories"
+            if pkg in profile:
+                option = "profile"
+                hint = ("the gpu profile installs %s; add NVIDIA's CUDA and container-toolkit "
+                        "repositories in repositories (docs/images.md), or use profile=minimal"
+                        % pkg)
+            return BuildError("%s: no repository has the package %s (%s); no image was "
+                              "registered" % (option, pkg, hint))
+        m = re.search(r"Version '([^']+)' for '([^']+)' was not found", ln)
+        if m:
+            return BuildError("packages: %s has no version %s in the repositories; no image "
+                              "was registered" % (m.group(2), m.group(1)))
+    tail = [ln for ln in output.splitlines() if ln.strip()][-6:]
+    return BuildError("packages: apt-get install failed in the image; no image was "
+                      "registered: %s" % " | ".join(tail))
+
+
+# ----------------------------------------------------------------------------- the builder
+
+
+def manifest_path(store, name, version):
+    return os.path.join(store.root, "%s-%s.manifest.json" % (name, version))
+
+
+def read_manifest(store, name, version):
+    try:
+        with open(manifest_path(store, name, version), "r", encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def input_differences(old, new):
+    """The inputs that differ between two manifests' inputs, by name."""
+    keys = sorted(set(old) | set(new))
+    return [k for k in keys if old.get(k) != new.get(k)]
+
+
+class Builder:
+    """Runs one build in a scratch folder under the store; ``run`` returns the manifest."""
+
+    def __init__(self, request, store, cache_dir=DEFAULT_CACHE, log=None, timeout=3600):
+        self.request = request
+        self.store = store
+        self.cache_dir = cache_dir
+        self.timeout = timeout
+        self.log = log or (lambda msg: None)
+        self.work = None
+        self.rootfs = None
+        self.mounts = []
+        self.timings = {}
+
+    # -- commands
+    def _run(self, argv, step, error=None, env=None, timeout=None, cwd=None):
+        full_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C", "LC_ALL": "C",
+                    "DEBIAN_FRONTEND": "noninteractive", "MTOOLS_SKIP_CHECK": "1"}
+        full_env.update(env or {})
+        try:
+            proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  env=full_env, cwd=cwd, timeout=timeout or self.timeout,
+                                  check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise BuildError("%s: %s did not finish within %d s"
+                             % (step, argv[0], exc.timeout)) from exc
+        except OSError as exc:
+            raise BuildError("%s: cannot run %s: %s" % (step, argv[0], exc.strerror)) from exc
+        out = proc.stdout.decode("utf-8", "replace")
+        if proc.returncode != 0:
+            if error is not None:
+                raise error(out)
+            tail = [ln for ln in out.splitlines() if ln.strip()][-8:]
+            raise BuildError("%s: %s failed (exit %d): %s"
+                             % (step, " ".join(argv[:3]), proc.returncode, " | ".join(tail)))
+        return out
+
+    def _chroot(self, argv, step, error=None, timeout=None):
+        return self._run(["chroot", self.rootfs] + argv, step, error=error, timeout=timeout)
+
+    def _step(self, name, started):
+        self.timings[name] = round(time.monotonic() - started, 1)
+        self.log("%s: %.1f s" % (name, self.timings[name]))
+        return time.monotonic()
+
+    # -- files inside the guest
+    def _path(self, inside):
+        return os.path.join(self.rootfs, inside.lstrip("/"))
+
+    def _write(self, inside, data, mode=0o644):
+        path = self._path(inside)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.islink(path):
+            os.unlink(path)
+        with open(path, "wb") as handle:
+            handle.write(data if isinstance(data, bytes) else data.encode("utf-8"))
+        os.chmod(path, mode)
+
+    # -- mounts (proc, sys, dev for package scripts); never delete through one
+    def _mount_all(self):
+        for kind, src, dest in (("proc", "proc", "proc"), ("sysfs", "sysfs", "sys"),
+                                ("bind", "/dev", "dev"), ("bind", "/dev/pts", "dev/pts")):
+            target = self._path(dest)
+            os.makedirs(target, exist_ok=True)
+            argv = ["mount", "--bind", src, target] if kind == "bind" else [
+                "mount", "-t", kind, src, target]
+            self._run(argv, "mount")
+            self.mounts.append(target)
+
+    def _unmount_all(self):
+        for target in reversed(self.mounts):
+            subprocess.run(["umount", target], check=False, capture_output=True)
+            if _mounted_under(target):
+                subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+        self.mounts = []
+
+    def cleanup(self):
+        if self.work is None:
+            return
+        self._unmount_all()
+        if _mounted_under(self.work):
+            raise BuildError("cleanup: something is still mounted under %s; unmount it and "
+                             "remove the folder by hand" % self.work)
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.work = None
+
+    # -- steps
+    def _base(self):
+        """The debootstrapped base in self.rootfs, from the cache when it is there."""
+        req = self.request
+        cache = os.path.join(self.cache_dir, "base-%s.tar" % req.base_key())
+        os.makedirs(self.rootfs)
+        if os.path.isfile(cache):
+            self._run(["tar", "-C", self.rootfs, "--numeric-owner", "-xpf", cache], "base")
+            return cache, True
+        argv = ["debootstrap", "--variant=minbase", "--merged-usr",
+                "--components=%s" % ",".join(req.components),
+                "--include=%s" % ",".join(DEBOOTSTRAP_PACKAGES), req.suite, self.rootfs,
+                req.mirror]
+        self._run(argv, "suite", error=lambda out: BuildError(
+            "suite: debootstrap of %s from %s failed: %s" % (
+                req.suite, req.mirror,
+                " | ".join([ln for ln in out.splitlines() if ln.strip()][-6:]))))
+        self._mount_all()
+        try:
+            resolv_link = self._configure_apt(base=True)
+            self._chroot(["apt-get", "-q", "update"], "mirror",
+                         error=lambda out: apt_update_error(out, req))
+            rest = [p for p in BASE_PACKAGES if p not in DEBOOTSTRAP_PACKAGES]
+            self._chroot(["apt-get", "-q", "-y", "--no-install-recommends", "install"] + rest,
+                         "suite", error=lambda out: BuildError(
+                             "suite: %s lacks base packages the build needs: %s" % (
+                                 req.suite, apt_install_error(out, req))))
+            self._chroot(["apt-get", "clean"], "suite")
+            self._restore_apt(resolv_link)
+        finally:
+            self._unmount_all()
+        os.makedirs(self.cache_dir, mode=0o755, exist_ok=True)
+        tmp = cache + ".partial-%d" % os.getpid()
+        self._run(["tar", "-C", self.rootfs, "--numeric-owner", "-cpf", tmp, "."], "base")
+        os.replace(tmp, cache)
+        return cache, False
+
+    def _release_digest(self):
+        """(sha256, Date) of the suite's Release file debootstrap fetched: the base's digest."""
+        lists = self._path("/var/lib/apt/lists")
+        for entry in sorted(os.listdir(lists)) if os.path.isdir(lists) else ():
+            suite = "_dists_%s_" % self.request.suite
+            if entry.endswith(("_InRelease", "_Release")) and suite in entry:
+                path = os.path.join(lists, entry)
+                date = ""
+                with open(path, "r", encoding="utf-8", errors="replace") as handle:
+                    for ln in handle:
+                        if ln.startswith("Date:"):
+                            date = ln.split(":", 1)[1].strip()
+                            break
+                return file_digests(path)["sha256"], date
+        return None, None
+
+    def _configure_apt(self, base=False):
+        """sources.list (and with base=False the repositories and pins), no services, a
+        resolver; returns what /etc/resolv.conf linked to, for _restore_apt."""
+        req = self.request
+        self._write("/etc/apt/sources.list", sources_list(req))
+        for repo in [] if base else req.repositories:
+            for inside, data in repository_files(repo).items():
+                self._write(inside, data)
+        prefs = "" if base else preferences(req)
+        if prefs:
+            self._write("/etc/apt/preferences.d/gpuvirt-pins", prefs)
+        # No service starts inside the build; apt needs a resolver that works in the chroot.
+        self._write("/usr/sbin/policy-rc.d", "#!/bin/sh\nexit 101\n", mode=0o755)
+        resolv = self._path("/etc/resolv.conf")
+        saved = os.readlink(resolv) if os.path.islink(resolv) else None
+        if os.path.lexists(resolv):
+            os.unlink(resolv)
+        shutil.copyfile("/etc/resolv.conf", resolv)
+        return saved
+
+    def _install(self):
+        req = self.request
+        self._chroot(["apt-get", "-q", "update"], "repositories",
+                     error=lambda out: apt_update_error(out, req))
+        extra = req.extra_packages()
+        if extra:
+            self._chroot(["apt-get", "-q", "-y", "--no-install-recommends", "install"] + extra,
+                         "packages", error=lambda out: apt_install_error(out, req))
+        out = self._chroot(["dpkg-query", "-W", "-f",
+                            "${Package}\t${Version}\t${db:Status-Abbrev}\n"], "packages")
+        installed = {}
+        for ln in out.splitlines():
+            parts = ln.split("\t")
+            if len(parts) == 3 and parts[2].startswith("ii"):
+                installed[parts[0]] = parts[1]
+        kernels = sorted(n[len("linux-image-"):] for n in installed
+                         if re.match(r"^linux-image-\d", n))
+        return installed, kernels
+
+    def _restore_apt(self, resolv_link):
+        os.unlink(self._path("/usr/sbin/policy-rc.d"))
+        resolv = self._path("/etc/resolv.conf")
+        os.unlink(resolv)
+        # systemd-resolved's package links it to its stub while installing (replacing the
+        # build's copy of the host's resolver); the guest must end up with that link.
+        if os.path.exists(self._path("/usr/lib/systemd/systemd-resolved")):
+            resolv_link = "../run/systemd/resolve/stub-resolv.conf"
+        if resolv_link:
+            os.symlink(resolv_link, resolv)
+        else:
+            self._write("/etc/resolv.conf", "")
+
+    def _finish_rootfs(self, resolv_link, root_uuid, esp_id):
+        self._chroot(["apt-get", "clean"], "configure")
+        self._restore_apt(resolv_link)
+        for sub in ("/var/lib/apt/lists",):
+            path = self._path(sub)
+            for entry in os.listdir(path) if os.path.isdir(path) else ():
+                full = os.path.join(path, entry)
+                if os.path.isfile(full):
+                    os.unlink(full)
+        # Every copy gets its own identity on first boot.
+        self._write("/etc/machine-id", "")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path("/var/lib/dbus/machine-id"))
+        ssh = self._path("/etc/ssh")
+        for entry in os.listdir(ssh) if os.path.isdir(ssh) else ():
+            if entry.startswith("ssh_host_"):
+                os.unlink(os.path.join(ssh, entry))
+        self._write("/etc/hostname", "localhost\n")
+        self._write("/etc/hosts", "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost "
+                    "ip6-loopback\n")
+        self._write("/etc/fstab", "UUID=%s\t/\text4\terrors=remount-ro\t0\t1\n"
+                    "UUID=%s\t/boot/efi\tvfat\tumask=0077\t0\t1\n" % (root_uuid, esp_id))
+        os.makedirs(self._path("/boot/efi"), exist_ok=True)
+        self._write("/etc/cloud/cloud.cfg.d/90-gpuvirt.cfg", CLOUD_CFG)
+        for unit in ("serial-getty@ttyS0.service", "systemd-networkd.service",
+                     "systemd-resolved.service"):
+            self._run(["systemctl", "--root=%s" % self.rootfs, "--quiet", "enable", unit],
+                      "configure")
+        self._run(["systemctl", "--root=%s" % self.rootfs, "--quiet", "mask",
+                   "apt-daily.timer", "apt-daily-upgrade.timer"], "configure")
+        # /vmlinuz and /initrd.img, which the built-in grub.cfg boots (and kernel updates move).
+        for link, prefix in (("/vmlinuz", "vmlinuz-"), ("/initrd.img", "initrd.img-")):
+            if not os.path.exists(self._path(link)):
+                found = sorted(e for e in os.listdir(self._path("/boot")) if e.startswith(prefix))
+                if not found:
+                    raise BuildError("suite: the image has no %s* in /boot; is linux-image-"
+                                     "amd64 in %s?" % (prefix, self.request.suite))
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._path(link))
+                os.symlink("boot/" + found[-1], self._path(link))
+
+    def _disk(self, root_uuid, esp_id, out_path):
+        req = self.request
+        raw = os.path.join(self.work, "disk.raw")
+        total = req.disk_size_gb * 1024 * 1024 * 1024
+        with open(raw, "wb") as handle:
+            handle.truncate(total)
+        esp_sectors = ESP_MIB * 1024 * 1024 // _SECTOR
+        root_start = _FIRST_SECTOR + esp_sectors
+        layout = ("label: gpt\n"
+                  "label-id: %s\n"
+                  "start=%d, size=%d, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=ESP\n"
+                  "start=%d, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=root\n"
+                  % (str(uuid.uuid5(uuid.NAMESPACE_URL, root_uuid)).upper(), _FIRST_SECTOR,
+                     esp_sectors, root_start))
+        proc = subprocess.run(["sfdisk", "--quiet", raw], input=layout.encode(),
+                              capture_output=True, check=False)
+        if proc.returncode != 0:
+            raise BuildError("disk: sfdisk failed: %s" % proc.stderr.decode(errors="replace"))
+        table = json.loads(self._run(["sfdisk", "--json", raw], "disk"))
+        parts = table["partitiontable"]["partitions"]
+        root_sectors = int(parts[1]["size"])
+        # The root file system straight from the folder into its partition.
+        self._run(["mkfs.ext4", "-q", "-F", "-L", "root", "-U", root_uuid,
+                   "-E", "offset=%d" % (root_start * _SECTOR), "-d", self.rootfs, raw,
+                   "%dk" % (root_sectors * _SECTOR // 1024)], "disk")
+        # The ESP: a FAT file with the standalone GRUB, copied into partition 1.
+        cfg = os.path.join(self.work, "grub.cfg")
+        with open(cfg, "w", encoding="utf-8") as handle:
+            handle.write(grub_cfg(root_uuid, req.kernel_args))
+        efi = os.path.join(self.work, "BOOTX64.EFI")
+        self._run(["grub-mkstandalone", "-O", "x86_64-efi", "-o", efi, "--locales=",
+                   "--fonts=", "--themes=",
+                   "--modules=part_gpt ext2 fat search search_fs_uuid linux normal serial "
+                   "terminal echo", "boot/grub/grub.cfg=%s" % cfg], "disk")
+        esp = os.path.join(self.work, "esp.img")
+        self._run(["mkfs.fat", "-C", "-n", "ESP", "-i", esp_id.replace("-", ""), esp,
+                   str(ESP_MIB * 1024)], "disk")
+        self._run(["mmd", "-i", esp, "::/EFI", "::/EFI/BOOT"], "disk")
+        self._run(["mcopy", "-i", esp, efi, "::/EFI/BOOT/BOOTX64.EFI"], "disk")
+        with open(esp, "rb") as src, open(raw, "r+b") as dst:
+            dst.seek(_FIRST_SECTOR * _SECTOR)
+            shutil.copyfileobj(src, dst, 4 * 1024 * 1024)
+        self._run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, out_path], "disk")
+        os.unlink(raw)
+
+    def run(self, out_path):
+        """Build into ``out_path`` (a qcow2 in the store); returns the manifest (dict)."""
+        req = self.request
+        started = time.monotonic()
+        self.work = tempfile.mkdtemp(dir=self.store.root, prefix=".tmp-build-")
+        os.chmod(self.work, 0o755)
+        self.rootfs = os.path.join(self.work, "rootfs")
+        step = time.monotonic()
+        cache, cached = self._base()
+        step = self._step("base", step)
+        release_sha, release_date = self._release_digest()
+        self._mount_all()
+        try:
+            resolv_link = self._configure_apt()
+            installed, kernels = self._install()
+            step = self._step("packages", step)
+            root_uuid = str(uuid.uuid4())
+            esp_id = "%04X-%04X" % tuple(divmod(int(root_uuid[:8], 16), 0x10000))
+            self._finish_rootfs(resolv_link, root_uuid, esp_id)
+        finally:
+            self._unmount_all()
+        step = self._step("configure", step)
+        self._disk(root_uuid, esp_id, out_path)
+        self._step("disk", step)
+        self.timings["total"] = round(time.monotonic() - started, 1)
+        return {
+            "name": req.name, "version": req.version, "built_by": "gpuvirt.kvm.kvm_image_build",
+            "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "inputs": req.inputs(), "inputs_digest": req.inputs_digest(),
+            "base": {"suite": req.suite, "mirror": req.mirror, "release_sha256": release_sha,
+                     "release_date": release_date, "cache": os.path.basename(cache),
+                     "from_cache": cached},
+            "boot": {"firmware": "uefi", "root_uuid": root_uuid, "esp_id": esp_id,
+                     "console": "ttyS0,115200n8", "kernels": kernels},
+            "packages": installed, "seconds": dict(self.timings),
+        }
+
+
+def _mounted_under(path):
+    prefix = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo", "r", encoding="utf-8") as handle:
+            for ln in handle:
+                mount_point = ln.split()[4].replace("\\040", " ")
+                if mount_point == prefix or mount_point.startswith(prefix + "/"):
+                    return True
+    except OSError:
+        return False
+    return False
+
+
+def build_and_register(request, store, cache_dir=DEFAULT_CACHE, log=None, lock=None):
+    """Build, verify with qemu-img and install as name-version with its manifest.
+
+    Returns (image, manifest). Nothing is registered when any step fails; the scratch folder
+    and the partial image are removed.
+    """
+    created = store._make_root()  # pylint: disable=protected-access
+    builder = Builder(request, store, cache_dir=cache_dir, log=log)
+    fd, partial = tempfile.mkstemp(dir=store.root, prefix=".tmp-", suffix=".partial")
+    os.close(fd)
+    staged = None
+    try:
+        manifest = builder.run(partial)
+        builder.cleanup()
+        digests = file_digests(partial)
+        staged = Staged(path=partial, size=os.path.getsize(partial), digests=digests,
+                        source="built by kvm_image_build (debootstrap %s from %s)"
+                        % (request.suite, request.mirror), created_root=created)
+        staged.info = store.verify(partial, option="name", label="the built image")
+        manifest["image_sha256"] = digests["sha256"]
+        if lock is not None:
+            lock.acquire()
+        try:
+            if store.get(request.name, request.version) is not None:
+                raise BuildError("version: %s-%s appeared in the store while it was being "
+                                 "built; choose another version"
+                                 % (request.name, request.version))
+            _write_json(manifest_path(store, request.name, request.version), manifest)
+            try:
+                image = store.commit(staged, request.name, request.version)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(manifest_path(store, request.name, request.version))
+                raise
+            if store.default_version(request.name) is None:
+                store.set_default(request.name, request.version)
+                image = store.get(request.name, request.version)
+        finally:
+            if lock is not None:
+                lock.release()
+        return image, manifest
+    finally:
+        try:
+            builder.cleanup()
+        finally:
+            if staged is None or not staged.committed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(partial)
+
+
+def _write_json(path, data):
+    tmp = path + ".partial"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)

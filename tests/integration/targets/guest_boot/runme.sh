@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-3.0-or-later
+# Image builds and a real Linux tenant on this machine (issue: guests that boot and are
+# GPU-ready): files/build.yml builds two image versions; files/boot.yml boots a VM on the first
+# under TCG; we log in over SSH as the cloud-init user and check the hostname, vCPUs, memory, the
+# data disk and each NIC's queues against what kvm_vm reported; read the serial console through
+# `virsh console` up to a login prompt; then move the VM to the second image (recreate) and
+# check that the data disk's contents survived. Domains are named gvt-gb*.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+setup=$here/../setup_kvm_vm/files
+python=$(command -v python)
+scratch=$(mktemp -d /tmp/gvt-gb.XXXXXX)
+chmod 0755 "$scratch"
+bridge=gvtbr0
+made_bridge=
+server=
+cleanup() {
+  bash "$setup/remove_domains.sh" gvt-gb >/dev/null || true
+  [ -z "$server" ] || kill "$server" 2>/dev/null || true
+  [ -z "$made_bridge" ] || ip link del "$bridge" 2>/dev/null || true
+  rm -rf "$scratch"
+}
+trap cleanup EXIT
+export ANSIBLE_NOCOLOR=1 ANSIBLE_LOCALHOST_WARNING=0
+inventory=$scratch/inventory.ini
+printf 'localhost ansible_connection=local ansible_python_interpreter=%s\n' "$python" >"$inventory"
+fail() { echo "guest_boot: $*" >&2; exit 1; }
+play() {  # play LOG PLAYBOOK ARGS...
+  local log=$1 book=$2; shift 2
+  ansible-playbook -i "$inventory" "$here/files/$book" -e "scratch=$scratch" \
+    -e "store=$scratch/store" "$@" >"$scratch/$log" 2>&1 || {
+    tail -n 40 "$scratch/$log"; fail "$book failed (see above)"; }
+}
+free_port() { "$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+ssh_opts=(-i "$scratch/key" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null
+          -o ConnectTimeout=5 -o BatchMode=yes -o LogLevel=ERROR)
+port=
+guest() { ssh "${ssh_opts[@]}" -p "$port" tenant@127.0.0.1 "$@"; }
+boot() {  # boot LOG IMAGE [ARGS]: the VM on IMAGE, running; SSH forwarded to $port
+  local started=$SECONDS
+  play "$1" boot.yml -e "image=$2" "${@:3}"
+  port=$(free_port)
+  "$python" "$here/files/guest.py" forward gvt-gb "$port"
+  for _ in $(seq 1 100); do
+    if guest true 2>/dev/null; then
+      echo "guest_boot: SSH answered $((SECONDS - started)) s after the run began"
+      return 0
+    fi
+    sleep 3
+  done
+  virsh -c qemu:///system dumpxml gvt-gb | tail -n 20 >&2
+  fail "no SSH login on 127.0.0.1:$port within 300 s"
+}
+
+echo "=== a signed local apt repository, served on 127.0.0.1"
+bash "$here/files/make-apt-repo.sh" "$scratch/apt" >/dev/null
+repo_port=$(free_port)
+"$python" -m http.server --bind 127.0.0.1 --directory "$scratch/apt/repo" "$repo_port" \
+  >"$scratch/http.log" 2>&1 &
+server=$!
+ssh-keygen -q -t ed25519 -N '' -C gvt-gb -f "$scratch/key"
+
+echo "=== builds: two versions, a rerun, bad keys and packages"
+started=$SECONDS
+play build.log build.yml -e "repo_url=http://127.0.0.1:$repo_port"
+echo "guest_boot: version 1 built in $(tr -d ' \n' <"$scratch/build-seconds.json") s; all build checks $((SECONDS - started)) s"
+
+echo "=== version 2 through the playbook gpuvirt.kvm.build_guest_image (the guest_image role), twice"
+"$python" - "$scratch" "http://127.0.0.1:$repo_port" >"$scratch/builds.json" <<'PY'
+import json, sys
+scratch, url = sys.argv[1:3]
+print(json.dumps({
+    "guest_image_store": scratch + "/store", "guest_image_build_cache": scratch + "/cache",
+    "guest_image_builds": [{
+        "name": "guest", "version": "2", "suite": "bookworm", "profile": "minimal",
+        "disk_size_gb": 4, "packages": ["gpuvirt-probe=2.0"],
+        "repositories": [{"name": "vendor", "uri": url,
+                          "key": open(scratch + "/apt/repo-key.asc").read()}]}]}))
+PY
+for run in first second; do
+  ansible-playbook -i "$inventory" gpuvirt.kvm.build_guest_image -e "@$scratch/builds.json" \
+    >"$scratch/build-$run.log" 2>&1 || { tail -n 30 "$scratch/build-$run.log"; fail "build_guest_image failed"; }
+done
+grep -q "changed=1 " "$scratch/build-first.log" || { tail -n 20 "$scratch/build-first.log"; fail "the first run built nothing"; }
+grep -q "changed=0 " "$scratch/build-second.log" || { tail -n 20 "$scratch/build-second.log"; fail "the second run changed something"; }
+play verify.log verify_v2.yml
+
+echo "=== boot version 1 under TCG with UEFI, log in over SSH"
+if ! ip link show "$bridge" >/dev/null 2>&1; then
+  ip link add "$bridge" type bridge && ip link set "$bridge" up && made_bridge=1
+fi
+boot boot1.log guest-1
+"$python" - "$scratch/vm.json" "$scratch/facts" <<'PY' >"$scratch/expect"
+import json, sys
+vm = json.load(open(sys.argv[1]))
+print("hostname=gb-tenant")
+print("vcpus=%d" % vm["vcpus"])
+print("memory_mb=%d" % vm["memory_mb"])
+for net in vm["spec"]["networks"]:
+    print("queues_%s=%d" % (net["mac"], net.get("queues") or 1))
+PY
+# shellcheck disable=SC2016  # runs in the guest's shell
+guest 'set -e
+  echo "hostname=$(hostname)"
+  echo "vcpus=$(nproc)"
+  awk "/MemTotal/ {print \"memtotal_kb=\" \$2}" /proc/meminfo
+  echo "data=$(findmnt -n -o SOURCE,FSTYPE /data | tr -s " " ,)"
+  echo "cloud_init=$(cloud-init status --wait | tail -n 1 | tr -d " ")"
+  echo "system=$(systemctl is-system-running --wait)"
+  for dev in /sys/class/net/*; do
+    [ -e "$dev/device" ] || continue
+    echo "queues_$(cat "$dev/address")=$(/usr/sbin/ethtool -l "$(basename "$dev")" | awk "/^Combined/ {v=\$2} END {print v}")"
+  done
+  echo canary-$$ | sudo tee /data/canary >/dev/null
+  cat /usr/share/gpuvirt-probe/version' >"$scratch/facts"
+cat "$scratch/facts"
+"$python" - "$scratch/expect" "$scratch/facts" <<'PY' || fail "the guest does not match what kvm_vm reported"
+import sys
+want = dict(l.strip().split("=", 1) for l in open(sys.argv[1]) if "=" in l)
+got = dict(l.strip().split("=", 1) for l in open(sys.argv[2]) if "=" in l)
+lines = open(sys.argv[2]).read().split()
+assert got["hostname"] == want["hostname"], (got, want)
+assert got["vcpus"] == want["vcpus"], (got, want)
+# The kernel keeps some RAM for itself: MemTotal is a little below the VM's memory.
+assert 0.80 * int(want["memory_mb"]) * 1024 < int(got["memtotal_kb"]) <= int(want["memory_mb"]) * 1024, (got, want)
+assert got["data"] == "/dev/vdb,ext4", got
+assert got["cloud_init"] == "status:done", got
+assert got["system"] == "running", got
+for key, value in want.items():
+    if key.startswith("queues_"):
+        assert got.get(key) == value, (key, got.get(key), value)
+assert sum(1 for k in want if k.startswith("queues_")) == 2, want
+assert any(v != "1" for k, v in want.items() if k.startswith("queues_")), "no multiqueue NIC"
+assert lines[-1] == "1.0", lines[-1]
+PY
+canary=$(guest cat /data/canary)
+
+echo "=== the serial console: virsh console up to a login prompt"
+"$python" "$here/files/guest.py" console gvt-gb 120 >"$scratch/console.txt" ||
+  { tail -n 20 "$scratch/console.txt"; fail "no login prompt on the serial console"; }
+grep -q "gb-tenant login:" "$scratch/console.txt" || fail "the console's prompt is not the VM's hostname"
+
+echo "=== move the running VM to version 2 (recreate): the data disk survives"
+boot boot2.log guest-2 -e recreate=true
+[ "$(guest cat /data/canary)" = "$canary" ] || fail "the data disk lost its contents in the move"
+[ "$(guest cat /usr/share/gpuvirt-probe/version)" = "2.0" ] || fail "the VM does not run version 2"
+grep -q '"image_version": "2"' "$scratch/vm.json" || fail "kvm_vm does not report version 2"
+echo "guest_boot: passed"
