@@ -471,9 +471,7 @@ class Builder:
                     "DEBIAN_FRONTEND": "noninteractive", "MTOOLS_SKIP_CHECK": "1"}
         full_env.update(env or {})
         try:
-            proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  env=full_env, cwd=cwd, timeout=timeout or self.timeout,
-                                  check=False)
+            proc = _exec(argv, env=full_env, cwd=cwd, timeout=timeout or self.timeout)
         except subprocess.TimeoutExpired as exc:
             raise BuildError("%s: %s did not finish within %d s"
                              % (step, argv[0], exc.timeout)) from exc
@@ -522,9 +520,9 @@ class Builder:
 
     def _unmount_all(self):
         for target in reversed(self.mounts):
-            subprocess.run(["umount", target], check=False, capture_output=True)
+            _exec(["umount", target], timeout=120)
             if _mounted_under(target):
-                subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+                _exec(["umount", "-l", target], timeout=120)
         self.mounts = []
 
     def cleanup(self):
@@ -697,10 +695,9 @@ class Builder:
                   "start=%d, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=root\n"
                   % (str(uuid.uuid5(uuid.NAMESPACE_URL, root_uuid)).upper(), _FIRST_SECTOR,
                      esp_sectors, root_start))
-        proc = subprocess.run(["sfdisk", "--quiet", raw], input=layout.encode(),
-                              capture_output=True, check=False)
+        proc = _exec(["sfdisk", "--quiet", raw], stdin=layout.encode(), timeout=120)
         if proc.returncode != 0:
-            raise BuildError("disk: sfdisk failed: %s" % proc.stderr.decode(errors="replace"))
+            raise BuildError("disk: sfdisk failed: %s" % proc.stdout.decode(errors="replace"))
         table = json.loads(self._run(["sfdisk", "--json", raw], "disk"))
         parts = table["partitiontable"]["partitions"]
         root_sectors = int(parts[1]["size"])
@@ -764,6 +761,15 @@ class Builder:
                      "console": "ttyS0,115200n8", "kernels": kernels},
             "packages": installed, "seconds": dict(self.timings),
         }
+
+
+def _exec(argv, env=None, cwd=None, timeout=None, stdin=None):
+    """Run a command, stdout and stderr together; the CompletedProcess (never raises on exit
+    status). The build's commands run for minutes with output kept for errors, outside any
+    AnsibleModule (the unit tests and the module share this), hence subprocess."""
+    return subprocess.run(  # pylint: disable=ansible-bad-function
+        argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+        timeout=timeout, check=False)
 
 
 def _mounted_under(path):

@@ -32,9 +32,9 @@ description:
     and C(/dev) mounted into it while it runs), writes the file systems into a sparse raw
     file (C(mkfs.ext4 -d), C(mkfs.fat), C(mcopy)) and converts it to qcow2.
   - The result is checked with C(qemu-img) and installed atomically, with a manifest
-    C(<name>-<version>.manifest.json) next to it in the store: the inputs and their digest,
-    the digest and date of the suite's Release file, and every installed package with its
-    version. When any step fails, nothing is installed and the scratch folder is removed.
+    C(<name>-<version>.manifest.json) next to it in the store, which records the inputs and
+    their digest, the digest and date of the suite's Release file, and every installed package
+    with its version. When any step fails, nothing is installed and the scratch folder is removed.
   - The debootstrapped base (suite, mirror, components and the base packages) is cached in
     O(cache_dir) as a tar file, so later builds on that base start from the same files, and
     a rebuild of the same inputs gets the same base packages.
@@ -163,7 +163,7 @@ notes:
   - Runs as root on the build host (debootstrap, chroot). The host needs debootstrap,
     grub-efi-amd64-bin, mtools, dosfstools, fdisk, e2fsprogs and qemu-utils; the error names
     the missing ones.
-  - Same inputs, same package set: the base comes from the cache and pinned packages are
+  - Same inputs, same package set. The base comes from the cache and pinned packages are
     pinned. A package given without a version gets the repository's newest; pin it for a
     build that must not drift, or point O(mirror) at a snapshot (such as
     C(http://snapshot.debian.org/archive/debian/20261201T000000Z)).

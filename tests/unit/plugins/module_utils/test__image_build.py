@@ -82,7 +82,7 @@ def test_gpu_profile_needs_the_driver_version():
      "repositories[1].name: a is given twice"),
     (dict(repositories=[dict(name="a", uri="http://x", key="not a key")]),
      "repositories[0].key: neither"),
-    (dict(repositories=[dict(name="a", uri="http://x", key=KEY.split("-----END")[0])]),
+    (dict(repositories=[dict(name="a", uri="http://x", key=KEY.split("-----END", maxsplit=1)[0])]),
      "repositories[0].key: the ASCII-armored key has no END"),
     (dict(repositories=[dict(name="a", uri="http://x", key="/nonexistent/key.gpg")]),
      "repositories[0].key: cannot read"),

@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/env python
 # SPDX-License-Identifier: GPL-3.0-or-later
 """The guest_boot target's reach into a running guest on this machine's libvirt.
 
@@ -43,7 +43,7 @@ def console(name, timeout):
     ok = False
     try:
         while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 1)
+            ready = select.select([fd], [], [], 1)[0]
             if ready:
                 try:
                     chunk = os.read(fd, 4096)
