@@ -2,7 +2,7 @@
 # Copyright (c) gpuvirt.kvm contributors
 # GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Guest image builds: a Debian or Ubuntu guest from debootstrap, GPU-ready. Private.
+"""Guest image builds: a Debian guest from debootstrap or a cloud image, GPU-ready. Private.
 
 kvm_image_build's engine. A build runs, with no loop device and no mount of the image:
 
@@ -42,6 +42,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._image_store import (
     ImagesError,
     Staged,
     file_digests,
+    parse_checksum,
     validate_name,
 )
 
@@ -68,7 +69,10 @@ BASE_PACKAGES = DEBOOTSTRAP_PACKAGES + (
 )
 # The GPU profile: the NVIDIA driver (pinned to nvidia_driver), headers for its DKMS module,
 # the container toolkit; plus the container engine.
-GPU_PACKAGES = ("linux-headers-amd64", "nvidia-driver", "nvidia-container-toolkit")
+# The kernel goes with its headers: the base's kernel may be older than the archive's headers,
+# and DKMS would then build the driver for a kernel that is not installed.
+GPU_PACKAGES = ("linux-image-amd64", "linux-headers-amd64", "nvidia-driver",
+                "nvidia-container-toolkit")
 ENGINE_PACKAGES = {"docker": ("docker.io",), "podman": ("podman",), "none": ()}
 # Packages the NVIDIA driver pin covers (apt preferences globs). The container toolkit has
 # versions of its own (1.x) that never match a driver version, so the pin leaves it alone.
@@ -88,9 +92,22 @@ HOST_TOOLS = {
     "debootstrap": "debootstrap", "chroot": "coreutils", "mount": "mount",
     "sfdisk": "fdisk", "mkfs.ext4": "e2fsprogs", "mkfs.fat": "dosfstools", "mcopy": "mtools",
     "mmd": "mtools", "grub-mkstandalone": "grub-common", "qemu-img": "qemu-utils",
-    "tar": "tar",
+    "tar": "tar", "debugfs": "e2fsprogs", "unshare": "util-linux",
 }
+# What a cloud image base gets on top of its own packages (kernel, network stack and resolver
+# stay the image's).
+IMAGE_BASE_PACKAGES = ("cloud-init", "openssh-server", "sudo", "ethtool", "pciutils", "gpg")
+# GPT partition types of a root file system: x86-64 root (discoverable partitions), Linux data.
+_GPT_ROOT_TYPES = ("4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709", "0FC63DAF-8483-4772-8E79-3D69D8477DE4")
 GRUB_EFI_DIR = "/usr/lib/grub/x86_64-efi"
+
+
+# Run in `unshare --mount --propagation private`: mount what package scripts need, then chroot.
+_CHROOT_SCRIPT = (
+    'root=$1; shift; '
+    'mount -t proc proc "$root/proc" && mount -t sysfs sysfs "$root/sys" && '
+    'mount --bind /dev "$root/dev" && mount --bind /dev/pts "$root/dev/pts" && '
+    'exec chroot "$root" "$@"')
 
 
 class BuildError(Exception):
@@ -120,10 +137,27 @@ class Repository:
 
 
 @dataclass
+class BaseImage:
+    """A cloud image to build on instead of a debootstrap suite."""
+
+    src: str
+    algorithm: str
+    digest: str
+
+    @property
+    def is_url(self):
+        return self.src.startswith(("http://", "https://"))
+
+    def public(self):
+        return {"src": self.src, "checksum": "%s:%s" % (self.algorithm, self.digest)}
+
+
+@dataclass
 class BuildRequest:
     name: str
     version: str
-    suite: str
+    suite: str = None
+    base_image: BaseImage = None
     mirror: str = DEFAULT_MIRROR
     components: tuple = ("main",)
     repositories: list = field(default_factory=list)
@@ -152,7 +186,9 @@ class BuildRequest:
         package given with a version."""
         pins = []
         if self.profile == "gpu" and self.nvidia_driver:
-            pins.append((NVIDIA_PIN_GLOBS, "%s*" % self.nvidia_driver))
+            # 550.163.01 pins 550.163.01-<revision>; a branch (550) pins 550.<anything>.
+            full = self.nvidia_driver.count(".") >= 2
+            pins.append((NVIDIA_PIN_GLOBS, "%s%s*" % (self.nvidia_driver, "-" if full else ".")))
         for spec in self.packages:
             pkg, _sep, ver = spec.partition("=")
             if ver:
@@ -164,7 +200,8 @@ class BuildRequest:
         return {
             "recipe": RECIPE_VERSION, "suite": self.suite, "mirror": self.mirror,
             "components": list(self.components),
-            "base_packages": list(BASE_PACKAGES),
+            "base_image": self.base_image.public() if self.base_image else None,
+            "base_packages": list(IMAGE_BASE_PACKAGES if self.base_image else BASE_PACKAGES),
             "repositories": [r.public() for r in self.repositories],
             "packages": list(self.packages), "profile": self.profile,
             "nvidia_driver": self.nvidia_driver,
@@ -222,14 +259,22 @@ def validate(params):
         validate_name(params["version"], "version")
     except ImagesError as exc:
         raise BuildError(str(exc)) from exc
-    suite = params["suite"]
-    if not suite or not _COMPONENT_RE.match(suite) or "/" in suite:
-        raise BuildError("suite: %r is not a Debian or Ubuntu suite name (such as bookworm or "
-                         "noble)" % (suite,))
+    suite, base_image = params.get("suite"), None
+    if params.get("base_image"):
+        if suite:
+            raise BuildError("suite: give a debootstrap suite or base_image, not both (a cloud "
+                             "image brings its own suite)")
+        base_image = _base_image(params["base_image"])
+    elif not suite or not _COMPONENT_RE.match(suite) or "/" in suite:
+        raise BuildError("suite: %r is not a Debian suite name (such as bookworm or "
+                         "trixie); give one, or a cloud image as base_image" % (suite,))
     mirror = (params.get("mirror") or DEFAULT_MIRROR).rstrip("/")
     if not _URI_RE.match(mirror):
         raise BuildError("mirror: %r is not an http://, https:// or file:// URL" % (mirror,))
-    components = tuple(params.get("components") or ("main",))
+    components = params.get("components")
+    components = tuple(("main",) if components is None else components)
+    if not components:
+        raise BuildError("components: give at least one archive component (such as main)")
     for comp in components:
         if not _COMPONENT_RE.match(comp):
             raise BuildError("components: %r is not an archive component (such as main or "
@@ -291,7 +336,8 @@ def validate(params):
         raise BuildError("nvidia_driver: only the gpu profile installs the driver; drop it, or "
                          "use profile=gpu")
     engine = params.get("container_engine") or "docker"
-    size = params.get("disk_size_gb") or 8
+    size = params.get("disk_size_gb")
+    size = 8 if size is None else size
     if not isinstance(size, int) or size < 2 or size > 4096:
         raise BuildError("disk_size_gb: %r must be a whole number of GiB from 2 to 4096"
                          % (size,))
@@ -301,10 +347,66 @@ def validate(params):
             raise BuildError("kernel_args: %r is not one kernel argument (no spaces, quotes or "
                              "';')" % (arg,))
     return BuildRequest(name=params["name"], version=params["version"], suite=suite,
-                        mirror=mirror, components=components, repositories=repos,
-                        packages=tuple(packages), profile=profile,
+                        base_image=base_image, mirror=mirror, components=components,
+                        repositories=repos, packages=tuple(packages), profile=profile,
                         nvidia_driver=str(driver) if driver else None,
                         container_engine=engine, disk_size_gb=size, kernel_args=kargs)
+
+
+def _base_image(value):
+    src = (value.get("src") or "").strip()
+    if not src or not (src.startswith("/") or re.match(r"^https?://\S+$", src)):
+        raise BuildError("base_image.src: %r is neither an absolute path on the managed host nor "
+                         "an http(s):// URL of a cloud image" % (value.get("src"),))
+    try:
+        algorithm, digest = parse_checksum(value.get("checksum"), "base_image.checksum")
+    except ImagesError as exc:
+        raise BuildError("%s (the digest the image's publisher gives, such as the line of its "
+                         "SHA512SUMS)" % exc) from exc
+    if src.startswith("/") and not os.path.isfile(src):
+        raise BuildError("base_image.src: %s is not a file on the managed host" % src)
+    return BaseImage(src=src, algorithm=algorithm, digest=digest)
+
+
+def check_base_digest(base, digests=None):
+    """BuildError unless the base image's content has the digest given (a local file is read
+    when ``digests`` is None)."""
+    if digests is None:
+        digests = file_digests(base.src, (base.algorithm,))
+    if digests[base.algorithm] != base.digest:
+        raise BuildError(
+            "base_image.checksum: %s has %s:%s, not the %s:%s given; it is not the image you "
+            "named (or a download was damaged); nothing was built"
+            % (base.src, base.algorithm, digests[base.algorithm], base.algorithm, base.digest))
+
+
+def root_partition(table):
+    """(start sector, size in sectors) of the root file system in ``sfdisk --json`` output:
+    a GPT root partition (x86-64 root, else the largest Linux one), else the largest MBR Linux
+    partition; (0, None) for a disk without a partition table (a bare file system)."""
+    if not table:
+        return 0, None
+    parts = table.get("partitiontable", {}).get("partitions") or []
+    for types in (_GPT_ROOT_TYPES[:1], _GPT_ROOT_TYPES[1:], ("83",)):
+        found = [p for p in parts if str(p.get("type", "")).upper() in types]
+        if found:
+            best = max(found, key=lambda p: int(p["size"]))
+            return int(best["start"]), int(best["size"])
+    raise BuildError("base_image.src: no Linux root partition in its partition table (%s); "
+                     "only ext4 roots on GPT or MBR disks are read"
+                     % ", ".join(str(p.get("type")) for p in parts))
+
+
+def parse_debugfs_ls(output):
+    """{name: (mode, uid, gid)} from ``debugfs -R 'ls -p DIR'`` (/inode/mode/uid/gid/name/size/)."""
+    entries = {}
+    for line in output.splitlines():
+        fields = line.split("/")
+        if len(fields) >= 7 and fields[0] == "" and fields[2].isdigit():
+            name = "/".join(fields[5:-2])
+            if name not in (".", ".."):
+                entries[name] = (int(fields[2], 8), int(fields[3]), int(fields[4]))
+    return entries
 
 
 def missing_host_tools(which=shutil.which, isdir=os.path.isdir):
@@ -462,7 +564,6 @@ class Builder:
         self.log = log or (lambda msg: None)
         self.work = None
         self.rootfs = None
-        self.mounts = []
         self.timings = {}
 
     # -- commands
@@ -487,7 +588,15 @@ class Builder:
         return out
 
     def _chroot(self, argv, step, error=None, timeout=None):
-        return self._run(["chroot", self.rootfs] + argv, step, error=error, timeout=timeout)
+        """``argv`` in the chroot, with /proc, /sys, /dev and /dev/pts mounted for package
+        scripts, all in a private mount namespace: the mounts exist only while it runs and
+        vanish with it however it ends (killed, timed out), so nothing is ever left mounted
+        under the scratch folder that a clean-up could delete through."""
+        for sub in ("proc", "sys", "dev"):
+            os.makedirs(self._path(sub), exist_ok=True)
+        return self._run(["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                          _CHROOT_SCRIPT, "chroot", self.rootfs] + argv, step, error=error,
+                         timeout=timeout)
 
     def _step(self, name, started):
         self.timings[name] = round(time.monotonic() - started, 1)
@@ -507,28 +616,16 @@ class Builder:
             handle.write(data if isinstance(data, bytes) else data.encode("utf-8"))
         os.chmod(path, mode)
 
-    # -- mounts (proc, sys, dev for package scripts); never delete through one
-    def _mount_all(self):
-        for kind, src, dest in (("proc", "proc", "proc"), ("sysfs", "sysfs", "sys"),
-                                ("bind", "/dev", "dev"), ("bind", "/dev/pts", "dev/pts")):
-            target = self._path(dest)
-            os.makedirs(target, exist_ok=True)
-            argv = ["mount", "--bind", src, target] if kind == "bind" else [
-                "mount", "-t", kind, src, target]
-            self._run(argv, "mount")
-            self.mounts.append(target)
-
-    def _unmount_all(self):
-        for target in reversed(self.mounts):
-            _exec(["umount", target], timeout=120)
-            if _mounted_under(target):
-                _exec(["umount", "-l", target], timeout=120)
-        self.mounts = []
+    def _not_mounted(self, step):
+        """Refuse to go on (copy, archive, delete) while anything is mounted under the
+        scratch folder; the build mounts nothing there outside its namespaces."""
+        if _mounted_under(self.work):
+            raise BuildError("%s: something is mounted under %s; unmount it (umount -R) and "
+                             "remove the folder by hand" % (step, self.work))
 
     def cleanup(self):
         if self.work is None:
             return
-        self._unmount_all()
         if _mounted_under(self.work):
             raise BuildError("cleanup: something is still mounted under %s; unmount it and "
                              "remove the folder by hand" % self.work)
@@ -536,6 +633,89 @@ class Builder:
         self.work = None
 
     # -- steps
+    def _base_from_image(self):
+        """The cloud image's root file system in self.rootfs, read without mounting it."""
+        base = self.request.base_image
+        os.makedirs(self.rootfs)
+        src, staged = base.src, None
+        if base.is_url:
+            try:
+                staged = self.store.stage_url(base.src, algorithms=(base.algorithm,))
+            except ImagesError as exc:
+                raise BuildError("base_image.src: %s" % exc) from exc
+            src, digests = staged.path, staged.digests
+        else:
+            digests = file_digests(src, (base.algorithm,))
+        raw = os.path.join(self.work, "base.raw")
+        try:
+            check_base_digest(base, digests)
+            self._run(["qemu-img", "convert", "-O", "raw", src, raw], "base_image")
+        finally:
+            if staged is not None:
+                self.store.discard(staged)
+        proc = _exec(["sfdisk", "--json", raw], timeout=120)
+        out = proc.stdout.decode("utf-8", "replace")
+        table = json.loads(out) if proc.returncode == 0 and out.lstrip().startswith("{") else None
+        start, _size = root_partition(table)
+        device = "%s?offset=%d" % (raw, start * _SECTOR)
+        unreadable = ("base_image.src: cannot read the root file system of %s (only ext2, ext3 "
+                      "and ext4 can be read without mounting): %%s" % base.src)
+        out = self._run(["debugfs", "-R", "rdump / %s" % self.rootfs, device], "base_image",
+                        error=lambda out: BuildError(unreadable % " | ".join(
+                            out.splitlines()[-3:])))
+        # debugfs exits 0 even when rdump fails part way (a full disk): any line but its
+        # banner is an error.
+        errors = [ln for ln in out.splitlines() if ln.strip() and not ln.startswith("debugfs ")]
+        if errors:
+            raise BuildError(unreadable % " | ".join(errors[:3]))
+        self._restore_modes(device)
+        os.unlink(raw)
+        if not os.path.isdir(self._path("/etc/apt")):
+            raise BuildError("base_image.src: %s is not a Debian image (no /etc/apt)"
+                             % base.src)
+        return digests[base.algorithm]
+
+    def _check_driver(self, installed):
+        """The gpu profile's driver is the version asked for (a pin that matches nothing
+        available does not stop apt from installing another)."""
+        req = self.request
+        if req.profile != "gpu":
+            return
+        have = installed.get("nvidia-driver")
+        upstream = re.sub(r"^\d+:", "", have or "").split("-")[0]
+        if upstream != req.nvidia_driver and not upstream.startswith(req.nvidia_driver + "."):
+            raise BuildError(
+                "nvidia_driver: the repositories installed nvidia-driver %s, not %s; give a "
+                "version they have (apt-cache policy nvidia-driver in the image lists them); "
+                "no image was registered" % (have or "(none)", req.nvidia_driver))
+
+    def _restore_modes(self, device):
+        """debugfs rdump chowns after chmod, which clears setuid and setgid bits (sudo would
+        not work): read every directory's modes in one debugfs run and put those bits back."""
+        dirs = []
+        for top, subdirs, _files in os.walk(self.rootfs):
+            rel = os.path.relpath(top, self.rootfs)
+            dirs.append("/" if rel == "." else "/" + rel)
+            subdirs[:] = [d for d in subdirs if not os.path.islink(os.path.join(top, d))]
+        cmds = os.path.join(self.work, "ls.cmds")
+        with open(cmds, "w", encoding="utf-8") as handle:
+            for rel in dirs:
+                handle.write('ls -p "%s"\n' % rel)
+        out = self._run(["debugfs", "-f", cmds, device], "base_image")
+        current, blocks = None, {}
+        for line in out.splitlines():
+            if line.startswith('debugfs: ls -p "'):
+                current = line[len('debugfs: ls -p "'):-1]
+                blocks[current] = []
+            elif current is not None:
+                blocks[current].append(line)
+        for rel, lines in blocks.items():
+            for name, (mode, _uid, _gid) in parse_debugfs_ls("\n".join(lines)).items():
+                if mode & 0o7000 and (mode & 0o170000) in (0o100000, 0o040000):
+                    path = os.path.join(self._path(rel), name)
+                    if os.path.exists(path) and not os.path.islink(path):
+                        os.chmod(path, mode & 0o7777)
+
     def _base(self):
         """The debootstrapped base in self.rootfs, from the cache when it is there."""
         req = self.request
@@ -548,28 +728,33 @@ class Builder:
                 "--components=%s" % ",".join(req.components),
                 "--include=%s" % ",".join(DEBOOTSTRAP_PACKAGES), req.suite, self.rootfs,
                 req.mirror]
-        self._run(argv, "suite", error=lambda out: BuildError(
-            "suite: debootstrap of %s from %s failed: %s" % (
-                req.suite, req.mirror,
-                " | ".join([ln for ln in out.splitlines() if ln.strip()][-6:]))))
-        self._mount_all()
-        try:
-            resolv_link = self._configure_apt(base=True)
-            self._chroot(["apt-get", "-q", "update"], "mirror",
-                         error=lambda out: apt_update_error(out, req))
-            rest = [p for p in BASE_PACKAGES if p not in DEBOOTSTRAP_PACKAGES]
-            self._chroot(["apt-get", "-q", "-y", "--no-install-recommends", "install"] + rest,
-                         "suite", error=lambda out: BuildError(
-                             "suite: %s lacks base packages the build needs: %s" % (
-                                 req.suite, apt_install_error(out, req))))
-            self._chroot(["apt-get", "clean"], "suite")
-            self._restore_apt(resolv_link)
-        finally:
-            self._unmount_all()
+        # debootstrap mounts /proc and /sys in the target while it installs: in a private mount
+        # namespace too, so that a failed or killed run leaves no mount behind.
+        self._run(["unshare", "--mount", "--propagation", "private", "--"] + argv, "suite",
+                  error=lambda out: BuildError(
+                      "suite: debootstrap of %s from %s failed: %s" % (
+                          req.suite, req.mirror,
+                          " | ".join([ln for ln in out.splitlines() if ln.strip()][-6:]))))
+        saved = self._configure_apt(base=True)
+        self._chroot(["apt-get", "-q", "update", "--error-on=any"], "mirror",
+                     error=lambda out: apt_update_error(out, req))
+        rest = [p for p in BASE_PACKAGES if p not in DEBOOTSTRAP_PACKAGES]
+        self._chroot(["apt-get", "-q", "-y", "--no-install-recommends", "install"] + rest,
+                     "suite", error=lambda out: BuildError(
+                         "suite: %s lacks base packages the build needs: %s" % (
+                             req.suite, apt_install_error(out, req))))
+        self._chroot(["apt-get", "clean"], "suite")
+        self._restore_apt(saved)
+        self._not_mounted("base")
         os.makedirs(self.cache_dir, mode=0o755, exist_ok=True)
         tmp = cache + ".partial-%d" % os.getpid()
-        self._run(["tar", "-C", self.rootfs, "--numeric-owner", "-cpf", tmp, "."], "base")
-        os.replace(tmp, cache)
+        try:
+            self._run(["tar", "-C", self.rootfs, "--one-file-system", "--numeric-owner",
+                       "-cpf", tmp, "."], "base")
+            os.replace(tmp, cache)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         return cache, False
 
     def _release_digest(self):
@@ -592,7 +777,8 @@ class Builder:
         """sources.list (and with base=False the repositories and pins), no services, a
         resolver; returns what /etc/resolv.conf linked to, for _restore_apt."""
         req = self.request
-        self._write("/etc/apt/sources.list", sources_list(req))
+        if req.base_image is None:  # a cloud image keeps its own sources
+            self._write("/etc/apt/sources.list", sources_list(req))
         for repo in [] if base else req.repositories:
             for inside, data in repository_files(repo).items():
                 self._write(inside, data)
@@ -602,17 +788,28 @@ class Builder:
         # No service starts inside the build; apt needs a resolver that works in the chroot.
         self._write("/usr/sbin/policy-rc.d", "#!/bin/sh\nexit 101\n", mode=0o755)
         resolv = self._path("/etc/resolv.conf")
-        saved = os.readlink(resolv) if os.path.islink(resolv) else None
+        saved = None
+        if os.path.islink(resolv):
+            saved = ("link", os.readlink(resolv))
+        elif os.path.isfile(resolv):
+            with open(resolv, "rb") as handle:
+                saved = ("file", handle.read())
         if os.path.lexists(resolv):
             os.unlink(resolv)
-        shutil.copyfile("/etc/resolv.conf", resolv)
+        try:
+            shutil.copyfile("/etc/resolv.conf", resolv)
+        except OSError as exc:
+            raise BuildError("repositories: the build host has no usable /etc/resolv.conf (%s); "
+                             "apt in the image needs the host's resolver" % exc.strerror) from exc
         return saved
 
     def _install(self):
         req = self.request
-        self._chroot(["apt-get", "-q", "update"], "repositories",
+        self._chroot(["apt-get", "-q", "update", "--error-on=any"], "repositories",
                      error=lambda out: apt_update_error(out, req))
         extra = req.extra_packages()
+        if req.base_image is not None:
+            extra = list(IMAGE_BASE_PACKAGES) + [p for p in extra if p not in IMAGE_BASE_PACKAGES]
         if extra:
             self._chroot(["apt-get", "-q", "-y", "--no-install-recommends", "install"] + extra,
                          "packages", error=lambda out: apt_install_error(out, req))
@@ -627,22 +824,25 @@ class Builder:
                          if re.match(r"^linux-image-\d", n))
         return installed, kernels
 
-    def _restore_apt(self, resolv_link):
+    def _restore_apt(self, saved):
+        """Undo _configure_apt's policy-rc.d and resolver; ``saved`` is what it returned."""
         os.unlink(self._path("/usr/sbin/policy-rc.d"))
         resolv = self._path("/etc/resolv.conf")
         os.unlink(resolv)
-        # systemd-resolved's package links it to its stub while installing (replacing the
-        # build's copy of the host's resolver); the guest must end up with that link.
-        if os.path.exists(self._path("/usr/lib/systemd/systemd-resolved")):
-            resolv_link = "../run/systemd/resolve/stub-resolv.conf"
-        if resolv_link:
-            os.symlink(resolv_link, resolv)
+        # On a debootstrap build, systemd-resolved's package links it to its stub while
+        # installing (replacing the build's copy of the host's resolver), and the build enables
+        # resolved: the guest must end up with that link. A cloud image gets its own back.
+        if self.request.base_image is None and os.path.exists(
+                self._path("/usr/lib/systemd/systemd-resolved")):
+            saved = ("link", "../run/systemd/resolve/stub-resolv.conf")
+        if saved and saved[0] == "link":
+            os.symlink(saved[1], resolv)
         else:
-            self._write("/etc/resolv.conf", "")
+            self._write("/etc/resolv.conf", saved[1] if saved else "")
 
-    def _finish_rootfs(self, resolv_link, root_uuid, esp_id):
+    def _finish_rootfs(self, saved, root_uuid, esp_id):
         self._chroot(["apt-get", "clean"], "configure")
-        self._restore_apt(resolv_link)
+        self._restore_apt(saved)
         for sub in ("/var/lib/apt/lists",):
             path = self._path(sub)
             for entry in os.listdir(path) if os.path.isdir(path) else ():
@@ -663,9 +863,14 @@ class Builder:
         self._write("/etc/fstab", "UUID=%s\t/\text4\terrors=remount-ro\t0\t1\n"
                     "UUID=%s\t/boot/efi\tvfat\tumask=0077\t0\t1\n" % (root_uuid, esp_id))
         os.makedirs(self._path("/boot/efi"), exist_ok=True)
-        self._write("/etc/cloud/cloud.cfg.d/90-gpuvirt.cfg", CLOUD_CFG)
-        for unit in ("serial-getty@ttyS0.service", "systemd-networkd.service",
-                     "systemd-resolved.service"):
+        from_image = self.request.base_image is not None
+        # A cloud image keeps its own network stack (netplan, ifupdown or networkd).
+        self._write("/etc/cloud/cloud.cfg.d/90-gpuvirt.cfg",
+                    CLOUD_CFG.split("system_info:")[0] if from_image else CLOUD_CFG)
+        units = ["serial-getty@ttyS0.service"]
+        if not from_image:
+            units += ["systemd-networkd.service", "systemd-resolved.service"]
+        for unit in units:
             self._run(["systemctl", "--root=%s" % self.rootfs, "--quiet", "enable", unit],
                       "configure")
         self._run(["systemctl", "--root=%s" % self.rootfs, "--quiet", "mask",
@@ -675,6 +880,11 @@ class Builder:
             if not os.path.exists(self._path(link)):
                 found = sorted(e for e in os.listdir(self._path("/boot")) if e.startswith(prefix))
                 if not found:
+                    if self.request.base_image is not None:
+                        raise BuildError(
+                            "base_image.src: %s has no %s* in /boot on its root file system "
+                            "(a separate /boot partition is not read)"
+                            % (self.request.base_image.src, prefix))
                     raise BuildError("suite: the image has no %s* in /boot; is linux-image-"
                                      "amd64 in %s?" % (prefix, self.request.suite))
                 with contextlib.suppress(FileNotFoundError):
@@ -704,7 +914,11 @@ class Builder:
         # The root file system straight from the folder into its partition.
         self._run(["mkfs.ext4", "-q", "-F", "-L", "root", "-U", root_uuid,
                    "-E", "offset=%d" % (root_start * _SECTOR), "-d", self.rootfs, raw,
-                   "%dk" % (root_sectors * _SECTOR // 1024)], "disk")
+                   "%dk" % (root_sectors * _SECTOR // 1024)], "disk",
+                  error=lambda out: BuildError(
+                      "disk_size_gb: the image's files do not fit in a %d GiB disk, or mkfs.ext4 "
+                      "failed: %s; give a larger disk_size_gb" % (
+                          req.disk_size_gb, " | ".join(out.splitlines()[-3:]))))
         # The ESP: a FAT file with the standalone GRUB, copied into partition 1.
         cfg = os.path.join(self.work, "grub.cfg")
         with open(cfg, "w", encoding="utf-8") as handle:
@@ -733,20 +947,23 @@ class Builder:
         os.chmod(self.work, 0o755)
         self.rootfs = os.path.join(self.work, "rootfs")
         step = time.monotonic()
-        cache, cached = self._base()
+        if req.base_image is not None:
+            base_sha = self._base_from_image()
+            cache, cached, release_sha, release_date = None, False, None, None
+        else:
+            base_sha = None
+            cache, cached = self._base()
+            release_sha, release_date = self._release_digest()
         step = self._step("base", step)
-        release_sha, release_date = self._release_digest()
-        self._mount_all()
-        try:
-            resolv_link = self._configure_apt()
-            installed, kernels = self._install()
-            step = self._step("packages", step)
-            root_uuid = str(uuid.uuid4())
-            esp_id = "%04X-%04X" % tuple(divmod(int(root_uuid[:8], 16), 0x10000))
-            self._finish_rootfs(resolv_link, root_uuid, esp_id)
-        finally:
-            self._unmount_all()
+        saved = self._configure_apt()
+        installed, kernels = self._install()
+        self._check_driver(installed)
+        step = self._step("packages", step)
+        root_uuid = str(uuid.uuid4())
+        esp_id = "%04X-%04X" % tuple(divmod(int(root_uuid[:8], 16), 0x10000))
+        self._finish_rootfs(saved, root_uuid, esp_id)
         step = self._step("configure", step)
+        self._not_mounted("disk")
         self._disk(root_uuid, esp_id, out_path)
         self._step("disk", step)
         self.timings["total"] = round(time.monotonic() - started, 1)
@@ -754,9 +971,12 @@ class Builder:
             "name": req.name, "version": req.version, "built_by": "gpuvirt.kvm.kvm_image_build",
             "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "inputs": req.inputs(), "inputs_digest": req.inputs_digest(),
-            "base": {"suite": req.suite, "mirror": req.mirror, "release_sha256": release_sha,
-                     "release_date": release_date, "cache": os.path.basename(cache),
-                     "from_cache": cached},
+            "base": {"suite": req.suite, "mirror": None if req.base_image else req.mirror,
+                     "release_sha256": release_sha, "release_date": release_date,
+                     "cache": os.path.basename(cache) if cache else None, "from_cache": cached,
+                     "image": req.base_image.src if req.base_image else None,
+                     "image_digest": ("%s:%s" % (req.base_image.algorithm, base_sha)
+                                      if req.base_image else None)},
             "boot": {"firmware": "uefi", "root_uuid": root_uuid, "esp_id": esp_id,
                      "console": "ttyS0,115200n8", "kernels": kernels},
             "packages": installed, "seconds": dict(self.timings),
@@ -781,7 +1001,7 @@ def _mounted_under(path):
                 if mount_point == prefix or mount_point.startswith(prefix + "/"):
                     return True
     except OSError:
-        return False
+        return True  # cannot tell: never delete or copy on a guess
     return False
 
 
@@ -797,12 +1017,17 @@ def build_and_register(request, store, cache_dir=DEFAULT_CACHE, log=None, lock=N
     os.close(fd)
     staged = None
     try:
-        manifest = builder.run(partial)
+        try:
+            manifest = builder.run(partial)
+        except OSError as exc:
+            raise BuildError("build: %s: %s" % (getattr(exc, "filename", None) or "",
+                                                exc.strerror or exc)) from exc
         builder.cleanup()
         digests = file_digests(partial)
+        origin = ("on %s" % request.base_image.src if request.base_image else
+                  "debootstrap %s from %s" % (request.suite, request.mirror))
         staged = Staged(path=partial, size=os.path.getsize(partial), digests=digests,
-                        source="built by kvm_image_build (debootstrap %s from %s)"
-                        % (request.suite, request.mirror), created_root=created)
+                        source="built by kvm_image_build (%s)" % origin, created_root=created)
         staged.info = store.verify(partial, option="name", label="the built image")
         manifest["image_sha256"] = digests["sha256"]
         if lock is not None:
@@ -833,12 +1058,19 @@ def build_and_register(request, store, cache_dir=DEFAULT_CACHE, log=None, lock=N
             if staged is None or not staged.committed:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(partial)
+                if created:  # a store folder made for this build goes again (if still empty)
+                    with contextlib.suppress(OSError):
+                        os.rmdir(store.root)
 
 
 def _write_json(path, data):
     tmp = path + ".partial"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)

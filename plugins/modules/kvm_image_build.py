@@ -8,16 +8,18 @@ from __future__ import annotations
 
 DOCUMENTATION = r"""
 module: kvm_image_build
-short_description: Build a GPU-ready Debian or Ubuntu guest image into the image store
+short_description: Build a GPU-ready Debian guest image into the image store
 version_added: 0.2.0
 description:
-  - Builds a guest OS image from a debootstrap suite and installs it in the store of
+  - Builds a Debian guest OS image from a debootstrap suite, or on a Debian cloud image
+    (O(base_image)), and installs it in the store of
     M(gpuvirt.kvm.kvm_image) as O(name) O(version), where M(gpuvirt.kvm.kvm_vm) puts VMs on
     it. NVIDIA shipped such images with the driver, CUDA and the container runtime already in
     them; this builds yours from repositories you name.
   - Every image has cloud-init (the NoCloud seed M(gpuvirt.kvm.kvm_vm) writes), OpenSSH (host
-    keys made on first boot), systemd-networkd and -resolved, growpart, ethtool and pciutils,
-    and a getty on the serial console C(ttyS0); the kernel's console is C(ttyS0) too, so
+    keys made on first boot), ethtool and pciutils, and a getty on the serial console C(ttyS0)
+    (a debootstrap build also systemd-networkd and -resolved, and growpart; a cloud image keeps
+    its own network stack); the kernel's console is C(ttyS0) too, so
     C(virsh console NAME) shows boot messages and a login prompt.
   - With O(profile=gpu) (the default) it also gets the NVIDIA driver, pinned to
     O(nvidia_driver) with an apt preference (on a shared-NVSwitch host it must equal the host's
@@ -47,8 +49,9 @@ attributes:
   check_mode:
     support: full
     description:
-      - Checks the inputs, the repository keys, the host's tools and the store, and says
-        whether a build would run, with the packages it would install. Builds nothing.
+      - Checks the inputs, the repository keys, the host's tools, the store and the digest of a
+        local O(base_image), and says whether a build would run, with the packages it would
+        install. Builds nothing.
   diff_mode:
     support: full
     description: The image's name-version and the inputs' digest, before and after.
@@ -69,11 +72,38 @@ options:
     type: str
     required: true
   suite:
-    description: The Debian or Ubuntu suite debootstrap installs, for example V(bookworm).
+    description:
+      - The Debian suite debootstrap installs, for example V(bookworm). The package names of
+        the base and the gpu profile (C(linux-image-amd64), C(nvidia-driver)) are Debian's;
+        Ubuntu suites are not supported yet.
+      - Give this or O(base_image).
     type: str
-    required: true
+  base_image:
+    description:
+      - A Debian cloud image to build on instead of a debootstrap suite (such as
+        C(debian-12-genericcloud-amd64.qcow2)). Its kernel must be on its root file system (a
+        separate C(/boot) partition, as Ubuntu 24.04's images have, is not read). Its root file
+        system (ext4, on a GPT or MBR disk) is read out of the image with C(debugfs), without
+        mounting it; its kernel,
+        apt sources and network stack are kept, and it gets cloud-init, OpenSSH, sudo, ethtool
+        and pciutils when it lacks them, the serial console, and the new boot partition.
+      - File capabilities (extended attributes) are not carried over; setuid and setgid bits
+        are.
+    type: dict
+    suboptions:
+      src:
+        description: The image, a path on the managed host or an C(http(s)://) URL.
+        type: str
+        required: true
+      checksum:
+        description:
+          - Its digest, V(sha256:<hex>) or V(sha512:<hex>), as its publisher gives it. Content
+            with another digest fails the build, naming this option, before anything is built.
+        type: str
+        required: true
   mirror:
     description: The archive of O(suite). The image's C(/etc/apt/sources.list) names it too.
+      Not used with O(base_image).
     type: str
     default: http://deb.debian.org/debian
   components:
@@ -134,7 +164,8 @@ options:
     description:
       - The NVIDIA driver version the image carries, for example V(550.163.01), or a branch
         such as V(550). Required with O(profile=gpu). Every C(nvidia-*), C(libnvidia-*) and
-        C(libcuda*) package is pinned to it.
+        C(libcuda*) package is pinned to it (C(550.163.01-*), or C(550.*) for a branch), and
+        the build fails, naming this option, when the C(nvidia-driver) it installed is another.
     type: str
   container_engine:
     description: The container engine of the gpu profile (C(docker.io) or C(podman)).
@@ -195,6 +226,16 @@ EXAMPLES = r"""
         key: "{{ lookup('ansible.builtin.file', 'nvidia-container-toolkit.asc') }}"
     packages: [htop, "nvidia-container-toolkit=1.17.8-1"]
 
+- name: The same on Debian's cloud image
+  gpuvirt.kvm.kvm_image_build:
+    name: dl-guest-cloud
+    version: "2026.12"
+    base_image:
+      src: https://cloud.debian.org/images/cloud/bookworm/latest/debian-12-genericcloud-amd64.qcow2
+      checksum: "sha512:{{ debian_cloud_sha512 }}"
+    nvidia_driver: "550.163.01"
+    repositories: "{{ nvidia_repositories }}"
+
 - name: A small guest without the driver, for CPU tenants and tests
   gpuvirt.kvm.kvm_image_build:
     name: debian-min
@@ -245,6 +286,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._image_build import (
     DEFAULT_CACHE,
     BuildError,
     build_and_register,
+    check_base_digest,
     input_differences,
     manifest_path,
     missing_host_tools,
@@ -267,7 +309,11 @@ def main():
     argument_spec = dict(
         name=dict(type="str", required=True),
         version=dict(type="str", required=True),
-        suite=dict(type="str", required=True),
+        suite=dict(type="str"),
+        base_image=dict(type="dict", options=dict(
+            src=dict(type="str", required=True),
+            checksum=dict(type="str", required=True),
+        )),
         mirror=dict(type="str", default="http://deb.debian.org/debian"),
         components=dict(type="list", elements="str", default=["main"]),
         repositories=dict(type="list", elements="dict", default=[], options=dict(
@@ -288,7 +334,9 @@ def main():
         cache_dir=dict(type="path", default=DEFAULT_CACHE),
     )
     argument_spec.update(lock_argspec())
-    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
+    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True,
+                           mutually_exclusive=[("suite", "base_image")],
+                           required_one_of=[("suite", "base_image")])
     p = module.params
     try:
         request = validate(p)
@@ -328,11 +376,18 @@ def main():
         module.fail_json(msg="the build host lacks %s; install them (apt-get install %s)"
                          % (", ".join(missing), " ".join(missing)))
     result["changed"] = True
-    result["actions"] = ["built %s (debootstrap %s, profile %s, %d more packages)"
-                         % (ref, request.suite, request.profile, len(result["packages"]))]
+    origin = ("on %s" % request.base_image.src if request.base_image
+              else "debootstrap %s" % request.suite)
+    result["actions"] = ["built %s (%s, profile %s, %d more packages)"
+                         % (ref, origin, request.profile, len(result["packages"]))]
     if module._diff:
         result["diff"] = dict(before={}, after={ref: digest})
     if module.check_mode:
+        if request.base_image is not None and not request.base_image.is_url:
+            try:  # check mode fails on a wrong digest as a build would
+                check_base_digest(request.base_image)
+            except BuildError as exc:
+                module.fail_json(msg=str(exc))
         result.update(manifest=None, image=dict(
             name=request.name, version=request.version, ref=ref, format="qcow2", size=0,
             path=os.path.join(store.root, store.filename(request.name, request.version,
@@ -344,6 +399,9 @@ def main():
                                              lock=lock)
     except (BuildError, ImagesError, HostLockError) as exc:
         module.fail_json(msg=str(exc))
+    except OSError as exc:
+        module.fail_json(msg="build: %s: %s; nothing was registered"
+                         % (exc.filename or "", exc.strerror or exc))
     result.update(image=image.to_dict(), manifest=manifest)
     module.exit_json(**result)
 

@@ -44,6 +44,7 @@ GATEWAYS = {
     "_platform_file": "platform files",
     "_fabric": "Fabric Manager (fmpm)",
     "_bytecode": "Python's import system (the bytecode cache)",
+    "_image_build": "image builds: debootstrap, apt-get in a chroot, debugfs, mkfs, GRUB, mtools",
 }
 # Above the gateways: they read the host, plan and act (the module shells' backends).
 RUNS = {"_host_context", "_vm_observe", "_vm_apply", "_image_task", "_fabric_hook"}

@@ -43,11 +43,14 @@ def test_minimal_request_defaults():
 def test_gpu_profile_adds_driver_toolkit_engine_and_pins_the_branch():
     req = ib.validate(params(profile="gpu", nvidia_driver="550.163.01", container_engine="podman",
                              packages=["htop", "nvidia-container-toolkit=1.17.8-1"]))
-    assert req.extra_packages() == ["linux-headers-amd64", "nvidia-driver",
+    assert req.extra_packages() == ["linux-image-amd64", "linux-headers-amd64", "nvidia-driver",
                                     "nvidia-container-toolkit", "podman", "htop",
                                     "nvidia-container-toolkit=1.17.8-1"]
     prefs = ib.preferences(req)
-    assert "Pin: version 550.163.01*\nPin-Priority: 1001" in prefs
+    assert "Pin: version 550.163.01-*\nPin-Priority: 1001" in prefs
+    # A branch pins every version on it, not 5500 or 55.
+    branch = ib.validate(params(profile="gpu", nvidia_driver="550"))
+    assert "Pin: version 550.*\n" in ib.preferences(branch)
     assert "Package: nvidia-container-toolkit\nPin: version 1.17.8-1\n" in prefs
     # The driver pin's globs cover the driver's libraries, never a toolkit version.
     assert "libnvidia-*" in ib.NVIDIA_PIN_GLOBS.split()
@@ -70,6 +73,8 @@ def test_gpu_profile_needs_the_driver_version():
     (dict(packages=["Foo"]), "packages:"),
     (dict(packages=["htop", "htop=1"]), "packages: htop given more than once"),
     (dict(disk_size_gb=1), "disk_size_gb:"),
+    (dict(disk_size_gb=0), "disk_size_gb:"),
+    (dict(components=[]), "components: give at least one"),
     (dict(kernel_args=["a b"]), "kernel_args:"),
     (dict(repositories=[dict(name="Cuda", uri="http://x")]), "repositories[0].name:"),
     (dict(repositories=[dict(name="a", uri="x")]), "repositories[0].uri:"),
@@ -196,3 +201,65 @@ def test_manifest_goes_with_the_image(tmp_path):
     image.write_bytes(b"")
     store.unlink_image(str(image))
     assert not (tmp_path / "dl-guest-1.manifest.json").exists()
+
+
+def test_base_image_instead_of_a_suite(tmp_path):
+    image = tmp_path / "cloud.qcow2"
+    image.write_bytes(b"pretend image")
+    digest = ib.file_digests(str(image))["sha256"]
+    req = ib.validate(params(suite=None, base_image={"src": str(image),
+                                                      "checksum": "sha256:" + digest}))
+    assert req.base_image.public() == {"src": str(image), "checksum": "sha256:" + digest}
+    assert req.inputs()["base_packages"] == list(ib.IMAGE_BASE_PACKAGES)
+    ib.check_base_digest(req.base_image)  # the right digest passes
+    wrong = ib.validate(params(suite=None, base_image={"src": str(image),
+                                                        "checksum": "sha256:" + "0" * 64}))
+    with pytest.raises(ib.BuildError) as exc:
+        ib.check_base_digest(wrong.base_image)
+    assert str(exc.value).startswith("base_image.checksum: %s has sha256:%s" % (image, digest))
+    assert error(base_image={"src": str(image), "checksum": "sha256:" + digest}).startswith(
+        "suite: give a debootstrap suite or base_image, not both")
+    assert error(suite=None).startswith("suite: None is not a Debian suite name")
+    assert error(suite=None, base_image={"src": "cloud.qcow2", "checksum": "x"}).startswith(
+        "base_image.src:")
+    assert error(suite=None, base_image={"src": str(tmp_path / "missing"),
+                                         "checksum": "sha256:" + digest}).startswith(
+        "base_image.src:")
+    assert error(suite=None, base_image={"src": "https://x/img", "checksum": "md5:1"}).startswith(
+        "base_image.checksum:")
+
+
+def test_root_partition_of_gpt_mbr_and_bare_disks():
+    gpt = {"partitiontable": {"label": "gpt", "partitions": [
+        {"start": 2048, "size": 8192, "type": "21686148-6449-6E6F-744E-656564454649"},
+        {"start": 10240, "size": 200000, "type": "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"},
+        {"start": 210240, "size": 4000000, "type": "0fc63daf-8483-4772-8e79-3d69d8477de4"}]}}
+    assert ib.root_partition(gpt) == (210240, 4000000)
+    gpt["partitiontable"]["partitions"].append(
+        {"start": 5000000, "size": 100, "type": "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"})
+    assert ib.root_partition(gpt) == (5000000, 100)  # the x86-64 root type wins
+    mbr = {"partitiontable": {"label": "dos", "partitions": [
+        {"start": 2048, "size": 1000, "type": "83"}, {"start": 4096, "size": 9000, "type": "83"}]}}
+    assert ib.root_partition(mbr) == (4096, 9000)
+    assert ib.root_partition(None) == (0, None)
+    with pytest.raises(ib.BuildError) as exc:
+        ib.root_partition({"partitiontable": {"partitions": [{"start": 1, "size": 2,
+                                                              "type": "7"}]}})
+    assert str(exc.value).startswith("base_image.src: no Linux root partition")
+
+
+def test_parse_debugfs_ls_reads_modes():
+    # As debugfs 1.47 prints them: "." and ".." have no size field.
+    out = ("/2/040755/0/0/.//\n/2/040755/0/0/..//\n/1126/104755/0/0/sudo/281624/\n"
+           "/1200/102755/0/42/crontab/45000/\n/1300/120777/0/0/vmlinuz/30/\n")
+    entries = ib.parse_debugfs_ls(out)
+    assert entries["sudo"] == (0o104755, 0, 0)
+    assert entries["crontab"] == (0o102755, 0, 42)
+    assert entries["vmlinuz"] == (0o120777, 0, 0)
+    assert sorted(entries) == ["crontab", "sudo", "vmlinuz"]
+
+
+def test_mounted_under_sees_real_mounts(tmp_path):
+    assert ib._mounted_under("/proc")  # a mount point itself
+    assert ib._mounted_under("/")  # something is mounted under the root
+    assert not ib._mounted_under(str(tmp_path / "scratch"))
