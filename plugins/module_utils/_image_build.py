@@ -866,7 +866,7 @@ class Builder:
         from_image = self.request.base_image is not None
         # A cloud image keeps its own network stack (netplan, ifupdown or networkd).
         self._write("/etc/cloud/cloud.cfg.d/90-gpuvirt.cfg",
-                    CLOUD_CFG.split("system_info:")[0] if from_image else CLOUD_CFG)
+                    CLOUD_CFG.split("system_info:", maxsplit=1)[0] if from_image else CLOUD_CFG)
         units = ["serial-getty@ttyS0.service"]
         if not from_image:
             units += ["systemd-networkd.service", "systemd-resolved.service"]
@@ -1022,6 +1022,9 @@ def build_and_register(request, store, cache_dir=DEFAULT_CACHE, log=None, lock=N
         except OSError as exc:
             raise BuildError("build: %s: %s" % (getattr(exc, "filename", None) or "",
                                                 exc.strerror or exc)) from exc
+        except subprocess.TimeoutExpired as exc:
+            raise BuildError("build: %s did not finish within %d s"
+                             % (exc.cmd[0], exc.timeout)) from exc
         builder.cleanup()
         digests = file_digests(partial)
         origin = ("on %s" % request.base_image.src if request.base_image else

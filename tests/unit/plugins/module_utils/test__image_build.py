@@ -207,13 +207,13 @@ def test_base_image_instead_of_a_suite(tmp_path):
     image = tmp_path / "cloud.qcow2"
     image.write_bytes(b"pretend image")
     digest = ib.file_digests(str(image))["sha256"]
-    req = ib.validate(params(suite=None, base_image={"src": str(image),
-                                                      "checksum": "sha256:" + digest}))
+    good = {"src": str(image), "checksum": "sha256:" + digest}
+    req = ib.validate(params(suite=None, base_image=good))
     assert req.base_image.public() == {"src": str(image), "checksum": "sha256:" + digest}
     assert req.inputs()["base_packages"] == list(ib.IMAGE_BASE_PACKAGES)
     ib.check_base_digest(req.base_image)  # the right digest passes
-    wrong = ib.validate(params(suite=None, base_image={"src": str(image),
-                                                        "checksum": "sha256:" + "0" * 64}))
+    bad = {"src": str(image), "checksum": "sha256:" + "0" * 64}
+    wrong = ib.validate(params(suite=None, base_image=bad))
     with pytest.raises(ib.BuildError) as exc:
         ib.check_base_digest(wrong.base_image)
     assert str(exc.value).startswith("base_image.checksum: %s has sha256:%s" % (image, digest))
