@@ -102,7 +102,12 @@ _GPT_ROOT_TYPES = ("4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709", "0FC63DAF-8483-4772-8
 GRUB_EFI_DIR = "/usr/lib/grub/x86_64-efi"
 
 
-# Run in `unshare --mount --propagation private`: mount what package scripts need, then chroot.
+# A private mount namespace (the mounts vanish with it) and PID namespace: when a timeout kills
+# unshare, --kill-child takes its child, the namespace's init, and with it every process of the
+# build (dpkg, maintainer scripts, a DKMS compile), so none outlives the error.
+_UNSHARE = ["unshare", "--fork", "--pid", "--kill-child", "--mount", "--propagation", "private",
+            "--"]
+# Run under _UNSHARE: mount what package scripts need, then chroot.
 _CHROOT_SCRIPT = (
     'root=$1; shift; '
     'mount -t proc proc "$root/proc" && mount -t sysfs sysfs "$root/sys" && '
@@ -594,9 +599,8 @@ class Builder:
         under the scratch folder that a clean-up could delete through."""
         for sub in ("proc", "sys", "dev"):
             os.makedirs(self._path(sub), exist_ok=True)
-        return self._run(["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
-                          _CHROOT_SCRIPT, "chroot", self.rootfs] + argv, step, error=error,
-                         timeout=timeout)
+        argv = _UNSHARE + ["sh", "-c", _CHROOT_SCRIPT, "chroot", self.rootfs] + argv
+        return self._run(argv, step, error=error, timeout=timeout)
 
     def _step(self, name, started):
         self.timings[name] = round(time.monotonic() - started, 1)
@@ -660,7 +664,7 @@ class Builder:
         device = "%s?offset=%d" % (raw, start * _SECTOR)
         unreadable = ("base_image.src: cannot read the root file system of %s (only ext2, ext3 "
                       "and ext4 can be read without mounting): %%s" % base.src)
-        out = self._run(["debugfs", "-R", "rdump / %s" % self.rootfs, device], "base_image",
+        out = self._run(["debugfs", "-R", 'rdump / "%s"' % self.rootfs, device], "base_image",
                         error=lambda out: BuildError(unreadable % " | ".join(
                             out.splitlines()[-3:])))
         # debugfs exits 0 even when rdump fails part way (a full disk): any line but its
@@ -730,7 +734,7 @@ class Builder:
                 req.mirror]
         # debootstrap mounts /proc and /sys in the target while it installs: in a private mount
         # namespace too, so that a failed or killed run leaves no mount behind.
-        self._run(["unshare", "--mount", "--propagation", "private", "--"] + argv, "suite",
+        self._run(_UNSHARE + argv, "suite",
                   error=lambda out: BuildError(
                       "suite: debootstrap of %s from %s failed: %s" % (
                           req.suite, req.mirror,
@@ -837,8 +841,9 @@ class Builder:
             saved = ("link", "../run/systemd/resolve/stub-resolv.conf")
         if saved and saved[0] == "link":
             os.symlink(saved[1], resolv)
-        else:
-            self._write("/etc/resolv.conf", saved[1] if saved else "")
+        elif saved:
+            self._write("/etc/resolv.conf", saved[1])
+        # An image that had none gets none.
 
     def _finish_rootfs(self, saved, root_uuid, esp_id):
         self._chroot(["apt-get", "clean"], "configure")
