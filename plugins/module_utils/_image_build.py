@@ -1048,10 +1048,10 @@ def build_and_register(request, store, cache_dir=DEFAULT_CACHE, log=None, lock=N
             _write_json(manifest_path(store, request.name, request.version), manifest)
             try:
                 image = store.commit(staged, request.name, request.version)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(manifest_path(store, request.name, request.version))
-                raise
+            finally:
+                if not staged.committed:  # however the commit failed: no manifest alone
+                    with contextlib.suppress(OSError):
+                        os.unlink(manifest_path(store, request.name, request.version))
             if store.default_version(request.name) is None:
                 store.set_default(request.name, request.version)
                 image = store.get(request.name, request.version)
