@@ -1304,6 +1304,37 @@ class CharDevice:
         return _finish(el, self.extras)
 
 
+GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"  # the port qemu-guest-agent listens on
+
+
+@dataclass
+class Channel:
+    """<channel>: a named virtio-serial port, such as the QEMU guest agent's."""
+
+    type: str = "unix"
+    target_type: str | None = "virtio"
+    target_name: str | None = None
+    extras: Extras = field(default_factory=Extras, repr=False)
+
+    TAG = "channel"
+
+    @classmethod
+    def from_element(cls, el):
+        r = _Reader(el)
+        target = r.sub("target")
+        obj = cls(type=r.get("type"),
+                  target_type=target.get("type") if target else None,
+                  target_name=target.get("name") if target else None)
+        obj.extras = r.finish()
+        return obj
+
+    def to_element(self):
+        el = _element("channel", [("type", self.type)], self.extras)
+        _sub(el, "target", [("type", self.target_type), ("name", self.target_name)],
+             self.extras)
+        return _finish(el, self.extras)
+
+
 @dataclass
 class MemBalloon:
     model: str = "none"
@@ -1355,7 +1386,7 @@ class Rng:
 
 
 _DEVICE_CLASSES = {cls.TAG: cls for cls in (Emulator, Disk, Controller, Interface, MemBalloon,
-                                            Rng)}
+                                            Rng, Channel)}
 
 
 def device_from_element(el):
@@ -1458,6 +1489,10 @@ class Domain:
     @property
     def hostdevs(self):
         return self.devices_of(HostdevPci)
+
+    @property
+    def channels(self):
+        return self.devices_of(Channel)
 
     def controller(self, type_, index):
         for c in self.controllers:

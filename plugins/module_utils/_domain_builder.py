@@ -15,8 +15,10 @@ from the BARs, multiqueue virtio, and the collection's metadata. The result is a
 from __future__ import annotations
 
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain import (
+    GUEST_AGENT_CHANNEL,
     Address,
     BackingStore,
+    Channel,
     CharDevice,
     Clock,
     Controller,
@@ -285,6 +287,11 @@ def build_domain(spec, topology, uuid=None, ovmf_code=DEFAULT_OVMF_CODE,
     devices.extend(hostdevs)
     devices.append(CharDevice(kind="serial", type="pty"))
     devices.append(CharDevice(kind="console", type="pty", target_type="serial"))
+    if spec.guest_agent:
+        # The QEMU guest agent's port (libvirt picks the socket's path): kvm_vm_message (and
+        # maintain_host's message to the guests) reaches a guest that runs the agent through it.
+        devices.append(Channel(type="unix", target_type="virtio",
+                               target_name=GUEST_AGENT_CHANNEL))
     # Ballooning cannot reclaim memory that VFIO has pinned for DMA, and a pinned VM's memory
     # is reserved for it anyway.
     devices.append(MemBalloon(model="none"))

@@ -56,7 +56,8 @@ _FIRST_SECTOR = 2048
 
 # What every built guest has: a kernel that boots on virtio and the serial console, cloud-init
 # (NoCloud seed from kvm_vm) with growpart, SSH, networkd and resolved for cloud-init's network
-# config, and the tools a tenant and the tests use (ethtool for multiqueue, pciutils for GPUs).
+# config, the QEMU guest agent (kvm_vm_message), and the tools a tenant and the tests use
+# (ethtool for multiqueue, pciutils for GPUs).
 # debootstrap installs the first part (its own dependency order is weak: cloud-init's Python
 # packages fail to configure there), apt-get the second, in the chroot.
 DEBOOTSTRAP_PACKAGES = (
@@ -65,7 +66,7 @@ DEBOOTSTRAP_PACKAGES = (
 )
 BASE_PACKAGES = DEBOOTSTRAP_PACKAGES + (
     "systemd-resolved", "openssh-server", "cloud-init", "cloud-guest-utils", "sudo", "ethtool",
-    "pciutils", "gpg", "e2fsprogs", "util-linux", "less", "locales",
+    "pciutils", "gpg", "e2fsprogs", "util-linux", "less", "locales", "qemu-guest-agent",
 )
 # The GPU profile: the NVIDIA driver (pinned to nvidia_driver), headers for its DKMS module,
 # the container toolkit; plus the container engine.
@@ -96,7 +97,8 @@ HOST_TOOLS = {
 }
 # What a cloud image base gets on top of its own packages (kernel, network stack and resolver
 # stay the image's).
-IMAGE_BASE_PACKAGES = ("cloud-init", "openssh-server", "sudo", "ethtool", "pciutils", "gpg")
+IMAGE_BASE_PACKAGES = ("cloud-init", "openssh-server", "sudo", "ethtool", "pciutils", "gpg",
+                       "qemu-guest-agent")
 # GPT partition types of a root file system: x86-64 root (discoverable partitions), Linux data.
 _GPT_ROOT_TYPES = ("4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709", "0FC63DAF-8483-4772-8E79-3D69D8477DE4")
 GRUB_EFI_DIR = "/usr/lib/grub/x86_64-efi"

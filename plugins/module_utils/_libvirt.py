@@ -12,13 +12,16 @@ on the XML model of ``_domain``.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
 try:
+    import libvirt_qemu
+
     import libvirt
 except ImportError:  # reported by the module with missing_required_lib()
-    libvirt = None
+    libvirt = libvirt_qemu = None
 
 
 DEFAULT_URI = "qemu:///system"
@@ -224,6 +227,26 @@ class LibvirtGateway:
                 % (name, timeout))
         self.destroy(name)
         return "destroyed"
+
+    def agent_command(self, name, command, arguments=None, timeout=10):
+        """One QEMU guest agent command to a running domain; the agent's ``return`` value.
+
+        Raises LibvirtGatewayError with libvirt's words when the domain has no agent channel or
+        no agent answers on it within timeout seconds.
+        """
+        dom = self._require(name)
+        request = {"execute": command}
+        if arguments is not None:
+            request["arguments"] = arguments
+        try:
+            reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps(request), int(timeout), 0)
+        except libvirt.libvirtError as exc:
+            raise LibvirtGatewayError(exc.get_error_message()) from exc
+        try:
+            return json.loads(reply).get("return")
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise LibvirtGatewayError("the guest agent of %s answered %r, not JSON"
+                                      % (name, reply)) from exc
 
     def undefine(self, name):
         """Undefine a stopped domain with its NVRAM, managed save and snapshot metadata."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._bdf import normalize_bdf
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain import (
+    GUEST_AGENT_CHANNEL,
     Cpu,
     CpuTune,
     GpuvirtMetadata,
@@ -128,6 +129,7 @@ class VmSpec:
     owner_tag: str | None = None
     seed_digest: str | None = None  # cloud-init seed content hash (a change rewrites the ISO)
     fm_partition: int | None = None  # shared NVSwitch: the partition the libvirt hook activates
+    guest_agent: bool = True  # a virtio-serial channel for the QEMU guest agent
 
     @property
     def hostdevs(self):
@@ -160,6 +162,7 @@ class VmSpec:
             "template": self.template,
             "image": self.image,
             "image_version": self.image_version,
+            "guest_agent": self.guest_agent,
             "owner_tag": self.owner_tag,
             "seed_digest": self.seed_digest,
             "fm_partition": self.fm_partition,
@@ -493,6 +496,7 @@ def _spec_from_domain(dom):
         machine=_machine_family(os_.machine), firmware=firmware, template=alloc.template,
         image=alloc.image, image_version=alloc.image_version, owner_tag=alloc.owner_tag,
         seed_digest=alloc.seed_digest, fm_partition=alloc.fm_partition,
+        guest_agent=any(c.target_name == GUEST_AGENT_CHANNEL for c in dom.channels),
     )
 
 

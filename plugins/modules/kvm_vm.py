@@ -34,6 +34,10 @@ description:
     named C(<name>-os.qcow2), C(<name>-seed.iso), C(<name>-data.qcow2)). A disk or ISO attached
     by hand is not part of the VM as declared, so the next run detaches it from the definition
     (a change, with RV(reboot_required) on a running VM); its file is left alone.
+  - Every VM has a serial console (C(virsh console NAME)) and a channel for the QEMU guest agent
+    (C(org.qemu.guest_agent.0)), through which M(gpuvirt.kvm.kvm_vm_message) reaches the
+    guest's users. A VM made by a version without the channel is redefined once to add it (the
+    diff shows C(guest_agent); a running VM gets it at its next start).
 author:
   - gpuvirt.kvm contributors (@gpuvirt)
 extends_documentation_fragment:

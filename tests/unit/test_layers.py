@@ -47,7 +47,8 @@ GATEWAYS = {
     "_image_build": "image builds: debootstrap, apt-get in a chroot, debugfs, mkfs, GRUB, mtools",
 }
 # Above the gateways: they read the host, plan and act (the module shells' backends).
-RUNS = {"_host_context", "_vm_observe", "_vm_apply", "_image_task", "_fabric_hook"}
+RUNS = {"_host_context", "_vm_observe", "_vm_apply", "_image_task", "_fabric_hook",
+        "_guest_message"}
 # What only a gateway may import: ways to reach outside the process.
 IO_MODULES = {"os", "subprocess", "shutil", "tempfile", "socket", "fcntl", "pwd", "urllib",
               "http", "libvirt", "zipimport", "marshal", "tarfile", "pathlib", "io", "glob",

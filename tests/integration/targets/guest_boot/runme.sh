@@ -3,7 +3,8 @@
 # Image builds and a real Linux tenant on this machine (issue: guests that boot and are
 # GPU-ready): files/build.yml builds two image versions; files/boot.yml boots a VM on the first
 # under TCG; we log in over SSH as the cloud-init user and check the hostname, vCPUs, memory, the
-# data disk and each NIC's queues against what kvm_vm reported; read the serial console through
+# data disk and each NIC's queues against what kvm_vm reported; send a message through the guest
+# agent (kvm_vm_message) to a logged-in SSH terminal; read the serial console through
 # `virsh console` up to a login prompt; then move the VM to the second image (recreate) and
 # check that the data disk's contents survived (the third version, built on the first one's file
 # as a cloud image base). Domains are named gvt-gb*.
@@ -38,14 +39,17 @@ ssh_opts=(-i "$scratch/key" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/d
           -o ConnectTimeout=5 -o BatchMode=yes -o LogLevel=ERROR)
 port=
 guest() { ssh "${ssh_opts[@]}" -p "$port" tenant@127.0.0.1 "$@"; }
-boot() {  # boot LOG IMAGE [ARGS]: the VM on IMAGE, running; SSH forwarded to $port
-  local started=$SECONDS
+boot_started=0
+start() {  # start LOG IMAGE [ARGS]: the VM on IMAGE, running; SSH forwarded to $port
+  boot_started=$SECONDS
   play "$1" boot.yml -e "image=$2" "${@:3}"
   port=$(free_port)
   "$python" "$here/files/guest.py" forward gvt-gb "$port"
+}
+wait_ssh() {  # until the VM that start started answers on SSH
   for _ in $(seq 1 100); do
     if guest true 2>/dev/null; then
-      echo "guest_boot: SSH answered $((SECONDS - started)) s after the run began"
+      echo "guest_boot: SSH answered $((SECONDS - boot_started)) s after the start began"
       return 0
     fi
     sleep 3
@@ -66,6 +70,12 @@ echo "=== builds: two versions, a rerun, bad keys and packages"
 started=$SECONDS
 play build.log build.yml -e "repo_url=http://127.0.0.1:$repo_port"
 echo "guest_boot: seconds per step: $(tr -d ' \n' <"$scratch/build-seconds.json"); all build checks $((SECONDS - started)) s"
+
+echo "=== start version 1 under TCG with UEFI (it boots while the next checks run)"
+if ! ip link show "$bridge" >/dev/null 2>&1; then
+  ip link add "$bridge" type bridge && ip link set "$bridge" up && made_bridge=1
+fi
+start boot1.log guest-1
 
 echo "=== version 2 through the playbook gpuvirt.kvm.build_guest_image (the guest_image role), twice"
 "$python" - "$scratch" "http://127.0.0.1:$repo_port" >"$scratch/builds.json" <<'PY'
@@ -100,11 +110,8 @@ fi
 grep -q "guest_image_builds: listed more than once: guest-2. Nothing was built." "$scratch/build-twice.log" ||
   { tail -n 20 "$scratch/build-twice.log"; fail "no clear refusal of an entry listed twice"; }
 
-echo "=== boot version 1 under TCG with UEFI, log in over SSH"
-if ! ip link show "$bridge" >/dev/null 2>&1; then
-  ip link add "$bridge" type bridge && ip link set "$bridge" up && made_bridge=1
-fi
-boot boot1.log guest-1
+echo "=== log in to version 1 over SSH"
+wait_ssh
 "$python" - "$scratch/vm.json" "$scratch/facts" <<'PY' >"$scratch/expect"
 import json, sys
 vm = json.load(open(sys.argv[1]))
@@ -150,13 +157,37 @@ assert lines[-1] == "1.0", lines[-1]
 PY
 canary=$(guest cat /data/canary)
 
+echo "=== a message through the QEMU guest agent reaches a logged-in user's terminal"
+message() {  # message LOG [ARGS]: kvm_vm_message to gvt-gb; its JSON result on stdout
+  ansible localhost -i "$inventory" -o -m gpuvirt.kvm.kvm_vm_message "${@:2}" \
+    -a '{"name": ["gvt-gb"], "uri": "qemu:///system", "text": "gvt-gb goes down at noon"}' \
+    >"$scratch/$1" 2>&1 || { cat "$scratch/$1"; fail "kvm_vm_message failed"; }
+  sed -n 's/^localhost | [A-Z]* => //p' "$scratch/$1"
+}
+# (stdin stays open, so the session lasts until its sleep ends)
+sleep 40 | guest -tt 'echo logged-in; sleep 30' >"$scratch/wall.txt" 2>&1 &
+watcher=$!
+for _ in $(seq 1 50); do grep -q logged-in "$scratch/wall.txt" && break; sleep 0.2; done
+checked=$(message message-check.log --check)
+told=$(message message.log)
+wait "$watcher" || true
+"$python" - "$checked" "$told" <<'PY' || fail "kvm_vm_message: check $checked, run $told"
+import json, sys
+checked, told = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+assert checked["told"] == ["gvt-gb"] and checked["changed"], checked
+assert told["told"] == ["gvt-gb"] and told["not_told"] == [] and told["changed"], told
+PY
+[ "$(grep -c "gvt-gb goes down at noon" "$scratch/wall.txt")" = 1 ] ||
+  { cat "$scratch/wall.txt"; fail "the message did not reach the logged-in terminal once"; }
+
 echo "=== the serial console: virsh console up to a login prompt"
 "$python" "$here/files/guest.py" console gvt-gb 120 >"$scratch/console.txt" ||
   { tail -n 20 "$scratch/console.txt"; fail "no login prompt on the serial console"; }
 grep -q "gb-tenant login:" "$scratch/console.txt" || fail "the console's prompt is not the VM's hostname"
 
 echo "=== move the running VM to version 3, built on a cloud image (recreate): the data disk survives"
-boot boot3.log guest-3 -e recreate=true
+start boot3.log guest-3 -e recreate=true
+wait_ssh
 [ "$(guest cat /data/canary)" = "$canary" ] || fail "the data disk lost its contents in the move"
 [ "$(guest cat /usr/share/gpuvirt-probe/version)" = "2.0" ] || fail "the VM does not run version 3"
 grep -q '"image_version": "3"' "$scratch/vm.json" || fail "kvm_vm does not report version 3"

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: GPL-3.0-or-later
 # playbooks/maintain_host.yml on this machine: the running tenants are recorded, shut down and
-# brought back (nothing is updated and nothing reboots here); a guest that ignores the shutdown
-# stops the run without force, and the tenants are started again; an unfinished run's record is
-# finished by the next; a running VM the collection did not make refuses a run that may reboot.
+# brought back (nothing is updated and nothing reboots here), and a message to guests without an
+# agent says who was not told; a guest that ignores the shutdown stops the run without force,
+# and the tenants are started again; an unfinished run's record is finished by the next; a
+# running VM the collection did not make refuses a run that may reboot.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 setup=$here/../setup_kvm_vm/files
@@ -54,8 +55,12 @@ PY
 
 echo "=== with force: the two running tenants are stopped and started again, the stopped one stays"
 before=$(domains)
-maintain forced.log -e maintain_host_reboot=never -e maintain_host_force=true
+maintain forced.log -e maintain_host_reboot=never -e maintain_host_force=true \
+  -e 'maintain_host_message=going down' -e maintain_host_message_wait=0
 [ "$rc" = 0 ] || { tail -n 40 "$scratch/forced.log"; fail "expected rc 0, got $rc"; }
+# (their boot sectors run no guest agent: asked, each is not told, and the run goes on)
+grep -q "users told: none; not told (reasons in gpuvirt_maintenance): gvt-mh-a, gvt-mh-b" \
+  "$scratch/forced.log" || { tail -n 40 "$scratch/forced.log"; fail "the run does not say who was told"; }
 grep -q "tenants stopped and started again: gvt-mh-a, gvt-mh-b" "$scratch/forced.log" ||
   { tail -n 40 "$scratch/forced.log"; fail "the run does not say what it did"; }
 [ ! -e "$record" ] || fail "the record was left behind"

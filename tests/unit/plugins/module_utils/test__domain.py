@@ -181,7 +181,7 @@ def test_hand_edited_unknown_devices_stay_in_order():
     tags = [d.tag if isinstance(d, Raw) else type(d).__name__ for d in dom.devices]
     assert tags == ["Emulator", "Disk", "Disk", "Controller", "Controller", "Controller",
                     "Controller", "Interface", "Interface", "CharDevice", "CharDevice",
-                    "channel", "input", "graphics", "video", "HostdevPci", "hostdev",
+                    "Channel", "input", "graphics", "video", "HostdevPci", "hostdev",
                     "watchdog", "MemBalloon", "Rng"]
     # A network disk is a typed Disk whose <source> the model keeps as it was.
     rbd = dom.disks[1]

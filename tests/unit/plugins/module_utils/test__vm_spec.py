@@ -575,6 +575,21 @@ def test_to_dict_is_json_and_diff_names_fields(host):
         "owner_tag": {"before": None, "after": "t"}}
 
 
+def test_guest_agent_channel_is_read_back_and_its_absence_is_a_difference(host):
+    topo = host("dgx2")
+    _placement, spec = placed(topo, "dgx2", Request("j", gpus=1))
+    assert spec.guest_agent
+    root = ET.fromstring(build_domain(spec, topo).to_xml())
+    assert [c.find("target").get("name") for c in root.findall("./devices/channel")] == [
+        "org.qemu.guest_agent.0"]
+    # a VM an earlier version made has no channel: read back as such, and a diff to add it
+    older = dataclasses.replace(spec, guest_agent=False)
+    xml = build_domain(older, topo).to_xml()
+    assert ET.fromstring(xml).findall("./devices/channel") == []
+    assert VmSpec.from_domain(Domain.from_xml(xml)) == older
+    assert spec_diff(older, spec) == {"guest_agent": {"before": False, "after": True}}
+
+
 def test_collection_version_matches_galaxy_yml():
     with open(os.path.join(REPO, "galaxy.yml"), encoding="utf-8") as handle:
         version = re.search(r"^version:\s*(\S+)", handle.read(), re.MULTILINE).group(1)
@@ -623,6 +638,11 @@ def test_libvirt_accepts_a_dgx2_gpu_vm(host):
         # libvirt keeps the guest's address width and OVMF's window size (fw_cfg)
         assert root.find("./cpu/maxphysaddr").attrib == {"mode": "emulate", "bits": "43"}
         assert _fw_cfg_mb(root) == 2048 * 1024
+        # the guest agent's channel (libvirt picks its socket's path when the VM starts)
+        (channel,) = root.findall("./devices/channel")
+        assert channel.get("type") == "unix"
+        assert channel.find("target").attrib == {"type": "virtio",
+                                                 "name": "org.qemu.guest_agent.0"}
         assert VmSpec.from_domain(Domain.from_xml(stored)) == spec
         alloc = read_domain(stored)
         assert alloc.hostdevs == tuple(sorted(spec.hostdevs))

@@ -1,0 +1,58 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) gpuvirt.kvm contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""A message to a guest's logged-in users, through the QEMU guest agent. Private to this
+collection.
+
+The agent runs ``wall MESSAGE`` in the guest (``guest-exec``), as an admin would on the guest's
+console: every terminal of a logged-in user shows it. A guest without the agent's channel or
+without a running agent is not told, and the reason is libvirt's own words.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import LibvirtGatewayError
+
+WALL = "wall"
+MESSAGE_MAX = 4096  # characters: wall itself truncates far longer ones
+
+
+def tell(gateway, name, message, timeout, check_mode=False, clock=time.monotonic,
+         sleep=time.sleep):
+    """None when guest ``name`` was told (in check mode: when its agent answers a ping);
+    otherwise why it was not."""
+    state = gateway.state(name)
+    if state != "running":
+        return "it is not running (%s)" % state
+    try:
+        if check_mode:
+            gateway.agent_command(name, "guest-ping", timeout=timeout)
+            return None
+        started = gateway.agent_command(
+            name, "guest-exec", {"path": WALL, "arg": [message], "capture-output": True},
+            timeout=timeout)
+        pid = (started or {}).get("pid")
+        if pid is None:
+            return "its guest agent started no process (it answered %r)" % (started,)
+        deadline = clock() + timeout
+        while True:
+            status = gateway.agent_command(name, "guest-exec-status", {"pid": pid},
+                                           timeout=timeout) or {}
+            if status.get("exited"):
+                break
+            if clock() >= deadline:
+                return "%s did not finish within %d s in the guest" % (WALL, timeout)
+            sleep(0.2)
+    except LibvirtGatewayError as exc:
+        return "its guest agent did not take the message: %s" % exc
+    if status.get("exitcode") or status.get("signal"):
+        err = base64.b64decode(status.get("err-data") or "").decode("utf-8", "replace").strip()
+        return "%s failed in the guest (exit code %s%s): %s" % (
+            WALL, status.get("exitcode"),
+            ", signal %s" % status["signal"] if status.get("signal") else "",
+            err or "it printed nothing")
+    return None
