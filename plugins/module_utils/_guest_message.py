@@ -5,9 +5,11 @@
 """A message to a guest's logged-in users, through the QEMU guest agent. Private to this
 collection.
 
-The agent runs ``wall MESSAGE`` in the guest (``guest-exec``), as an admin would on the guest's
-console: every terminal of a logged-in user shows it. A guest without the agent's channel or
-without a running agent is not told, and the reason is libvirt's own words.
+The agent runs ``wall`` in the guest (``guest-exec``) with the message on its standard input, as
+an admin would on the guest's console: every terminal of a logged-in user shows it. On standard
+input, the text is never taken for a file name or an option, and wall escapes control
+characters in it. A guest without the agent's channel or without a running agent is not told,
+and the reason is libvirt's own words.
 """
 
 from __future__ import annotations
@@ -18,22 +20,27 @@ import time
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import LibvirtGatewayError
 
 WALL = "wall"
-MESSAGE_MAX = 4096  # characters: wall itself truncates far longer ones
+MESSAGE_MAX = 4096  # characters: a message for a terminal, not a file
 
 
 def tell(gateway, name, message, timeout, check_mode=False, clock=time.monotonic,
          sleep=time.sleep):
-    """None when guest ``name`` was told (in check mode: when its agent answers a ping);
-    otherwise why it was not."""
+    """None when ``wall`` ran in guest ``name`` (in check mode: when its agent answers and
+    allows guest-exec); otherwise why not."""
     state = gateway.state(name)
     if state != "running":
         return "it is not running (%s)" % state
     try:
         if check_mode:
-            gateway.agent_command(name, "guest-ping", timeout=timeout)
+            info = gateway.agent_command(name, "guest-info", timeout=timeout) or {}
+            allowed = [c.get("enabled", True) for c in info.get("supported_commands", ())
+                       if c.get("name") == "guest-exec"]
+            if allowed != [True]:
+                return "its guest agent does not allow guest-exec (qemu-ga --block-rpcs)"
             return None
+        data = base64.b64encode(message.encode("utf-8")).decode("ascii")
         started = gateway.agent_command(
-            name, "guest-exec", {"path": WALL, "arg": [message], "capture-output": True},
+            name, "guest-exec", {"path": WALL, "input-data": data, "capture-output": True},
             timeout=timeout)
         pid = (started or {}).get("pid")
         if pid is None:

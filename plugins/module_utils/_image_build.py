@@ -554,10 +554,20 @@ def read_manifest(store, name, version):
     return data if isinstance(data, dict) else None
 
 
+# Inputs the collection decides, not the user: a newer collection may put more into every image
+# (qemu-guest-agent came so). An image an earlier recipe built is kept as it is, not refused.
+RECIPE_INPUTS = ("recipe", "base_packages")
+
+
 def input_differences(old, new):
     """The inputs that differ between two manifests' inputs, by name."""
     keys = sorted(set(old) | set(new))
     return [k for k in keys if old.get(k) != new.get(k)]
+
+
+def user_input_differences(old, new):
+    """The differences a user made (not the collection's recipe)."""
+    return [k for k in input_differences(old, new) if k not in RECIPE_INPUTS]
 
 
 class Builder:

@@ -17,11 +17,13 @@ import time
 from dataclasses import dataclass
 
 try:
-    import libvirt_qemu
-
     import libvirt
 except ImportError:  # reported by the module with missing_required_lib()
-    libvirt = libvirt_qemu = None
+    libvirt = None
+try:
+    import libvirt_qemu  # the guest agent's commands (same libvirt-python package)
+except ImportError:
+    libvirt_qemu = None
 
 
 DEFAULT_URI = "qemu:///system"
@@ -235,6 +237,9 @@ class LibvirtGateway:
         no agent answers on it within timeout seconds.
         """
         dom = self._require(name)
+        if libvirt_qemu is None:
+            raise LibvirtGatewayError("libvirt-python has no libvirt_qemu module here; it "
+                                      "sends the guest agent's commands")
         request = {"execute": command}
         if arguments is not None:
             request["arguments"] = arguments

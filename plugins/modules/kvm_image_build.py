@@ -61,6 +61,9 @@ attributes:
       - When O(name) O(version) is in the store with a manifest of the same inputs, nothing is
         built or changed. The same version built from other inputs is refused (a version
         should always mean the same image); build a new version instead.
+      - A version an earlier release of this module built, from the same options, is kept as
+        it is, with a warning and RV(outdated), though this release's recipe puts more into
+        every image (this release added C(qemu-guest-agent)).
 options:
   name:
     description: The image's name in the store, for example V(dl-guest). Same rules as
@@ -269,6 +272,13 @@ packages:
   type: list
   elements: str
   sample: [linux-headers-amd64, nvidia-driver, nvidia-container-toolkit, docker.io, htop]
+outdated:
+  description: When the version in the store was built from the same options by an earlier
+    recipe of this module, the recipe's inputs that differ (it is kept as it is).
+  returned: when the version was built by an earlier recipe
+  type: list
+  elements: str
+  sample: [base_packages]
 actions:
   description: What was done (or would be), one line each; empty when nothing changed.
   returned: success
@@ -291,6 +301,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._image_build import (
     manifest_path,
     missing_host_tools,
     read_manifest,
+    user_input_differences,
     validate,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._image_store import (
@@ -358,11 +369,17 @@ def main():
                              "kvm_image_build (it has no manifest); build another version"
                              % (ref, store.root))
         if manifest.get("inputs_digest") != digest:
-            changed = input_differences(manifest.get("inputs") or {}, request.inputs())
-            module.fail_json(msg="version: %s was built from other inputs (%s differ); a version "
-                             "always means the same image, so build a new version (and move "
-                             "VMs to it with kvm_vm's image)" % (ref, ", ".join(changed) or
-                                                                 "the recipe"))
+            built_from = manifest.get("inputs") or {}
+            changed = user_input_differences(built_from, request.inputs())
+            if changed or not built_from:
+                module.fail_json(
+                    msg="version: %s was built from other inputs (%s differ); a version always "
+                    "means the same image, so build a new version (and move VMs to it with "
+                    "kvm_vm's image)" % (ref, ", ".join(changed) or "the recipe"))
+            result["outdated"] = input_differences(built_from, request.inputs())
+            module.warn("%s was built by an earlier recipe of kvm_image_build (%s differ) and is "
+                        "kept as it is; build a new version to get what this recipe puts in "
+                        "every image" % (ref, ", ".join(result["outdated"])))
         result.update(image=existing.to_dict(), manifest=manifest)
         if module._diff:
             result["diff"] = dict(before={ref: digest}, after={ref: digest})

@@ -9,11 +9,13 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: kvm_vm_message
 short_description: Tell the users logged in to VMs something, through the QEMU guest agent
-version_added: 0.1.0
+version_added: 0.2.0
 description:
   - Shows O(text) on every terminal of every user logged in to each VM in O(name), the way
     C(wall) does on the guest's console. The QEMU guest agent runs C(wall) in the guest
-    (C(guest-exec)), so no network path to the guest and no login is needed.
+    (C(guest-exec)) with the text on its standard input (never taken for a file name or an
+    option; C(wall) escapes control characters), so no network path to the guest and no login
+    is needed.
   - M(gpuvirt.kvm.kvm_vm) gives every VM the agent's channel (C(org.qemu.guest_agent.0)), and
     the images M(gpuvirt.kvm.kvm_image_build) makes run the agent (C(qemu-guest-agent)).
   - A VM that is not running, that has no agent channel (a VM made before the channel was
@@ -30,8 +32,9 @@ extends_documentation_fragment:
 attributes:
   check_mode:
     support: full
-    description: Sends nothing. Each running VM's agent is pinged (C(guest-ping)); those that
-      answer are listed in RV(told), as the guests that would be told.
+    description: Sends nothing. Each running VM's agent is asked what it allows
+      (C(guest-info)); those that answer and allow C(guest-exec) are listed in RV(told), as the
+      guests that would be told.
   diff_mode:
     support: none
     description: A message changes no state that a diff could show.
@@ -82,7 +85,9 @@ EXAMPLES = r"""
 
 RETURN = r"""
 told:
-  description: The VMs whose users were shown the message (check mode, whose agent answers).
+  description:
+    - The VMs where C(wall) ran (in check mode, whose agent would run it). Every user logged in
+      to them was shown the message; a VM nobody is logged in to is listed too.
   returned: always
   type: list
   elements: str
@@ -125,7 +130,7 @@ def main():
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     p = module.params
     names = list(dict.fromkeys(p["name"]))
-    if not p["text"].strip():
+    if not (p["text"] or "").strip():
         module.fail_json(msg="text: it is empty; give the message to show the VMs' users")
     if len(p["text"]) > MESSAGE_MAX:
         module.fail_json(msg="text: %d characters, more than the %d allowed; shorten it"
@@ -151,7 +156,8 @@ def main():
                 else:
                     not_told.append({"name": name, "reason": reason})
     except LibvirtGatewayError as exc:
-        module.fail_json(msg="uri: %s" % exc, told=told, not_told=not_told)
+        module.fail_json(msg="kvm_vm_message: %s (told so far: %s)"
+                         % (exc, ", ".join(told) or "none"), told=told, not_told=not_told)
     module.exit_json(changed=bool(told), told=told, not_told=not_told)
 
 

@@ -161,16 +161,19 @@ echo "=== a message through the QEMU guest agent reaches a logged-in user's term
 message() {  # message LOG [ARGS]: kvm_vm_message to gvt-gb; its JSON result on stdout
   ansible localhost -i "$inventory" -o -m gpuvirt.kvm.kvm_vm_message "${@:2}" \
     -a '{"name": ["gvt-gb"], "uri": "qemu:///system", "text": "gvt-gb goes down at noon"}' \
-    >"$scratch/$1" 2>&1 || { cat "$scratch/$1"; fail "kvm_vm_message failed"; }
+    >"$scratch/$1" 2>&1 || { cat "$scratch/$1" >&2; fail "kvm_vm_message failed"; }
   sed -n 's/^localhost | [A-Z]* => //p' "$scratch/$1"
 }
 # (stdin stays open, so the session lasts until its sleep ends)
-sleep 40 | guest -tt 'echo logged-in; sleep 30' >"$scratch/wall.txt" 2>&1 &
+sleep 130 2>/dev/null | guest -tt 'echo logged-in; sleep 120' >"$scratch/wall.txt" 2>&1 &
 watcher=$!
-for _ in $(seq 1 50); do grep -q logged-in "$scratch/wall.txt" && break; sleep 0.2; done
+for _ in $(seq 1 150); do grep -q logged-in "$scratch/wall.txt" && break; sleep 0.2; done
+grep -q logged-in "$scratch/wall.txt" || { cat "$scratch/wall.txt"; fail "the SSH session did not log in"; }
 checked=$(message message-check.log --check)
 told=$(message message.log)
-wait "$watcher" || true
+for _ in $(seq 1 50); do grep -q "gvt-gb goes down at noon" "$scratch/wall.txt" && break; sleep 0.2; done
+kill "$watcher" 2>/dev/null || true
+wait "$watcher" 2>/dev/null || true
 "$python" - "$checked" "$told" <<'PY' || fail "kvm_vm_message: check $checked, run $told"
 import json, sys
 checked, told = json.loads(sys.argv[1]), json.loads(sys.argv[2])

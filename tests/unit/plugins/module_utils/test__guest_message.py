@@ -16,6 +16,7 @@ class AgentAnswers:
 
     def __init__(self, state="running", statuses=(), error=None):
         self._state, self.statuses, self.error = state, list(statuses), error
+        self.exec_enabled = True
         self.sent = []
 
     def state(self, _name):
@@ -25,8 +26,10 @@ class AgentAnswers:
         self.sent.append((command, arguments, timeout))
         if self.error:
             raise LibvirtGatewayError(self.error)
-        if command == "guest-ping":
-            return {}
+        if command == "guest-info":
+            return {"version": "7.2.0", "supported_commands": [
+                {"name": "guest-exec", "enabled": self.exec_enabled, "success-response": True},
+                {"name": "guest-ping", "enabled": True, "success-response": True}]}
         if command == "guest-exec":
             return {"pid": 42}
         return self.statuses.pop(0)
@@ -44,11 +47,14 @@ class Clock:
 
 
 def test_told_when_wall_exits_zero():
-    gw = AgentAnswers(statuses=[{"exited": False}, {"exited": True, "exitcode": 0}])
     clock = Clock()
-    assert tell(gw, "a", "down at noon", 10, clock=clock, sleep=clock.sleep) is None
-    assert gw.sent[0] == ("guest-exec", {"path": "wall", "arg": ["down at noon"],
-                                         "capture-output": True}, 10)
+    # the text goes on wall's standard input: never read as a file name or an option
+    text = "--help /etc/shadow \x1b[2J down at noon"
+    gw = AgentAnswers(statuses=[{"exited": False}, {"exited": True, "exitcode": 0}])
+    assert tell(gw, "a", text, 10, clock=clock, sleep=clock.sleep) is None
+    assert gw.sent[0] == ("guest-exec", {
+        "path": "wall", "input-data": base64.b64encode(text.encode()).decode(),
+        "capture-output": True}, 10)
     assert [c for c, _a, _t in gw.sent[1:]] == ["guest-exec-status"] * 2
     assert gw.sent[1][1] == {"pid": 42}
 
@@ -78,7 +84,10 @@ def test_no_agent_and_not_running_are_reasons_not_errors():
     assert stopped.sent == []
 
 
-def test_check_mode_only_pings():
+def test_check_mode_asks_whether_guest_exec_is_allowed_and_sends_nothing():
     gw = AgentAnswers()
     assert tell(gw, "a", "m", 5, check_mode=True) is None
-    assert gw.sent == [("guest-ping", None, 5)]
+    assert gw.sent == [("guest-info", None, 5)]
+    gw.exec_enabled = False
+    assert tell(gw, "a", "m", 5, check_mode=True) == (
+        "its guest agent does not allow guest-exec (qemu-ga --block-rpcs)")

@@ -127,6 +127,11 @@ def test_inputs_digest_follows_every_input_and_key_content():
     assert ib.input_differences(a.inputs(), c.inputs()) == ["repositories"]
     d = ib.validate(params(packages=["htop"]))
     assert ib.input_differences(a.inputs(), d.inputs()) == ["packages", "repositories"]
+    # the collection's own recipe is not the user's input
+    older = dict(a.inputs(), base_packages=a.inputs()["base_packages"][:-1], recipe=0)
+    assert ib.input_differences(older, a.inputs()) == ["base_packages", "recipe"]
+    assert ib.user_input_differences(older, a.inputs()) == []
+    assert ib.user_input_differences(older, d.inputs()) == ["packages", "repositories"]
     # The base cache depends on the suite, mirror and components only.
     assert a.base_key() == d.base_key()
     assert a.base_key() != ib.validate(params(components=["main", "contrib"])).base_key()
