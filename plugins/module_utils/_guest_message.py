@@ -20,6 +20,7 @@ import time
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import LibvirtGatewayError
 
 WALL = "wall"
+_EXEC = ("guest-exec", "guest-exec-status")  # what telling a guest needs of its agent
 MESSAGE_MAX = 4096  # characters: a message for a terminal, not a file
 
 
@@ -33,12 +34,16 @@ def tell(gateway, name, message, timeout, check_mode=False, clock=time.monotonic
     try:
         if check_mode:
             info = gateway.agent_command(name, "guest-info", timeout=timeout) or {}
-            allowed = [c.get("enabled", True) for c in info.get("supported_commands", ())
-                       if c.get("name") == "guest-exec"]
-            if allowed != [True]:
-                return "its guest agent does not allow guest-exec (qemu-ga --block-rpcs)"
+            enabled = {c.get("name"): c.get("enabled", True)
+                       for c in info.get("supported_commands", ())}
+            blocked = [c for c in _EXEC if enabled.get(c) is not True]
+            if blocked:
+                return "its guest agent does not allow %s (qemu-ga --block-rpcs)" % (
+                    " and ".join(blocked))
             return None
-        data = base64.b64encode(message.encode("utf-8")).decode("ascii")
+        # wall ends the message with a footer line; the text's own last line ends first.
+        text = message if message.endswith("\n") else message + "\n"
+        data = base64.b64encode(text.encode("utf-8")).decode("ascii")
         started = gateway.agent_command(
             name, "guest-exec", {"path": WALL, "input-data": data, "capture-output": True},
             timeout=timeout)

@@ -369,9 +369,13 @@ def main():
                              "kvm_image_build (it has no manifest); build another version"
                              % (ref, store.root))
         if manifest.get("inputs_digest") != digest:
-            built_from = manifest.get("inputs") or {}
+            built_from = manifest.get("inputs")
+            if not isinstance(built_from, dict) or not built_from:
+                module.fail_json(msg="version: %s is in the store, but its manifest %s records no "
+                                 "inputs to compare with; build a new version" % (
+                                     ref, result["manifest_path"]))
             changed = user_input_differences(built_from, request.inputs())
-            if changed or not built_from:
+            if changed:
                 module.fail_json(
                     msg="version: %s was built from other inputs (%s differ); a version always "
                     "means the same image, so build a new version (and move VMs to it with "

@@ -54,6 +54,8 @@ options:
     description:
       - The message, as C(wall) shows it under its "Broadcast message from root" line. At most
         4096 characters.
+      - Write it in ASCII. C(wall) shows other characters as octal escapes (C(caf\303\251)), as
+        it shows control characters, so that no text can take over a terminal.
     type: str
     required: true
   timeout:

@@ -29,6 +29,7 @@ class AgentAnswers:
         if command == "guest-info":
             return {"version": "7.2.0", "supported_commands": [
                 {"name": "guest-exec", "enabled": self.exec_enabled, "success-response": True},
+                {"name": "guest-exec-status", "enabled": True, "success-response": True},
                 {"name": "guest-ping", "enabled": True, "success-response": True}]}
         if command == "guest-exec":
             return {"pid": 42}
@@ -53,7 +54,7 @@ def test_told_when_wall_exits_zero():
     gw = AgentAnswers(statuses=[{"exited": False}, {"exited": True, "exitcode": 0}])
     assert tell(gw, "a", text, 10, clock=clock, sleep=clock.sleep) is None
     assert gw.sent[0] == ("guest-exec", {
-        "path": "wall", "input-data": base64.b64encode(text.encode()).decode(),
+        "path": "wall", "input-data": base64.b64encode(text.encode() + b"\n").decode(),
         "capture-output": True}, 10)
     assert [c for c, _a, _t in gw.sent[1:]] == ["guest-exec-status"] * 2
     assert gw.sent[1][1] == {"pid": 42}
@@ -91,3 +92,7 @@ def test_check_mode_asks_whether_guest_exec_is_allowed_and_sends_nothing():
     gw.exec_enabled = False
     assert tell(gw, "a", "m", 5, check_mode=True) == (
         "its guest agent does not allow guest-exec (qemu-ga --block-rpcs)")
+    old = AgentAnswers()
+    old.agent_command = lambda *_a, **_k: {"supported_commands": [{"name": "guest-exec"}]}
+    assert tell(old, "a", "m", 5, check_mode=True) == (
+        "its guest agent does not allow guest-exec-status (qemu-ga --block-rpcs)")
