@@ -294,15 +294,17 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.gpuvirt.kvm.plugins.module_utils import _bytecode  # noqa: F401 pylint: disable=unused-import
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._image_build import (
     DEFAULT_CACHE,
-    BuildError,
     build_and_register,
     check_base_digest,
-    input_differences,
     manifest_path,
     missing_host_tools,
     read_manifest,
-    user_input_differences,
     validate,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._image_request import (
+    BuildError,
+    input_differences,
+    user_input_differences,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._image_store import (
     DEFAULT_STORE,
