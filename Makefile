@@ -179,13 +179,18 @@ LAB_ENV = LAB_NAME='$(LAB_NAME)' LAB_SSH_PORT='$(LAB_SSH_PORT)' LAB_DOMAIN_TYPE=
   LAB_MEMORY_MB='$(LAB_MEMORY_MB)' LAB_VCPUS='$(LAB_VCPUS)' LAB_KERNEL_ARGS='$(LAB_KERNEL_ARGS)' \
   LAB_IMAGE_EXTRA_PACKAGES='$(LAB_IMAGE_EXTRA_PACKAGES)'
 
-.PHONY: lab-up lab-down lab-short lab-e2e
+.PHONY: lab-up lab-down lab-short lab-e2e lab-e2e-shared
 
 # End-to-end runs on the lab over SSH (tests/e2e/). lab-short is CI's: discovery of the stand-ins
 # and convert_host in check mode on a fresh lab (~10 min with the image build). lab-e2e is the
 # full suite: convert_host (packages, IOMMU arguments, vfio-pci, a reboot), install_images,
 # deploy_tenants with stand-ins passed through to nested guests (the four idempotency facts),
-# nightly_reprovision, teardown_tenants and revert_host (~40 min on 2 cores under TCG).
+# maintain_host, nightly_reprovision, teardown_tenants and revert_host, then the same lab in its
+# shared-NVSwitch profile (tests/e2e/shared.yml; ~90 min on 2 cores under TCG in all).
+# lab-e2e-shared runs that second half alone: convert_host in shared_nvswitch mode with the
+# stand-in Fabric Manager, tenants whose partitions the hook activates, virsh destroy / start,
+# an FM restart answered by the redeclare unit, teardown and revert_host (a lab that make main
+# converted skips the conversion).
 LAB_INVENTORY = tests/lab/.state/$(if $(filter gpuvirt-lab,$(LAB_NAME)),,$(LAB_NAME)/)inventory.ini
 LAB_PLAYBOOK = $(RUN) ANSIBLE_COLLECTIONS_PATH="$(abspath .build)" ANSIBLE_NOCOLOR=1 \
   ansible-playbook -i $(LAB_INVENTORY)
@@ -194,6 +199,9 @@ lab-short: setup sync lab-up
 
 lab-e2e: setup sync lab-up
 	$(LAB_PLAYBOOK) tests/e2e/lab.yml
+
+lab-e2e-shared: setup sync lab-up
+	$(LAB_PLAYBOOK) tests/e2e/shared.yml
 
 lab-up: setup
 	$(LAB_ENV) $(LAB_PYTHON) tests/lab/lab.py up

@@ -8,13 +8,21 @@ An unquoted list item such as `- out.stdout is regex('^Active: +yes')` holds ": 
 reads a mapping; yamllint and ansible-lint accept it, and Ansible 2.19+ fails only when the
 task runs ("Conditional expressions must be strings") - in the lab suites, long after lint.
 Checks every `that`, `when`, `changed_when`, `failed_when` and `until` in the files.
+
+Also fails on a regex back-reference written `'\\\\1'` (or `'\\\\g<1>'`) in a Jinja string inside a
+folded, literal or plain YAML scalar: YAML leaves both backslashes there, and Ansible 2.19+
+passes them on, so regex_replace writes a literal "\\1" and regex_search fails when the task runs
+(kvm_host's shared-NVSwitch conversion did both). Use regex_findall, or regex_replace on
+'^' / '$', or a double-quoted YAML string, where YAML turns "\\\\1" into \\1.
 """
 
+import re
 import sys
 
 import yaml
 
 KEYS = ("that", "when", "changed_when", "failed_when", "until")
+BACKREF = re.compile(r"\\\\(?:[0-9]|g<)")
 
 
 def problems(node, path, where="", found=None):
@@ -31,6 +39,11 @@ def problems(node, path, where="", found=None):
     elif isinstance(node, list):
         for n, item in enumerate(node):
             problems(item, path, "%s[%d]" % (where, n), found)
+    elif isinstance(node, str) and ("{{" in node or "{%" in node) and BACKREF.search(node):
+        found.append("%s: %s holds a back-reference with two backslashes (%s), which reaches "
+                     "the regex filter as a literal backslash on Ansible 2.19+: use regex_findall, "
+                     "or write it in a double-quoted YAML string" % (
+                         path, where, BACKREF.search(node).group()))
     return found
 
 

@@ -3,12 +3,16 @@
 # The README's main job, on the lab (tests/lab/README.md): a mini GPU server VM on this machine
 # whose GPUs are QEMU stand-ins, everything else about passthrough real.
 #   1. lab up          build the lab's Debian image (first time only, ~2 min) and boot it
-#   2. convert_host    the lab becomes a KVM host: packages, IOMMU kernel arguments, stand-ins
-#                      bound to vfio-pci, libvirt; it reboots when it must (first time ~10 min)
+#   2. convert_host    the lab becomes a shared-NVSwitch KVM host, as an HGX H100 is run
+#                      (tests/lab/platform-shared.yml): packages, IOMMU kernel arguments, the
+#                      stand-in GPUs bound to vfio-pci, the NVSwitches kept for Fabric Manager
+#                      (the lab's stand-in package, tests/lab/make-fm-package.sh) in shared mode,
+#                      the libvirt hook; it reboots when it must (first time ~10 min)
 #   3. install_images  a tiny guest image into the lab's image store
 #   4. deploy_tenants  the day layout: 2-GPU, 1-GPU and CPU-only tenants start inside the lab,
-#                      their stand-in GPUs passed through by vfio
-#   5. the allocation map, GPU by GPU, and what each step changed
+#                      their stand-in GPUs passed through by vfio, each GPU tenant's Fabric
+#                      Manager partition activated by the hook as it starts
+#   5. the allocation map, GPU by GPU, with the active partitions, and what each step changed
 # A second run changes nothing (each step reports changed=0). Called by `make main` after
 # `make setup`; `tools/main-job.sh --down` tears the tenants down and reverts the lab to a plain
 # server (`make lab-down` then removes the lab VM itself).
@@ -50,7 +54,7 @@ if [ "${1:-}" = "--down" ]; then
   run teardown gpuvirt.kvm.teardown_tenants -e "@$state/tenants.yml"
   step "revert_host: the lab back to a plain server (reboots)"
   run revert gpuvirt.kvm.revert_host -e kvm_host_allow_reboot=true \
-    -e "kvm_host_platform=$(sed -n 's/^gpuvirt_lab_platform=//p' "$inventory")"
+    -e "kvm_host_platform=$(sed -n 's/^gpuvirt_lab_platform_shared=//p' "$inventory")"
   printf '%s\n' "${summary[@]}"
   exit 0
 fi
@@ -59,21 +63,22 @@ step "1/5 lab up (the first time builds a Debian image and boots it: about 5 min
 t0=$(date +%s)
 make --no-print-directory lab-up
 summary+=("$(printf '%-16s %ss' lab-up "$(( $(date +%s) - t0 ))")")
-platform=$(sed -n 's/^gpuvirt_lab_platform=//p' "$inventory")
+platform=$(sed -n 's/^gpuvirt_lab_platform_shared=//p' "$inventory")
 
-step "2/5 convert_host (the first time installs QEMU/libvirt in the lab and reboots it: ~10 min)"
-run convert_host gpuvirt.kvm.convert_host -e kvm_host_allow_reboot=true \
-  -e "kvm_host_platform=$platform"
+step "2/5 convert_host, shared NVSwitch (the first time installs QEMU/libvirt and the stand-in Fabric Manager in the lab and reboots it: ~10 min)"
+run prepare_fabric tests/lab/prepare_fabric.yml
+run convert_host gpuvirt.kvm.convert_host -e kvm_host_allow_reboot=true -e "@$state/fabric.yml"
 
 step "3/5 install_images: a tiny guest image (its boot sector halts) into the lab's store"
-run prepare tests/lab/prepare_tenants.yml
+run prepare tests/lab/prepare_tenants.yml -e "lab_tenants_platform=$platform"
 run install_images gpuvirt.kvm.install_images -e "@$state/tenants.yml"
 
 step "4/5 deploy_tenants -e layout=day: GPU tenants start in the lab, stand-ins passed through"
 run deploy_tenants gpuvirt.kvm.deploy_tenants -e layout=day -e "@$state/tenants.yml"
 
-step "5/5 the lab's allocation map"
-ansible -i "$inventory" gpuvirt_lab -m gpuvirt.kvm.gpu_topology -a "platform=$platform" \
+step "5/5 the lab's allocation map, with Fabric Manager's active partitions"
+ansible -i "$inventory" gpuvirt_lab -m gpuvirt.kvm.gpu_topology \
+  -a "{\"platform\": \"$platform\", \"fabric_manager\": {}}" \
   -o 2>/dev/null > "$state/main-map.json" || true
 python3 - "$state/main-map.json" <<'PY'
 import json, sys

@@ -73,7 +73,9 @@ options:
         never activated.
       - It only reads. M(gpuvirt.kvm.kvm_vm) and M(gpuvirt.kvm.kvm_layout) record each VM's
         partition in its domain metadata, and the collection's libvirt hook activates it when
-        the VM starts; the P(gpuvirt.kvm.kvm_host#role) role does not install that hook yet.
+        the VM starts, which the P(gpuvirt.kvm.kvm_host#role) role installs in
+        V(shared_nvswitch) mode together with these settings (C(/etc/gpuvirt/fabric.json),
+        which the P(gpuvirt.kvm.gpu_vms#role) role reads by default).
       - When FM cannot be reached or a GPU has no module ID, VMs that keep the GPUs they hold,
         VMs without GPUs and removals still go ahead; a VM that needs GPUs placed fails, and
         M(gpuvirt.kvm.gpu_topology) fails.
@@ -99,8 +101,8 @@ options:
       - The record the P(gpuvirt.kvm.kvm_host#role) role keeps of the host. With
         O(fabric_manager), its C(fabric) section gives each GPU's Fabric Manager module ID
         (C(module_ids), GPU address -> module ID, as read while the NVIDIA driver still owned the
-        GPUs). The role does not write that section yet, and it rewrites its record, so do not
-        edit the record by hand. Give the map in a platform file's C(module_ids) instead.
+        GPUs), which the role learns at conversion. It rewrites its record, so do not edit the
+        record by hand; give a map in a platform file's C(module_ids) instead.
       - A missing file is no error; a platform file's C(module_ids) then has to name every GPU.
     type: path
     default: /etc/gpuvirt/kvm_host.json

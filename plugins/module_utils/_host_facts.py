@@ -100,6 +100,7 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
             "fabric": platform.fabric,
             "allowed_sizes": list(platform.allowed_sizes),
             "module_ids": dict(sorted(platform.module_ids.items())),
+            "nvswitch_driver": platform.nvswitch_driver,
         },
         "gpus": _device_entries(gpus, GPU_IDS, holders, unhealthy, platform, busy_gpus),
         "nvswitches": _device_entries(switches, NVSWITCH_IDS, holders, None),

@@ -2,13 +2,16 @@
 # Copyright (c) gpuvirt.kvm contributors
 # GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Parsers for the text of ``nvidia-smi topo -m`` and ``nvidia-smi -q``. Private.
+"""Parsers for the text of ``nvidia-smi topo -m`` and ``nvidia-smi -q``, and of NVIDIA's
+gpu-admin-tools ``nvidia_gpu_tools.py --query-module-name``. Private.
 
 The modules never run nvidia-smi themselves (the host's GPUs are meant to be on vfio-pci, where
 nvidia-smi cannot see them); a user passes the ``topo -m`` text captured while the GPUs were
 still on the NVIDIA driver, and NVLink counts from it refine placement on hosts without a
 platform table. The kvm_host role runs ``nvidia-smi -q`` once, before it binds the GPUs of a
-shared-NVSwitch host to vfio-pci, to learn each GPU's module ID (Fabric Manager's name for it).
+shared-NVSwitch host to vfio-pci, to learn each GPU's module ID (Fabric Manager's name for it);
+where no NVIDIA driver holds the GPUs (they are on vfio-pci already), NVIDIA's gpu-admin-tools
+reads it from the GPU itself, and the role asks that instead when the user names it.
 """
 
 from __future__ import annotations
@@ -66,6 +69,41 @@ def parse_module_ids(text):
     if not found:
         raise NvidiaSmiQueryError("nvidia-smi -q: no 'GPU 00000000:BB:DD.F' section was found; "
                                   "pass the unmodified output of 'nvidia-smi -q'")
+    return found
+
+
+# nvidia_gpu_tools.py logs through Python's logging ('%(asctime)s.%(msecs)03d %(levelname)-8s
+# %(message)s', on stderr) "{device} module name {device.module_name}", where a GPU is
+# "GPU <bdf> <name> <device id> BAR0 <address>" and its module name "SXM_<module ID>" (the
+# board's GPIO strap + 1: the module ID nvidia-smi prints and Fabric Manager's physicalId).
+# NVSwitches answer "NVSwitch_<n>"; they are not GPUs. NVIDIA/gpu-admin-tools v2025.10.20.
+_TOOLS_MODULE_RE = re.compile(
+    r"\bGPU ([0-9A-Fa-f]{4}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.[0-7]) .* module name SXM_(\d+)\s*$")
+_TOOLS_ERROR_RE = re.compile(r"\b(?:ERROR|CRITICAL)\s+(.*)$")
+
+
+def parse_gpu_tools_module_names(text):
+    """``{bdf: module ID}`` from ``nvidia_gpu_tools.py --devices gpus --query-module-name``
+    (its log, stdout and stderr together). NvidiaSmiQueryError, with the tool's own error lines,
+    when it names no GPU's module."""
+    if not isinstance(text, str):
+        raise NvidiaSmiQueryError("nvidia_gpu_tools.py: expected its output, got %r" % (text,))
+    found = {}
+    errors = []
+    for line in text.splitlines():
+        line = line.rstrip()
+        match = _TOOLS_MODULE_RE.search(line)
+        if match:
+            found[match.group(1).lower()] = int(match.group(2))
+            continue
+        error = _TOOLS_ERROR_RE.search(line)
+        if error:
+            errors.append(error.group(1))
+    if not found:
+        raise NvidiaSmiQueryError(
+            "nvidia_gpu_tools.py --query-module-name named no GPU's module (SXM_n)%s; it reads "
+            "it from H100/H200 and B200 SXM GPUs only" % (
+                ": " + "; ".join(errors) if errors else ""))
     return found
 
 

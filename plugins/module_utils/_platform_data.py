@@ -12,6 +12,7 @@ platform data a host's facts carry with the same function.
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._bdf import format_bdf, parse_bdf
@@ -33,8 +34,11 @@ FILE_KEYS = (
     "name", "description", "base", "gpu_ids", "nvswitch_ids", "gpu_count", "nvswitch_count",
     "fabric", "physical_ids", "fm_partitions", "partitions", "allowed_sizes", "templates",
     "os_disk_gb", "extra_passthrough_ids", "gpu_classes", "nvswitch_classes", "module_ids",
-    "unavailable",
+    "unavailable", "nvswitch_driver",
 )
+
+# A Linux driver name as /sys/bus/pci/drivers lists it (nvidia, virtio-pci, ...).
+_DRIVER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def _bad(source, msg):
@@ -223,6 +227,13 @@ def platform_from_dict(data, source="platform file"):
             _parse_id(source, "extra_passthrough_ids", k): str(v) for k, v in raw.items()}
     if "module_ids" in data:
         changes["module_ids"] = _module_ids(source, data["module_ids"])
+    if "nvswitch_driver" in data:
+        driver = data["nvswitch_driver"]
+        if not isinstance(driver, str) or not _DRIVER_NAME_RE.match(driver):
+            raise _bad(source, "nvswitch_driver must be the name of the host driver that owns "
+                               "the NVSwitches in shared_nvswitch mode, as /sys/bus/pci/drivers "
+                               "lists it (nvidia on a real host), got %r" % (driver,))
+        changes["nvswitch_driver"] = driver
     if data.get("unavailable"):
         # Blocks Fabric Manager reported degraded (a host's facts carry them to the fleet).
         raw = data["unavailable"]

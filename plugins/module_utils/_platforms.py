@@ -120,6 +120,9 @@ class Platform:
     module_ids: dict = field(default_factory=dict)
     # Blocks left out of ``partitions`` for now, and why (FM reports their NVLinks degraded).
     unavailable: dict = field(default_factory=dict)
+    # Shared NVSwitch: the host driver that owns the NVSwitches, for Fabric Manager. A platform
+    # file of stand-in switches (the lab) names theirs; nvidia everywhere else.
+    nvswitch_driver: str = "nvidia"
 
     @property
     def partitioned(self):

@@ -150,6 +150,13 @@ platform:
       type: dict
       sample: {"0000:1b:00.0": 5}
       version_added: 0.2.0
+    nvswitch_driver:
+      description:
+        - The host driver that owns the NVSwitches in V(shared_nvswitch) mode, from the platform
+          file (C(nvswitch_driver)); V(nvidia) unless a file of stand-in switches names another.
+      type: str
+      sample: nvidia
+      version_added: 0.2.0
 gpus:
   description:
     - Every GPU found, in PCI bus order - every NVIDIA function of class 3D controller or VGA

@@ -39,6 +39,8 @@ METADATA_NS = "http://gpuvirt.kvm/lab/1"
 FIRSTBOOT_VERSION = 1
 LAB_MAC = "52:54:00:4c:41:42"  # build-image.sh's systemd-networkd file matches it
 PLATFORM_IN_LAB = "/etc/gpuvirt-lab/platform.yml"
+# The shared-NVSwitch profile (platform-shared.yml): the README's main job converts with it.
+PLATFORM_SHARED_IN_LAB = "/etc/gpuvirt-lab/platform-shared.yml"
 TCG_CPU_MODEL = "Skylake-Server-noTSX-IBRS"
 
 
@@ -349,10 +351,13 @@ def write_inventory(settings, port):
         "ansible_pipelining=true\n"
         "# tests/lab/platform.yml, copied into the lab: the stand-ins as GPUs and NVSwitches\n"
         "gpuvirt_lab_platform=%(platform)s\n"
+        "# tests/lab/platform-shared.yml: the same stand-ins, switches kept for Fabric Manager\n"
+        "gpuvirt_lab_platform_shared=%(shared)s\n"
         "gpuvirt_lab_domain=%(name)s\n"
         "# tests/lab on the controller (the lab's playbooks and helpers)\n"
         "gpuvirt_lab_dir=%(here)s\n"
     ) % {"name": settings.name, "port": port, "key": settings.key, "platform": PLATFORM_IN_LAB,
+         "shared": PLATFORM_SHARED_IN_LAB,
          "here": HERE}
     tmp = settings.inventory + ".tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
@@ -361,14 +366,15 @@ def write_inventory(settings, port):
 
 
 def install_platform_file(settings, port):
-    with open(os.path.join(HERE, "platform.yml"), "rb") as handle:
-        data = handle.read()
-    argv = ssh_base(settings, port) + [
-        "mkdir -p %s && cat > %s" % (shlex.quote(os.path.dirname(PLATFORM_IN_LAB)),
-                                     shlex.quote(PLATFORM_IN_LAB))]
-    result = subprocess.run(argv, input=data, check=False, timeout=120)
-    if result.returncode != 0:
-        raise LabError("could not copy platform.yml into the lab (exit %d)" % result.returncode)
+    for name, dest in (("platform.yml", PLATFORM_IN_LAB),
+                       ("platform-shared.yml", PLATFORM_SHARED_IN_LAB)):
+        with open(os.path.join(HERE, name), "rb") as handle:
+            data = handle.read()
+        argv = ssh_base(settings, port) + [
+            "mkdir -p %s && cat > %s" % (shlex.quote(os.path.dirname(dest)), shlex.quote(dest))]
+        result = subprocess.run(argv, input=data, check=False, timeout=120)
+        if result.returncode != 0:
+            raise LabError("could not copy %s into the lab (exit %d)" % (name, result.returncode))
 
 
 def apply_kernel_args(settings, dom, port):
@@ -415,6 +421,8 @@ def up(settings):
             raise LabError("a domain named %s runs but was not made by lab.py; set LAB_NAME"
                            % settings.name)
         if ssh_ready(settings, port):
+            # The tree's platform files may be newer than the lab's copies.
+            install_platform_file(settings, port)
             rebooted = apply_kernel_args(settings, dom, port)
             write_inventory(settings, port)
             if running_key != key:

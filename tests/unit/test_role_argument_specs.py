@@ -112,3 +112,14 @@ def test_kvm_host_installs_every_file_the_hook_imports():
     with open(os.path.join(ROLES, "kvm_host", "vars", "main.yml"), encoding="utf-8") as handle:
         role_vars = yaml.safe_load(handle)
     assert tuple(role_vars["__kvm_host_hook_modules"]) == tuple(HOST_FILES)
+
+
+def test_kvm_host_pins_the_nvidia_packages_as_images_do():
+    """The host's apt pin names the same NVIDIA packages as a built guest image's."""
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._image_request import (
+        NVIDIA_PIN_GLOBS,
+    )
+
+    with open(os.path.join(ROLES, "kvm_host", "vars", "main.yml"), encoding="utf-8") as handle:
+        role_vars = yaml.safe_load(handle)
+    assert role_vars["__kvm_host_nvidia_pin_globs"].split() == NVIDIA_PIN_GLOBS.split()

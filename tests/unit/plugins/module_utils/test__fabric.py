@@ -345,3 +345,69 @@ def test_the_host_record_gives_its_fabric_section(tmp_path):
         path.write_text(text)
         with pytest.raises(FabricError, match="host_record: the host record .*point host_record"):
             read_fabric_record(str(path))
+
+
+# ----------------------------------------------------------------------------- the lab's daemon
+
+
+def _daemon(tmp_path, state_path, settings):
+    cfg = tmp_path / "fabricmanager.cfg"
+    cfg.write_text(settings)
+    pid_file = tmp_path / "fm.pid"
+    subprocess.run([sys.executable, os.path.join(FABRIC, "fake_fm.py"), "--state", state_path,
+                    "daemon", "-c", str(cfg), "--board", "lab", "--pid-file", str(pid_file)],
+                   check=True, stdout=subprocess.PIPE, timeout=30)
+    return int(pid_file.read_text())
+
+
+def _stop(pid):
+    os.kill(pid, 15)
+    for _attempt in range(100):
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return
+        threading.Event().wait(0.05)
+    raise AssertionError("the stand-in FM daemon did not stop")
+
+
+def test_the_lab_daemon_runs_as_its_settings_say(fm_state, tmp_path):
+    """nv-fabricmanager's stand-in (the lab's package): FABRIC_MODE from the settings file, the
+    lab's table, stopped by SIGTERM, and in restart mode after a restart with
+    FABRIC_MODE_RESTART=1, where the running tenants' partitions are declared again."""
+    path = fm_state.path
+    pid = _daemon(tmp_path, path, "# as shipped\nFABRIC_MODE=0\nFABRIC_MODE_RESTART=0\n")
+    try:
+        fm = fm_state.make()
+        with pytest.raises(FabricError) as err:
+            fm.activate(1)
+        assert err.value.code == FM_NOT_SUPPORTED  # bare-metal mode: no partitions to activate
+    finally:
+        _stop(pid)
+    assert _fmpm(path, "-l")[0] == 247  # stopped: fmpm cannot connect
+
+    settings = "FABRIC_MODE=1\nFABRIC_MODE_RESTART=1\n"
+    pid = _daemon(tmp_path, path, settings)
+    try:
+        listing = fm.partitions()
+        assert listing.max_partitions == 7
+        assert [p.modules for p in listing.partitions] == [
+            (1, 2, 3, 4), (1, 3), (2, 4), (1,), (2,), (3,), (4,)]
+        fm.activate(1)
+        fm.activate(4)  # module 2 alone; 5 (module 3) overlaps 1
+    finally:
+        _stop(pid)
+    pid = _daemon(tmp_path, path, settings)  # systemctl restart: FM resumes, waits for the list
+    try:
+        with pytest.raises(FabricError) as err:
+            fm.partitions()
+        assert err.value.code == FM_NOT_CONFIGURED
+        assert fm.declare_active([1, 4]) == (1, 4)
+        assert [p.id for p in fm.partitions().active] == [1, 4]
+    finally:
+        _stop(pid)
+    pid = _daemon(tmp_path, path, "FABRIC_MODE=1\nFABRIC_MODE_RESTART=0\n")
+    try:  # without restart mode FM starts afresh: nothing active, nothing to declare
+        assert fm.partitions().active == ()
+    finally:
+        _stop(pid)

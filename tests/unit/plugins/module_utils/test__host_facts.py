@@ -77,3 +77,6 @@ def test_the_platform_files_module_map_is_reported(host_tree):
     result = build(topology, mapped, "file", [], [])
     assert result["platform"]["fabric"] == "shared_nvswitch"
     assert result["platform"]["module_ids"] == {"0000:1b:00.0": 5}
+    assert result["platform"]["nvswitch_driver"] == "nvidia"
+    standins = platform_from_dict({"base": "dgx-h100", "nvswitch_driver": "virtio-pci"})
+    assert build(topology, standins, "file", [], [])["platform"]["nvswitch_driver"] == "virtio-pci"

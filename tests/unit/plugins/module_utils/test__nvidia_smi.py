@@ -15,6 +15,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._nvidia_smi import (
 
 HERE = os.path.dirname(__file__)
 TEXTS = os.path.join(HERE, "..", "..", "..", "fixtures", "nvidia-smi")
+TOOLS = os.path.join(HERE, "..", "..", "..", "fixtures", "gpu-admin-tools")
 
 
 def text(name):
@@ -141,3 +142,27 @@ def test_module_ids_filter_raises_ansible_errors():
     assert nvidia_smi_module_ids(HGX_QUERY)["0000:9d:00.0"] == 1
     with pytest.raises(AnsibleFilterError, match="no 'GPU 00000000"):
         nvidia_smi_module_ids("")
+
+
+def test_gpu_admin_tools_module_names():
+    """nvidia_gpu_tools.py --query-module-name as gpu-admin-tools logs it (fixture from its
+    source): GPUs' SXM_n is the module ID; NVSwitches' names are not GPUs'."""
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._nvidia_smi import (
+        parse_gpu_tools_module_names,
+    )
+
+    with open(os.path.join(TOOLS, "hgx-h100-module-names.txt"), encoding="utf-8") as handle:
+        text = handle.read()
+    # NVIDIA's HGX integration guide: bus 0f->5, 10->7, 41->6, 44->8, 86->1, 87->3, b8->2, bb->4
+    assert parse_gpu_tools_module_names(text) == {
+        "0000:0f:00.0": 5, "0000:10:00.0": 7, "0000:41:00.0": 6, "0000:44:00.0": 8,
+        "0000:86:00.0": 1, "0000:87:00.0": 3, "0000:b8:00.0": 2, "0000:bb:00.0": 4}
+    # stdout's device list first, then the log (the role joins the two)
+    assert parse_gpu_tools_module_names("GPUs:\n  0 GPU 0000:0F:00.0 H100 0x2330 BAR0 0x0\n"
+                                        + text)["0000:0f:00.0"] == 5
+    with open(os.path.join(TOOLS, "pcie-unsupported.txt"), encoding="utf-8") as handle:
+        with pytest.raises(NvidiaSmiQueryError, match="named no GPU's module.*0000:17:00.0 H100 "
+                           "0x2331 BAR0 0x30000000000 does not support module name query"):
+            parse_gpu_tools_module_names(handle.read())
+    with pytest.raises(NvidiaSmiQueryError, match="expected its output"):
+        parse_gpu_tools_module_names(None)

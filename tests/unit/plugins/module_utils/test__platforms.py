@@ -227,6 +227,10 @@ def test_file_partitions_by_physical_id_and_nvswitches(tmp_path):
     ("switch.json", {"base": "dgx2", "partitions": {"2": [{"gpus": [0, 1], "nvswitches": [12]}]},
                      "allowed_sizes": [2]}, "names NVSwitch index 12"),
     ("tpl.json", {"base": "dgx2", "templates": {"1": {"cpus": 4}}}, "unknown field(s) cpus"),
+    ("driver.json", {"base": "dgx-h100", "nvswitch_driver": "nvidia; reboot"},
+     "nvswitch_driver must be the name of the host driver"),
+    ("driver2.json", {"base": "dgx-h100", "nvswitch_driver": ["nvidia"]},
+     "nvswitch_driver must be the name"),
 ])
 def test_bad_platform_files(tmp_path, name, content, fragment):
     path = _write(tmp_path, name, content)
