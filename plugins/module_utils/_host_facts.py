@@ -15,6 +15,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import holdi
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import HostState
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import PlacementError
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
+    FABRIC_SHARED_NVSWITCH,
     GPU_IDS,
     GPU_VENDORS,
     NVSWITCH_IDS,
@@ -208,9 +209,12 @@ def allocation_map(result):
         held = owner.get(gpu["bdf"]) or ("busy: %s" % gpu["busy"] if gpu.get("busy") else "free")
         lines.append("GPU%-2d %s node %-2s -> %s%s" % (
             gpu["index"], gpu["bdf"], gpu["numa_node"], held, health))
+    # Shared NVSwitch: the switches are the host's, for Fabric Manager; never a VM's to take.
+    kept = ("host, for Fabric Manager (%s)" % result["platform"].get("nvswitch_driver", "nvidia")
+            if result["platform"].get("fabric") == FABRIC_SHARED_NVSWITCH else "free")
     for sw in result["nvswitches"]:
         lines.append("NVSwitch%-2d %s node %-2s -> %s" % (
-            sw["index"], sw["bdf"], sw["numa_node"], owner.get(sw["bdf"], "free")))
+            sw["index"], sw["bdf"], sw["numa_node"], owner.get(sw["bdf"], kept)))
     for part in (result.get("fabric") or {}).get("partitions", []):
         if part["active"] or not part["placeable"]:
             holders = sorted(set(owner.get(b, "no VM") for b in part["gpus"]))

@@ -79,4 +79,13 @@ def test_the_platform_files_module_map_is_reported(host_tree):
     assert result["platform"]["module_ids"] == {"0000:1b:00.0": 5}
     assert result["platform"]["nvswitch_driver"] == "nvidia"
     standins = platform_from_dict({"base": "dgx-h100", "nvswitch_driver": "virtio-pci"})
-    assert build(topology, standins, "file", [], [])["platform"]["nvswitch_driver"] == "virtio-pci"
+    shared = build(topology, standins, "file", [], [])
+    assert shared["platform"]["nvswitch_driver"] == "virtio-pci"
+    # the switches are the host's on a shared-NVSwitch platform, free for VMs on a DGX-2
+    switch_lines = [line for line in shared["allocation_map"] if line.startswith("NVSwitch")]
+    assert len(switch_lines) == 4
+    assert all(line.endswith("-> host, for Fabric Manager (virtio-pci)") for line in switch_lines)
+    dgx2_topology = read_host(*host_tree("dgx2"))
+    dgx2 = build(dgx2_topology, detect(dgx2_topology)[0], "detected", [], [])
+    assert [line for line in dgx2["allocation_map"] if line.startswith("NVSwitch")][0].endswith(
+        "-> free")
