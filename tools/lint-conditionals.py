@@ -12,8 +12,9 @@ Checks every `that`, `when`, `changed_when`, `failed_when` and `until` in the fi
 Also fails on a regex back-reference written `'\\\\1'` (or `'\\\\g<1>'`) in a Jinja string inside a
 folded, literal or plain YAML scalar: YAML leaves both backslashes there, and Ansible 2.19+
 passes them on, so regex_replace writes a literal "\\1" and regex_search fails when the task runs
-(kvm_host's shared-NVSwitch conversion did both). Use regex_findall, or regex_replace on
-'^' / '$', or a double-quoted YAML string, where YAML turns "\\\\1" into \\1.
+(kvm_host's shared-NVSwitch conversion did both); in a double-quoted scalar it works on 2.19+
+but 2.16-2.18 decode it again. Use a form without one: regex_findall, regex_replace on '^' or
+'$', split.
 """
 
 import re
@@ -22,7 +23,7 @@ import sys
 import yaml
 
 KEYS = ("that", "when", "changed_when", "failed_when", "until")
-BACKREF = re.compile(r"\\\\(?:[0-9]|g<)")
+BACKREF = re.compile(r"\\\\?(?:[0-9]|g<)")
 
 
 def problems(node, path, where="", found=None):
@@ -40,9 +41,9 @@ def problems(node, path, where="", found=None):
         for n, item in enumerate(node):
             problems(item, path, "%s[%d]" % (where, n), found)
     elif isinstance(node, str) and ("{{" in node or "{%" in node) and BACKREF.search(node):
-        found.append("%s: %s holds a back-reference with two backslashes (%s), which reaches "
-                     "the regex filter as a literal backslash on Ansible 2.19+: use regex_findall, "
-                     "or write it in a double-quoted YAML string" % (
+        found.append("%s: %s holds a regex back-reference (%s), which Ansible 2.19+ passes on "
+                     "with both backslashes while 2.16-2.18 decode them: use a form without "
+                     "one (regex_findall, regex_replace on '^' or '$', split)" % (
                          path, where, BACKREF.search(node).group()))
     return found
 

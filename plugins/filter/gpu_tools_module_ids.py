@@ -20,8 +20,10 @@ description:
 positional: _input
 options:
   _input:
-    description: The tool's output, standard output and standard error together.
-    type: str
+    description:
+      - The tool's output, standard output and standard error together, as one text or as a
+        list of lines (C(stdout_lines + stderr_lines)).
+    type: raw
     required: true
 author:
   - gpuvirt.kvm contributors (@gpuvirt)
@@ -35,7 +37,7 @@ EXAMPLES = r"""
 
 - name: Show them
   ansible.builtin.debug:
-    msg: "{{ (query.stdout ~ '\n' ~ query.stderr) | gpuvirt.kvm.gpu_tools_module_ids }}"
+    msg: "{{ (query.stdout_lines + query.stderr_lines) | gpuvirt.kvm.gpu_tools_module_ids }}"
 """
 
 RETURN = r"""
@@ -53,7 +55,9 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._nvidia_smi import (
 
 
 def gpu_tools_module_ids(text):
-    """{bdf: module ID} from nvidia_gpu_tools.py --query-module-name."""
+    """{bdf: module ID} from nvidia_gpu_tools.py --query-module-name (a text, or its lines)."""
+    if isinstance(text, (list, tuple)) and all(isinstance(line, str) for line in text):
+        text = "\n".join(text)
     try:
         return parse_gpu_tools_module_names(text)
     except NvidiaSmiQueryError as exc:

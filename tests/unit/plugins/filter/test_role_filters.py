@@ -153,3 +153,24 @@ def test_report_in_check_mode_is_ok_when_nothing_failed():
     report = layout_report(vms, result, TOPO, check_mode=True)
     assert report["ok"] and report["check_mode"]
     assert report["desired"][0]["actual"] == "absent"
+
+
+def test_gpu_tools_module_ids_takes_the_lines_the_role_gives():
+    """kvm_host hands the filter stdout_lines + stderr_lines: each line is read on its own, so
+    the stdout's device list cannot lend its address to the log's first module name."""
+    import os
+
+    from ansible_collections.gpuvirt.kvm.plugins.filter.gpu_tools_module_ids import (
+        gpu_tools_module_ids,
+    )
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "..", "fixtures",
+                        "gpu-admin-tools", "hgx-h100-module-names.txt")
+    with open(path, encoding="utf-8") as handle:
+        log = handle.read().splitlines()
+    stdout = ["GPUs:", "  0 GPU 0000:bb:00.0 H100 0x2330 BAR0 0x27000000000"]
+    found = gpu_tools_module_ids(stdout + log)
+    assert found["0000:0f:00.0"] == 5 and found["0000:bb:00.0"] == 4 and len(found) == 8
+    assert gpu_tools_module_ids("\n".join(stdout + log)) == found
+    with pytest.raises(AnsibleFilterError, match="named no GPU's module"):
+        gpu_tools_module_ids(stdout)
