@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Tiny real disk images (made with the real qemu-img), store snapshots, .deb packages and
 kvm_image's task, for the image tests (test__qemu_img, test__image_store, test__deb_packages,
-test__image_task)."""
+test__image_task); kvm_image_build's options and a key (test__image_build, test__image_request)."""
 
 import hashlib
 import os
@@ -88,3 +88,16 @@ def build_deb(tmp_path, files, name="gpuvirt-unit-image", version="1.0"):
     subprocess.run(["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(tree), str(deb)],
                    check=True, stdout=subprocess.DEVNULL)
     return str(deb)
+
+
+# kvm_image_build: an armored key's shape, and the module's options with their defaults.
+BUILD_KEY = ("-----BEGIN PGP PUBLIC KEY BLOCK-----\n\nmDMEZ0000BYJKwYBBAHaRw8BAQdA\n"
+             "-----END PGP PUBLIC KEY BLOCK-----")
+
+
+def build_params(**over):
+    base = dict(name="dl-guest", version="1", suite="bookworm", mirror=None, components=None,
+                repositories=[], packages=[], profile="minimal", nvidia_driver=None,
+                container_engine="docker", disk_size_gb=8, kernel_args=[])
+    base.update(over)
+    return base

@@ -9,21 +9,14 @@ test__image_request.py.
 """
 
 import pytest
+from image_helpers import BUILD_KEY, build_params
 
 from ansible_collections.gpuvirt.kvm.plugins.module_utils import _image_build as ib
 from ansible_collections.gpuvirt.kvm.plugins.module_utils import _image_request as ir
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._image_store import ImageStore
 
-KEY = ("-----BEGIN PGP PUBLIC KEY BLOCK-----\n\nmDMEZ0000BYJKwYBBAHaRw8BAQdA\n"
-       "-----END PGP PUBLIC KEY BLOCK-----")
-
-
-def params(**over):
-    base = dict(name="dl-guest", version="1", suite="bookworm", mirror=None, components=None,
-                repositories=[], packages=[], profile="minimal", nvidia_driver=None,
-                container_engine="docker", disk_size_gb=8, kernel_args=[])
-    base.update(over)
-    return base
+KEY = BUILD_KEY
+params = build_params
 
 
 def error(**over):

@@ -9,19 +9,13 @@ The requests come from _image_build.validate, as kvm_image_build makes them; the
 
 import json
 
+from image_helpers import BUILD_KEY, build_params
+
 from ansible_collections.gpuvirt.kvm.plugins.module_utils import _image_build as ib
 from ansible_collections.gpuvirt.kvm.plugins.module_utils import _image_request as ir
 
-KEY = ("-----BEGIN PGP PUBLIC KEY BLOCK-----\n\nmDMEZ0000BYJKwYBBAHaRw8BAQdA\n"
-       "-----END PGP PUBLIC KEY BLOCK-----")
-
-
-def params(**over):
-    base = dict(name="dl-guest", version="1", suite="bookworm", mirror=None, components=None,
-                repositories=[], packages=[], profile="minimal", nvidia_driver=None,
-                container_engine="docker", disk_size_gb=8, kernel_args=[])
-    base.update(over)
-    return base
+KEY = BUILD_KEY
+params = build_params
 
 
 def test_minimal_request_defaults():
