@@ -66,8 +66,9 @@ options:
       - When set, the GPU blocks a VM may get are the partitions that C(fmpm -l) lists now (the
         platform's table is not used), GPUs of an active partition are not free, and partitions
         that FM reports with degraded or failed NVLinks are not placed. Every GPU needs its
-        module ID, from O(host_record) or a platform file's C(module_ids); without a complete
-        map no VM gets new GPUs. See C(docs/fabric.md).
+        module ID, from a platform file's C(module_ids), else from the C(pciBusId) FM gives
+        its GPUs (DGX-2, A100; empty on H100 and later), else from O(host_record); without a
+        complete map no VM gets new GPUs. See C(docs/fabric.md).
       - When not set on such a platform, the built-in table is used with module IDs assumed in
         PCI order, VMs record no partition, and a warning says that their partitions are then
         never activated.

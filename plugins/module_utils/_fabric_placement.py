@@ -222,6 +222,26 @@ def fabric_view(listing, module_ids, gpu_bdfs, failures=None, unsupported=None):
                       failed_elsewhere=tuple(elsewhere))
 
 
+def fm_bus_ids(listing):
+    """``{address: module ID}`` from the ``pciBusId`` FM gives its GPUs (DGX-2 and A100; empty
+    on H100 and later, where the map must come from elsewhere). A GPU FM names with two
+    addresses, or an address it gives two modules, is left out."""
+    seen = {}
+    for part in listing.partitions:
+        for gpu in part.gpus:
+            try:
+                bdf = _bdf_or_none(gpu.pci_bus_id)
+            except ValueError:
+                continue
+            if bdf is not None:
+                seen.setdefault(bdf, set()).add(gpu.module)
+    by_module = {}
+    for bdf, modules in seen.items():
+        if len(modules) == 1:
+            by_module.setdefault(next(iter(modules)), []).append(bdf)
+    return {bdfs[0]: module for module, bdfs in by_module.items() if len(bdfs) == 1}
+
+
 def _bdf_or_none(text):
     """A host address of FM's ``pciBusId`` (NVML spells the domain with 8 digits:
     ``00000000:1B:00.0``), or None."""

@@ -24,6 +24,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_model import F
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_placement import (
     FabricPlacementError,
     fabric_view,
+    fm_bus_ids,
     module_map,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import (
@@ -144,11 +145,15 @@ def live_fabric(p, platform, topology):
     gpus = [d.bdf for d in platform_gpus(topology, platform)]
     try:
         record = read_fabric_record(p.get("host_record") or DEFAULT_HOST_RECORD)
+        fm = fabric_manager(p)
+        listing = fm.partitions()
+        # A platform file overrides; FM's own pciBusId (DGX-2, A100) comes before what the host
+        # record learned; H100 and later give no address, so the record's map serves there.
         ids = module_map(gpus, [("platform file %s" % platform.source, platform.module_ids),
+                                ("Fabric Manager's pciBusId", fm_bus_ids(listing)),
                                 ("host record %s" % p.get("host_record"),
                                  record.get("module_ids") or {})])
-        fm = fabric_manager(p)
-        view = fabric_view(fm.partitions(), ids, gpus, fm.nvlink_failures(),
+        view = fabric_view(listing, ids, gpus, fm.nvlink_failures(),
                            fm.unsupported_partitions())
     except FabricPlacementError as exc:
         raise HostContextError(str(exc)) from exc

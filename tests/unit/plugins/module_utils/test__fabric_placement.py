@@ -6,6 +6,8 @@ The lists come from the stand-in fmpm (tests/fixtures/fabric), which prints what
 prints; everything after that is pure and tested with tables.
 """
 
+import json
+
 import pytest
 import topo_factory
 
@@ -13,10 +15,12 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils import _fleet_plan
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_model import (
     FailedDevice,
     NvlinkFailures,
+    parse_partition_list,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_placement import (
     FabricPlacementError,
     fabric_view,
+    fm_bus_ids,
     module_map,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import DefinedDomain
@@ -49,6 +53,35 @@ def test_module_ids_come_from_the_first_source_that_names_the_gpu():
     platform_file = {"1b:00.0": 8, "0000:DF:00.0": 1}  # other spellings of two addresses
     ids = module_map(H100_BDFS, [("platform file", platform_file), ("host record", record)])
     assert ids == (8, 2, 3, 4, 5, 6, 7, 1)
+
+
+def _gpu(module, bus):
+    return {"physicalId": module, "uuid": "", "pciBusId": bus, "numNvLinksAvailable": 12,
+            "maxNumNvLinks": 12, "nvlinkLineRateMBps": 25781}
+
+
+def test_fm_pci_bus_ids_map_modules_where_fm_gives_them():
+    """DGX-2 and A100: FM names each GPU's address (NVML's 8-digit domain). It then maps the
+    GPUs, after a platform file and before the host record; H100's empty addresses give none."""
+    text = json.dumps({"version": 1, "numPartitions": 2, "maxNumPartitions": 2, "partitionInfo": [
+        {"partitionId": 0, "isActive": 0, "numGpus": 2,
+         "gpuInfo": [_gpu(9, "00000000:1B:00.0"), _gpu(10, "00000000:43:00.0")]},
+        {"partitionId": 1, "isActive": 0, "numGpus": 1, "gpuInfo": [_gpu(9, "00000000:1B:00.0")]},
+        {"partitionId": 2, "isActive": 0, "numGpus": 1, "gpuInfo": [_gpu(11, "")]}]})
+    bus = fm_bus_ids(parse_partition_list(text))
+    assert bus == {"0000:1b:00.0": 9, "0000:43:00.0": 10}
+    record = {b: i + 1 for i, b in enumerate(H100_BDFS)}
+    ids = module_map(H100_BDFS, [("platform file", {"0000:43:00.0": 20}),
+                                 ("Fabric Manager's pciBusId", bus), ("host record", record)])
+    assert ids[:3] == (9, 20, 3)
+    # an address FM gives two modules is no map at all
+    twice = json.dumps({"version": 1, "numPartitions": 1, "maxNumPartitions": 1, "partitionInfo": [
+        {"partitionId": 0, "isActive": 0, "numGpus": 2,
+         "gpuInfo": [_gpu(1, "00000000:1B:00.0"), _gpu(2, "00000000:1b:00.0")]}]})
+    assert fm_bus_ids(parse_partition_list(twice)) == {}
+    h100 = json.dumps({"version": 1, "numPartitions": 1, "maxNumPartitions": 1, "partitionInfo": [
+        {"partitionId": 0, "isActive": 0, "numGpus": 1, "gpuInfo": [_gpu(1, "")]}]})
+    assert fm_bus_ids(parse_partition_list(h100)) == {}
 
 
 def test_a_gpu_without_module_id_stops_placement_and_says_how_to_give_one():
