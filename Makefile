@@ -181,9 +181,9 @@ LAB_ENV = LAB_NAME='$(LAB_NAME)' LAB_SSH_PORT='$(LAB_SSH_PORT)' LAB_DOMAIN_TYPE=
 
 .PHONY: lab-up lab-down lab-short lab-e2e lab-e2e-shared
 
-# End-to-end runs on the lab over SSH (tests/e2e/). lab-short is CI's: discovery of the stand-ins
-# and convert_host in check mode on a fresh lab (~10 min with the image build). lab-e2e is the
-# full suite: convert_host (packages, IOMMU arguments, vfio-pci, a reboot), install_images,
+# End-to-end runs on the lab over SSH (tests/e2e/). lab-short is CI's: discovery of the stand-ins,
+# convert_host in check mode and the shared mode's refusals on a fresh lab (~10 min with the image
+# build). lab-e2e is the full suite: lab_short.yml with the shared_nvswitch check run, convert_host (packages, IOMMU arguments, vfio-pci, a reboot), install_images,
 # deploy_tenants with stand-ins passed through to nested guests (the four idempotency facts),
 # maintain_host, nightly_reprovision, teardown_tenants and revert_host, then the same lab in its
 # shared-NVSwitch profile (tests/e2e/shared.yml; ~90 min on 2 cores under TCG in all).

@@ -12,6 +12,10 @@ allocation map, and ``placement_state`` (what the fleet planner needs to rebuild
 from __future__ import annotations
 
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import holdings
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import (
+    classify as classify_nics,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import gpu_rails
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import HostState
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import PlacementError
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
@@ -50,6 +54,46 @@ def _device_entries(devices, names, holders, unhealthy, platform=None, busy=None
             if platform is not None and index < len(platform.physical_ids):
                 entry["physical_id"] = platform.physical_ids[index]
         entries.append(entry)
+    return entries
+
+
+def _nic_entries(topology, nics, holders):
+    """gpu_topology's nics[]: each allow-listed NIC function, its rail and its VFs."""
+    entries = []
+    for nic in nics:
+        dev = topology.pci[nic.bdf]
+        net = topology.nics.get(nic.bdf)
+        vfs = []
+        for vf_bdf in (net.vfs if net else ()):
+            vf = topology.pci.get(vf_bdf)
+            vfs.append({
+                "bdf": vf_bdf,
+                "id": "%04x:%04x" % vf.id_pair if vf else None,
+                "iommu_group": vf.iommu_group if vf else None,
+                "driver": vf.driver if vf else None,
+                "allocated_to": holders.get(vf_bdf),
+            })
+        entries.append({
+            "bdf": nic.bdf,
+            "id": "%04x:%04x" % dev.id_pair,
+            "model": nic.model,
+            "numa_node": dev.numa_node,
+            "iommu_group": dev.iommu_group,
+            "iommu_group_members": list(dev.iommu_group_members),
+            "driver": dev.driver,
+            "pcie_path": list(dev.bridges),
+            "host_bridge": dev.host_bridge,
+            "link_layer": net.link_layer if net else None,
+            "netdevs": list(net.netdevs) if net else [],
+            "rdma_devices": list(net.rdma) if net else [],
+            "sriov": None if net is None or net.sriov_totalvfs is None else {
+                "totalvfs": net.sriov_totalvfs, "numvfs": net.sriov_numvfs, "vfs": vfs},
+            "rail_gpus": list(nic.rail_gpus),
+            "rail_link": nic.rail_link,
+            "host_use": nic.host_use,
+            "offered": nic.offered,
+            "allocated_to": holders.get(nic.bdf),
+        })
     return entries
 
 
@@ -93,6 +137,16 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
             holders[bdf] = dom.name
     outcomes = state.plan(requests) if requests else []
     reserved = set(state.model.reserved)
+    nics = classify_nics(topology, gpus)
+    nic_functions = {n.bdf for n in nics}
+    for nic in nics:
+        net = topology.nics.get(nic.bdf)
+        nic_functions.update(net.vfs if net else ())
+    for dom in domains:
+        for bdf in dom.hostdevs:
+            if bdf in nic_functions:
+                holders[bdf] = dom.name
+    rails_of = gpu_rails(nics)
     result = {
         "platform": {
             "name": platform.name,
@@ -105,6 +159,7 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
         },
         "gpus": _device_entries(gpus, GPU_IDS, holders, unhealthy, platform, busy_gpus),
         "nvswitches": _device_entries(switches, NVSWITCH_IDS, holders, None),
+        "nics": _nic_entries(topology, nics, holders),
         "numa_nodes": [
             {
                 "id": node.id,
@@ -126,6 +181,7 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
                 "managed": dom.managed,
                 "gpus": [a for a in dom.hostdevs if a in {g.bdf for g in gpus}],
                 "nvswitches": [a for a in dom.hostdevs if a in {s.bdf for s in switches}],
+                "nics": [a for a in dom.hostdevs if a in nic_functions],
                 "other_hostdevs": [a for a in dom.hostdevs
                                    if a not in {g.bdf for g in gpus} | {s.bdf for s in switches}],
                 "cpus": format_ranges(dom.pinned_cpus or dom.cpuset),
@@ -146,6 +202,8 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
                 (g.bdf,) + g.id_pair + g.id_pair)
             for g in gpus if g.id_pair not in GPU_IDS and g.vendor in GPU_VENDORS],
     }
+    for gpu in result["gpus"]:
+        gpu["rail_nics"] = rails_of.get(gpu["bdf"], [])
     if fabric is not None:
         result["warnings"].extend(_fabric_warnings(fabric, domains))
     if fabric is not None:
@@ -197,7 +255,7 @@ def allocation_map(result):
     """Readable lines: who holds each GPU and NVSwitch, which CPUs, and what is left free."""
     owner = {}
     for alloc in result["allocations"]:
-        for bdf in alloc["gpus"] + alloc["nvswitches"]:
+        for bdf in alloc["gpus"] + alloc["nvswitches"] + alloc.get("nics", []):
             owner[bdf] = "%s (%s)" % (alloc["name"],
                                       "running" if alloc.get("active") else "defined")
     for entry in result["plan"]:
@@ -215,6 +273,17 @@ def allocation_map(result):
     for sw in result["nvswitches"]:
         lines.append("NVSwitch%-2d %s node %-2s -> %s" % (
             sw["index"], sw["bdf"], sw["numa_node"], owner.get(sw["bdf"], kept)))
+    index_of = {gpu["bdf"]: gpu["index"] for gpu in result["gpus"]}
+    for nic in result.get("nics", []):
+        lines.append("NIC %s %s node %-2s %s -> %s" % (
+            nic["bdf"], ",".join(nic["rdma_devices"] or nic["netdevs"]) or nic["model"],
+            nic["numa_node"],
+            "rail of %s (%s)" % (_indexes([index_of[g] for g in nic["rail_gpus"]]),
+                                 nic["rail_link"]) if nic["rail_gpus"] else "no GPU beside it",
+            "host: %s" % nic["host_use"] if nic["host_use"] else owner.get(nic["bdf"], "free")))
+        for vf in (nic["sriov"] or {}).get("vfs", []):
+            if vf["bdf"] in owner:
+                lines.append("  VF %s -> %s" % (vf["bdf"], owner[vf["bdf"]]))
     for part in (result.get("fabric") or {}).get("partitions", []):
         if part["active"] or not part["placeable"]:
             holders = sorted(set(owner.get(b, "no VM") for b in part["gpus"]))

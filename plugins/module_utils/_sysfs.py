@@ -16,14 +16,20 @@ import re
 
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._ranges import parse_ranges
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import (
+    PCI_BASE_CLASS_NETWORK,
     Cpu,
     HostTopology,
+    NetFunction,
     NumaNode,
     PciDevice,
     TopologyError,
     parse_resource,
 )
 
+_VIRTFN_RE = re.compile(r"^virtfn(\d+)$")
+# include/uapi/linux/if_arp.h
+ARPHRD_ETHER = 1
+ARPHRD_INFINIBAND = 32
 _BDF_RE = re.compile(r"^[0-9a-f]{4,}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 _ROOT_BUS_RE = re.compile(r"^pci[0-9a-f]{4,}:[0-9a-f]{2}$")
 
@@ -86,6 +92,9 @@ class SysfsReader:
             groups = self._count_iommu_groups()
             cmdline = _read(os.path.join(self.proc_root, "cmdline"))
             cpuinfo = _read(os.path.join(self.proc_root, "cpuinfo"), default="")
+            nics = {bdf: self.read_net_function(bdf) for bdf, dev in pci.items()
+                    if dev.class_code >> 16 == PCI_BASE_CLASS_NETWORK}
+            routes = read_routes(self.proc_root)
         except OSError as exc:
             raise TopologyError(
                 "cannot read host topology under %r: %s" % (self.sysfs_root, exc)) from exc
@@ -93,6 +102,7 @@ class SysfsReader:
             pci=pci, cpus=cpus, numa_nodes=nodes, cmdline=cmdline, iommu_groups=groups,
             sysfs_root=self.sysfs_root, proc_root=self.proc_root,
             cpu_vendor=_cpu_vendor(cpuinfo), phys_bits=_phys_bits(cpuinfo),
+            nics=nics, host_routes=routes,
         )
 
     # --- CPUs and NUMA ---------------------------------------------------------------------
@@ -218,11 +228,92 @@ class SysfsReader:
             path=tuple(path), host_bridge=host_bridge, bars=bars,
         )
 
+    def read_net_function(self, bdf):
+        """A network function's interfaces, RDMA devices, link layer and SR-IOV state."""
+        real = os.path.realpath(self._sys("bus", "pci", "devices", bdf))
+        netdevs = _listdir(os.path.join(real, "net"))
+        # Ports in dev_port order (a dual-port function's second port is dev_port 1).
+        netdevs = sorted(netdevs, key=lambda n: (
+            _int(_read(os.path.join(real, "net", n, "dev_port"), "0"), default=0), n))
+        masters = []
+        types = set()
+        for name in netdevs:
+            master = os.path.join(real, "net", name, "master")
+            masters.append(os.path.basename(os.readlink(master)) if os.path.islink(master)
+                           else None)
+            types.add(_int(_read(os.path.join(real, "net", name, "type"), ""), default=None))
+        rdma = _listdir(os.path.join(real, "infiniband"))
+        layers = {_read(os.path.join(real, "infiniband", r, "ports", "1", "link_layer"), "")
+                  for r in rdma} - {""}
+        if layers:
+            link_layer = sorted(layers)[0]
+        elif types & {ARPHRD_INFINIBAND}:
+            link_layer = "InfiniBand"
+        elif types & {ARPHRD_ETHER}:
+            link_layer = "Ethernet"
+        else:
+            class_code = _int(_read(os.path.join(real, "class"), "0x0"), 16, 0)
+            link_layer = {0x0207: "InfiniBand", 0x0200: "Ethernet"}.get(class_code >> 8)
+        vfs = []
+        for name in os.listdir(real):
+            m = _VIRTFN_RE.match(name)
+            if m and os.path.islink(os.path.join(real, name)):
+                vfs.append((int(m.group(1)), os.path.basename(os.readlink(os.path.join(real, name)))))
+        physfn = os.path.join(real, "physfn")
+        return NetFunction(
+            bdf=bdf, netdevs=tuple(netdevs), masters=tuple(masters), rdma=tuple(rdma),
+            link_layer=link_layer,
+            sriov_totalvfs=_int(_read(os.path.join(real, "sriov_totalvfs"), ""), default=None),
+            sriov_numvfs=_int(_read(os.path.join(real, "sriov_numvfs"), ""), default=0),
+            vfs=tuple(vf for _n, vf in sorted(vfs)),
+            physfn=os.path.basename(os.readlink(physfn)) if os.path.islink(physfn) else None,
+        )
+
     def _count_iommu_groups(self):
         groups_dir = self._sys("kernel", "iommu_groups")
         if not os.path.isdir(groups_dir):
             return 0
         return sum(1 for n in os.listdir(groups_dir) if n.isdigit())
+
+
+def _listdir(path):
+    try:
+        return sorted(os.listdir(path))
+    except OSError:
+        return []
+
+
+def _ipv4(word):
+    """/proc/net/route's %08X of a __be32, read back on a little-endian host."""
+    value = int(word, 16)
+    return ".".join(str(value >> shift & 0xFF) for shift in (0, 8, 16, 24))
+
+
+def read_routes(proc_root="/proc"):
+    """interface -> what the host routes through it, from /proc/net/route (net/ipv4/fib_trie.c)
+    and /proc/net/ipv6_route (net/ipv6/route.c); the loopback is left out."""
+    routes = {}
+    text = _read(os.path.join(proc_root, "net", "route"), "")
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 8 or fields[0] == "lo":
+            continue
+        try:
+            dest = _ipv4(fields[1])
+        except ValueError:
+            continue
+        prefix = bin(int(fields[7], 16)).count("1")
+        what = "default route" if prefix == 0 and dest == "0.0.0.0" else "route %s/%d" % (
+            dest, prefix)
+        routes.setdefault(fields[0], []).append(what)
+    text = _read(os.path.join(proc_root, "net", "ipv6_route"), "")
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) != 10 or fields[9] == "lo":
+            continue
+        if fields[0] == "0" * 32 and fields[1] == "00":
+            routes.setdefault(fields[9], []).append("IPv6 default route")
+    return {k: tuple(v) for k, v in routes.items()}
 
 
 def _cpu_vendor(cpuinfo):

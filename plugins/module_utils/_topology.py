@@ -96,6 +96,25 @@ class PciDevice:
         return sum(b.size for b in self.bars if not b.is_io)
 
 
+PCI_BASE_CLASS_NETWORK = 0x02
+
+
+@dataclass(frozen=True)
+class NetFunction:
+    """What the kernel says of a network function beside its PCI identity: its interfaces, its
+    RDMA device, its SR-IOV state (drivers/pci/iov.c files) and its place among bonds and bridges."""
+
+    bdf: str
+    netdevs: tuple = ()  # interface names (net/*), port order
+    masters: tuple = ()  # the bond or bridge each netdev is enslaved to, or None (net/X/master)
+    rdma: tuple = ()  # RDMA device names (infiniband/*): mlx5_0
+    link_layer: str | None = None  # "InfiniBand" or "Ethernet" (RDMA port, netdev type or class)
+    sriov_totalvfs: int | None = None  # None: no SR-IOV capability
+    sriov_numvfs: int = 0
+    vfs: tuple = ()  # the VFs' BDFs, virtfn0 first
+    physfn: str | None = None  # a VF's PF
+
+
 @dataclass(frozen=True)
 class Cpu:
     id: int
@@ -146,6 +165,10 @@ class HostTopology:
     # "address sizes : 46 bits physical" from /proc/cpuinfo: how far the host (and so a KVM
     # guest) can address memory and BARs; None when the kernel does not say.
     phys_bits: int | None = None
+    nics: dict = field(default_factory=dict)  # bdf -> NetFunction, every network-class function
+    # interface -> what the host routes through it ("default route", "route 10.0.0.0/24",
+    # "IPv6 default route"), from /proc/net/route and /proc/net/ipv6_route
+    host_routes: dict = field(default_factory=dict)
 
     @property
     def iommu_enabled(self):

@@ -191,6 +191,12 @@ gpus:
           holds it, such as C(in active FM partition 3 (GPU modules 1, 3)). Else V(null).
       type: str
       version_added: 0.2.0
+    rail_nics:
+      description:
+        - The offered rail NICs (RV(nics)) that serve this GPU, nearest first; empty when none.
+      type: list
+      elements: str
+      version_added: 0.2.0
   sample:
     - {index: 0, bdf: "0000:34:00.0", id: "10de:1db8", model: Tesla V100-SXM3-32GB, numa_node: 0,
        iommu_group: 40, iommu_group_members: ["0000:34:00.0"], driver: vfio-pci,
@@ -221,6 +227,53 @@ fabric:
       description: NVLink-failed GPUs FM names that are not this host's GPUs.
       type: list
       elements: str
+nics:
+  description:
+    - Every NIC physical function of a model the collection offers (ConnectX-4 to ConnectX-8,
+      BlueField's ConnectX functions; PCI class Ethernet or InfiniBand), PCI bus order, with its
+      SR-IOV VFs. The networking guide (docs/networking.md) says how rails are found.
+  returned: success
+  type: list
+  elements: dict
+  version_added: 0.2.0
+  contains:
+    bdf: {description: Its PCI address., type: str}
+    model: {description: The model (pci.ids name)., type: str, sample: ConnectX-7}
+    link_layer:
+      description: V(InfiniBand) or V(Ethernet), as its RDMA port, its interface or its class says.
+      type: str
+    netdevs: {description: Its network interfaces., type: list, elements: str}
+    rdma_devices: {description: Its RDMA devices., type: list, elements: str, sample: [mlx5_0]}
+    sriov:
+      description:
+        - V(null) without SR-IOV; else C(totalvfs), C(numvfs) and C(vfs) (each VF's C(bdf),
+          C(id), C(iommu_group), C(driver) and C(allocated_to)).
+      type: dict
+    rail_gpus:
+      description:
+        - The GPUs this NIC serves - the nearest ones when they are at most a PCIe switch away
+          (C(PIX) or C(PXB)), shared out in PCI order among NICs that are equally near. Empty for
+          a NIC beside no GPU.
+      type: list
+      elements: str
+    rail_link: {description: C(PIX) or C(PXB) to RV(nics[].rail_gpus); V(null) for no rail., type: str}
+    host_use:
+      description:
+        - Why the host keeps this NIC (a route through one of its interfaces, or an interface
+          enslaved to a bond or a bridge), or V(null). A NIC the host uses is never offered.
+      type: str
+    offered: {description: Whether VMs may get it (a rail the host does not use)., type: bool}
+    allocated_to: {description: The domain that holds the function, or V(null)., type: str}
+  sample:
+    - {bdf: "0000:35:00.0", id: "15b3:1017", model: ConnectX-5, numa_node: 0, iommu_group: 41,
+       iommu_group_members: ["0000:35:00.0"], driver: mlx5_core,
+       pcie_path: ["0000:2e:00.0", "0000:2f:00.0", "0000:30:00.0", "0000:32:00.0", "0000:33:04.0"],
+       host_bridge: "pci0000:2e", link_layer: InfiniBand, netdevs: [ibp53s0],
+       rdma_devices: [mlx5_0],
+       sriov: {totalvfs: 8, numvfs: 2, vfs: [{bdf: "0000:35:00.1", id: "15b3:1018", iommu_group: 42,
+               driver: null, allocated_to: null}]},
+       rail_gpus: ["0000:34:00.0", "0000:36:00.0"], rail_link: PIX, host_use: null, offered: true,
+       allocated_to: null}
 nvswitches:
   description: Every NVSwitch found, in PCI bus order, with the same keys as RV(gpus).
   returned: success
@@ -251,7 +304,7 @@ allocations:
   type: list
   elements: dict
   sample:
-    - {name: train-a, active: true, managed: true, gpus: ["0000:34:00.0"], nvswitches: [], other_hostdevs: [],
+    - {name: train-a, active: true, managed: true, gpus: ["0000:34:00.0"], nvswitches: [], nics: [], other_hostdevs: [],
        cpus: "2-3,50-51", numa_nodes: [0], memory_mb: 65536, cpu_policy: dedicated, owner_tag: null,
        fm_partition: null}
   contains:
@@ -262,6 +315,11 @@ allocations:
           else V(null). With O(fabric_manager), a running domain whose partition FM does not
           have active gets a warning (no NVLink).
       type: int
+      version_added: 0.2.0
+    nics:
+      description: The NIC functions and VFs of RV(nics) the domain holds (also in C(other_hostdevs)).
+      type: list
+      elements: str
       version_added: 0.2.0
 placement_state:
   description:
@@ -370,6 +428,9 @@ allocation_map:
     With O(fabric_manager), a line per active Fabric Manager partition
     (C(FM partition 3  GPU 4-5 -> active, NAME (running))) and per partition that cannot be
     placed, with why.
+    A line per NIC of RV(nics), with the GPUs it is the rail of and its holder, or C(host) and
+    why the host keeps it (C(NIC 0000:35:00.0 mlx5_0 node 0  rail of GPU 0-1 (PIX) -> free)),
+    and a line per VF a domain holds.
   returned: success
   type: list
   elements: str

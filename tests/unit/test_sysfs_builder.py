@@ -183,7 +183,7 @@ def test_iommu_on_and_off(host_tree, name, on):
     sysfs_root, _proc = host_tree(name)
     assert os.path.isdir(os.path.join(sysfs_root, "class", "iommu", "dmar0")) == on
     groups = os.listdir(os.path.join(sysfs_root, "kernel", "iommu_groups"))
-    assert (len(groups) == 129) if on else (groups == [])
+    assert (len(groups) == 145) if on else (groups == [])
     gpu = _dev(sysfs_root, "0000:34:00.0")
     assert os.path.islink(os.path.join(gpu, "iommu_group")) == on
     assert os.readlink(os.path.join(gpu, "driver")).endswith("/vfio-pci" if on else "/nvidia")

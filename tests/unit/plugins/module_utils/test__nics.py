@@ -1,0 +1,189 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Rail NICs: discovery from sysfs and procfs, rails from the PCIe tree, the host's own NICs."""
+
+import os
+
+import pytest
+import sysfs_builder
+
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_facts import build
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import (
+    classify,
+    gpu_rails,
+    host_nics,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import detect, host_gpus
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._sysfs import read_host, read_routes
+
+
+def _rails(topo):
+    return {n.bdf: n for n in classify(topo, host_gpus(topo))}
+
+
+def _bdfs(buses):
+    return ["0000:%s:00.0" % b for b in buses.split()]
+
+
+# Each platform's rails, from where the fixtures put the NICs (the published block diagrams):
+# DGX-2 one ConnectX-5 under each level-2 switch with a GPU pair; DGX A100 and H100 one NIC per
+# GPU under the GPU's switch.
+@pytest.mark.parametrize("name, nics, gpus_per_nic", [
+    ("dgx2", "35 3a 58 5d b8 bd e1 e6", 2),
+    ("dgx-a100", "05 0a 45 4a 85 8a b5 ba", 1),
+    ("dgx-h100", "18 40 4f 5e 9a c0 ce dc", 1),
+])
+def test_every_gpu_has_its_rail_under_its_switch(host_tree, name, nics, gpus_per_nic):
+    topo = read_host(*host_tree(name))
+    gpus = [g.bdf for g in host_gpus(topo)]
+    rails = {bdf: n for bdf, n in _rails(topo).items() if n.rail_gpus}
+    assert sorted(rails) == _bdfs(nics)
+    served = []
+    for bdf, nic in rails.items():
+        assert nic.rail_link == "PIX" and nic.offered
+        assert len(nic.rail_gpus) == gpus_per_nic
+        for gpu in nic.rail_gpus:
+            # derived from the tree: the NIC and its GPUs share the switch above them
+            assert topo.link(bdf, gpu) == "PIX"
+            assert topo.pci[bdf].bridges[:-1] == topo.pci[gpu].bridges[:-1]
+        served += nic.rail_gpus
+    assert sorted(served) == gpus
+    by_gpu = gpu_rails(rails.values())
+    assert all(len(by_gpu[g]) == 1 for g in gpus)
+
+
+def test_dgx2_rails_are_infiniband_with_vfs(host_tree):
+    topo = read_host(*host_tree("dgx2"))
+    net = topo.nics["0000:35:00.0"]
+    assert net.link_layer == "InfiniBand"
+    assert net.netdevs == ("ibp53s0",) and net.rdma == ("mlx5_0",)
+    assert (net.sriov_totalvfs, net.sriov_numvfs) == (8, 2)
+    assert net.vfs == ("0000:35:00.1", "0000:35:00.2")
+    groups = set()
+    for vf in net.vfs:
+        assert topo.nics[vf].physfn == "0000:35:00.0"
+        dev = topo.pci[vf]
+        assert dev.id_pair == (0x15B3, 0x1018) and dev.driver is None
+        # a VF sits where its PF sits in the tree
+        assert dev.bridges == topo.pci["0000:35:00.0"].bridges
+        groups.add(dev.iommu_group)
+    assert len(groups) == 2 and topo.pci["0000:35:00.0"].iommu_group not in groups
+    # VFs are never rails of their own
+    assert not set(net.vfs) & {d.bdf for d in host_nics(topo)}
+
+
+def test_the_management_nic_is_never_offered(host_tree):
+    dgx2 = read_host(*host_tree("dgx2"))
+    assert dgx2.host_routes["enp1s0f0"] == ("default route", "route 10.33.0.0/24")
+    # the onboard X550 is no ConnectX: not a NIC this collection hands out at all
+    assert "0000:01:00.0" not in _rails(dgx2)
+    a100 = read_host(*host_tree("dgx-a100"))
+    storage = _rails(a100)["0000:23:00.0"]
+    assert storage.model == "ConnectX-6 Dx"
+    assert not storage.offered and not storage.rail_gpus
+    assert storage.host_use == (
+        "enp35s0f0np0 is enslaved to bond0 (which carries the host's default route, route "
+        "10.40.0.0/22)")
+
+
+def test_a_rail_that_carries_the_default_route_is_kept_by_the_host(fresh_host_tree):
+    sysfs_root, proc_root = fresh_host_tree("dgx2")
+    route = os.path.join(proc_root, "net", "route")
+    with open(route) as handle:
+        lines = handle.read().splitlines()
+    lines.append("ibp53s0\t00000000\t0101A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0")
+    with open(route, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    topo = read_host(sysfs_root, proc_root)
+    nic = _rails(topo)["0000:35:00.0"]
+    assert nic.rail_gpus and not nic.offered
+    assert nic.host_use == "ibp53s0 carries the host's default route"
+    by_gpu = gpu_rails(_rails(topo).values())
+    assert "0000:34:00.0" not in by_gpu and by_gpu["0000:39:00.0"] == ["0000:3a:00.0"]
+
+
+def test_ipv6_default_routes_count_too(tmp_path):
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "route").write_text("Iface\tDestination\n")
+    (tmp_path / "net" / "ipv6_route").write_text(
+        "%s 00 %s 00 %s 00000400 00000001 00000000 00000003 enp1s0f0\n"
+        "%s 40 %s 00 %s 00000100 00000001 00000000 00000001 enp1s0f1\n"
+        % ("0" * 32, "0" * 32, "fe80" + "0" * 27 + "1", "20010db8" + "0" * 24, "0" * 32,
+           "0" * 32))
+    assert read_routes(str(tmp_path)) == {"enp1s0f0": ("IPv6 default route",)}
+
+
+def _host(devices, routes=()):
+    """A one-socket host with a PCIe switch holding what ``devices`` lists."""
+    return {
+        "name": "nics",
+        "cpu": {"sockets": 1, "cores_per_socket": 4, "threads_per_core": 1},
+        "numa": {"memory_gib": 8},
+        "iommu": {"enabled": True},
+        "routes": list(routes),
+        "pci": [{"host_bridge": "0000:00", "node": 0, "devices": [
+            "00:00.0 intel-skx-host-bridge",
+            {"bdf": "00:01.0", "model": "intel-skx-root-port", "children": [
+                {"bdf": "01:00.0", "model": "plx-pex9797-usp", "children": [
+                    {"bdf": "02:%02x.0" % i, "model": "plx-pex9797-port", "children": [d]}
+                    for i, d in enumerate(devices)]}]},
+            {"bdf": "00:02.0", "model": "intel-skx-root-port",
+             "children": [{"bdf": "20:00.0", "model": "mellanox-cx6dx", "netdev": "enp32s0f0np0"}]},
+        ]}],
+    }
+
+
+def test_nics_share_their_gpus_out_in_pci_order(tmp_path):
+    # two GPUs (03, 05) and four NICs (04, 06, 07, 08) under one switch: two NICs per GPU
+    devices = ["03:00.0 a100-sxm4-80gb", "04:00.0 mellanox-cx7", "05:00.0 a100-sxm4-80gb",
+               "06:00.0 mellanox-cx7", "07:00.0 mellanox-cx7", "08:00.0 mellanox-cx7"]
+    topo = read_host(*sysfs_builder.build(_host(devices), str(tmp_path)))
+    rails = _rails(topo)
+    assert {b: n.rail_gpus for b, n in rails.items() if n.rail_gpus} == {
+        "0000:04:00.0": ("0000:03:00.0",), "0000:06:00.0": ("0000:03:00.0",),
+        "0000:07:00.0": ("0000:05:00.0",), "0000:08:00.0": ("0000:05:00.0",)}
+    # the NIC on its own root port is a NIC, but no GPU's rail: it is never offered
+    alone = rails["0000:20:00.0"]
+    assert alone.rail_gpus == () and alone.rail_link is None and not alone.offered
+    assert topo.nics["0000:20:00.0"].link_layer == "Ethernet"
+    assert topo.nics["0000:20:00.0"].sriov_totalvfs is None
+
+
+def test_gpu_topology_reports_nics_vfs_and_their_holders(host_tree):
+    topo = read_host(*host_tree("dgx2"))
+    platform, reason = detect(topo)
+
+    class Dom:
+        name, active, managed, metadata = "tenant-1", True, True, {}
+        hostdevs = ("0000:34:00.0", "0000:35:00.1")
+        pinned_cpus, cpuset, numa_nodes, memory_kib, cpu_policy = (2,), (2,), (0,), 1 << 20, \
+            "dedicated"
+
+    result = build(topo, platform, reason, [Dom()], [])
+    nics = {n["bdf"]: n for n in result["nics"]}
+    assert len(nics) == 8
+    first = nics["0000:35:00.0"]
+    assert first["rail_gpus"] == ["0000:34:00.0", "0000:36:00.0"]
+    assert first["link_layer"] == "InfiniBand" and first["rdma_devices"] == ["mlx5_0"]
+    assert first["sriov"]["totalvfs"] == 8 and first["allocated_to"] is None
+    assert [(vf["bdf"], vf["allocated_to"]) for vf in first["sriov"]["vfs"]] == [
+        ("0000:35:00.1", "tenant-1"), ("0000:35:00.2", None)]
+    assert result["gpus"][0]["rail_nics"] == ["0000:35:00.0"]
+    assert result["allocations"][0]["nics"] == ["0000:35:00.1"]
+    lines = result["allocation_map"]
+    assert "NIC 0000:35:00.0 mlx5_0 node 0  rail of GPU 0-1 (PIX) -> free" in lines
+    assert "  VF 0000:35:00.1 -> tenant-1 (running)" in lines
+
+
+def test_the_host_nic_line_says_why(host_tree):
+    topo = read_host(*host_tree("dgx-a100"))
+    platform, reason = detect(topo)
+    lines = build(topo, platform, reason, [], [])["allocation_map"]
+    assert ("NIC 0000:23:00.0 mlx5_8 node 2  no GPU beside it -> host: enp35s0f0np0 is enslaved "
+            "to bond0 (which carries the host's default route, route 10.40.0.0/22)") in lines
+
+
+def test_bad_sriov_descriptions_are_refused(tmp_path):
+    bad = _host(["03:00.0 a100-sxm4-80gb",
+                 {"bdf": "04:00.0", "model": "mellanox-cx7", "sriov": {"totalvfs": 2, "numvfs": 3}}])
+    with pytest.raises(sysfs_builder.FixtureError, match="numvfs 3 is not within 0-2"):
+        sysfs_builder.build(bad, str(tmp_path))
