@@ -257,8 +257,9 @@ class SysfsReader:
         vfs = []
         for name in os.listdir(real):
             m = _VIRTFN_RE.match(name)
-            if m and os.path.islink(os.path.join(real, name)):
-                vfs.append((int(m.group(1)), os.path.basename(os.readlink(os.path.join(real, name)))))
+            link = os.path.join(real, name)
+            if m and os.path.islink(link):
+                vfs.append((int(m.group(1)), os.path.basename(os.readlink(link))))
         physfn = os.path.join(real, "physfn")
         return NetFunction(
             bdf=bdf, netdevs=tuple(netdevs), masters=tuple(masters), rdma=tuple(rdma),

@@ -102,7 +102,7 @@ PCI_BASE_CLASS_NETWORK = 0x02
 @dataclass(frozen=True)
 class NetFunction:
     """What the kernel says of a network function beside its PCI identity: its interfaces, its
-    RDMA device, its SR-IOV state (drivers/pci/iov.c files) and its place among bonds and bridges."""
+    RDMA device, its SR-IOV state (drivers/pci/iov.c) and its place among bonds and bridges."""
 
     bdf: str
     netdevs: tuple = ()  # interface names (net/*), port order

@@ -256,7 +256,9 @@ nics:
           a NIC beside no GPU.
       type: list
       elements: str
-    rail_link: {description: C(PIX) or C(PXB) to RV(nics[].rail_gpus); V(null) for no rail., type: str}
+    rail_link:
+      description: C(PIX) or C(PXB) to RV(nics[].rail_gpus); V(null) for no rail.
+      type: str
     host_use:
       description:
         - Why the host keeps this NIC (a route through one of its interfaces, or an interface

@@ -4,8 +4,8 @@
 import os
 
 import pytest
-import sysfs_builder
 
+import sysfs_builder
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_facts import build
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import (
     classify,
@@ -183,7 +183,7 @@ def test_the_host_nic_line_says_why(host_tree):
 
 
 def test_bad_sriov_descriptions_are_refused(tmp_path):
-    bad = _host(["03:00.0 a100-sxm4-80gb",
-                 {"bdf": "04:00.0", "model": "mellanox-cx7", "sriov": {"totalvfs": 2, "numvfs": 3}}])
+    nic = {"bdf": "04:00.0", "model": "mellanox-cx7", "sriov": {"totalvfs": 2, "numvfs": 3}}
+    bad = _host(["03:00.0 a100-sxm4-80gb", nic])
     with pytest.raises(sysfs_builder.FixtureError, match="numvfs 3 is not within 0-2"):
         sysfs_builder.build(bad, str(tmp_path))
