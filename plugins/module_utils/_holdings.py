@@ -99,9 +99,10 @@ def even_split(memory_mb, nodes):
     return {n: share + (1 if k < extra else 0) for k, n in enumerate(nodes)}
 
 
-def holdings(domains, gpu_bdfs, switch_bdfs):
-    """[Holding]: what each defined domain holds, in placement's terms (unmanaged ones too)."""
-    gpu_set, switch_set = set(gpu_bdfs), set(switch_bdfs)
+def holdings(domains, gpu_bdfs, switch_bdfs, nic_bdfs=()):
+    """[Holding]: what each defined domain holds, in placement's terms (unmanaged ones too).
+    ``nic_bdfs``: the host's rail NIC functions and their VFs."""
+    gpu_set, switch_set, nic_set = set(gpu_bdfs), set(switch_bdfs), set(nic_bdfs)
     result = []
     for dom in domains:
         memory_mb = dom.memory_kib // 1024
@@ -111,7 +112,7 @@ def holdings(domains, gpu_bdfs, switch_bdfs):
             nvswitches=tuple(b for b in dom.hostdevs if b in switch_set),
             cpus=dom.pinned_cpus or dom.cpuset, numa_nodes=nodes,
             memory_mb=memory_mb if nodes else 0, memory_by_node=even_split(memory_mb, nodes),
-            cpu_policy=dom.cpu_policy))
+            cpu_policy=dom.cpu_policy, nics=tuple(b for b in dom.hostdevs if b in nic_set)))
     return result
 
 
@@ -124,7 +125,8 @@ def holding_from_facts(entry):
         nvswitches=tuple(str(b) for b in entry.get("nvswitches") or ()),
         cpus=parse_ranges(str(entry.get("cpus") or "")), numa_nodes=nodes,
         memory_mb=memory_mb if nodes else 0, memory_by_node=even_split(memory_mb, nodes),
-        cpu_policy=str(entry.get("cpu_policy") or POLICY_DEDICATED))
+        cpu_policy=str(entry.get("cpu_policy") or POLICY_DEDICATED),
+        nics=tuple(str(b) for b in entry.get("nics") or ()))
 
 
 def disk_files(domain, volume_path=None):

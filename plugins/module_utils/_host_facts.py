@@ -15,7 +15,10 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import holdi
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import (
     classify as classify_nics,
 )
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import gpu_rails
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import (
+    gpu_rails,
+    nic_functions,
+)
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import HostState
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import PlacementError
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
@@ -116,6 +119,7 @@ def placement_entry(request, outcome):
         "cpu_policy": outcome.cpu_policy,
         "hugepage_kb": outcome.hugepage_kb,
         "fm_partition": outcome.fm_partition,
+        "nics": list(outcome.nics),
     }
 
 
@@ -126,7 +130,10 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
     gpus = platform_gpus(topology, platform)
     switches = platform_nvswitches(topology, platform)
     unhealthy = set(unhealthy_gpus)
-    allocations = holdings(domains, [g.bdf for g in gpus], [s.bdf for s in switches])
+    nics = classify_nics(topology, gpus)
+    rail_functions = nic_functions(topology)
+    allocations = holdings(domains, [g.bdf for g in gpus], [s.bdf for s in switches],
+                           rail_functions)
     state = HostState(topology, platform, allocations, reserved_cpus=reserved_cpus,
                       reserved_memory_mb=reserved_memory_mb, unhealthy_gpus=sorted(unhealthy),
                       nvlinks=nvlinks, busy_gpus=busy_gpus)
@@ -137,15 +144,9 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
             holders[bdf] = dom.name
     outcomes = state.plan(requests) if requests else []
     reserved = set(state.model.reserved)
-    nics = classify_nics(topology, gpus)
-    nic_functions = {n.bdf for n in nics}
-    for nic in nics:
-        net = topology.nics.get(nic.bdf)
-        nic_functions.update(net.vfs if net else ())
-    for dom in domains:
-        for bdf in dom.hostdevs:
-            if bdf in nic_functions:
-                holders[bdf] = dom.name
+    for dom in allocations:
+        for bdf in dom.nics:
+            holders[bdf] = dom.name
     rails_of = gpu_rails(nics)
     result = {
         "platform": {
@@ -181,7 +182,7 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
                 "managed": dom.managed,
                 "gpus": [a for a in dom.hostdevs if a in {g.bdf for g in gpus}],
                 "nvswitches": [a for a in dom.hostdevs if a in {s.bdf for s in switches}],
-                "nics": [a for a in dom.hostdevs if a in nic_functions],
+                "nics": [a for a in dom.hostdevs if a in rail_functions],
                 "other_hostdevs": [a for a in dom.hostdevs
                                    if a not in {g.bdf for g in gpus} | {s.bdf for s in switches}],
                 "cpus": format_ranges(dom.pinned_cpus or dom.cpuset),
@@ -259,7 +260,7 @@ def allocation_map(result):
             owner[bdf] = "%s (%s)" % (alloc["name"],
                                       "running" if alloc.get("active") else "defined")
     for entry in result["plan"]:
-        for bdf in entry.get("gpus", []) + entry.get("nvswitches", []):
+        for bdf in entry.get("gpus", []) + entry.get("nvswitches", []) + entry.get("nics", []):
             owner[bdf] = "%s (planned)" % entry["name"]
     lines = ["platform %s: %s" % (result["platform"]["name"], result["platform"]["reason"])]
     for gpu in result["gpus"]:

@@ -49,6 +49,7 @@ class HostLedger(object):
         self.gpu_holder = [None] * m.gpu_count
         self.switch_holder = [None] * m.switch_count
         self.cpu_holder = {}
+        self.nic_holder = {}  # rail NIC function or VF (BDF) -> VM
         self.node_free = {n: len(c) for n, c in m.node_cpus.items()}
         self.mem_used = {n: 0 for n in m.node_ids}
         self.huge_used = {n: {} for n in m.node_ids}
@@ -94,6 +95,7 @@ class HostLedger(object):
         new.gpu_holder = list(self.gpu_holder)
         new.switch_holder = list(self.switch_holder)
         new.cpu_holder = dict(self.cpu_holder)
+        new.nic_holder = dict(self.nic_holder)
         new.node_free = dict(self.node_free)
         new.mem_used = dict(self.mem_used)
         new.huge_used = {n: dict(v) for n, v in self.huge_used.items()}
@@ -146,6 +148,14 @@ class HostLedger(object):
                 node = m.topology.cpus[cpu].node if cpu in m.topology.cpus else None
                 if node in self.node_free and cpu not in m.reserved:
                     self.node_free[node] -= 1
+        for bdf in alloc.nics:
+            bdf = normalize_bdf(bdf)
+            if self.nic_holder.get(bdf) not in (None, alloc.name):
+                if warn:
+                    self.warnings.append("%s and %s both hold NIC %s" % (
+                        self.nic_holder[bdf], alloc.name, bdf))
+                continue
+            self.nic_holder[bdf] = alloc.name
         self._count_memory(alloc, 1)
         self.allocations[alloc.name] = alloc
 
@@ -211,6 +221,8 @@ class HostLedger(object):
                     node = m.topology.cpus[cpu].node if cpu in m.topology.cpus else None
                     if node in self.node_free and cpu not in m.reserved:
                         self.node_free[node] += 1
+        for bdf in [b for b, holder in self.nic_holder.items() if holder == name]:
+            del self.nic_holder[bdf]
         self._count_memory(alloc, -1)
         return alloc
 
@@ -352,4 +364,4 @@ class HostLedger(object):
                 return False
         if alloc.cpu_policy == POLICY_DEDICATED and any(c in self.cpu_holder for c in alloc.cpus):
             return False
-        return True
+        return not any(normalize_bdf(b) in self.nic_holder for b in alloc.nics)

@@ -81,6 +81,17 @@ def host_nics(topology, ids=None):
             if (topology.nics.get(d.bdf) is None or topology.nics[d.bdf].physfn is None)]
 
 
+def nic_functions(topology, ids=None):
+    """Every allow-listed NIC physical function and each of its VFs (BDFs): what a domain may
+    hold of the host's rails."""
+    found = set()
+    for dev in host_nics(topology, ids):
+        found.add(dev.bdf)
+        net = topology.nics.get(dev.bdf)
+        found.update(net.vfs if net else ())
+    return found
+
+
 def host_use(topology, bdf):
     """Why the host itself uses a NIC function (a route through one of its interfaces, or an
     interface enslaved to a bond or a bridge, and what goes through that), or None."""
@@ -161,3 +172,102 @@ def gpu_rails(nics):
             for gpu in nic.rail_gpus:
                 result.setdefault(gpu, []).append(nic.bdf)
     return result
+
+
+# --- choosing a VM's rails ------------------------------------------------------------------------
+
+NICS_AUTO = "auto"
+NIC_MODES = ("auto", "whole", "vf")
+
+
+@dataclass(frozen=True)
+class NicChoice:
+    """One rail a VM gets: the NIC's physical function, or one of its VFs."""
+
+    nic: str  # the physical function
+    bdf: str  # what the VM gets: the physical function itself or a VF of it
+    vf: bool
+    gpus: tuple  # the VM's GPUs this rail serves
+
+
+class NicChoiceError(ValueError):
+    """A VM cannot get the rails it asks for; the message names the option to change."""
+
+
+def choose_nics(topology, nics, gpus, held, count=NICS_AUTO, mode="auto", allow_fewer=False):
+    """The rails a VM that gets ``gpus`` (BDFs) should have, nearest GPU first.
+
+    ``nics``: [Nic] (classify); ``held``: {BDF: holder} of NIC functions and VFs other VMs hold.
+    ``count``: ``auto`` (every rail under the VM's GPUs), a number (that many of them), or 0.
+    ``mode``: ``whole`` (physical functions only), ``vf`` (VFs only) or ``auto``: the whole
+    function where the VM gets every GPU it serves, a VF where it shares it with GPUs the VM does
+    not get. ``allow_fewer``: take what is free instead of failing. Raises NicChoiceError.
+    """
+    if count == 0:
+        return []
+    if mode not in NIC_MODES:
+        raise NicChoiceError("nic_mode: %r is not one of %s" % (mode, ", ".join(NIC_MODES)))
+    offered = [n for n in nics if n.offered]
+    if not offered:
+        kept = [n.bdf for n in nics if n.rail_gpus and not n.offered]
+        raise NicChoiceError(
+            "nics: this host has no rail NIC to offer (%s); ask nics: 0, or see gpu_topology's "
+            "nics for what it found (docs/networking.md)" % (
+                "the host uses its rail NICs %s" % ", ".join(kept) if kept
+                else "no ConnectX or BlueField NIC sits beside a GPU"))
+    order = {bdf: i for i, bdf in enumerate(gpus)}
+    rails = sorted((n for n in offered if set(n.rail_gpus) & set(gpus)),
+                   key=lambda n: (min(order[g] for g in n.rail_gpus if g in order), n.bdf))
+    wanted = len(rails) if count == NICS_AUTO else int(count)
+    if wanted > len(rails) and not allow_fewer:
+        raise NicChoiceError(
+            "nics: %d asked, but GPU(s) %s have %d rail NIC(s) the host does not use (%s); ask "
+            "nics: auto or at most %d, or nics_allow_fewer: true" % (
+                wanted, ", ".join(gpus), len(rails), ", ".join(n.bdf for n in rails) or "none",
+                len(rails)))
+    chosen = []
+    for nic in rails:
+        if len(chosen) == wanted:
+            break
+        choice = _rail_for(topology, nic, gpus, held, mode)
+        if isinstance(choice, NicChoice):
+            chosen.append(choice)
+        elif not allow_fewer:
+            raise NicChoiceError(choice)
+    return chosen
+
+
+def _rail_for(topology, nic, gpus, held, mode):
+    """A NicChoice for one rail NIC, or the reason it cannot be had (a string)."""
+    net = topology.nics.get(nic.bdf)
+    vfs = net.vfs if net else ()
+    served = tuple(g for g in nic.rail_gpus if g in gpus)
+    others = [g for g in nic.rail_gpus if g not in gpus]
+    held_vfs = ["%s (%s)" % (vf, held[vf]) for vf in vfs if vf in held]
+    if nic.bdf in held:
+        return ("nics: rail NIC %s of GPU(s) %s is held whole by %s; free it, or set "
+                "nics_allow_fewer: true" % (nic.bdf, ", ".join(served), held[nic.bdf]))
+    whole = mode == "whole" or (mode == "auto" and not others and not held_vfs)
+    if whole:
+        if others:
+            return ("nic_mode: whole, but rail NIC %s also serves GPU(s) %s, which this VM does "
+                    "not get; use nic_mode: vf or auto (a VF of it)" % (nic.bdf, ", ".join(others)))
+        if held_vfs:
+            return ("nic_mode: whole, but VFs of rail NIC %s are held: %s" % (
+                nic.bdf, ", ".join(held_vfs)))
+        return NicChoice(nic=nic.bdf, bdf=nic.bdf, vf=False, gpus=served)
+    if net is None or net.sriov_totalvfs is None:
+        return ("nics: rail NIC %s (GPU(s) %s) has no SR-IOV, so it has no VFs to share%s" % (
+            nic.bdf, ", ".join(nic.rail_gpus),
+            "; use nic_mode: whole" if not others else
+            "; give one VM all of GPU(s) %s to have it whole" % ", ".join(nic.rail_gpus)))
+    if not vfs:
+        return ("nics: rail NIC %s has no VFs yet (sriov_numvfs is 0 of %d); create them on the "
+                "host (echo N > /sys/bus/pci/devices/%s/sriov_numvfs), or use nic_mode: whole%s" % (
+                    nic.bdf, net.sriov_totalvfs, nic.bdf,
+                    "" if not others else " with all of GPU(s) %s" % ", ".join(nic.rail_gpus)))
+    for vf in vfs:
+        if vf not in held and vf in topology.pci:
+            return NicChoice(nic=nic.bdf, bdf=vf, vf=True, gpus=served)
+    return ("nics: every VF of rail NIC %s is held (%s); free one, create more, or set "
+            "nics_allow_fewer: true" % (nic.bdf, ", ".join(held_vfs)))

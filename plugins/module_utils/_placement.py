@@ -35,6 +35,12 @@ import itertools
 
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._bdf import normalize_bdf
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_state import HostLedger
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import (
+    NIC_MODES,
+    NICS_AUTO,
+    NicChoiceError,
+    choose_nics,
+)
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import (
     CPU_POLICIES,
     EXHAUSTIVE_LIMIT,
@@ -420,6 +426,7 @@ class HostState(HostLedger):
         emulator = tuple(sorted(c for node in nodes for c in m.node_reserved.get(node, ())))
         indexes = block.indexes if block is not None else ()
         switches = block.switches if block is not None else ()
+        nics = self._choose_nics(request, tuple(m.gpu_bdfs[i] for i in indexes))
         placement = Placement(
             name=request.name,
             gpus=tuple(m.gpu_bdfs[i] for i in indexes),
@@ -437,9 +444,26 @@ class HostState(HostLedger):
             hugepage_kb=hugepage,
             fm_partition=(m.platform.fm_partition_for(indexes)
                           if indexes and m.platform.fabric == FABRIC_SHARED_NVSWITCH else None),
+            nics=nics,
         )
         self._record(placement.holding())
         return placement
+
+    def _choose_nics(self, request, gpus):
+        """The rail NICs (functions or VFs) for a VM that gets ``gpus``; () for nics: 0."""
+        if not request.nics:
+            return ()
+        if not gpus:
+            raise PlacementError("%s: nics needs GPUs, whose rails they are; ask nics: 0"
+                                 % self._prefix(request))
+        held = {b: h for b, h in self.nic_holder.items() if h != request.name}
+        try:
+            chosen = choose_nics(self.model.topology, self.model.nics, gpus, held,
+                                 count=request.nics, mode=request.nic_mode,
+                                 allow_fewer=request.nics_allow_fewer)
+        except NicChoiceError as exc:
+            raise PlacementError("%s: %s" % (self._prefix(request), exc)) from exc
+        return tuple(c.bdf for c in chosen)
 
     def _pick_cpus(self, node, need):
         """Free CPUs of a node: whole free cores first (siblings adjacent), then partial ones."""
@@ -493,6 +517,7 @@ class HostState(HostLedger):
             cpu_policy=alloc.cpu_policy, hugepage_kb=alloc.hugepage_kb,
             fm_partition=(m.platform.fm_partition_for(indexes)
                           if indexes and m.platform.fabric == FABRIC_SHARED_NVSWITCH else None),
+            nics=tuple(alloc.nics),
         )
 
     def plan(self, requests):
@@ -576,6 +601,14 @@ def _validate(request):
     if request.gpu_model is not None and not isinstance(request.gpu_model, str):
         raise PlacementError("%s: gpu_model must be a string, got %r" % (prefix,
                                                                          request.gpu_model))
+    nics = request.nics
+    if not (nics == NICS_AUTO or (isinstance(nics, int) and not isinstance(nics, bool)
+                                  and nics >= 0)):
+        raise PlacementError("%s: nics must be auto, 0 or a number of rail NICs, got %r" % (
+            prefix, nics))
+    if request.nic_mode not in NIC_MODES:
+        raise PlacementError("%s: nic_mode must be one of %s, got %r" % (
+            prefix, ", ".join(NIC_MODES), request.nic_mode))
     hp = request.hugepages
     if not (hp is None or isinstance(hp, bool) or (isinstance(hp, int) and hp > 0)):
         raise PlacementError("%s: hugepages must be true, false or a page size in kB (2048, "
@@ -587,6 +620,10 @@ def _same_size(alloc, request):
     want_hp = request.hugepages
     hp_same = (bool(alloc.hugepage_kb) == bool(want_hp)) and (
         not isinstance(want_hp, int) or isinstance(want_hp, bool) or want_hp == alloc.hugepage_kb)
+    # The rails it holds still answer its nics (auto: any it has; a count: that many).
+    nics_same = (not request.nics and not alloc.nics) or (
+        request.nics == NICS_AUTO and bool(alloc.nics)) or (
+        isinstance(request.nics, int) and len(alloc.nics) == request.nics)
     return ((request.vcpus is None or request.vcpus == vcpus)
             and (request.memory_mb is None or request.memory_mb == alloc.memory_mb)
-            and request.cpu_policy == alloc.cpu_policy and hp_same)
+            and request.cpu_policy == alloc.cpu_policy and hp_same and nics_same)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import classify as classify_nics
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
     platform_gpus,
     platform_nvswitches,
@@ -64,6 +65,7 @@ class Holding:
     cpu_policy: str = POLICY_DEDICATED
     vcpus: int | None = None  # None: len(cpus)
     hugepage_kb: int = 0  # 0: normal memory
+    nics: tuple = ()  # rail NIC functions and VFs (BDFs)
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,11 @@ class Request:
     host: str | None = None  # fleet planning only: place on this host
     # None: GPUs of one model (any); "any": models may mix; else a model name or PCI ID.
     gpu_model: str | None = None
+    # Rail NICs (_nics.choose_nics): 0 none, "auto" the rails under the VM's GPUs, or a count;
+    # nic_mode "auto" / "whole" / "vf"; nics_allow_fewer: take what is free instead of failing.
+    nics: object = 0
+    nic_mode: str = "auto"
+    nics_allow_fewer: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,7 @@ class Placement:
     cpu_policy: str
     hugepage_kb: int = 0
     fm_partition: int | None = None  # shared-NVSwitch platforms: FM partition to activate
+    nics: tuple = ()  # rail NIC functions or VFs (BDFs), nearest GPU first
 
     @property
     def gpu_index(self):
@@ -120,7 +128,7 @@ class Placement:
             name=self.name, gpus=self.gpus, nvswitches=self.nvswitches, cpus=self.cpus,
             numa_nodes=self.numa_nodes, memory_mb=self.memory_mb,
             memory_by_node=dict(self.memory_by_node), cpu_policy=self.cpu_policy,
-            vcpus=self.vcpus, hugepage_kb=self.hugepage_kb,
+            vcpus=self.vcpus, hugepage_kb=self.hugepage_kb, nics=self.nics,
         )
 
 
@@ -199,6 +207,8 @@ class _HostModel(object):
         self.switch_count = len(switches)
         self.gpu_index = {b: i for i, b in enumerate(self.gpu_bdfs)}
         self.switch_index = {b: i for i, b in enumerate(self.switch_bdfs)}
+        # Rail NICs (none on a topology rebuilt from facts, which carries no NIC data).
+        self.nics = classify_nics(topology, gpus)
         self.node_ids = tuple(sorted(n.id for n in topology.numa_nodes))
         fallback = self.node_ids[0] if self.node_ids else 0
         # numa_node -1 (firmware silent, common in single-root boxes): count it on the first

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._cloud_init import digest, render
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import holdings
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import nic_functions
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import HostState
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import PlacementError
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
@@ -125,7 +126,8 @@ def plan(requests, snap, ctx, whole=False):
     try:
         state = HostState(
             ctx.topology, ctx.platform,
-            holdings(list(domains.values()), ctx.gpu_bdfs, ctx.switch_bdfs),
+            holdings(list(domains.values()), ctx.gpu_bdfs, ctx.switch_bdfs,
+                     nic_functions(ctx.topology)),
             reserved_cpus=ctx.reserved_cpus, reserved_memory_mb=ctx.reserved_memory_mb,
             unhealthy_gpus=ctx.unhealthy_gpus, nvlinks=ctx.nvlinks, busy_gpus=ctx.busy_gpus)
     except PlacementError as exc:  # host-wide options (reserved_cpus, ...) are bad

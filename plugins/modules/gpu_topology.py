@@ -265,7 +265,9 @@ nics:
           enslaved to a bond or a bridge), or V(null). A NIC the host uses is never offered.
       type: str
     offered: {description: Whether VMs may get it (a rail the host does not use)., type: bool}
-    allocated_to: {description: The domain that holds the function, or V(null)., type: str}
+    allocated_to:
+      description: The domain that holds the function, or V(null).
+      type: str
   sample:
     - {bdf: "0000:35:00.0", id: "15b3:1017", model: ConnectX-5, numa_node: 0, iommu_group: 41,
        iommu_group_members: ["0000:35:00.0"], driver: mlx5_core,

@@ -187,3 +187,174 @@ def test_bad_sriov_descriptions_are_refused(tmp_path):
     bad = _host(["03:00.0 a100-sxm4-80gb", nic])
     with pytest.raises(sysfs_builder.FixtureError, match="numvfs 3 is not within 0-2"):
         sysfs_builder.build(bad, str(tmp_path))
+
+
+# --- choosing a VM's rails ------------------------------------------------------------------------
+
+def _choose(topo, gpus, held=None, **kwargs):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import choose_nics
+
+    return choose_nics(topo, classify(topo, host_gpus(topo)), gpus, held or {}, **kwargs)
+
+
+def test_a_vm_with_every_gpu_of_a_rail_gets_it_whole(host_tree):
+    topo = read_host(*host_tree("dgx2"))
+    quad = _bdfs("34 36 39 3b")
+    got = _choose(topo, quad)
+    assert [(c.bdf, c.vf, c.gpus) for c in got] == [
+        ("0000:35:00.0", False, tuple(_bdfs("34 36"))),
+        ("0000:3a:00.0", False, tuple(_bdfs("39 3b")))]
+    assert [c.bdf for c in _choose(topo, quad, count=1)] == ["0000:35:00.0"]
+    assert _choose(topo, quad, count=0) == []
+
+
+def test_one_gpu_of_a_shared_rail_gets_a_vf_and_vfs_are_never_handed_out_twice(host_tree):
+    topo = read_host(*host_tree("dgx2"))
+    first = _choose(topo, _bdfs("34"))
+    assert [(c.nic, c.bdf, c.vf) for c in first] == [("0000:35:00.0", "0000:35:00.1", True)]
+    second = _choose(topo, _bdfs("36"), held={"0000:35:00.1": "one"})
+    assert [c.bdf for c in second] == ["0000:35:00.2"]
+    full = {"0000:35:00.1": "one", "0000:35:00.2": "two"}
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import NicChoiceError
+
+    with pytest.raises(NicChoiceError, match=r"every VF of rail NIC 0000:35:00.0 is held "
+                                             r"\(0000:35:00.1 \(one\), 0000:35:00.2 \(two\)\)"):
+        _choose(topo, _bdfs("36"), held=full)
+    assert _choose(topo, _bdfs("36"), held=full, allow_fewer=True) == []
+    # the pair cannot have the NIC whole while a VF of it is someone's
+    assert [c.bdf for c in _choose(topo, _bdfs("34 36"), held={"0000:35:00.1": "one"})] == [
+        "0000:35:00.2"]
+    with pytest.raises(NicChoiceError, match="nic_mode: whole, but VFs of rail NIC 0000:35:00.0"):
+        _choose(topo, _bdfs("34 36"), held={"0000:35:00.1": "one"}, mode="whole")
+
+
+def test_a_whole_nic_held_is_never_handed_out_again(host_tree):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import NicChoiceError
+
+    topo = read_host(*host_tree("dgx-h100"))
+    assert [c.bdf for c in _choose(topo, _bdfs("1b"))] == ["0000:18:00.0"]
+    with pytest.raises(NicChoiceError, match="held whole by old-vm"):
+        _choose(topo, _bdfs("1b"), held={"0000:18:00.0": "old-vm"})
+
+
+@pytest.mark.parametrize("gpus, kwargs, message", [
+    ("34", {"count": 2},
+     r"nics: 2 asked, but GPU\(s\) 0000:34:00.0 have 1 rail NIC\(s\) the host does not use"),
+    ("34", {"mode": "whole"}, r"nic_mode: whole, but rail NIC 0000:35:00.0 also serves GPU\(s\) "
+                              r"0000:36:00.0, which this VM does not get; use nic_mode: vf"),
+    ("34", {"mode": "bad"}, "nic_mode: 'bad' is not one of auto, whole, vf"),
+])
+def test_what_cannot_be_had_is_refused_naming_the_option(host_tree, gpus, kwargs, message):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import NicChoiceError
+
+    topo = read_host(*host_tree("dgx2"))
+    with pytest.raises(NicChoiceError, match=message):
+        _choose(topo, _bdfs(gpus), **kwargs)
+
+
+def test_vfs_of_a_nic_without_them(host_tree, tmp_path):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import NicChoiceError
+
+    a100 = read_host(*host_tree("dgx-a100"))  # SR-IOV capable, no VF created
+    with pytest.raises(NicChoiceError, match=r"0000:05:00.0 has no VFs yet \(sriov_numvfs is 0 "
+                                             r"of 16\)"):
+        _choose(a100, _bdfs("07"), mode="vf")
+    # one NIC without SR-IOV under the switch of two GPUs
+    devices = ["03:00.0 a100-sxm4-80gb", "04:00.0 mellanox-cx7", "05:00.0 a100-sxm4-80gb"]
+    topo = read_host(*sysfs_builder.build(_host(devices), str(tmp_path)))
+    assert _rails(topo)["0000:04:00.0"].rail_gpus == tuple(_bdfs("03 05"))
+    with pytest.raises(NicChoiceError, match="0000:04:00.0 .* has no SR-IOV, so it has no VFs to "
+                                             "share; give one VM all of"):
+        _choose(topo, _bdfs("03"))
+
+
+def test_a_host_without_rails_says_so(host_tree):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import NicChoiceError
+
+    topo = read_host(*host_tree("pcie-4gpu"))
+    with pytest.raises(NicChoiceError, match=r"no ConnectX or BlueField NIC sits beside a GPU\); "
+                                             r"ask nics: 0"):
+        _choose(topo, [g.bdf for g in host_gpus(topo)][:1])
+    assert _choose(topo, [g.bdf for g in host_gpus(topo)][:1], count=0) == []
+
+
+# --- the placement engine holds rails as it holds GPUs --------------------------------------------
+
+def _state(topo, held=()):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import HostState
+
+    platform, _reason = detect(topo)
+    return HostState(topo, platform, list(held))
+
+
+def test_a_dgx2_day_gets_its_rails_and_no_function_twice(host_tree):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import (
+        PlacementError,
+        Request,
+    )
+
+    topo = read_host(*host_tree("dgx2"))
+    state = _state(topo)
+    day = [Request("eight", gpus=8, nics="auto"), Request("four", gpus=4, nics="auto"),
+           Request("two", gpus=2, nics="auto"), Request("one-a", gpus=1, nics="auto"),
+           Request("one-b", gpus=1, nics="auto"),
+           Request("plain", gpus=0, vcpus=2, memory_mb=1024)]
+    placed = dict((r.name, out) for r, out in state.plan(day))
+    assert not [o for o in placed.values() if isinstance(o, PlacementError)]
+    assert len(placed["eight"].nics) == 4 and len(placed["four"].nics) == 2
+    assert len(placed["two"].nics) == 1 and placed["two"].nics[0].endswith(".0")
+    # the two singles share a pair's NIC: a VF each
+    singles = placed["one-a"].nics + placed["one-b"].nics
+    assert sorted(singles) == [placed["one-a"].nics[0][:-1] + "1",
+                               placed["one-a"].nics[0][:-1] + "2"]
+    every = [b for o in placed.values() for b in o.nics]
+    assert len(every) == len(set(every)) == 9
+    assert placed["plain"].nics == ()
+    # each VM's NICs are its GPUs' rails
+    for out in placed.values():
+        for bdf in out.nics:
+            pf = topo.nics[bdf].physfn or bdf
+            assert set(_rails(topo)[pf].rail_gpus) & set(out.gpus)
+    # the ledger holds them: releasing frees them for the next VM
+    assert state.nic_holder[placed["one-a"].nics[0]] == "one-a"
+    state.release("one-a")
+    assert placed["one-a"].nics[0] not in state.nic_holder
+
+
+def test_sticky_vms_keep_their_rails_and_a_failed_choice_places_nothing(host_tree):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import (
+        PlacementError,
+        Request,
+    )
+
+    topo = read_host(*host_tree("dgx2"))
+    state = _state(topo)
+    first = state.place(Request("a", gpus=1, nics="auto"))
+    again = state.place(Request("a", gpus=1, nics="auto"))
+    assert again.nics == first.nics and again.gpus == first.gpus
+    # nics: 0 -> the rails are given back, the GPU stays
+    bare = state.place(Request("a", gpus=1, nics=0))
+    assert bare.nics == () and bare.gpus == first.gpus and not state.nic_holder
+    with pytest.raises(PlacementError, match="request 'b' .*nics: 3 asked"):
+        state.place(Request("b", gpus=1, nics=3))
+    assert "b" not in state.allocations
+    with pytest.raises(PlacementError, match="nics needs GPUs"):
+        state.place(Request("c", gpus=0, nics="auto"))
+    with pytest.raises(PlacementError, match="nics must be auto, 0 or a number"):
+        state.place(Request("d", gpus=1, nics=-1))
+
+
+def test_rails_that_domains_hold_are_never_handed_out(host_tree):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import (
+        Holding,
+        PlacementError,
+        Request,
+    )
+
+    topo = read_host(*host_tree("dgx-h100"))
+    # a hand-made domain holds GPU0's NIC without its GPU
+    state = _state(topo, [Holding(name="by-hand", nics=("0000:18:00.0",))])
+    with pytest.raises(PlacementError, match="held whole by by-hand"):
+        state.place(Request("x", gpus=1, gpu_index=0, nics="auto"))
+    placed = state.place(Request("y", gpus=1, gpu_index=1, nics="auto"))
+    assert placed.nics == ("0000:40:00.0",)
