@@ -17,6 +17,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import (
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import (
     gpu_rails,
+    gpudirect_rdma,
     nic_functions,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import HostState
@@ -194,7 +195,8 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
             }
             for dom in domains
         ],
-        "readiness": assess(topology, gpus, switches),
+        "readiness": dict(assess(topology, gpus, switches),
+                          gpudirect_rdma=gpudirect_rdma(topology, nics)),
         "placement_state": placement_state(state),
         "plan": [placement_entry(req, out) for req, out in outcomes],
         "warnings": list(state.warnings) + [

@@ -18,6 +18,10 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import (
     LINK_ORDER,
     LINK_PIX,
     LINK_PXB,
+    PCI_ACS_CR,
+    PCI_ACS_DT,
+    PCI_ACS_RR,
+    PCI_ATS_CTRL_ENABLE,
 )
 
 MELLANOX = 0x15B3
@@ -271,3 +275,81 @@ def _rail_for(topology, nic, gpus, held, mode):
             return NicChoice(nic=nic.bdf, bdf=vf, vf=True, gpus=served)
     return ("nics: every VF of rail NIC %s is held (%s); free one, create more, or set "
             "nics_allow_fewer: true" % (nic.bdf, ", ".join(held_vfs)))
+
+
+# --- what GPUDirect RDMA in a VM depends on -------------------------------------------------------
+
+def _ats_state(topology, bdf):
+    caps = topology.ext_caps.get(bdf)
+    if caps is None or not caps.readable:
+        return "unknown"
+    if caps.ats_ctrl is None:
+        return "absent"
+    return "enabled" if caps.ats_ctrl & PCI_ATS_CTRL_ENABLE else "present"
+
+
+def _ports_between(topology, a, b):
+    """The bridges a peer-to-peer request crosses from a up to where a's and b's paths meet,
+    and down to b (each side's bridges below the shared ones)."""
+    pa, pb = topology.pci[a].bridges, topology.pci[b].bridges
+    common = 0
+    for x, y in zip(pa, pb):
+        if x != y:
+            break
+        common += 1
+    return list(pa[common:]) + list(pb[common:])
+
+
+def gpudirect_rdma(topology, nics):
+    """Per rail NIC: the ACS and ATS state GPUDirect RDMA between it and its GPUs depends on once
+    both are passed through (the Linux and PCIe names: pci_regs.h).
+
+    - ATS on the NIC and the GPUs: a passed-through device sends translated (host physical)
+      addresses only when it has an ATS capability (ConnectX: ATS_ENABLED in its firmware).
+    - ACS on the switch ports between them: P2P Request Redirect (RR) without Direct Translated
+      P2P (DT) sends every peer-to-peer request up to the root complex; with DT set, translated
+      requests go straight across the switch.
+    """
+    report = []
+    for nic in nics:
+        if not nic.rail_gpus:
+            continue
+        why = []
+        ats = {nic.bdf: _ats_state(topology, nic.bdf)}
+        ats.update({g: _ats_state(topology, g) for g in nic.rail_gpus})
+        for bdf, state in ats.items():
+            kind = "NIC" if bdf == nic.bdf else "GPU"
+            if state == "unknown":
+                why.append("%s %s: config space unreadable past 256 bytes; run gpu_topology as "
+                           "root (become) to read ACS and ATS" % (kind, bdf))
+            elif state == "absent":
+                why.append("%s %s has no ATS capability%s" % (
+                    kind, bdf, " (ConnectX: mlxconfig -d %s set ATS_ENABLED=true, then a cold "
+                    "reset)" % bdf if kind == "NIC" else ""))
+        ports = []
+        seen = set()
+        for gpu in nic.rail_gpus:
+            for port in _ports_between(topology, nic.bdf, gpu):
+                if port in seen:
+                    continue
+                seen.add(port)
+                caps = topology.ext_caps.get(port)
+                if caps is None or not caps.readable:
+                    state, redirects = "unknown", None
+                elif caps.acs_ctrl is None:
+                    state, redirects = "absent", False
+                else:
+                    names = [n for bit, n in ((PCI_ACS_RR, "RR"), (PCI_ACS_CR, "CR"),
+                                              (PCI_ACS_DT, "DT")) if caps.acs_ctrl & bit]
+                    state = " ".join(names) or "none set"
+                    redirects = bool(caps.acs_ctrl & PCI_ACS_RR) and not (
+                        caps.acs_ctrl & PCI_ACS_DT)
+                if redirects:
+                    why.append("switch port %s redirects peer-to-peer requests to the root "
+                               "complex (ACS RR without DT): set Direct Translated P2P (DT) "
+                               "on it" % port)
+                ports.append({"bdf": port, "acs": state, "redirects_p2p": redirects})
+        report.append({
+            "nic": nic.bdf, "gpus": list(nic.rail_gpus), "ats": ats, "ports": ports,
+            "ready": not why, "why": why})
+    return report

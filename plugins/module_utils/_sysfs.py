@@ -18,14 +18,19 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._ranges import parse_r
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import (
     PCI_BASE_CLASS_NETWORK,
     Cpu,
+    ExtCaps,
     HostTopology,
     NetFunction,
     NumaNode,
     PciDevice,
     TopologyError,
+    parse_ext_caps,
     parse_resource,
 )
 
+# PCI base classes whose extended capabilities matter for GPUDirect RDMA: displays (GPUs),
+# network controllers and bridges (switch ports).
+_EXT_CAP_CLASSES = (0x02, 0x03, 0x06)
 _VIRTFN_RE = re.compile(r"^virtfn(\d+)$")
 # include/uapi/linux/if_arp.h
 ARPHRD_ETHER = 1
@@ -95,6 +100,8 @@ class SysfsReader:
             nics = {bdf: self.read_net_function(bdf) for bdf, dev in pci.items()
                     if dev.class_code >> 16 == PCI_BASE_CLASS_NETWORK}
             routes = read_routes(self.proc_root)
+            ext_caps = {bdf: self.read_ext_caps(bdf) for bdf, dev in pci.items()
+                        if dev.class_code >> 16 in _EXT_CAP_CLASSES}
         except OSError as exc:
             raise TopologyError(
                 "cannot read host topology under %r: %s" % (self.sysfs_root, exc)) from exc
@@ -102,7 +109,7 @@ class SysfsReader:
             pci=pci, cpus=cpus, numa_nodes=nodes, cmdline=cmdline, iommu_groups=groups,
             sysfs_root=self.sysfs_root, proc_root=self.proc_root,
             cpu_vendor=_cpu_vendor(cpuinfo), phys_bits=_phys_bits(cpuinfo),
-            nics=nics, host_routes=routes,
+            nics=nics, host_routes=routes, ext_caps=ext_caps,
         )
 
     # --- CPUs and NUMA ---------------------------------------------------------------------
@@ -227,6 +234,15 @@ class SysfsReader:
             numa_node=numa_node, iommu_group=group, iommu_group_members=members,
             path=tuple(path), host_bridge=host_bridge, bars=bars,
         )
+
+    def read_ext_caps(self, bdf):
+        """ACS and ATS from the function's config space (ExtCaps; unreadable past 256 bytes
+        unless read as root)."""
+        try:
+            with open(self._sys("bus", "pci", "devices", bdf, "config"), "rb") as handle:
+                return parse_ext_caps(handle.read(4096))
+        except OSError:
+            return ExtCaps(readable=False)
 
     def read_net_function(self, bdf):
         """A network function's interfaces, RDMA devices, link layer and SR-IOV state."""

@@ -115,6 +115,48 @@ class NetFunction:
     physfn: str | None = None  # a VF's PF
 
 
+# include/uapi/linux/pci_regs.h
+PCI_EXT_CAP_ID_ACS = 0x000D
+PCI_EXT_CAP_ID_ATS = 0x000F
+PCI_ACS_RR = 0x0004  # P2P Request Redirect
+PCI_ACS_CR = 0x0008  # P2P Completion Redirect
+PCI_ACS_DT = 0x0040  # P2P Direct Translated
+PCI_ATS_CTRL_ENABLE = 0x8000
+
+
+@dataclass(frozen=True)
+class ExtCaps:
+    """What a function's extended capabilities say of ACS and ATS. ``readable`` is False when
+    config space ended at 256 bytes (it is 4096 for PCIe, but only root reads past 64)."""
+
+    readable: bool
+    acs_ctrl: int | None = None  # the ACS Control register; None: no ACS capability
+    ats_ctrl: int | None = None  # the ATS Control register; None: no ATS capability
+
+
+def parse_ext_caps(config):
+    """ExtCaps from a PCI ``config`` file's bytes (the extended capability list at 0x100)."""
+    if len(config) < 0x108:
+        return ExtCaps(readable=False)
+    acs = ats = None
+    offset, seen = 0x100, set()
+    while offset and offset not in seen and offset + 8 <= len(config):
+        seen.add(offset)
+        header = int.from_bytes(config[offset:offset + 4], "little")
+        if header in (0, 0xFFFFFFFF):
+            break
+        cap_id = header & 0xFFFF
+        ctrl = int.from_bytes(config[offset + 6:offset + 8], "little")
+        if cap_id == PCI_EXT_CAP_ID_ACS:
+            acs = ctrl
+        elif cap_id == PCI_EXT_CAP_ID_ATS:
+            ats = ctrl
+        offset = header >> 20
+        if offset and offset < 0x100:
+            break
+    return ExtCaps(readable=True, acs_ctrl=acs, ats_ctrl=ats)
+
+
 @dataclass(frozen=True)
 class Cpu:
     id: int
@@ -166,6 +208,8 @@ class HostTopology:
     # guest) can address memory and BARs; None when the kernel does not say.
     phys_bits: int | None = None
     nics: dict = field(default_factory=dict)  # bdf -> NetFunction, every network-class function
+    # bdf -> ExtCaps of bridges, GPUs and network functions (config space past 256 bytes)
+    ext_caps: dict = field(default_factory=dict)
     # interface -> what the host routes through it ("default route", "route 10.0.0.0/24",
     # "IPv6 default route"), from /proc/net/route and /proc/net/ipv6_route
     host_routes: dict = field(default_factory=dict)

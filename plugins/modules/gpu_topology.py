@@ -411,6 +411,25 @@ readiness:
       type: list
       elements: dict
     actions: {description: "What to do, one line each.", type: list, elements: str}
+    gpudirect_rdma:
+      description:
+        - Per rail NIC of RV(nics) (informational; V(ready) does not count it), what GPUDirect
+          RDMA between it and its GPUs needs once both are passed through, read from PCI config
+          space past 256 bytes (run as root; else C(unknown)).
+        - C(ats) maps the NIC and each GPU to C(enabled), C(present) (the capability, not
+          enabled now), C(absent) or C(unknown).
+        - C(ports) lists the switch ports between them with their ACS control bits (C(RR CR DT))
+          and C(redirects_p2p) (Request Redirect without Direct Translated P2P sends every
+          peer-to-peer request up to the root complex).
+        - C(ready) and C(why), one line per thing to change (docs/networking.md).
+      type: list
+      elements: dict
+      version_added: 0.2.0
+      sample:
+        - {nic: "0000:18:00.0", gpus: ["0000:1b:00.0"],
+           ats: {"0000:18:00.0": enabled, "0000:1b:00.0": enabled},
+           ports: [{bdf: "0000:17:00.0", acs: RR CR DT, redirects_p2p: false}],
+           ready: true, why: []}
 plan:
   description: One entry per O(plan) request, in the order given.
   returned: success
@@ -425,6 +444,13 @@ plan:
       description: On a shared-NVSwitch platform, the Fabric Manager partition made of exactly
         the entry's GPUs (the one to activate), else V(null).
       type: int
+    nics:
+      description:
+        - The rail NIC functions or VFs the entry would get. Always empty today - no module
+          option asks for rails yet (docs/networking.md).
+      type: list
+      elements: str
+      version_added: 0.2.0
 allocation_map:
   description: The allocations and the plan as readable lines, GPU by GPU. A GPU or NVSwitch
     held by a domain reads C(NAME (running)) or C(NAME (defined)) (defined, not running), one

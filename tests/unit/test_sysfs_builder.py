@@ -135,7 +135,10 @@ def test_bridges_carry_windows_and_bus_numbers(host_tree):
                                                   "resource")).splitlines()[1].split()]
     assert pref_lo <= gpu[0] and gpu[1] <= pref_hi and mem_lo < mem_hi
     config = open(os.path.join(bridge, "config"), "rb").read()
-    assert len(config) == 256
+    # PCIe: 4096 bytes, the extended capabilities from 0x100 (here ACS, ID 0x000d, version 1)
+    assert len(config) == 4096
+    assert int.from_bytes(config[0x100:0x104], "little") == 0x000D | 1 << 16
+    assert int.from_bytes(config[0x106:0x108], "little") == 0x001D
     assert config[0:4] == bytes([0xB5, 0x10, 0x97, 0x97])
     assert config[0x0E] & 0x7F == 1  # a type-1 (bridge) header
     assert (config[0x18], config[0x19], config[0x1A]) == (0x30, 0x32, 0x36)

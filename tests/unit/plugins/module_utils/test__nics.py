@@ -358,3 +358,60 @@ def test_rails_that_domains_hold_are_never_handed_out(host_tree):
         state.place(Request("x", gpus=1, gpu_index=0, nics="auto"))
     placed = state.place(Request("y", gpus=1, gpu_index=1, nics="auto"))
     assert placed.nics == ("0000:40:00.0",)
+
+
+# --- ACS and ATS for GPUDirect RDMA ---------------------------------------------------------
+
+def _rdma(topo):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import gpudirect_rdma
+
+    return {r["nic"]: r for r in gpudirect_rdma(topo, classify(topo, host_gpus(topo)))}
+
+
+def test_gpudirect_rdma_readiness_reads_acs_and_ats_from_config_space(host_tree):
+    h100 = _rdma(read_host(*host_tree("dgx-h100")))
+    assert len(h100) == 8 and all(r["ready"] for r in h100.values())
+    first = h100["0000:18:00.0"]
+    assert first["ats"] == {"0000:18:00.0": "enabled", "0000:1b:00.0": "enabled"}
+    # the two downstream ports of the GPU's switch, one above the NIC and one above the GPU
+    assert [(p["bdf"], p["acs"], p["redirects_p2p"]) for p in first["ports"]] == [
+        ("0000:17:00.0", "RR CR DT", False), ("0000:17:03.0", "RR CR DT", False)]
+    a100 = _rdma(read_host(*host_tree("dgx-a100")))["0000:05:00.0"]
+    assert not a100["ready"]
+    assert a100["ats"] == {"0000:05:00.0": "absent", "0000:07:00.0": "enabled"}
+    assert a100["why"] == [
+        "NIC 0000:05:00.0 has no ATS capability (ConnectX: mlxconfig -d 0000:05:00.0 set "
+        "ATS_ENABLED=true, then a cold reset)",
+        "switch port 0000:04:00.0 redirects peer-to-peer requests to the root complex (ACS RR "
+        "without DT): set Direct Translated P2P (DT) on it",
+        "switch port 0000:04:02.0 redirects peer-to-peer requests to the root complex (ACS RR "
+        "without DT): set Direct Translated P2P (DT) on it"]
+
+
+def test_config_space_read_without_root_is_unknown_not_absent(fresh_host_tree):
+    sysfs_root, proc_root = fresh_host_tree("dgx-h100")
+    for bdf in ("0000:18:00.0", "0000:17:00.0"):
+        path = os.path.join(sysfs_root, "bus", "pci", "devices", bdf, "config")
+        with open(path, "rb") as handle:
+            head = handle.read(64)  # what a user other than root reads
+        with open(path, "wb") as handle:
+            handle.write(head)
+    report = _rdma(read_host(sysfs_root, proc_root))["0000:18:00.0"]
+    assert report["ats"]["0000:18:00.0"] == "unknown"
+    assert report["ports"][0] == {"bdf": "0000:17:00.0", "acs": "unknown", "redirects_p2p": None}
+    assert not report["ready"] and "run gpu_topology as root" in report["why"][0]
+
+
+def test_parse_ext_caps_walks_the_list_and_stops_on_loops():
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import parse_ext_caps
+
+    cfg = bytearray(4096)
+    cfg[0x100:0x104] = (0x0001 | 1 << 16 | 0x140 << 20).to_bytes(4, "little")  # AER first
+    cfg[0x140:0x144] = (0x000F | 1 << 16 | 0x160 << 20).to_bytes(4, "little")  # ATS
+    cfg[0x146:0x148] = (0x8000).to_bytes(2, "little")
+    cfg[0x160:0x164] = (0x000D | 1 << 16 | 0x100 << 20).to_bytes(4, "little")  # ACS, loops back
+    cfg[0x166:0x168] = (0x005D).to_bytes(2, "little")
+    caps = parse_ext_caps(bytes(cfg))
+    assert (caps.readable, caps.acs_ctrl, caps.ats_ctrl) == (True, 0x5D, 0x8000)
+    assert not parse_ext_caps(bytes(256)).readable
+    assert parse_ext_caps(bytes(4096)).acs_ctrl is None
