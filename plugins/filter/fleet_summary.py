@@ -106,6 +106,11 @@ def fleet_summary(hostvars, hosts):
             if blocks:
                 text += ", free GPU blocks %s" % ", ".join(
                     "%s x %s" % (blocks[k], k) for k in sorted(blocks, key=int, reverse=True))
+            rails = [n for n in report.get("nics") or [] if n.get("offered")]
+            if rails:
+                free = [n for n in rails if not n.get("allocated_to")
+                        and not any(vf.get("allocated_to") for vf in n.get("vfs") or [])]
+                text += ", rail NICs free %d of %d" % (len(free), len(rails))
         else:
             mismatched = [d["name"] for d in desired if not d.get("matches") and not d.get("error")]
             text = "; ".join(errors + ["%s not as asked" % n for n in mismatched]) or "failed"

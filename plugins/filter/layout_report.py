@@ -63,7 +63,8 @@ _value:
     check_mode: {description: The report is of a check-mode run., type: bool}
     desired:
       description: One entry per VM of the layout - C(name), C(gpus), C(state) asked, and
-        C(actual) (C(running), C(stopped), C(absent)), C(matches), C(gpu_indexes), C(error).
+        C(actual) (C(running), C(stopped), C(absent)), C(matches), C(gpu_indexes), C(nics) (the
+        rail NIC functions and VFs it holds), C(error).
       type: list
       elements: dict
     others:
@@ -72,6 +73,13 @@ _value:
       type: list
       elements: dict
     free_blocks: {description: Free healthy GPUs as placeable blocks by size., type: dict}
+    nics:
+      description:
+        - The host's NICs as gpu_topology found them (docs/networking.md) - C(bdf), C(model),
+          C(rail_gpu_indexes), C(offered), C(host_use), C(allocated_to), and C(vfs) with their
+          holders.
+      type: list
+      elements: dict
     degraded_gpus:
       description: Unhealthy GPUs (C(bdf), C(index), C(allocated_to)).
       type: list
@@ -136,6 +144,7 @@ def layout_report(vms, result, topology, host="", layout="", check_mode=False):
             "state": want,
             "actual": actual,
             "gpu_indexes": sorted(index_of[b] for b in gpus if index_of.get(b) is not None),
+            "nics": list((alloc or {}).get("nics") or []),
             "matches": _matches(want, actual) and name not in errors,
             "error": errors.get(name),
         })
@@ -159,6 +168,15 @@ def layout_report(vms, result, topology, host="", layout="", check_mode=False):
         "desired": desired,
         "others": others,
         "free_blocks": topology.get("free_blocks") or {},
+        "nics": [{
+            "bdf": n.get("bdf"), "model": n.get("model"),
+            "rail_gpu_indexes": sorted(index_of[b] for b in n.get("rail_gpus") or []
+                                       if index_of.get(b) is not None),
+            "offered": bool(n.get("offered")), "host_use": n.get("host_use"),
+            "allocated_to": n.get("allocated_to"),
+            "vfs": [{"bdf": vf.get("bdf"), "allocated_to": vf.get("allocated_to")}
+                    for vf in (n.get("sriov") or {}).get("vfs") or []],
+        } for n in topology.get("nics") or []],
         "degraded_gpus": degraded,
         "changed": bool(result.get("changed")),
         "actions": list(result.get("actions") or []),

@@ -103,7 +103,7 @@ def test_report_desired_vs_actual():
     report = layout_report(vms, result, TOPO, host="h", layout="day")
     by = {d["name"]: d for d in report["desired"]}
     assert by["a"] == {"name": "a", "gpus": 1, "state": "running", "actual": "running",
-                       "gpu_indexes": [0], "matches": True, "error": None}
+                       "gpu_indexes": [0], "nics": [], "matches": True, "error": None}
     assert by["b"]["actual"] == "stopped" and by["b"]["matches"]
     assert by["c"]["actual"] == "absent" and not by["c"]["matches"]
     assert report["failed"] == [{"name": "c", "error": "c: no free 1-GPU block"}]
@@ -143,6 +143,33 @@ def test_fleet_summary_lists_every_host():
     assert (out[2]["versions"], out[2]["stack"]) == ({}, "")
     with pytest.raises(AnsibleFilterError):
         fleet_summary(hostvars, "h1")
+
+
+def test_reports_show_rail_nics_and_vfs_with_their_holders():
+    topo = dict(TOPO, allocations=[
+        {"name": "a", "active": True, "managed": True, "gpus": ["0000:34:00.0"],
+         "nics": ["0000:35:00.1"]}],
+        nics=[{"bdf": "0000:35:00.0", "model": "ConnectX-5", "offered": True, "host_use": None,
+               "rail_gpus": ["0000:34:00.0", "0000:36:00.0"], "allocated_to": None,
+               "sriov": {"totalvfs": 8, "numvfs": 2, "vfs": [
+                   {"bdf": "0000:35:00.1", "allocated_to": "a"},
+                   {"bdf": "0000:35:00.2", "allocated_to": None}]}},
+              {"bdf": "0000:3a:00.0", "model": "ConnectX-5", "offered": True, "host_use": None,
+               "rail_gpus": ["0000:39:00.0"], "allocated_to": None, "sriov": None},
+              {"bdf": "0000:23:00.0", "model": "ConnectX-6 Dx", "offered": False,
+               "host_use": "enp35s0f0np0 carries the host's default route", "rail_gpus": [],
+               "allocated_to": None, "sriov": None}])
+    report = layout_report([{"name": "a", "gpus": 1}], {"vms": [{"vm": {"name": "a"}}]}, topo,
+                           "h1", "day")
+    assert report["desired"][0]["nics"] == ["0000:35:00.1"]
+    first = report["nics"][0]
+    assert first["rail_gpu_indexes"] == [0, 1]
+    assert first["vfs"] == [{"bdf": "0000:35:00.1", "allocated_to": "a"},
+                            {"bdf": "0000:35:00.2", "allocated_to": None}]
+    assert report["nics"][2]["host_use"].endswith("default route")
+    line = fleet_summary({"h1": {"gpu_vms_report": report}}, ["h1"])[0]["line"]
+    # the rail with a VF held is not free; the host's own NIC is not counted
+    assert line.endswith(", rail NICs free 1 of 2")
 
 
 def test_report_in_check_mode_is_ok_when_nothing_failed():
