@@ -19,6 +19,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import (
     gpu_rails,
     gpudirect_rdma,
     nic_functions,
+    platform_warnings,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import HostState
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import PlacementError
@@ -34,23 +35,28 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._ranges import format_
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._readiness import assess
 
 
+def _pci_entry(dev, model, holders, **first):
+    """The keys every reported PCI function has (GPUs, NVSwitches, NICs)."""
+    return dict(first, **{
+        "bdf": dev.bdf,
+        "id": "%04x:%04x" % dev.id_pair,
+        "model": model,
+        "numa_node": dev.numa_node,
+        "iommu_group": dev.iommu_group,
+        "iommu_group_members": list(dev.iommu_group_members),
+        "driver": dev.driver,
+        "pcie_path": list(dev.bridges),
+        "host_bridge": dev.host_bridge,
+        "allocated_to": holders.get(dev.bdf),
+    })
+
+
 def _device_entries(devices, names, holders, unhealthy, platform=None, busy=None):
     entries = []
     for index, dev in enumerate(devices):
-        entry = {
-            "index": index,
-            "bdf": dev.bdf,
-            "id": "%04x:%04x" % dev.id_pair,
-            # A model the table does not name is reported with its ID ("unknown 10de:2bff").
-            "model": names.get(dev.id_pair) or "unknown %04x:%04x" % dev.id_pair,
-            "numa_node": dev.numa_node,
-            "iommu_group": dev.iommu_group,
-            "iommu_group_members": list(dev.iommu_group_members),
-            "driver": dev.driver,
-            "pcie_path": list(dev.bridges),
-            "host_bridge": dev.host_bridge,
-            "allocated_to": holders.get(dev.bdf),
-        }
+        # A model the table does not name is reported with its ID ("unknown 10de:2bff").
+        entry = _pci_entry(dev, names.get(dev.id_pair) or "unknown %04x:%04x" % dev.id_pair,
+                           holders, index=index)
         if unhealthy is not None:
             entry["healthy"] = dev.bdf not in unhealthy
             entry["busy"] = (busy or {}).get(dev.bdf)
@@ -77,16 +83,8 @@ def _nic_entries(topology, nics, holders):
                 "driver": vf.driver if vf else None,
                 "allocated_to": holders.get(vf_bdf),
             })
-        entries.append({
-            "bdf": nic.bdf,
-            "id": "%04x:%04x" % dev.id_pair,
-            "model": nic.model,
-            "numa_node": dev.numa_node,
-            "iommu_group": dev.iommu_group,
-            "iommu_group_members": list(dev.iommu_group_members),
-            "driver": dev.driver,
-            "pcie_path": list(dev.bridges),
-            "host_bridge": dev.host_bridge,
+        entry = _pci_entry(dev, nic.model, holders)
+        entry.update({
             "link_layer": net.link_layer if net else None,
             "netdevs": list(net.netdevs) if net else [],
             "rdma_devices": list(net.rdma) if net else [],
@@ -96,8 +94,8 @@ def _nic_entries(topology, nics, holders):
             "rail_link": nic.rail_link,
             "host_use": nic.host_use,
             "offered": nic.offered,
-            "allocated_to": holders.get(nic.bdf),
         })
+        entries.append(entry)
     return entries
 
 
@@ -131,8 +129,8 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
     gpus = platform_gpus(topology, platform)
     switches = platform_nvswitches(topology, platform)
     unhealthy = set(unhealthy_gpus)
-    nics = classify_nics(topology, gpus)
-    rail_functions = nic_functions(topology)
+    nics = classify_nics(topology, gpus, platform)
+    rail_functions = nic_functions(topology, platform)
     allocations = holdings(domains, [g.bdf for g in gpus], [s.bdf for s in switches],
                            rail_functions)
     state = HostState(topology, platform, allocations, reserved_cpus=reserved_cpus,
@@ -207,6 +205,7 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
     }
     for gpu in result["gpus"]:
         gpu["rail_nics"] = rails_of.get(gpu["bdf"], [])
+    result["warnings"].extend(platform_warnings(topology, gpus, nics, platform))
     if fabric is not None:
         result["warnings"].extend(_fabric_warnings(fabric, domains))
     if fabric is not None:

@@ -67,10 +67,11 @@ class Nic:
     rail_gpus: tuple  # the GPUs it serves (PCI order); () when it is no GPU's rail
     rail_link: str | None  # PIX or PXB to those GPUs; None when it is no rail
     host_use: str | None  # why the host keeps it (never offered), or None
+    named: bool = True  # False: the platform names its rail NICs, and not this one
 
     @property
     def offered(self):
-        return bool(self.rail_gpus) and self.host_use is None
+        return bool(self.rail_gpus) and self.host_use is None and self.named
 
 
 def nic_model(id_pair):
@@ -78,18 +79,20 @@ def nic_model(id_pair):
     return NIC_IDS.get(id_pair) or NIC_VF_IDS.get(id_pair) or "unknown %04x:%04x" % id_pair
 
 
-def host_nics(topology, ids=None):
-    """The host's allow-listed NIC physical functions (VFs are listed under them), PCI order."""
-    ids = NIC_IDS if ids is None else ids
-    return [d for d in topology.devices_matching(ids, NIC_CLASSES)
+def host_nics(topology, platform=None):
+    """The host's allow-listed NIC physical functions (VFs are listed under them), PCI order:
+    the built-in models, or the platform's ``nic_ids`` and ``nic_classes``."""
+    ids = getattr(platform, "nic_ids", ()) or NIC_IDS
+    classes = getattr(platform, "nic_classes", ()) or NIC_CLASSES
+    return [d for d in topology.devices_matching(ids, classes)
             if (topology.nics.get(d.bdf) is None or topology.nics[d.bdf].physfn is None)]
 
 
-def nic_functions(topology, ids=None):
+def nic_functions(topology, platform=None):
     """Every allow-listed NIC physical function and each of its VFs (BDFs): what a domain may
     hold of the host's rails."""
     found = set()
-    for dev in host_nics(topology, ids):
+    for dev in host_nics(topology, platform):
         found.add(dev.bdf)
         net = topology.nics.get(dev.bdf)
         found.update(net.vfs if net else ())
@@ -103,9 +106,18 @@ def host_use(topology, bdf):
     if net is None:
         return None
     reasons = []
-    for name, master in zip(net.netdevs, net.masters or (None,) * len(net.netdevs)):
+    uppers = net.uppers or ((),) * len(net.netdevs)
+    for name, master, stacked in zip(net.netdevs, net.masters or (None,) * len(net.netdevs),
+                                     uppers):
         for what in topology.host_routes.get(name, ()):
             reasons.append("%s carries the host's %s" % (name, what))
+        for upper in stacked:
+            if upper == master:
+                continue
+            through = topology.host_routes.get(upper, ())
+            reasons.append("%s has %s on it%s" % (
+                name, upper, " (which carries the host's %s)" % ", ".join(through)
+                if through else ""))
         if master:
             through = topology.host_routes.get(master, ())
             reasons.append("%s is enslaved to %s%s" % (
@@ -131,7 +143,7 @@ def _nearest_gpus(topology, nic_bdf, gpu_bdfs):
 
 
 def rails(topology, gpus, nics):
-    """{NIC BDF: (link, GPUs it serves)} for the NICs within a PCIe switch of some GPU.
+    """{NIC BDF: (link, GPUs it serves)} for the NICs that share a PCIe switch with some GPU.
 
     NICs whose nearest GPUs are the same set share them out in PCI order: as many NICs as GPUs
     (DGX A100, DGX H100) gives one GPU each; fewer NICs (a DGX-2 switch: 2 GPUs, 1 NIC) gives
@@ -156,16 +168,37 @@ def rails(topology, gpus, nics):
     return result
 
 
-def classify(topology, gpus, ids=None):
+def classify(topology, gpus, platform=None):
     """[Nic] for every allow-listed NIC physical function, PCI order."""
-    nics = host_nics(topology, ids)
+    nics = host_nics(topology, platform)
     rail_map = rails(topology, gpus, nics)
+    named = set(getattr(platform, "rail_nics", ()) or ())
     return [
         Nic(bdf=n.bdf, model=nic_model(n.id_pair),
             rail_gpus=rail_map.get(n.bdf, (None, ()))[1],
             rail_link=rail_map.get(n.bdf, (None, ()))[0],
-            host_use=host_use(topology, n.bdf))
+            host_use=host_use(topology, n.bdf), named=not named or n.bdf in named)
         for n in nics]
+
+
+def platform_warnings(topology, gpus, nics, platform):
+    """What is wrong with the rail NICs a platform names: not a NIC here, or no GPU's rail."""
+    warnings = []
+    by_bdf = {n.bdf: n for n in nics}
+    for bdf in getattr(platform, "rail_nics", ()) or ():
+        nic = by_bdf.get(bdf)
+        if nic is None:
+            warnings.append(
+                "platform %s names rail NIC %s, which is no NIC of this host (its nic_ids and "
+                "nic_classes, or the built-in ConnectX / BlueField list); it is not offered"
+                % (platform.name, bdf))
+        elif not nic.rail_gpus:
+            link, _near = _nearest_gpus(topology, bdf, [g.bdf for g in gpus])
+            warnings.append(
+                "platform %s names rail NIC %s, but it shares no PCIe switch with a GPU (the "
+                "nearest is %s); rails come from the topology, so it is not offered" % (
+                    platform.name, bdf, link or "none"))
+    return warnings
 
 
 def gpu_rails(nics):
@@ -198,14 +231,16 @@ class NicChoiceError(ValueError):
     """A VM cannot get the rails it asks for; the message names the option to change."""
 
 
-def choose_nics(topology, nics, gpus, held, count=NICS_AUTO, mode="auto", allow_fewer=False):
+def choose_nics(topology, nics, gpus, held, count=NICS_AUTO, mode="auto", allow_fewer=False,
+                prefer=()):
     """The rails a VM that gets ``gpus`` (BDFs) should have, nearest GPU first.
 
     ``nics``: [Nic] (classify); ``held``: {BDF: holder} of NIC functions and VFs other VMs hold.
     ``count``: ``auto`` (every rail under the VM's GPUs), a number (that many of them), or 0.
     ``mode``: ``whole`` (physical functions only), ``vf`` (VFs only) or ``auto``: the whole
-    function where the VM gets every GPU it serves, a VF where it shares it with GPUs the VM does
-    not get. ``allow_fewer``: take what is free instead of failing. Raises NicChoiceError.
+    function where the VM gets every GPU it serves and the NIC has no VFs (vfio-pci refuses a PF
+    with SR-IOV enabled), else a VF. ``allow_fewer``: take what is free instead of failing.
+    ``prefer``: what the VM holds now (kept where it still answers). Raises NicChoiceError.
     """
     if count == 0:
         return []
@@ -217,31 +252,34 @@ def choose_nics(topology, nics, gpus, held, count=NICS_AUTO, mode="auto", allow_
         raise NicChoiceError(
             "nics: this host has no rail NIC to offer (%s); ask nics: 0, or see gpu_topology's "
             "nics for what it found (docs/networking.md)" % (
-                "the host uses its rail NICs %s" % ", ".join(kept) if kept
+                "the host keeps its rail NICs %s" % ", ".join(kept) if kept
                 else "no ConnectX or BlueField NIC sits beside a GPU"))
     order = {bdf: i for i, bdf in enumerate(gpus)}
     rails = sorted((n for n in offered if set(n.rail_gpus) & set(gpus)),
                    key=lambda n: (min(order[g] for g in n.rail_gpus if g in order), n.bdf))
     wanted = len(rails) if count == NICS_AUTO else int(count)
-    if wanted > len(rails) and not allow_fewer:
+    if (wanted > len(rails) or not rails) and not allow_fewer:
         raise NicChoiceError(
-            "nics: %d asked, but GPU(s) %s have %d rail NIC(s) the host does not use (%s); ask "
-            "nics: auto or at most %d, or nics_allow_fewer: true" % (
-                wanted, ", ".join(gpus), len(rails), ", ".join(n.bdf for n in rails) or "none",
-                len(rails)))
-    chosen = []
+            "nics: %s asked, but GPU(s) %s have %d rail NIC(s) the host does not use (%s); ask "
+            "%s, or nics_allow_fewer: true" % (
+                wanted if count != NICS_AUTO else "auto", ", ".join(gpus), len(rails),
+                ", ".join(n.bdf for n in rails) or "none",
+                "nics: 0" if not rails else "nics: auto or at most %d" % len(rails)))
+    chosen, refusals = [], []
     for nic in rails:
         if len(chosen) == wanted:
             break
-        choice = _rail_for(topology, nic, gpus, held, mode)
+        choice = _rail_for(topology, nic, gpus, held, mode, set(prefer))
         if isinstance(choice, NicChoice):
             chosen.append(choice)
-        elif not allow_fewer:
-            raise NicChoiceError(choice)
+        else:
+            refusals.append(choice)  # the next rail may still do
+    if len(chosen) < wanted and not allow_fewer:
+        raise NicChoiceError(refusals[0])
     return chosen
 
 
-def _rail_for(topology, nic, gpus, held, mode):
+def _rail_for(topology, nic, gpus, held, mode, prefer=frozenset()):
     """A NicChoice for one rail NIC, or the reason it cannot be had (a string)."""
     net = topology.nics.get(nic.bdf)
     vfs = net.vfs if net else ()
@@ -251,14 +289,16 @@ def _rail_for(topology, nic, gpus, held, mode):
     if nic.bdf in held:
         return ("nics: rail NIC %s of GPU(s) %s is held whole by %s; free it, or set "
                 "nics_allow_fewer: true" % (nic.bdf, ", ".join(served), held[nic.bdf]))
-    whole = mode == "whole" or (mode == "auto" and not others and not held_vfs)
-    if whole:
+    if mode == "whole" or (mode == "auto" and not others and not vfs):
         if others:
             return ("nic_mode: whole, but rail NIC %s also serves GPU(s) %s, which this VM does "
                     "not get; use nic_mode: vf or auto (a VF of it)" % (nic.bdf, ", ".join(others)))
-        if held_vfs:
-            return ("nic_mode: whole, but VFs of rail NIC %s are held: %s" % (
-                nic.bdf, ", ".join(held_vfs)))
+        if vfs:
+            return ("nic_mode: whole, but rail NIC %s has %d VF(s) (sriov_numvfs), and vfio-pci "
+                    "takes no physical function with SR-IOV enabled; set its sriov_numvfs to 0, "
+                    "or use nic_mode: auto or vf%s" % (
+                        nic.bdf, len(vfs), " (held: %s)" % ", ".join(held_vfs) if held_vfs
+                        else ""))
         return NicChoice(nic=nic.bdf, bdf=nic.bdf, vf=False, gpus=served)
     if net is None or net.sriov_totalvfs is None:
         return ("nics: rail NIC %s (GPU(s) %s) has no SR-IOV, so it has no VFs to share%s" % (
@@ -270,11 +310,15 @@ def _rail_for(topology, nic, gpus, held, mode):
                 "host (echo N > /sys/bus/pci/devices/%s/sriov_numvfs), or use nic_mode: whole%s" % (
                     nic.bdf, net.sriov_totalvfs, nic.bdf,
                     "" if not others else " with all of GPU(s) %s" % ", ".join(nic.rail_gpus)))
-    for vf in vfs:
-        if vf not in held and vf in topology.pci:
-            return NicChoice(nic=nic.bdf, bdf=vf, vf=True, gpus=served)
-    return ("nics: every VF of rail NIC %s is held (%s); free one, create more, or set "
-            "nics_allow_fewer: true" % (nic.bdf, ", ".join(held_vfs)))
+    usable = [vf for vf in vfs if vf not in held and vf in topology.pci
+              and host_use(topology, vf) is None]
+    for vf in sorted(usable, key=lambda b: (b not in prefer, vfs.index(b))):
+        return NicChoice(nic=nic.bdf, bdf=vf, vf=True, gpus=served)
+    kept = ["%s (%s)" % (vf, host_use(topology, vf)) for vf in vfs
+            if vf not in held and host_use(topology, vf)]
+    return ("nics: no VF of rail NIC %s is free (held: %s%s); free one, create more, or set "
+            "nics_allow_fewer: true" % (nic.bdf, ", ".join(held_vfs) or "none",
+                                        "; the host uses %s" % ", ".join(kept) if kept else ""))
 
 
 # --- what GPUDirect RDMA in a VM depends on -------------------------------------------------------

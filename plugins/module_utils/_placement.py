@@ -32,6 +32,7 @@ Rules, in the order they decide:
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._bdf import normalize_bdf
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_state import HostLedger
@@ -79,7 +80,9 @@ class HostState(HostLedger):
                     self._models_of(request) is None
                     or all(self.model.gpu_model[i] in self._models_of(request) for i in held)):
                 if _same_size(old, request):
-                    return self._placement_from(old)
+                    if _nics_answer(old, request):
+                        return self._placement_from(old)
+                    return self._renic(old, request)
                 # Same GPUs (sticky), new CPU/memory shape: re-place only CPUs and memory.
                 self.release(request.name)
                 switches = tuple(sorted(self.model.switch_index[normalize_bdf(b)]
@@ -88,8 +91,9 @@ class HostState(HostLedger):
                 fixed = _Block(held, switches, self.model.gpu_count, self.model.gpu_node)
                 try:
                     if not held:
-                        return self._commit(request, self._fit_cpu_only(request))
-                    return self._commit(request, self._fit(request, [fixed], fixed_gpus=True))
+                        return self._commit(request, self._fit_cpu_only(request), old)
+                    return self._commit(request, self._fit(request, [fixed], fixed_gpus=True),
+                                        old)
                 except PlacementError:
                     self._record(old)
                     raise
@@ -409,7 +413,16 @@ class HostState(HostLedger):
             return max(sizes) if sizes else -1
         return int(want)
 
-    def _commit(self, request, fit):
+    def _renic(self, old, request):
+        """The same GPUs, CPUs and memory, the rails chosen again (what it holds kept where it
+        still answers); the old holding stays when they cannot be had."""
+        nics = self._choose_nics(request, tuple(old.gpus), old)
+        self.release(old.name)
+        new = replace(old, nics=nics)
+        self._record(new)
+        return self._placement_from(new)
+
+    def _commit(self, request, fit, old=None):
         block, nodes, vcpus, memory = fit
         m = self.model
         hugepage = self._page_size(request, nodes, memory)
@@ -426,7 +439,7 @@ class HostState(HostLedger):
         emulator = tuple(sorted(c for node in nodes for c in m.node_reserved.get(node, ())))
         indexes = block.indexes if block is not None else ()
         switches = block.switches if block is not None else ()
-        nics = self._choose_nics(request, tuple(m.gpu_bdfs[i] for i in indexes))
+        nics = self._choose_nics(request, tuple(m.gpu_bdfs[i] for i in indexes), old)
         placement = Placement(
             name=request.name,
             gpus=tuple(m.gpu_bdfs[i] for i in indexes),
@@ -449,10 +462,11 @@ class HostState(HostLedger):
         self._record(placement.holding())
         return placement
 
-    def _choose_nics(self, request, gpus):
-        """The rail NICs (functions or VFs) for a VM that gets ``gpus``; () for nics: 0."""
+    def _choose_nics(self, request, gpus, old=None):
+        """The rail NICs (functions or VFs) for a VM that gets ``gpus``. With nics: 0 the engine
+        leaves a VM's NICs alone: it keeps what its domain holds (attached by hand, say)."""
         if not request.nics:
-            return ()
+            return tuple(old.nics) if old is not None else ()
         if not gpus:
             raise PlacementError("%s: nics needs GPUs, whose rails they are; ask nics: 0"
                                  % self._prefix(request))
@@ -460,7 +474,8 @@ class HostState(HostLedger):
         try:
             chosen = choose_nics(self.model.topology, self.model.nics, gpus, held,
                                  count=request.nics, mode=request.nic_mode,
-                                 allow_fewer=request.nics_allow_fewer)
+                                 allow_fewer=request.nics_allow_fewer,
+                                 prefer=old.nics if old is not None else ())
         except NicChoiceError as exc:
             raise PlacementError("%s: %s" % (self._prefix(request), exc)) from exc
         return tuple(c.bdf for c in chosen)
@@ -620,10 +635,16 @@ def _same_size(alloc, request):
     want_hp = request.hugepages
     hp_same = (bool(alloc.hugepage_kb) == bool(want_hp)) and (
         not isinstance(want_hp, int) or isinstance(want_hp, bool) or want_hp == alloc.hugepage_kb)
-    # The rails it holds still answer its nics (auto: any it has; a count: that many).
-    nics_same = (not request.nics and not alloc.nics) or (
-        request.nics == NICS_AUTO and bool(alloc.nics)) or (
-        isinstance(request.nics, int) and len(alloc.nics) == request.nics)
     return ((request.vcpus is None or request.vcpus == vcpus)
             and (request.memory_mb is None or request.memory_mb == alloc.memory_mb)
-            and request.cpu_policy == alloc.cpu_policy and hp_same and nics_same)
+            and request.cpu_policy == alloc.cpu_policy and hp_same)
+
+
+def _nics_answer(alloc, request):
+    """Whether the rails a VM holds answer its nics: 0 leaves them alone; auto is answered by
+    any it holds; a count by that many (or some, with nics_allow_fewer)."""
+    if not request.nics:
+        return True
+    if request.nics == NICS_AUTO or request.nics_allow_fewer:
+        return bool(alloc.nics)
+    return len(alloc.nics) == request.nics

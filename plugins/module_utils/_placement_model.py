@@ -208,7 +208,7 @@ class _HostModel(object):
         self.gpu_index = {b: i for i, b in enumerate(self.gpu_bdfs)}
         self.switch_index = {b: i for i, b in enumerate(self.switch_bdfs)}
         # Rail NICs (none on a topology rebuilt from facts, which carries no NIC data).
-        self.nics = classify_nics(topology, gpus)
+        self.nics = classify_nics(topology, gpus, platform)
         self.node_ids = tuple(sorted(n.id for n in topology.numa_nodes))
         fallback = self.node_ids[0] if self.node_ids else 0
         # numa_node -1 (firmware silent, common in single-root boxes): count it on the first

@@ -34,7 +34,7 @@ FILE_KEYS = (
     "name", "description", "base", "gpu_ids", "nvswitch_ids", "gpu_count", "nvswitch_count",
     "fabric", "physical_ids", "fm_partitions", "partitions", "allowed_sizes", "templates",
     "os_disk_gb", "extra_passthrough_ids", "gpu_classes", "nvswitch_classes", "module_ids",
-    "unavailable", "nvswitch_driver",
+    "unavailable", "nvswitch_driver", "nic_ids", "nic_classes", "rail_nics",
 )
 
 # A Linux driver name as /sys/bus/pci/drivers lists it (nvidia, virtio-pci, ...).
@@ -107,7 +107,7 @@ def platform_from_dict(data, source="platform file"):
         raise _bad(source, "name must be a non-empty string")
     changes["name"] = name
     changes["description"] = str(data.get("description", base.description or name))
-    for key in ("gpu_ids", "nvswitch_ids"):
+    for key in ("gpu_ids", "nvswitch_ids", "nic_ids"):
         if key in data:
             values = data[key]
             if not isinstance(values, list):
@@ -116,7 +116,7 @@ def platform_from_dict(data, source="platform file"):
             # other vendors (stand-ins in a lab); the class check still applies to them. An
             # empty or missing list: every NVIDIA GPU (an NVIDIA function of a GPU class).
             changes[key] = tuple(_parse_id(source, key, v) for v in values)
-    for key in ("gpu_classes", "nvswitch_classes"):
+    for key in ("gpu_classes", "nvswitch_classes", "nic_classes"):
         if key in data:
             values = data[key]
             if not isinstance(values, list) or not values:
@@ -227,6 +227,14 @@ def platform_from_dict(data, source="platform file"):
             _parse_id(source, "extra_passthrough_ids", k): str(v) for k, v in raw.items()}
     if "module_ids" in data:
         changes["module_ids"] = _module_ids(source, data["module_ids"])
+    if "rail_nics" in data:
+        raw = data["rail_nics"]
+        if not isinstance(raw, list):
+            raise _bad(source, "rail_nics must be a list of NIC addresses such as 0000:35:00.0")
+        try:
+            changes["rail_nics"] = tuple(sorted({format_bdf(*parse_bdf(str(v))) for v in raw}))
+        except ValueError as exc:
+            raise _bad(source, "rail_nics: %s" % exc) from exc
     if "nvswitch_driver" in data:
         driver = data["nvswitch_driver"]
         if not isinstance(driver, str) or not _DRIVER_NAME_RE.match(driver):

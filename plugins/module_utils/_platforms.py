@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import NIC_CLASSES
+
 NVIDIA = 0x10DE
 PMC_SIERRA = 0x11F8
 
@@ -123,6 +125,12 @@ class Platform:
     # Shared NVSwitch: the host driver that owns the NVSwitches, for Fabric Manager. A platform
     # file of stand-in switches (the lab) names theirs; nvidia everywhere else.
     nvswitch_driver: str = "nvidia"
+    # NICs (docs/networking.md): IDs and classes that count (() and NIC_CLASSES: the built-in
+    # ConnectX / BlueField list), and the rail NICs a platform file names ((): every rail the
+    # topology gives; else only those, each still checked against the topology).
+    nic_ids: tuple = ()
+    nic_classes: tuple = NIC_CLASSES
+    rail_nics: tuple = ()
 
     @property
     def partitioned(self):
@@ -191,6 +199,9 @@ class Platform:
             "module_ids": dict(sorted(self.module_ids.items())),
             "unavailable": [{"gpus": list(block), "why": why}
                             for block, why in sorted(self.unavailable.items())],
+            "nic_ids": [_format_id(i) for i in self.nic_ids],
+            "nic_classes": ["0x%04x" % c for c in self.nic_classes],
+            "rail_nics": list(self.rail_nics),
         }
 
 

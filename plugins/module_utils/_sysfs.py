@@ -252,8 +252,12 @@ class SysfsReader:
         netdevs = sorted(netdevs, key=lambda n: (
             _int(_read(os.path.join(real, "net", n, "dev_port"), "0"), default=0), n))
         masters = []
+        uppers = []
         types = set()
         for name in netdevs:
+            uppers.append(tuple(sorted(
+                entry[len("upper_"):] for entry in _listdir(os.path.join(real, "net", name))
+                if entry.startswith("upper_"))))
             master = os.path.join(real, "net", name, "master")
             masters.append(os.path.basename(os.readlink(master)) if os.path.islink(master)
                            else None)
@@ -278,7 +282,8 @@ class SysfsReader:
                 vfs.append((int(m.group(1)), os.path.basename(os.readlink(link))))
         physfn = os.path.join(real, "physfn")
         return NetFunction(
-            bdf=bdf, netdevs=tuple(netdevs), masters=tuple(masters), rdma=tuple(rdma),
+            bdf=bdf, netdevs=tuple(netdevs), masters=tuple(masters), uppers=tuple(uppers),
+            rdma=tuple(rdma),
             link_layer=link_layer,
             sriov_totalvfs=_int(_read(os.path.join(real, "sriov_totalvfs"), ""), default=None),
             sriov_numvfs=_int(_read(os.path.join(real, "sriov_numvfs"), ""), default=0),

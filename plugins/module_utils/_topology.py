@@ -107,6 +107,7 @@ class NetFunction:
     bdf: str
     netdevs: tuple = ()  # interface names (net/*), port order
     masters: tuple = ()  # the bond or bridge each netdev is enslaved to, or None (net/X/master)
+    uppers: tuple = ()  # per netdev, the devices stacked on it (net/X/upper_*: VLANs, macvlans)
     rdma: tuple = ()  # RDMA device names (infiniband/*): mlx5_0
     link_layer: str | None = None  # "InfiniBand" or "Ethernet" (RDMA port, netdev type or class)
     sriov_totalvfs: int | None = None  # None: no SR-IOV capability
@@ -151,7 +152,7 @@ def parse_ext_caps(config):
             acs = ctrl
         elif cap_id == PCI_EXT_CAP_ID_ATS:
             ats = ctrl
-        offset = header >> 20
+        offset = (header >> 20) & 0xFFC  # PCI_EXT_CAP_NEXT
         if offset and offset < 0x100:
             break
     return ExtCaps(readable=True, acs_ctrl=acs, ats_ctrl=ats)

@@ -127,7 +127,7 @@ def plan(requests, snap, ctx, whole=False):
         state = HostState(
             ctx.topology, ctx.platform,
             holdings(list(domains.values()), ctx.gpu_bdfs, ctx.switch_bdfs,
-                     nic_functions(ctx.topology)),
+                     nic_functions(ctx.topology, ctx.platform)),
             reserved_cpus=ctx.reserved_cpus, reserved_memory_mb=ctx.reserved_memory_mb,
             unhealthy_gpus=ctx.unhealthy_gpus, nvlinks=ctx.nvlinks, busy_gpus=ctx.busy_gpus)
     except PlacementError as exc:  # host-wide options (reserved_cpus, ...) are bad

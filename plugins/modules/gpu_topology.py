@@ -193,7 +193,7 @@ gpus:
       version_added: 0.2.0
     rail_nics:
       description:
-        - The offered rail NICs (RV(nics)) that serve this GPU, nearest first; empty when none.
+        - The offered rail NICs (RV(nics)) that serve this GPU, in PCI order; empty when none.
       type: list
       elements: str
       version_added: 0.2.0
@@ -251,7 +251,7 @@ nics:
       type: dict
     rail_gpus:
       description:
-        - The GPUs this NIC serves - the nearest ones when they are at most a PCIe switch away
+        - The GPUs this NIC serves - the nearest ones when it shares a PCIe switch with them
           (C(PIX) or C(PXB)), shared out in PCI order among NICs that are equally near. Empty for
           a NIC beside no GPU.
       type: list

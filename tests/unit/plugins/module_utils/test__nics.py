@@ -197,15 +197,25 @@ def _choose(topo, gpus, held=None, **kwargs):
     return choose_nics(topo, classify(topo, host_gpus(topo)), gpus, held or {}, **kwargs)
 
 
-def test_a_vm_with_every_gpu_of_a_rail_gets_it_whole(host_tree):
-    topo = read_host(*host_tree("dgx2"))
-    quad = _bdfs("34 36 39 3b")
-    got = _choose(topo, quad)
+def test_a_vm_with_every_gpu_of_a_rail_gets_it_whole_unless_it_has_vfs(host_tree):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import NicChoiceError
+
+    a100 = read_host(*host_tree("dgx-a100"))  # no VF created: whole functions
+    quad = _bdfs("07 0f 47 4e")
+    got = _choose(a100, quad)
     assert [(c.bdf, c.vf, c.gpus) for c in got] == [
-        ("0000:35:00.0", False, tuple(_bdfs("34 36"))),
-        ("0000:3a:00.0", False, tuple(_bdfs("39 3b")))]
-    assert [c.bdf for c in _choose(topo, quad, count=1)] == ["0000:35:00.0"]
-    assert _choose(topo, quad, count=0) == []
+        ("0000:05:00.0", False, ("0000:07:00.0",)), ("0000:0a:00.0", False, ("0000:0f:00.0",)),
+        ("0000:45:00.0", False, ("0000:47:00.0",)), ("0000:4a:00.0", False, ("0000:4e:00.0",))]
+    assert [c.bdf for c in _choose(a100, quad, count=1)] == ["0000:05:00.0"]
+    assert _choose(a100, quad, count=0) == []
+    # the DGX-2's NICs have VFs: vfio-pci takes no PF with SR-IOV enabled, so a VF each
+    dgx2 = read_host(*host_tree("dgx2"))
+    pair = _bdfs("34 36")
+    assert [(c.bdf, c.vf, c.gpus) for c in _choose(dgx2, pair)] == [
+        ("0000:35:00.1", True, tuple(pair))]
+    with pytest.raises(NicChoiceError, match=r"rail NIC 0000:35:00.0 has 2 VF\(s\) "
+                                             r"\(sriov_numvfs\), and vfio-pci takes no physical"):
+        _choose(dgx2, pair, mode="whole")
 
 
 def test_one_gpu_of_a_shared_rail_gets_a_vf_and_vfs_are_never_handed_out_twice(host_tree):
@@ -217,14 +227,14 @@ def test_one_gpu_of_a_shared_rail_gets_a_vf_and_vfs_are_never_handed_out_twice(h
     full = {"0000:35:00.1": "one", "0000:35:00.2": "two"}
     from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import NicChoiceError
 
-    with pytest.raises(NicChoiceError, match=r"every VF of rail NIC 0000:35:00.0 is held "
-                                             r"\(0000:35:00.1 \(one\), 0000:35:00.2 \(two\)\)"):
+    with pytest.raises(NicChoiceError, match=r"no VF of rail NIC 0000:35:00.0 is free \(held: "
+                                             r"0000:35:00.1 \(one\), 0000:35:00.2 \(two\)\)"):
         _choose(topo, _bdfs("36"), held=full)
     assert _choose(topo, _bdfs("36"), held=full, allow_fewer=True) == []
     # the pair cannot have the NIC whole while a VF of it is someone's
     assert [c.bdf for c in _choose(topo, _bdfs("34 36"), held={"0000:35:00.1": "one"})] == [
         "0000:35:00.2"]
-    with pytest.raises(NicChoiceError, match="nic_mode: whole, but VFs of rail NIC 0000:35:00.0"):
+    with pytest.raises(NicChoiceError, match="nic_mode: whole, but rail NIC 0000:35:00.0 has 2"):
         _choose(topo, _bdfs("34 36"), held={"0000:35:00.1": "one"}, mode="whole")
 
 
@@ -302,7 +312,8 @@ def test_a_dgx2_day_gets_its_rails_and_no_function_twice(host_tree):
     placed = dict((r.name, out) for r, out in state.plan(day))
     assert not [o for o in placed.values() if isinstance(o, PlacementError)]
     assert len(placed["eight"].nics) == 4 and len(placed["four"].nics) == 2
-    assert len(placed["two"].nics) == 1 and placed["two"].nics[0].endswith(".0")
+    # the DGX-2's NICs have VFs, so every rail is a VF (vfio-pci takes no PF with VFs)
+    assert len(placed["two"].nics) == 1 and placed["two"].nics[0].endswith(".1")
     # the two singles share a pair's NIC: a VF each
     singles = placed["one-a"].nics + placed["one-b"].nics
     assert sorted(singles) == [placed["one-a"].nics[0][:-1] + "1",
@@ -332,9 +343,12 @@ def test_sticky_vms_keep_their_rails_and_a_failed_choice_places_nothing(host_tre
     first = state.place(Request("a", gpus=1, nics="auto"))
     again = state.place(Request("a", gpus=1, nics="auto"))
     assert again.nics == first.nics and again.gpus == first.gpus
-    # nics: 0 -> the rails are given back, the GPU stays
+    # nics: 0 leaves a VM's NICs alone: it keeps them, and its CPUs, untouched
     bare = state.place(Request("a", gpus=1, nics=0))
-    assert bare.nics == () and bare.gpus == first.gpus and not state.nic_holder
+    assert bare.nics == first.nics and bare.cpus == first.cpus
+    # a new CPU shape re-fits CPUs and memory; the VF it holds stays its own
+    bigger = state.place(Request("a", gpus=1, vcpus=4, memory_mb=4096, nics="auto"))
+    assert bigger.nics == first.nics and bigger.vcpus == 4
     with pytest.raises(PlacementError, match="request 'b' .*nics: 3 asked"):
         state.place(Request("b", gpus=1, nics=3))
     assert "b" not in state.allocations
@@ -415,3 +429,91 @@ def test_parse_ext_caps_walks_the_list_and_stops_on_loops():
     assert (caps.readable, caps.acs_ctrl, caps.ats_ctrl) == (True, 0x5D, 0x8000)
     assert not parse_ext_caps(bytes(256)).readable
     assert parse_ext_caps(bytes(4096)).acs_ctrl is None
+
+
+def test_a_vf_stays_with_its_vm_when_others_come_and_go(host_tree):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import Request
+
+    topo = read_host(*host_tree("dgx2"))
+    state = _state(topo)
+    a = state.place(Request("a", gpus=1, gpu_index=0, nics="auto"))
+    b = state.place(Request("b", gpus=1, gpu_index=1, nics="auto"))
+    assert (a.nics, b.nics) == (("0000:35:00.1",), ("0000:35:00.2",))
+    state.release("a")
+    again = state.place(Request("b", gpus=1, gpu_index=1, vcpus=6, memory_mb=8192, nics="auto"))
+    assert again.nics == ("0000:35:00.2",) and again.vcpus == 6
+
+
+def test_a_rail_that_cannot_be_had_gives_way_to_the_next(host_tree):
+    topo = read_host(*host_tree("dgx-h100"))
+    quad = _bdfs("1b 43 52 61")
+    got = _choose(topo, quad, count=1, held={"0000:18:00.0": "other"})
+    assert [c.bdf for c in got] == ["0000:40:00.0"]
+
+
+def test_auto_fails_for_gpus_without_a_rail_unless_fewer_are_allowed(host_tree, fresh_host_tree):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import NicChoiceError
+
+    sysfs_root, proc_root = fresh_host_tree("dgx-h100")
+    # the host runs an IPoIB child interface on GPU0's rail
+    net = os.path.join(sysfs_root, "bus", "pci", "devices", "0000:18:00.0", "net", "ibp24s0")
+    upper = os.path.join(net, "upper_ibp24s0.8001")
+    os.symlink("../../../../../../virtual/net/ibp24s0.8001", upper)
+    with open(os.path.join(proc_root, "net", "route"), "a") as handle:
+        handle.write("ibp24s0.8001\t0000A8C0\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n")
+    topo = read_host(sysfs_root, proc_root)
+    nic = _rails(topo)["0000:18:00.0"]
+    assert nic.host_use == ("ibp24s0 has ibp24s0.8001 on it (which carries the host's route "
+                            "192.168.0.0/16)")
+    with pytest.raises(NicChoiceError, match=r"nics: auto asked, but GPU\(s\) 0000:1b:00.0 have "
+                                             r"0 rail NIC\(s\) .*ask nics: 0"):
+        _choose(topo, _bdfs("1b"))
+    assert _choose(topo, _bdfs("1b"), allow_fewer=True) == []
+
+
+# --- what a platform file says of its NICs ------------------------------------------------------
+
+def test_a_platform_names_its_rails_and_the_topology_still_decides(host_tree):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import platform_warnings
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._platform_data import (
+        platform_from_dict,
+    )
+
+    topo = read_host(*host_tree("dgx-h100"))
+    platform = platform_from_dict({"base": "dgx-h100", "rail_nics": [
+        "18:00.0", "0000:40:00.0", "0000:01:00.0"]}, "test.yml")
+    assert platform.rail_nics == ("0000:01:00.0", "0000:18:00.0", "0000:40:00.0")
+    nics = classify(topo, host_gpus(topo), platform)
+    assert [n.bdf for n in nics if n.offered] == ["0000:18:00.0", "0000:40:00.0"]
+    assert platform_warnings(topo, host_gpus(topo), nics, platform) == [
+        "platform dgx-h100 names rail NIC 0000:01:00.0, which is no NIC of this host (its "
+        "nic_ids and nic_classes, or the built-in ConnectX / BlueField list); it is not offered"]
+    # the platform's data survives the trip through placement_state (the fleet planner's copy)
+    again = platform_from_dict(platform.to_dict(), "facts")
+    assert (again.rail_nics, again.nic_ids, again.nic_classes) == (
+        platform.rail_nics, platform.nic_ids, platform.nic_classes)
+
+
+def test_a_platform_file_may_count_other_nics_and_name_a_non_rail(host_tree):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import platform_warnings
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._platform_data import (
+        platform_from_dict,
+    )
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import PlatformError
+
+    topo = read_host(*host_tree("dgx2"))
+    # the onboard X550 (8086:1563) counted as a NIC: it is no GPU's rail, and it is the host's
+    platform = platform_from_dict({"base": "dgx2", "nic_ids": ["8086:1563"],
+                                   "rail_nics": ["0000:01:00.0"]}, "lab.yml")
+    nics = classify(topo, host_gpus(topo), platform)
+    assert [n.bdf for n in nics] == ["0000:01:00.0", "0000:01:00.1"]
+    assert not any(n.offered for n in nics)
+    assert nics[0].host_use == "enp1s0f0 carries the host's default route; enp1s0f0 carries " \
+        "the host's route 10.33.0.0/24"
+    assert platform_warnings(topo, host_gpus(topo), nics, platform) == [
+        "platform dgx2 names rail NIC 0000:01:00.0, but it shares no PCIe switch with a GPU "
+        "(the nearest is NODE); rails come from the topology, so it is not offered"]
+    with pytest.raises(PlatformError, match="rail_nics: "):
+        platform_from_dict({"base": "dgx2", "rail_nics": ["not-a-bdf"]}, "bad.yml")
+    with pytest.raises(PlatformError, match="rail_nics must be a list"):
+        platform_from_dict({"base": "dgx2", "rail_nics": "0000:35:00.0"}, "bad.yml")
