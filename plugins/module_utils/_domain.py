@@ -503,6 +503,7 @@ class GpuvirtMetadata:
     fm_partition: int | None = None
     gpus: tuple = ()
     nvswitches: tuple = ()
+    nics: tuple = ()  # rail NIC functions or VFs placement gave it
     numa_nodes: tuple = ()
     disks: list = field(default_factory=list)  # MetadataDisk
     extras: Extras = field(default_factory=Extras, repr=False)
@@ -524,6 +525,7 @@ class GpuvirtMetadata:
                   image_version=child("image_version"),
                   owner_tag=child("owner_tag"), gpus=_split_list(child("gpus")),
                   nvswitches=_split_list(child("nvswitches")),
+                  nics=_split_list(child("nics")),
                   numa_nodes=tuple(_num(n, "<gpuvirt:numa_nodes>")
                                    for n in _split_list(child("numa_nodes"))),
                   disks=[MetadataDisk.from_element(d) for d in r.subs(_ns("disk"))])
@@ -540,6 +542,7 @@ class GpuvirtMetadata:
                            ("owner_tag", self.owner_tag),
                            ("gpus", ",".join(self.gpus) or None),
                            ("nvswitches", ",".join(self.nvswitches) or None),
+                           ("nics", ",".join(self.nics) or None),
                            ("numa_nodes", ",".join(str(n) for n in self.numa_nodes) or None)):
             _sub(el, _ns(tag), (), self.extras, text=value)
         for disk in self.disks:

@@ -46,6 +46,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain import (
     Vcpu,
     VcpuPin,
 )
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import rails
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import (
     POLICY_DEDICATED,
     split_proportionally,
@@ -88,7 +89,7 @@ def _passthrough_ports(spec, topology):
     A GPU or NVSwitch is followed by the other members of its IOMMU group; functions of one
     host slot (a GPU and its audio function) share a port and keep their function numbers.
     """
-    primaries = list(spec.gpus) + list(spec.nvswitches)
+    primaries = list(spec.gpus) + list(spec.nvswitches) + list(spec.nics)
     follows = {}
     for bdf in primaries:
         dev = topology.pci.get(bdf)
@@ -136,28 +137,96 @@ def _expander_bus_numbers(count, need):
     return [first + spacing * k for k in range(count)]
 
 
+def _rail_units(spec, topology, ports):
+    """Group ports into units: each rail NIC's port with the ports of the VM's GPUs it serves
+    (one emulated PCIe switch in the guest, so NCCL sees them PIX apart, as on the host), and
+    every other port alone. [(host node, [port, ...])] in the order of their first port."""
+    if not spec.nics:
+        return [(node, [bdfs]) for node, bdfs in ports]
+    gpu_devs = [topology.pci[g] for g in spec.gpus if g in topology.pci]
+    nic_devs = [topology.pci[n] for n in spec.nics if n in topology.pci]
+    served = {nic: gpus for nic, (_link, gpus) in rails(topology, gpu_devs, nic_devs).items()}
+    port_of = {}
+    for k, (_node, bdfs) in enumerate(ports):
+        for bdf in bdfs:
+            port_of[bdf] = k
+    unit_of = {}
+    units = []
+    for nic in spec.nics:
+        members = [port_of[g] for g in served.get(nic, ()) if g in port_of]
+        members = [k for k in members if k not in unit_of] + [port_of[nic]]
+        if len(members) == 1:
+            continue  # no GPU of its own left: a root port of its own
+        for k in members:
+            unit_of[k] = len(units)
+        units.append(members)
+    result, done = [], set()
+    for k, (node, _bdfs) in enumerate(ports):
+        if k in done:
+            continue
+        if k in unit_of:
+            members = units[unit_of[k]]
+            done.update(members)
+            result.append((node, [ports[m][1] for m in members]))
+        else:
+            done.add(k)
+            result.append((node, [ports[k][1]]))
+    return result
+
+
+def _unit_controllers(first_index, root_address, members):
+    """A root port (at root_address; None: libvirt places it on pcie-root), and for a unit of
+    several ports an emulated switch below it: [Controller], [Hostdev], the next free index."""
+    controllers = [Controller(type="pci", index=first_index, model="pcie-root-port",
+                              address=root_address)]
+    if len(members) == 1:
+        return controllers, _hostdevs_on(first_index, members[0]), first_index + 1
+    upstream = first_index + 1
+    controllers.append(Controller(
+        type="pci", index=upstream, model="pcie-switch-upstream-port",
+        address=Address(type="pci", domain=0, bus=first_index, slot=0, function=0)))
+    hostdevs = []
+    index = upstream + 1
+    for slot, bdfs in enumerate(members):
+        controllers.append(Controller(
+            type="pci", index=index, model="pcie-switch-downstream-port",
+            address=Address(type="pci", domain=0, bus=upstream, slot=slot, function=0)))
+        hostdevs.extend(_hostdevs_on(index, bdfs))
+        index += 1
+    return controllers, hostdevs, index
+
+
+def _buses(members):
+    """Guest buses a unit takes below its parent: its root port's, and with a switch the
+    upstream port's and each downstream port's."""
+    return 1 if len(members) == 1 else 2 + len(members)
+
+
 def _pci_layout(spec, topology, cells):
-    """Controllers and hostdevs: root ports on pcie-root, or under one expander bus per node."""
+    """Controllers and hostdevs: root ports on pcie-root, or under one expander bus per node;
+    a rail NIC and the GPUs it serves share an emulated switch below their root port."""
     root = Controller(type="pci", index=0, model="pcie-root",
                       pcihole64_kib=spec.mmio64_mb * 1024 if spec.mmio64_mb else None)
     controllers = [root]
     hostdevs = []
-    ports = _passthrough_ports(spec, topology)
+    units = _rail_units(spec, topology, _passthrough_ports(spec, topology))
     if len(cells) <= 1:
-        for k, (_node, bdfs) in enumerate(ports):
-            index = k + 1
-            controllers.append(Controller(type="pci", index=index, model="pcie-root-port"))
-            hostdevs.extend(_hostdevs_on(index, bdfs))
+        index = 1
+        for _node, members in units:
+            more, devs, index = _unit_controllers(index, None, members)
+            controllers.extend(more)
+            hostdevs.extend(devs)
         return controllers, hostdevs
     # One expander bus per guest cell that has devices, its <node> the cell: the guest then
     # sees each GPU on the NUMA node of its vCPUs and memory, as on the host (NCCL reads the
     # PCI/NUMA layout; a flat layout makes every GPU pair look like "PHB").
     cell_of = {node: k for k, node in enumerate(spec.numa_nodes)}
     by_cell = {}
-    for node, bdfs in ports:
-        by_cell.setdefault(cell_of.get(node, 0), []).append(bdfs)
+    for node, members in units:
+        by_cell.setdefault(cell_of.get(node, 0), []).append(members)
     used = sorted(by_cell)
-    bus_numbers = _expander_bus_numbers(len(used), 1 + max(len(by_cell[c]) for c in used))
+    bus_numbers = _expander_bus_numbers(
+        len(used), 1 + max(sum(_buses(m) for m in by_cell[c]) for c in used))
     expander_index = {}
     for k, cell in enumerate(used):
         expander_index[cell] = k + 1
@@ -166,13 +235,12 @@ def _pci_layout(spec, topology, cells):
                                       target_node=cell))
     index = len(used) + 1
     for cell in used:
-        for slot, bdfs in enumerate(by_cell[cell]):
-            controllers.append(Controller(
-                type="pci", index=index, model="pcie-root-port",
-                address=Address(type="pci", domain=0, bus=expander_index[cell], slot=slot,
-                                function=0)))
-            hostdevs.extend(_hostdevs_on(index, bdfs))
-            index += 1
+        for slot, members in enumerate(by_cell[cell]):
+            more, devs, index = _unit_controllers(
+                index, Address(type="pci", domain=0, bus=expander_index[cell], slot=slot,
+                               function=0), members)
+            controllers.extend(more)
+            hostdevs.extend(devs)
     return controllers, hostdevs
 
 
@@ -236,7 +304,7 @@ def build_domain(spec, topology, uuid=None, ovmf_code=DEFAULT_OVMF_CODE,
         cpu_policy=spec.cpu_policy, image=spec.image, image_version=spec.image_version,
         owner_tag=spec.owner_tag, seed_digest=spec.seed_digest,
         fm_partition=spec.fm_partition, gpus=tuple(spec.gpus),
-        nvswitches=tuple(spec.nvswitches),
+        nvswitches=tuple(spec.nvswitches), nics=tuple(spec.nics),
         numa_nodes=tuple(spec.numa_nodes),
         disks=[MetadataDisk(target=t, role=d.role, size_gb=d.size_gb)
                for t, d in _disk_targets(spec.disks)])]

@@ -67,7 +67,7 @@ def read_domain(xml, active=False):
     if meta is not None:
         metadata = {k: getattr(meta, k) for k in _METADATA_FIELDS if getattr(meta, k) is not None}
         # Lists as the XML writes them: comma-separated.
-        for key in ("gpus", "nvswitches", "numa_nodes"):
+        for key in ("gpus", "nvswitches", "nics", "numa_nodes"):
             if getattr(meta, key):
                 metadata[key] = ",".join(str(v) for v in getattr(meta, key))
     return DefinedDomain(

@@ -25,6 +25,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._cloud_init import Clo
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._cloud_init import (
     check as check_cloud_init,
 )
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import NIC_MODES, NICS_AUTO
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import (
     CPU_POLICIES,
     POLICY_DEDICATED,
@@ -44,7 +45,7 @@ STATES = ("present", "running", "stopped", "absent")
 
 # The options placement reads (gpu_topology's plan entries, the fleet planner).
 PLACEMENT_OPTIONS = ("name", "gpus", "gpu_index", "gpu_model", "vcpus", "memory", "cpu_policy",
-                     "hugepages")
+                     "hugepages", "nics", "nic_mode", "nics_allow_fewer")
 
 
 class VmError(Exception):
@@ -78,6 +79,9 @@ VM_OPTIONS = ArgumentSpec(
         gpus=dict(type="int"),
         gpu_index=dict(type="int"),
         gpu_model=dict(type="str"),
+        nics=dict(type="raw"),
+        nic_mode=dict(type="str", choices=list(NIC_MODES)),
+        nics_allow_fewer=dict(type="bool"),
         image=dict(type="str"),
         vcpus=dict(type="int"),
         memory=dict(type="raw"),
@@ -106,7 +110,8 @@ LAYOUT_VM_KEYS = tuple(VM_OPTIONS.options)
 LAYOUT_ENTRY = VM_OPTIONS
 # gpu_topology's plan entries: what placement reads, with the values a new VM gets.
 PLAN_ENTRY = VM_OPTIONS.subset(PLACEMENT_OPTIONS, defaults={
-    "gpus": 0, "cpu_policy": POLICY_DEDICATED, "hugepages": False})
+    "gpus": 0, "cpu_policy": POLICY_DEDICATED, "hugepages": False, "nics": 0,
+    "nic_mode": "auto", "nics_allow_fewer": False})
 
 
 def vm_argspec():
@@ -131,6 +136,9 @@ class VmRequest:
     gpus: int | None = None
     gpu_index: int | None = None
     gpu_model: str | None = None  # None: GPUs of one model; "any"; a model name or PCI ID
+    nics: object = None  # rail NICs: "auto", a count, 0; None: a new VM none, a VM its own
+    nic_mode: str | None = None  # auto | whole | vf
+    nics_allow_fewer: bool | None = None
     image: str | None = None
     vcpus: int | None = None
     memory_mb: int | None = None
@@ -200,6 +208,15 @@ def request_from_params(p, where=""):
             gpu_model_ids(p["gpu_model"])
         except ValueError as exc:
             raise VmError("%sgpu_model: %s" % (prefix, exc)) from exc
+    nics = p.get("nics")
+    if nics is not None:
+        text = str(nics).strip().lower()
+        if isinstance(nics, bool) or not (text == NICS_AUTO or text.isdigit()):
+            raise VmError("%snics: %r; give auto (the rail NICs under the VM's GPUs), a number "
+                          "of them, or 0 (docs/networking.md)" % (prefix, nics))
+        nics = NICS_AUTO if text == NICS_AUTO else int(text)
+        if nics and gpus == 0:
+            raise VmError("%snics: %s, but gpus is 0; rail NICs go with GPUs" % (prefix, nics))
     memory_mb = None
     if p.get("memory") is not None:
         try:
@@ -235,7 +252,8 @@ def request_from_params(p, where=""):
         raise VmError("%stimeout: %d; give seconds >= 0" % (prefix, timeout))
     return VmRequest(
         name=name, state=state, gpus=gpus, gpu_index=p.get("gpu_index"),
-        gpu_model=p.get("gpu_model"), image=p.get("image"),
+        gpu_model=p.get("gpu_model"), nics=nics, nic_mode=p.get("nic_mode"),
+        nics_allow_fewer=p.get("nics_allow_fewer"), image=p.get("image"),
         vcpus=p.get("vcpus"), memory_mb=memory_mb, os_disk_gb=os_disk_gb,
         data_disk_gb=data_disk_gb, networks=networks,
         cloud_init=p.get("cloud_init"), cpu_policy=p.get("cpu_policy"),
@@ -310,7 +328,9 @@ def placement_request(req, host=None):
     """What placement reads of a (resolved) request."""
     return Request(name=req.name, gpus=req.gpus, gpu_index=req.gpu_index, vcpus=req.vcpus,
                    memory_mb=req.memory_mb, cpu_policy=req.cpu_policy,
-                   hugepages=req.hugepages, host=host, gpu_model=req.gpu_model)
+                   hugepages=req.hugepages, host=host, gpu_model=req.gpu_model,
+                   nics=req.nics or 0, nic_mode=req.nic_mode or "auto",
+                   nics_allow_fewer=bool(req.nics_allow_fewer))
 
 
 # --- the callers' entry points --------------------------------------------------------------------

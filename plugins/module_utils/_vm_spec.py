@@ -115,6 +115,7 @@ class VmSpec:
     hugepage_kb: int = 0  # 0: normal memory
     gpus: tuple = ()  # BDFs
     nvswitches: tuple = ()  # BDFs
+    nics: tuple = ()  # rail NIC functions or VFs (BDFs)
     extra_hostdevs: tuple = ()  # other members of their IOMMU groups (BDFs)
     mmio64_mb: int = 0  # guest 64-bit PCI MMIO window; 0: QEMU's default
     disks: tuple = ()  # DiskSpec
@@ -134,7 +135,8 @@ class VmSpec:
     @property
     def hostdevs(self):
         """Every host PCI function the VM takes."""
-        return tuple(self.gpus) + tuple(self.nvswitches) + tuple(self.extra_hostdevs)
+        return (tuple(self.gpus) + tuple(self.nvswitches) + tuple(self.nics)
+                + tuple(self.extra_hostdevs))
 
     def to_dict(self):
         """Plain data (JSON-safe) for module results and diffs."""
@@ -151,6 +153,7 @@ class VmSpec:
             "hugepage_kb": self.hugepage_kb,
             "gpus": list(self.gpus),
             "nvswitches": list(self.nvswitches),
+            "nics": list(self.nics),
             "extra_hostdevs": list(self.extra_hostdevs),
             "mmio64_mb": self.mmio64_mb,
             "disks": [d.to_dict() for d in self.disks],
@@ -319,7 +322,8 @@ def make_spec(placement, topology, disks=(), networks=(), domain_type="kvm", cpu
     name = placement.name
     disk_specs = _check_disks(disks)
     net_specs = _check_networks(name, networks, placement.vcpus)
-    passthrough = tuple(placement.gpus) + tuple(placement.nvswitches)
+    nics = tuple(getattr(placement, "nics", ()) or ())
+    passthrough = tuple(placement.gpus) + tuple(placement.nvswitches) + nics
     extra = group_members(passthrough, topology) if passthrough else ()
     devices = [topology.pci[b] for b in passthrough + extra]
     mmio64_mb = mmio64_window_mb(devices) if placement.gpus else 0
@@ -331,7 +335,7 @@ def make_spec(placement, topology, disks=(), networks=(), domain_type="kvm", cpu
         numa_nodes=tuple(placement.numa_nodes),
         memory_by_node={int(k): int(v) for k, v in placement.memory_by_node.items()},
         hugepage_kb=placement.hugepage_kb or 0, gpus=tuple(placement.gpus),
-        nvswitches=tuple(placement.nvswitches), extra_hostdevs=extra,
+        nvswitches=tuple(placement.nvswitches), nics=nics, extra_hostdevs=extra,
         mmio64_mb=mmio64_mb,
         disks=disk_specs, networks=net_specs, cpu_mode=cpu_mode,
         cpu_disable_features=tuple(features), machine=machine, firmware=firmware,
@@ -477,7 +481,9 @@ def _spec_from_domain(dom):
     held = [h.bdf for h in dom.hostdevs]
     gpus = tuple(b for b in (normalize_bdf(g) for g in alloc.gpus) if b in held)
     switches = tuple(b for b in (normalize_bdf(s) for s in alloc.nvswitches) if b in held)
-    extra = tuple(sorted(b for b in held if b not in gpus and b not in switches))
+    nics = tuple(b for b in (normalize_bdf(n) for n in alloc.nics) if b in held)
+    extra = tuple(sorted(b for b in held if b not in gpus and b not in switches
+                         and b not in nics))
     root = dom.controller("pci", 0)
     mmio64_mb = (root.pcihole64_kib or 0) // 1024 if root is not None else 0
     os_ = dom.os or Os()
@@ -487,7 +493,8 @@ def _spec_from_domain(dom):
         name=dom.name, domain_type=dom.type, vcpus=dom.vcpu.count if dom.vcpu else 0,
         memory_mb=memory_mb, cpu_policy=policy, cpus=cpus,
         emulator_cpus=tuple(tune.emulatorpin or ()), numa_nodes=nodes, memory_by_node=by_node,
-        hugepage_kb=hugepage_kb, gpus=gpus, nvswitches=switches, extra_hostdevs=extra,
+        hugepage_kb=hugepage_kb, gpus=gpus, nvswitches=switches, nics=nics,
+        extra_hostdevs=extra,
         mmio64_mb=mmio64_mb, disks=_disk_specs(dom, alloc), networks=tuple(
             NetworkSpec(type=i.type, source=i.source, mac=i.mac, queues=i.queues)
             for i in dom.interfaces),

@@ -73,6 +73,24 @@ options:
             VM gets GPUs of one model. See M(gpuvirt.kvm.kvm_vm).
         type: str
         version_added: 0.2.0
+      nics:
+        description:
+          - Rail NICs, as M(gpuvirt.kvm.kvm_vm)'s O(gpuvirt.kvm.kvm_vm#module:nics) takes them -
+            V(auto), a number, or V(0).
+        type: raw
+        default: 0
+        version_added: 0.2.0
+      nic_mode:
+        description: V(auto), V(whole) or V(vf), as M(gpuvirt.kvm.kvm_vm) takes it.
+        type: str
+        choices: [auto, whole, vf]
+        default: auto
+        version_added: 0.2.0
+      nics_allow_fewer:
+        description: Take fewer rail NICs than asked when fewer are free.
+        type: bool
+        default: false
+        version_added: 0.2.0
       vcpus:
         description: vCPUs. By default the platform template for the GPU count, else the
           GPUs' share of their NUMA nodes' unreserved CPUs.
@@ -446,8 +464,7 @@ plan:
       type: int
     nics:
       description:
-        - The rail NIC functions or VFs the entry would get. Always empty today - no module
-          option asks for rails yet (docs/networking.md).
+        - The rail NIC functions or VFs the entry would get (O(plan[].nics)).
       type: list
       elements: str
       version_added: 0.2.0

@@ -57,7 +57,8 @@ options:
   vms:
     description:
       - The VMs, each a dict of M(gpuvirt.kvm.kvm_vm) options (C(name) required; C(gpus),
-        C(gpu_index), C(gpu_model), C(image), C(vcpus), C(memory), C(os_disk_size), C(data_disk_size),
+        C(gpu_index), C(gpu_model), C(nics), C(nic_mode), C(nics_allow_fewer), C(image), C(vcpus),
+        C(memory), C(os_disk_size), C(data_disk_size),
         C(networks), C(cloud_init), C(cpu_policy), C(hugepages), C(cpu_mode),
         C(cpu_disable_features), C(domain_type), C(firmware), C(state), C(force), C(timeout),
         C(remove_data), C(recreate), C(owner_tag)).

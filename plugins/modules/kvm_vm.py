@@ -102,6 +102,27 @@ options:
       - The models of a DGX or HGX platform are all alike.
     type: str
     version_added: 0.2.0
+  nics:
+    description:
+      - Rail NICs passed through with the GPUs (docs/networking.md) - V(auto) for every rail NIC
+        under the VM's GPUs' PCIe switches, a number for that many of them, or V(0) for none.
+      - Each NIC goes into the guest under the same emulated PCIe switch as the GPUs it serves,
+        so NCCL in the guest sees them C(PIX) apart, as on the host.
+      - When not set, a new VM gets none, and an existing VM keeps the NICs it holds.
+    type: raw
+    version_added: 0.2.0
+  nic_mode:
+    description:
+      - V(auto) - the whole NIC where the VM gets every GPU it serves and the NIC has no VFs,
+        else a VF of it. V(whole) - whole NICs only. V(vf) - VFs only.
+    type: str
+    choices: [auto, whole, vf]
+    version_added: 0.2.0
+  nics_allow_fewer:
+    description:
+      - Take the rail NICs that are free instead of failing when fewer than O(nics) are.
+    type: bool
+    version_added: 0.2.0
   image:
     description:
       - The base image of the OS disk, from the store at O(store) - a name (resolved through its

@@ -84,7 +84,9 @@ def test_secrets_are_found_in_nested_options_before_typing():
 
 def test_one_spec_serves_plan_entries_with_their_defaults():
     assert set(PLAN_ENTRY.options) == {"name", "gpus", "gpu_index", "gpu_model", "vcpus", "memory",
-                                       "cpu_policy", "hugepages"}
+                                       "cpu_policy", "hugepages", "nics", "nic_mode",
+                                       "nics_allow_fewer"}
     typed = PLAN_ENTRY.typed({"name": "a"}, "plan[0]")
     assert (typed["gpus"], typed["cpu_policy"], typed["hugepages"]) == (0, "dedicated", False)
+    assert (typed["nics"], typed["nic_mode"], typed["nics_allow_fewer"]) == (0, "auto", False)
     assert PLAN_ENTRY.required_by == {"gpu_index": "gpus"}

@@ -343,3 +343,34 @@ def test_absent_removes_an_overlay_a_move_kept(ctx):
     assert vp.steps == [("undefine", "vm"), ("remove_file", P["os"]),
                         ("remove_file", P["os_alt"])]
     assert vp.kept == [P["data"]]
+
+
+# --- rail NICs ------------------------------------------------------------------------------------
+
+def test_rails_are_placed_recorded_and_kept_when_the_option_is_left_out(ctx):
+    asked = req(image="os", gpus=2, nics="auto")
+    (vp,) = run(ctx, [asked])
+    assert vp.error is None and ("define", "vm") in vp.steps
+    assert vp.desired.nics == ("0000:35:00.1",)  # the DGX-2 pair's NIC has VFs: a VF
+    assert "0000:35:00.1" in vp.desired.hostdevs
+    # defined with its VF: the same request, or one without nics, changes nothing
+    for again in (asked, req(image="os", gpus=2), req(image="os", gpus=2, nics=0)):
+        (vp2,) = run(ctx, [again], (asked, True), files=[P["os"]])
+        assert vp2.error is None and vp2.steps == [], vp2.steps
+        assert vp2.desired.nics == ("0000:35:00.1",)
+
+
+@pytest.mark.parametrize("request_kw, words", [
+    ({"gpus": 0, "nics": "auto"}, "nics: auto, but gpus is 0"),
+    ({"gpus": 2, "nics": "two"}, "nics: 'two'; give auto"),
+    ({"gpus": 2, "nics": True}, "nics: True; give auto"),
+])
+def test_bad_nics_are_refused_before_planning(request_kw, words):
+    with pytest.raises(VmError, match=words):
+        req(image="os", **request_kw)
+
+
+def test_more_rails_than_the_gpus_have_is_refused_naming_the_option(ctx):
+    (vp,) = run(ctx, [req(image="os", gpus=2, nics=2)])
+    assert "nics: 2 asked, but GPU(s) 0000:34:00.0, 0000:36:00.0 have 1 rail NIC(s)" in vp.error
+    assert vp.steps == []

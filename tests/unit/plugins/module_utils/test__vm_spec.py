@@ -206,6 +206,70 @@ def test_dgx2_guest_addresses_are_one_device_per_root_port(host, tmp_path):
     assert [h.bdf for h in dom.hostdevs] == list(spec.gpus + spec.nvswitches)
 
 
+# --- rail NICs: beside their GPUs in the guest --------------------------------------------------
+
+def _parent(dom, index):
+    """The controller a bus number (a controller index) belongs to."""
+    return next(c for c in dom.controllers if c.type == "pci" and c.index == index)
+
+
+def _switch_of(dom, bdf):
+    """(upstream port index, downstream port index) above a hostdev; (None, port) without one."""
+    hostdev = next(h for h in dom.hostdevs if h.bdf == bdf)
+    port = _parent(dom, hostdev.address.bus)
+    if port.model != "pcie-switch-downstream-port":
+        return None, port.index
+    return port.address.bus, port.index
+
+
+@pytest.mark.parametrize("name, platform, gpus, nics, unit", [
+    ("dgx2", "dgx2", 2, ("0000:35:00.1",), 3),  # a VF (the NIC has VFs) with both GPUs
+    ("dgx2", "dgx2", 16, 8, 3),  # two cells: eight switches under two expander buses
+    ("dgx-a100", "dgx-a100", 8, 8, 2),  # whole NICs, one per GPU, four cells
+])
+def test_a_rail_nic_shares_an_emulated_switch_with_its_gpus(host, tmp_path, name, platform,
+                                                            gpus, nics, unit):
+    topo = host(name)
+    placement, spec = placed(topo, platform, Request("rails", gpus=gpus, nics="auto"))
+    assert spec.nics == placement.nics
+    if isinstance(nics, tuple):
+        assert spec.nics == nics
+    else:
+        assert len(spec.nics) == nics
+    dom = build_domain(spec, topo)
+    xml = dom.to_xml()
+    validate(xml, tmp_path)
+    switches = {}
+    for bdf in spec.gpus + spec.nics:
+        upstream, _down = _switch_of(dom, bdf)
+        assert upstream is not None, bdf
+        switches.setdefault(upstream, []).append(bdf)
+    # every switch holds one NIC and the GPUs it serves, each on a downstream port of its own
+    assert len(switches) == len(spec.nics)
+    for upstream, members in switches.items():
+        assert len(members) == unit
+        assert _parent(dom, upstream).model == "pcie-switch-upstream-port"
+        assert _parent(dom, _parent(dom, upstream).address.bus).model == "pcie-root-port"
+        nic = next(b for b in members if b in spec.nics)
+        pf = topo.nics[nic].physfn or nic
+        for gpu in (b for b in members if b in spec.gpus):
+            assert topo.link(pf, gpu) == "PIX"
+    # NVSwitches keep their root ports of their own
+    for bdf in spec.nvswitches:
+        assert _switch_of(dom, bdf)[0] is None
+    # spec -> XML -> domain -> spec is the identity, the rails recorded in the metadata
+    assert VmSpec.from_domain(Domain.from_xml(xml)) == spec
+    assert read_domain(xml).metadata["nics"] == ",".join(spec.nics)
+
+
+def test_vms_without_rails_keep_their_layout(host):
+    topo = host("dgx2")
+    _placement, spec = placed(topo, "dgx2", Request("plain", gpus=2))
+    dom = build_domain(spec, topo)
+    assert spec.nics == ()
+    assert not [c for c in dom.controllers if c.model and "switch" in c.model]
+
+
 # --- other platforms ------------------------------------------------------------------------------
 
 def test_a100_multi_node(host, tmp_path):
