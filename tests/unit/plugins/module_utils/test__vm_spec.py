@@ -715,6 +715,33 @@ def test_libvirt_accepts_a_dgx2_gpu_vm(host):
         conn.close()
 
 
+@pytest.mark.libvirt
+def test_libvirt_stores_the_rails_beside_their_gpus(host):
+    """A 16-GPU DGX-2 VM with its eight rails (a VF each): libvirt keeps every NIC on a
+    downstream port of the switch that holds the GPUs it serves, and the spec reads back."""
+    libvirt, conn = _connect()
+    topo = host("dgx2")
+    name = "gpuvirt-unit-%s" % uuid.uuid4().hex[:8]
+    _placement, spec = placed(topo, "dgx2", Request(name, gpus=16, nics="auto"),
+                              firmware="ovmf")
+    try:
+        dom = conn.defineXML(build_domain(spec, topo).to_xml())
+        stored = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        back = Domain.from_xml(stored)
+        assert len(back.hostdevs) == 16 + 12 + 8
+        upstreams = [c for c in back.controllers if c.model == "pcie-switch-upstream-port"]
+        assert len(upstreams) == 8
+        for nic in spec.nics:
+            upstream, _down = _switch_of(back, nic)
+            pf = topo.nics[nic].physfn
+            mates = [g for g in spec.gpus if _switch_of(back, g)[0] == upstream]
+            assert len(mates) == 2 and all(topo.link(pf, g) == "PIX" for g in mates)
+        assert VmSpec.from_domain(back) == spec
+    finally:
+        _remove(libvirt, conn, name)
+        conn.close()
+
+
 # --- what the guest firmware and CPU must reach: the 64-bit window and the address width -------
 
 FWCFG = "./{http://libvirt.org/schemas/domain/qemu/1.0}commandline"
