@@ -386,6 +386,7 @@ def vm_result(gateway, ctx, vp, actions, check_mode):
             "gpus": list(spec.gpus),
             "gpu_indexes": [index[b] for b in spec.gpus if b in index],
             "nvswitches": list(spec.nvswitches),
+            "nics": list(spec.nics),
             "cpus": list(spec.cpus), "emulator_cpus": list(spec.emulator_cpus),
             "numa_nodes": list(spec.numa_nodes), "vcpus": spec.vcpus,
             "memory_mb": spec.memory_mb, "disks": [d.to_dict() for d in spec.disks],

@@ -359,6 +359,11 @@ vm:
       description: NVSwitch PCI addresses passed through with the GPUs.
       type: list
       elements: str
+    nics:
+      description: Rail NIC functions or VFs passed through with the GPUs (O(nics)).
+      type: list
+      elements: str
+      version_added: 0.2.0
     fm_partition:
       description:
         - With O(fabric_manager) on a shared-NVSwitch platform, the Fabric Manager partition

@@ -82,8 +82,13 @@ def summarise(root, sysfs_root=None):
             path = os.path.join(sysfs_root, "bus", "pci", "devices", bdf, "numa_node")
             with open(path, encoding="ascii") as handle:
                 host_node = int(handle.read().strip())
+        port = controllers.get(bus) or {}
+        # the emulated switch above it: the upstream port a downstream port hangs from
+        switch = (port["parent_bus"] if port.get("model") == "pcie-switch-downstream-port"
+                  else None)
         hostdevs.append({"bdf": bdf, "managed": h.get("managed"), "guest_bus": bus,
-                         "guest_node": guest_node(bus), "host_node": host_node})
+                         "guest_node": guest_node(bus), "host_node": host_node,
+                         "switch": switch})
     pins = sorted(root.findall("./cputune/vcpupin"), key=lambda p: int(p.get("vcpu")))
     vcpu = root.find("vcpu")
     numatune = root.find("numatune")
