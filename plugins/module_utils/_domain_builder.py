@@ -129,7 +129,7 @@ def _hostdevs_on(port_index, bdfs):
 def _expander_bus_numbers(count, need):
     """Guest bus numbers for `count` expander buses that each need `need` buses."""
     first, spacing = EXPANDER_BUS_FIRST, EXPANDER_BUS_SPACING
-    if first + spacing * (count - 1) + need - 1 > _MAX_BUS:
+    if need > spacing or first + spacing * (count - 1) + need - 1 > _MAX_BUS:
         spacing = max(need, (_MAX_BUS + 1 - first) // count)
         if first + spacing * (count - 1) + need - 1 > _MAX_BUS:
             raise SpecError("the VM needs %d PCIe expander buses with %d buses each; a guest "
@@ -140,7 +140,8 @@ def _expander_bus_numbers(count, need):
 def _rail_units(spec, topology, ports):
     """Group ports into units: each rail NIC's port with the ports of the VM's GPUs it serves
     (one emulated PCIe switch in the guest, so NCCL sees them PIX apart, as on the host), and
-    every other port alone. [(host node, [port, ...])] in the order of their first port."""
+    every other port alone. NICs that share a port (two functions of one slot) or a GPU end up
+    in one unit. [(host node, [port, ...])] in the order of their first port."""
     if not spec.nics:
         return [(node, [bdfs]) for node, bdfs in ports]
     gpu_devs = [topology.pci[g] for g in spec.gpus if g in topology.pci]
@@ -150,27 +151,28 @@ def _rail_units(spec, topology, ports):
     for k, (_node, bdfs) in enumerate(ports):
         for bdf in bdfs:
             port_of[bdf] = k
-    unit_of = {}
-    units = []
+    parent = list(range(len(ports)))
+
+    def find(k):
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    grouped = set()
     for nic in spec.nics:
-        members = [port_of[g] for g in served.get(nic, ()) if g in port_of]
-        members = [k for k in members if k not in unit_of] + [port_of[nic]]
-        if len(members) == 1:
-            continue  # no GPU of its own left: a root port of its own
-        for k in members:
-            unit_of[k] = len(units)
-        units.append(members)
-    result, done = [], set()
-    for k, (node, _bdfs) in enumerate(ports):
-        if k in done:
-            continue
-        if k in unit_of:
-            members = units[unit_of[k]]
-            done.update(members)
-            result.append((node, [ports[m][1] for m in members]))
-        else:
-            done.add(k)
-            result.append((node, [ports[k][1]]))
+        mates = [port_of[g] for g in served.get(nic, ()) if g in port_of]
+        if nic not in port_of or not mates:
+            continue  # no GPU of its own in this VM: a root port of its own
+        for k in mates:
+            parent[find(k)] = find(port_of[nic])
+        grouped.update(mates + [port_of[nic]])
+    members = {}
+    for k in range(len(ports)):
+        members.setdefault(find(k) if k in grouped else ("alone", k), []).append(k)
+    result = []
+    for unit in sorted(members.values(), key=lambda m: m[0]):
+        result.append((ports[unit[0]][0], [ports[m][1] for m in unit]))
     return result
 
 

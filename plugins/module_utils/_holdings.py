@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._bdf import normalize_bdf
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain import Domain, DomainXmlError
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import (
     POLICY_DEDICATED,
@@ -107,12 +108,18 @@ def holdings(domains, gpu_bdfs, switch_bdfs, nic_bdfs=()):
     for dom in domains:
         memory_mb = dom.memory_kib // 1024
         nodes = tuple(dom.numa_nodes)
+        # The rails placement gave it (its metadata says which); any other rail function it
+        # holds (attached by hand, or in a GPU's IOMMU group) only counts as taken.
+        recorded = set(normalize_bdf(b) for b in str(
+            (dom.metadata or {}).get("nics") or "").split(",") if b)
+        held_nics = [b for b in dom.hostdevs if b in nic_set]
         result.append(Holding(
             name=dom.name, gpus=tuple(b for b in dom.hostdevs if b in gpu_set),
             nvswitches=tuple(b for b in dom.hostdevs if b in switch_set),
             cpus=dom.pinned_cpus or dom.cpuset, numa_nodes=nodes,
             memory_mb=memory_mb if nodes else 0, memory_by_node=even_split(memory_mb, nodes),
-            cpu_policy=dom.cpu_policy, nics=tuple(b for b in dom.hostdevs if b in nic_set)))
+            cpu_policy=dom.cpu_policy, nics=tuple(b for b in held_nics if b in recorded),
+            extra_nics=tuple(b for b in held_nics if b not in recorded)))
     return result
 
 

@@ -144,7 +144,7 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
     outcomes = state.plan(requests) if requests else []
     reserved = set(state.model.reserved)
     for dom in allocations:
-        for bdf in dom.nics:
+        for bdf in tuple(dom.nics) + tuple(dom.extra_nics):
             holders[bdf] = dom.name
     rails_of = gpu_rails(nics)
     result = {

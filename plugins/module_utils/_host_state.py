@@ -148,7 +148,7 @@ class HostLedger(object):
                 node = m.topology.cpus[cpu].node if cpu in m.topology.cpus else None
                 if node in self.node_free and cpu not in m.reserved:
                     self.node_free[node] -= 1
-        for bdf in alloc.nics:
+        for bdf in tuple(alloc.nics) + tuple(alloc.extra_nics):
             bdf = normalize_bdf(bdf)
             if self.nic_holder.get(bdf) not in (None, alloc.name):
                 if warn:
@@ -364,4 +364,5 @@ class HostLedger(object):
                 return False
         if alloc.cpu_policy == POLICY_DEDICATED and any(c in self.cpu_holder for c in alloc.cpus):
             return False
-        return not any(normalize_bdf(b) in self.nic_holder for b in alloc.nics)
+        return not any(normalize_bdf(b) in self.nic_holder
+                       for b in tuple(alloc.nics) + tuple(alloc.extra_nics))

@@ -247,6 +247,8 @@ def choose_nics(topology, nics, gpus, held, count=NICS_AUTO, mode="auto", allow_
     if mode not in NIC_MODES:
         raise NicChoiceError("nic_mode: %r is not one of %s" % (mode, ", ".join(NIC_MODES)))
     offered = [n for n in nics if n.offered]
+    if not offered and allow_fewer:
+        return []
     if not offered:
         kept = [n.bdf for n in nics if n.rail_gpus and not n.offered]
         raise NicChoiceError(

@@ -459,7 +459,10 @@ class HostState(HostLedger):
                           if indexes and m.platform.fabric == FABRIC_SHARED_NVSWITCH else None),
             nics=nics,
         )
-        self._record(placement.holding())
+        holding = placement.holding()
+        if old is not None and old.extra_nics:
+            holding = replace(holding, extra_nics=old.extra_nics)
+        self._record(holding)
         return placement
 
     def _choose_nics(self, request, gpus, old=None):

@@ -65,7 +65,10 @@ class Holding:
     cpu_policy: str = POLICY_DEDICATED
     vcpus: int | None = None  # None: len(cpus)
     hugepage_kb: int = 0  # 0: normal memory
-    nics: tuple = ()  # rail NIC functions and VFs (BDFs)
+    nics: tuple = ()  # rail NIC functions and VFs placement gave it (BDFs)
+    # Rail functions it holds that placement did not give it (attached by hand, or members of a
+    # GPU's IOMMU group): taken, never handed out, but no rail of the VM's.
+    extra_nics: tuple = ()
 
 
 @dataclass(frozen=True)

@@ -172,10 +172,13 @@ def plan(requests, snap, ctx, whole=False):
             # Caught before placing (gpu_index, count); kept as a guard: the running QEMU
             # holds the old devices, which must never look free to a later run.
             vp.error = (
-                "%s: the running VM holds GPU(s) %s and would be re-placed on %s; set "
+                "%s: the running VM holds GPU(s) %s%s and would be re-placed on %s%s; set "
                 "recreate: true to stop, re-place and restart it" % (
                     vp.request.name, ", ".join(vp.actual.gpus) or "none",
-                    ", ".join(vp.desired.gpus) or "none"))
+                    " and rail NIC(s) %s" % ", ".join(vp.actual.nics) if vp.actual.nics else "",
+                    ", ".join(vp.desired.gpus) or "none",
+                    " and rail NIC(s) %s" % ", ".join(vp.desired.nics) if vp.desired.nics
+                    else ""))
     for vp in plans:
         if vp.error is None:
             _steps(vp, snap, ctx)
@@ -474,8 +477,9 @@ def _moves_image(vp):
 
 
 def _moves_devices(vp):
-    """Whether an existing VM would get other GPUs or NVSwitches than it has."""
+    """Whether an existing VM would get other GPUs, NVSwitches or rail NICs than it has."""
     if not vp.exists or vp.actual is None or vp.desired is None:
         return False
     return (sorted(vp.actual.gpus) != sorted(vp.desired.gpus)
-            or sorted(vp.actual.nvswitches) != sorted(vp.desired.nvswitches))
+            or sorted(vp.actual.nvswitches) != sorted(vp.desired.nvswitches)
+            or sorted(vp.actual.nics) != sorted(vp.desired.nics))

@@ -211,7 +211,8 @@ def request_from_params(p, where=""):
     nics = p.get("nics")
     if nics is not None:
         text = str(nics).strip().lower()
-        if isinstance(nics, bool) or not (text == NICS_AUTO or text.isdigit()):
+        if isinstance(nics, bool) or not (text == NICS_AUTO or (text.isascii()
+                                                                and text.isdigit())):
             raise VmError("%snics: %r; give auto (the rail NICs under the VM's GPUs), a number "
                           "of them, or 0 (docs/networking.md)" % (prefix, nics))
         nics = NICS_AUTO if text == NICS_AUTO else int(text)

@@ -105,10 +105,13 @@ options:
   nics:
     description:
       - Rail NICs passed through with the GPUs (docs/networking.md) - V(auto) for every rail NIC
-        under the VM's GPUs' PCIe switches, a number for that many of them, or V(0) for none.
+        under the VM's GPUs' PCIe switches, or a number for that many of them.
       - Each NIC goes into the guest under the same emulated PCIe switch as the GPUs it serves,
         so NCCL in the guest sees them C(PIX) apart, as on the host.
-      - When not set, a new VM gets none, and an existing VM keeps the NICs it holds.
+      - V(0), or not set - a new VM gets none; an existing VM keeps the rail NICs it holds while
+        it keeps its GPUs. A VM re-placed on other GPUs (a new O(gpus) count, O(gpu_index) or
+        O(gpu_model)) gets no rails unless O(nics) asks again. Changing a running VM's rails
+        needs O(recreate=true), as for its GPUs.
     type: raw
     version_added: 0.2.0
   nic_mode:

@@ -371,6 +371,10 @@ def test_rails_that_domains_hold_are_never_handed_out(host_tree):
     with pytest.raises(PlacementError, match="held whole by by-hand"):
         state.place(Request("x", gpus=1, gpu_index=0, nics="auto"))
     placed = state.place(Request("y", gpus=1, gpu_index=1, nics="auto"))
+    # held outside placement (by hand, or in a GPU's IOMMU group): taken all the same
+    other = _state(topo, [Holding(name="by-hand", extra_nics=("0000:40:00.0",))])
+    with pytest.raises(PlacementError, match="held whole by by-hand"):
+        other.place(Request("z", gpus=1, gpu_index=1, nics="auto"))
     assert placed.nics == ("0000:40:00.0",)
 
 
