@@ -833,29 +833,36 @@ def test_a_guest_the_host_cpu_cannot_address_is_refused(host):
            cpu_mode="maximum")
 
 
-def test_two_functions_of_one_nic_share_one_switch_and_pass_once(tmp_path):
-    """A dual-port NIC (two functions of one slot) whole, beside two GPUs: one switch, each
-    function passed through once, and the spec reads back."""
+def _one_switch_host(tmp_path, name, ports):
+    """A one-socket host whose single PCIe switch has a downstream port per entry of ``ports``
+    (each a list of the devices below that port); its topology."""
     desc = {
-        "name": "dual", "cpu": {"sockets": 1, "cores_per_socket": 8, "threads_per_core": 1},
+        "name": name, "cpu": {"sockets": 1, "cores_per_socket": 8, "threads_per_core": 1},
         "numa": {"memory_gib": 64}, "iommu": {"enabled": True},
         "pci": [{"host_bridge": "0000:00", "node": 0, "devices": [
             "00:00.0 intel-skx-host-bridge",
             {"bdf": "00:01.0", "model": "intel-skx-root-port", "children": [
                 {"bdf": "01:00.0", "model": "plx-pex9797-usp", "children": [
-                    {"bdf": "02:00.0", "model": "plx-pex9797-port",
-                     "children": ["03:00.0 a100-sxm4-80gb"]},
-                    {"bdf": "02:01.0", "model": "plx-pex9797-port",
-                     "children": ["04:00.0 mellanox-cx7", "04:00.1 mellanox-cx7"]},
-                    {"bdf": "02:02.0", "model": "plx-pex9797-port",
-                     "children": ["05:00.0 a100-sxm4-80gb"]}]}]}]}],
+                    {"bdf": "02:%02x.0" % k, "model": "plx-pex9797-port", "children": devices}
+                    for k, devices in enumerate(ports)]}]}]}],
     }
-    topo = read_host(*sysfs_builder.build(desc, str(tmp_path / "host")))
+    return read_host(*sysfs_builder.build(desc, str(tmp_path / "host")))
+
+
+DEFAULT_NETWORK = [NetworkSpec(type="network", source="default")]
+
+
+def test_two_functions_of_one_nic_share_one_switch_and_pass_once(tmp_path):
+    """A dual-port NIC (two functions of one slot) whole, beside two GPUs: one switch, each
+    function passed through once, and the spec reads back."""
+    topo = _one_switch_host(tmp_path, "dual", [
+        ["03:00.0 a100-sxm4-80gb"], ["04:00.0 mellanox-cx7", "04:00.1 mellanox-cx7"],
+        ["05:00.0 a100-sxm4-80gb"]])
     platform = PLATFORMS["generic"]
     placement = HostState(topo, platform).place(Request("dual", gpus=2, nics="auto", vcpus=2,
                                                         memory_mb=1024))
     assert sorted(placement.nics) == ["0000:04:00.0", "0000:04:00.1"]
-    spec = make_spec(placement, topo, networks=[NetworkSpec(type="network", source="default")])
+    spec = make_spec(placement, topo, networks=DEFAULT_NETWORK)
     dom = build_domain(spec, topo)
     bdfs = [h.bdf for h in dom.hostdevs]
     assert len(bdfs) == len(set(bdfs)) == 4
@@ -879,27 +886,17 @@ def test_a_nic_in_a_gpus_iommu_group_stays_an_extra_and_the_vm_stays_as_it_is(tm
     from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import holdings
     from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import nic_functions
 
-    desc = {
-        "name": "noacs", "cpu": {"sockets": 1, "cores_per_socket": 8, "threads_per_core": 1},
-        "numa": {"memory_gib": 64}, "iommu": {"enabled": True},
-        "pci": [{"host_bridge": "0000:00", "node": 0, "devices": [
-            "00:00.0 intel-skx-host-bridge",
-            {"bdf": "00:01.0", "model": "intel-skx-root-port", "children": [
-                {"bdf": "01:00.0", "model": "plx-pex9797-usp", "children": [
-                    {"bdf": "02:00.0", "model": "plx-pex9797-port", "children": [
-                        {"bdf": "03:00.0", "model": "a100-sxm4-80gb", "iommu_group": "g"}]},
-                    {"bdf": "02:01.0", "model": "plx-pex9797-port", "children": [
-                        {"bdf": "04:00.0", "model": "mellanox-cx7", "iommu_group": "g"}]}]}]}]}],
-    }
-    topo = read_host(*sysfs_builder.build(desc, str(tmp_path / "host")))
+    topo = _one_switch_host(tmp_path, "noacs", [
+        [{"bdf": "03:00.0", "model": "a100-sxm4-80gb", "iommu_group": "g"}],
+        [{"bdf": "04:00.0", "model": "mellanox-cx7", "iommu_group": "g"}]])
     platform = PLATFORMS["generic"]
     request = Request("vm", gpus=1, vcpus=2, memory_mb=1024)
     placement = HostState(topo, platform).place(request)
-    spec = make_spec(placement, topo, networks=[NetworkSpec(type="network", source="default")])
+    spec = make_spec(placement, topo, networks=DEFAULT_NETWORK)
     assert spec.nics == () and spec.extra_hostdevs == ("0000:04:00.0",)
     xml = build_domain(spec, topo).to_xml()
     held = holdings([read_domain(xml)], ["0000:03:00.0"], [], nic_functions(topo))
     assert held[0].nics == () and held[0].extra_nics == ("0000:04:00.0",)
     again = HostState(topo, platform, held).place(request)
-    assert make_spec(again, topo, networks=[NetworkSpec(type="network", source="default")]) \
+    assert make_spec(again, topo, networks=DEFAULT_NETWORK) \
         == VmSpec.from_domain(Domain.from_xml(xml)) == spec
