@@ -50,7 +50,8 @@ LINT_PY_PATHS = $(wildcard plugins tests bench tools .ci)
 SHELL_SCRIPTS = $(wildcard .ci/run tools/*.sh tests/integration/*.sh tests/lab/*.sh tests/ee/*.sh \
   tests/integration/targets/*/runme.sh tests/integration/targets/*/files/*.sh \
   tests/fixtures/fabric/fmpm tests/fixtures/fabric/jsoncpp/*.sh roles/kvm_host/files/gpuvirt-qemu-hook \
-  roles/kvm_host/files/gpuvirt-fabric-redeclare)
+  roles/kvm_host/files/gpuvirt-fabric-redeclare roles/kvm_host/files/gpuvirt-vfio-bind \
+  roles/kvm_host/files/gpuvirt-sriov)
 
 .PHONY: help system-deps setup lint sanity units integration molecule test build main demo sync clean
 

@@ -11,8 +11,8 @@ short_description: One readable line for a VM returned by kvm_vm or kvm_layout
 version_added: 0.1.0
 description:
   - Formats the RV(gpuvirt.kvm.kvm_vm#module:vm) dictionary as one line for reports and
-    allocation maps - name, state, GPUs, vCPUs and the host CPUs they run on, memory, NUMA
-    nodes.
+    allocation maps - name, state, GPUs (with their NVSwitches and rail NICs), vCPUs and the
+    host CPUs they run on, memory, NUMA nodes.
 positional: _input
 options:
   _input:
@@ -61,6 +61,9 @@ def vm_line(vm):
     switches = len(vm.get("nvswitches") or [])
     if switches:
         gpu_text += " + %d NVSwitch" % switches
+    nics = len(vm.get("nics") or [])
+    if nics:
+        gpu_text += " + %d rail NIC%s" % (nics, "s" if nics > 1 else "")
     memory = vm.get("memory_mb", 0)
     mem_text = "%d GiB" % (memory // 1024) if memory >= 4096 else "%d MiB" % memory
     return "%-14s %-8s %-28s %d vCPU(s) on %s (%s)  %s  node %s" % (

@@ -89,7 +89,8 @@ def _nic_entries(topology, nics, holders):
             "netdevs": list(net.netdevs) if net else [],
             "rdma_devices": list(net.rdma) if net else [],
             "sriov": None if net is None or net.sriov_totalvfs is None else {
-                "totalvfs": net.sriov_totalvfs, "numvfs": net.sriov_numvfs, "vfs": vfs},
+                "totalvfs": net.sriov_totalvfs, "numvfs": net.sriov_numvfs,
+                "offset": net.sriov_offset, "stride": net.sriov_stride, "vfs": vfs},
             "rail_gpus": list(nic.rail_gpus),
             "rail_link": nic.rail_link,
             "host_use": nic.host_use,

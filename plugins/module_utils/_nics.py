@@ -22,6 +22,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import (
     PCI_ACS_DT,
     PCI_ACS_RR,
     PCI_ATS_CTRL_ENABLE,
+    PCI_CLASS_BRIDGE_PCI,
 )
 
 MELLANOX = 0x15B3
@@ -281,6 +282,16 @@ def choose_nics(topology, nics, gpus, held, count=NICS_AUTO, mode="auto", allow_
     return chosen
 
 
+def _group_mates(topology, bdf):
+    """The other endpoints in a function's IOMMU group (bridges do not count): a VF in its PF's
+    group (an endpoint without ACS) cannot be given to a VM while the PF stays on the host."""
+    dev = topology.pci.get(bdf)
+    if dev is None:
+        return []
+    return [m for m in dev.iommu_group_members if m != bdf and m in topology.pci
+            and topology.pci[m].pci_class != PCI_CLASS_BRIDGE_PCI]
+
+
 def _rail_for(topology, nic, gpus, held, mode, prefer=frozenset()):
     """A NicChoice for one rail NIC, or the reason it cannot be had (a string)."""
     net = topology.nics.get(nic.bdf)
@@ -308,12 +319,18 @@ def _rail_for(topology, nic, gpus, held, mode, prefer=frozenset()):
             "; use nic_mode: whole" if not others else
             "; give one VM all of GPU(s) %s to have it whole" % ", ".join(nic.rail_gpus)))
     if not vfs:
-        return ("nics: rail NIC %s has no VFs yet (sriov_numvfs is 0 of %d); create them on the "
-                "host (echo N > /sys/bus/pci/devices/%s/sriov_numvfs), or use nic_mode: whole%s" % (
+        return ("nics: rail NIC %s has no VFs yet (sriov_numvfs is 0 of %d); create them with the "
+                "kvm_host role (kvm_host_nics: [{nic: %s, vfs: N}], docs/networking.md), or use "
+                "nic_mode: whole%s" % (
                     nic.bdf, net.sriov_totalvfs, nic.bdf,
                     "" if not others else " with all of GPU(s) %s" % ", ".join(nic.rail_gpus)))
     usable = [vf for vf in vfs if vf not in held and vf in topology.pci
-              and host_use(topology, vf) is None]
+              and host_use(topology, vf) is None and not _group_mates(topology, vf)]
+    if not usable and all(_group_mates(topology, vf) for vf in vfs if vf in topology.pci):
+        mates = _group_mates(topology, vfs[0]) if vfs[0] in topology.pci else []
+        return ("nics: the VFs of rail NIC %s share their IOMMU group with %s (no ACS between "
+                "them), so vfio cannot give one to a VM alone; use nic_mode: whole with 0 VFs, "
+                "or nics_allow_fewer: true" % (nic.bdf, ", ".join(mates) or "other functions"))
     for vf in sorted(usable, key=lambda b: (b not in prefer, vfs.index(b))):
         return NicChoice(nic=nic.bdf, bdf=vf, vf=True, gpus=served)
     kept = ["%s (%s)" % (vf, host_use(topology, vf)) for vf in vfs

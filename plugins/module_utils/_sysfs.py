@@ -97,8 +97,10 @@ class SysfsReader:
             groups = self._count_iommu_groups()
             cmdline = _read(os.path.join(self.proc_root, "cmdline"))
             cpuinfo = _read(os.path.join(self.proc_root, "cpuinfo"), default="")
+            # Network functions, and any SR-IOV function (a platform file may name a stand-in
+            # NIC of another class, a lab's NVMe controller): its VFs belong under it.
             nics = {bdf: self.read_net_function(bdf) for bdf, dev in pci.items()
-                    if dev.class_code >> 16 == PCI_BASE_CLASS_NETWORK}
+                    if dev.class_code >> 16 == PCI_BASE_CLASS_NETWORK or self._sriov_function(bdf)}
             routes = read_routes(self.proc_root)
             ext_caps = {bdf: self.read_ext_caps(bdf) for bdf, dev in pci.items()
                         if dev.class_code >> 16 in _EXT_CAP_CLASSES}
@@ -244,6 +246,12 @@ class SysfsReader:
         except OSError:
             return ExtCaps(readable=False)
 
+    def _sriov_function(self, bdf):
+        """Whether a function is an SR-IOV PF or VF (sriov_totalvfs, or a physfn link)."""
+        dev = self._sys("bus", "pci", "devices", bdf)
+        return (os.path.exists(os.path.join(dev, "sriov_totalvfs"))
+                or os.path.islink(os.path.join(dev, "physfn")))
+
     def read_net_function(self, bdf):
         """A network function's interfaces, RDMA devices, link layer and SR-IOV state."""
         real = os.path.realpath(self._sys("bus", "pci", "devices", bdf))
@@ -287,6 +295,8 @@ class SysfsReader:
             link_layer=link_layer,
             sriov_totalvfs=_int(_read(os.path.join(real, "sriov_totalvfs"), ""), default=None),
             sriov_numvfs=_int(_read(os.path.join(real, "sriov_numvfs"), ""), default=0),
+            sriov_offset=_int(_read(os.path.join(real, "sriov_offset"), ""), default=0),
+            sriov_stride=_int(_read(os.path.join(real, "sriov_stride"), ""), default=0),
             vfs=tuple(vf for _n, vf in sorted(vfs)),
             physfn=os.path.basename(os.readlink(physfn)) if os.path.islink(physfn) else None,
         )

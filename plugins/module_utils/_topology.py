@@ -112,6 +112,8 @@ class NetFunction:
     link_layer: str | None = None  # "InfiniBand" or "Ethernet" (RDMA port, netdev type or class)
     sriov_totalvfs: int | None = None  # None: no SR-IOV capability
     sriov_numvfs: int = 0
+    sriov_offset: int = 0  # VF n sits at routing ID PF + offset + n * stride (PCIe SR-IOV 3.3.9)
+    sriov_stride: int = 0
     vfs: tuple = ()  # the VFs' BDFs, virtfn0 first
     physfn: str | None = None  # a VF's PF
 

@@ -264,7 +264,8 @@ nics:
     rdma_devices: {description: Its RDMA devices., type: list, elements: str, sample: [mlx5_0]}
     sriov:
       description:
-        - V(null) without SR-IOV; else C(totalvfs), C(numvfs) and C(vfs) (each VF's C(bdf),
+        - V(null) without SR-IOV; else C(totalvfs), C(numvfs), C(offset) and C(stride) (where
+          VF n sits - routing ID of the PF + offset + n * stride) and C(vfs) (each VF's C(bdf),
           C(id), C(iommu_group), C(driver) and C(allocated_to)).
       type: dict
     rail_gpus:
@@ -292,7 +293,7 @@ nics:
        pcie_path: ["0000:2e:00.0", "0000:2f:00.0", "0000:30:00.0", "0000:32:00.0", "0000:33:04.0"],
        host_bridge: "pci0000:2e", link_layer: InfiniBand, netdevs: [ibp53s0],
        rdma_devices: [mlx5_0],
-       sriov: {totalvfs: 8, numvfs: 2, vfs: [{bdf: "0000:35:00.1", id: "15b3:1018", iommu_group: 42,
+       sriov: {totalvfs: 8, numvfs: 2, offset: 1, stride: 1, vfs: [{bdf: "0000:35:00.1", id: "15b3:1018", iommu_group: 42,
                driver: null, allocated_to: null}]},
        rail_gpus: ["0000:34:00.0", "0000:36:00.0"], rail_link: PIX, host_use: null, offered: true,
        allocated_to: null}

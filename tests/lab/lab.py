@@ -39,6 +39,17 @@ METADATA_NS = "http://gpuvirt.kvm/lab/1"
 FIRSTBOOT_VERSION = 1
 LAB_MAC = "52:54:00:4c:41:42"  # build-image.sh's systemd-networkd file matches it
 PLATFORM_IN_LAB = "/etc/gpuvirt-lab/platform.yml"
+# The lab's rail NICs (gpu-server.xml's NVMe stand-ins, platform.yml's nic_ids) for kvm_host:
+# the one beside GPUs 0-1 whole, the one beside GPUs 2-3 with two SR-IOV VFs. QEMU's switch
+# ports have no ACS, so those VFs share their PF's IOMMU group: the kernel makes them, vfio-pci
+# binds them, but no tenant can have one (docs/networking.md).
+GROUP_VARS = (
+    "# Written by tests/lab/lab.py (make lab-up): the lab's rail NIC stand-ins for kvm_host.\n"
+    "# Removed by make lab-down.\n"
+    "kvm_host_nics:\n"
+    "  - {nic: \"0000:45:00.0\", vfs: 0}\n"
+    "  - {nic: \"0000:85:00.0\", vfs: 2}\n"
+)
 # The shared-NVSwitch profile (platform-shared.yml): the README's main job converts with it.
 PLATFORM_SHARED_IN_LAB = "/etc/gpuvirt-lab/platform-shared.yml"
 TCG_CPU_MODEL = "Skylake-Server-noTSX-IBRS"
@@ -80,6 +91,7 @@ class Settings:
         self.overlay = os.path.join(self.state, "lab.qcow2")
         self.console_log = os.path.join(self.state, "console.log")
         self.inventory = os.path.join(self.state, "inventory.ini")
+        self.group_vars = os.path.join(self.state, "group_vars", "gpuvirt_lab.yml")
 
 
 def hardware_virt():
@@ -363,6 +375,12 @@ def write_inventory(settings, port):
     with open(tmp, "w", encoding="utf-8") as handle:
         handle.write(text)
     os.replace(tmp, settings.inventory)
+    # Beside the inventory, so that every play on the lab reads it: what kvm_host makes of the
+    # lab's rail NIC stand-ins.
+    os.makedirs(os.path.dirname(settings.group_vars), exist_ok=True)
+    with open(settings.group_vars + ".tmp", "w", encoding="utf-8") as handle:
+        handle.write(GROUP_VARS)
+    os.replace(settings.group_vars + ".tmp", settings.group_vars)
 
 
 def install_platform_file(settings, port):
@@ -492,7 +510,7 @@ def down(settings):
             raise LabError("%s was not made by lab.py; not touching it" % name)
         remove_domain(dom)
         log("removed domain %s" % name)
-    for path in (settings.overlay, settings.inventory, settings.console_log,
+    for path in (settings.overlay, settings.inventory, settings.group_vars, settings.console_log,
                  os.path.join(settings.state, "firstboot-console.log")):
         if os.path.exists(path):
             os.unlink(path)

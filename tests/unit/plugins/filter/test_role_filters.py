@@ -201,3 +201,20 @@ def test_gpu_tools_module_ids_takes_the_lines_the_role_gives():
     assert gpu_tools_module_ids("\n".join(stdout + log)) == found
     with pytest.raises(AnsibleFilterError, match="named no GPU's module"):
         gpu_tools_module_ids(stdout)
+
+
+# --- vm_line ------------------------------------------------------------------------------------
+
+def test_vm_line_names_the_gpus_switches_and_rails():
+    from ansible_collections.gpuvirt.kvm.plugins.filter.vm_line import vm_line
+
+    vm = {"name": "lab-pair", "state": "running", "gpu_indexes": [0, 1], "vcpus": 1,
+          "nvswitches": ["0000:48:00.0"], "nics": ["0000:45:00.0"], "cpus": [0],
+          "spec": {"cpu_policy": "shared"}, "memory_mb": 64, "numa_nodes": [0]}
+    assert vm_line(vm) == ("lab-pair       running  GPUs 0-1 (2) + 1 NVSwitch + 1 rail NIC "
+                           "1 vCPU(s) on 0 (shared)  64 MiB  node 0")
+    two = dict(vm, nics=["0000:45:00.1", "0000:45:00.2"], nvswitches=[])
+    assert "GPUs 0-1 (2) + 2 rail NICs" in vm_line(two)
+    assert "rail" not in vm_line(dict(vm, nics=[]))
+    with pytest.raises(AnsibleFilterError, match="expected a vm dict"):
+        vm_line({"state": "running"})
