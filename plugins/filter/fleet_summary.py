@@ -50,7 +50,14 @@ _value:
     vms: {description: How many VMs the layout lists., type: int}
     changed: {description: Whether the host changed., type: bool}
     errors: {description: Why the host failed., type: list, elements: str}
-    line: {description: One line for humans., type: str}
+    line:
+      description: One line for humans. With rail NICs it ends C(rail NICs free F of N (held:
+        BDF VM, ...)) - a NIC is free when no VM holds it or a VF of it.
+      type: str
+    nic_holders:
+      description: Rail NIC function or VF -> the VM that holds it (empty unless the host is ok).
+      type: dict
+      version_added: 0.2.0
     versions:
       description: The host's stack as M(gpuvirt.kvm.gpu_topology) reported it
         (RV(gpuvirt.kvm.gpu_topology#module:versions)), or an empty dict when the host has no
@@ -77,6 +84,18 @@ def _var(hostvars, host, name):
         return None
 
 
+def _nic_holders(nics):
+    """{function or VF: the VM that holds it} over a report's NICs, PCI order."""
+    held = {}
+    for nic in nics:
+        if nic.get("allocated_to"):
+            held[nic["bdf"]] = nic["allocated_to"]
+        for vf in nic.get("vfs") or []:
+            if vf.get("allocated_to"):
+                held[vf["bdf"]] = vf["allocated_to"]
+    return held
+
+
 def fleet_summary(hostvars, hosts):
     if not hasattr(hostvars, "__getitem__") or not isinstance(hosts, (list, tuple)):
         raise AnsibleFilterError("fleet_summary: expected hostvars and a list of hosts, got %r "
@@ -91,6 +110,7 @@ def fleet_summary(hostvars, hosts):
         if not isinstance(report, dict):
             out.append({"host": host, "status": "no report", "layout": None, "vms": 0,
                         "changed": False, "errors": [], "versions": {}, "stack": "",
+                        "nic_holders": {},
                         "line": "%-20s no report (unreachable, or failed before gpu_vms ran)"
                                 % host})
             continue
@@ -111,12 +131,18 @@ def fleet_summary(hostvars, hosts):
                 free = [n for n in rails if not n.get("allocated_to")
                         and not any(vf.get("allocated_to") for vf in n.get("vfs") or [])]
                 text += ", rail NICs free %d of %d" % (len(free), len(rails))
+                held = _nic_holders(rails)
+                if held:
+                    text += " (held: %s)" % ", ".join("%s %s" % kv for kv in held.items())
         else:
             mismatched = [d["name"] for d in desired if not d.get("matches") and not d.get("error")]
             text = "; ".join(errors + ["%s not as asked" % n for n in mismatched]) or "failed"
         versions = report.get("versions") if isinstance(report.get("versions"), dict) else {}
         out.append({"host": host, "status": status, "layout": report.get("layout"),
                     "vms": len(desired), "changed": bool(report.get("changed")),
+                    "nic_holders": _nic_holders(
+                        [n for n in report.get("nics") or [] if n.get("offered")])
+                    if status == "ok" else {},
                     "errors": errors, "versions": versions, "stack": stack_line(versions),
                     "line": "%-20s %-7s %-8s %s" % (host, status, report.get("layout") or "",
                                                     text)})

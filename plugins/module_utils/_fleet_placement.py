@@ -206,7 +206,7 @@ class Fleet(object):
 
     def _try(self, h, request, place, errors):
         """(host name, Placement) when ``place`` fits the request on host h, else None with
-        why in ``errors`` (the first three: GPUs fit there, CPUs or memory did not)."""
+        why in ``errors`` (the first three: GPUs fit there, CPUs, memory or rails did not)."""
         try:
             placement = place(request)
         except PlacementError as exc:
@@ -225,12 +225,15 @@ class Fleet(object):
             hosts = "no host of %d" % len(self.names)
         else:
             hosts = "no allowed host (%d of %d)" % (len(idx.members), len(self.names))
-        text = "request %r (%d GPU%s): %s has a free %d-GPU block (most free GPUs on one " \
+        if errors:
+            # Hosts had the GPUs and refused for another reason (CPUs, memory, rail NICs).
+            return "request %r (%d GPU%s): %s could take it; hosts with free GPUs that " \
+                   "refused it: %s" % (request.name, request.gpus,
+                                       "" if request.gpus == 1 else "s",
+                                       hosts, "; ".join(errors))
+        return "request %r (%d GPU%s): %s has a free %d-GPU block (most free GPUs on one " \
                "host: %d)" % (request.name, request.gpus, "" if request.gpus == 1 else "s",
                               hosts, request.gpus, most)
-        if errors:
-            text += "; hosts with free GPUs but short CPUs/memory: " + "; ".join(errors)
-        return text
 
     def _place_named(self, request, strategy, idx=None):
         host = request.host or self.vm_host.get(request.name)

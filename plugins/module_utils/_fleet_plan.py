@@ -25,6 +25,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_facts import (
     PLACEMENT_STATE_FORMAT,
     placement_entry,
 )
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import nic_from_dict
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import HostState
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import PlacementError
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platform_data import platform_from_dict
@@ -160,6 +161,7 @@ def _static_facts(facts):
         "reserved_memory_mb": sorted([int(k), int(v)] for k, v in
                                      (ps.get("reserved_memory_mb") or {}).items()),
         "nvlinks": sorted([int(a), int(b), int(c)] for a, b, c in ps.get("nvlinks") or ()),
+        "nics": [nic_from_dict(n).to_dict() for n in ps.get("nics") or ()],
     }
 
 
@@ -233,7 +235,8 @@ class StateBuilder(object):
         try:
             return HostState(topology, platform, reserved_cpus=sorted(reserved),
                              reserved_memory_mb=dict(static["reserved_memory_mb"]),
-                             nvlinks=dict(((a, b), c) for a, b, c in static["nvlinks"]))
+                             nvlinks=dict(((a, b), c) for a, b, c in static["nvlinks"]),
+                             nics=[nic_from_dict(n) for n in static["nics"]])
         except PlacementError as exc:
             raise FleetError("host %r: its facts do not make a host state: %s" % (host, exc)) \
                 from exc
@@ -259,6 +262,15 @@ class StateBuilder(object):
 
 
 # --- where -------------------------------------------------------------------------------------
+
+def rail_counts(state):
+    """(free, offered) rail NICs of a host: free is neither held whole nor any VF of it held
+    (the fleet report's "rail NICs free F of N")."""
+    offered = [n for n in state.model.nics if n.offered]
+    free = [n for n in offered if n.bdf not in state.nic_holder
+            and not any(vf in state.nic_holder for vf in n.vfs)]
+    return len(free), len(offered)
+
 
 def where_document(host, state, facts, labels):
     """What a request's `where` expression sees of a host (plain JSON data, see docs/fleet.md)."""
@@ -295,6 +307,8 @@ def where_document(host, state, facts, labels):
         "free_memory_mb": sum(n["free_memory_mb"] for n in nodes),
         "numa_nodes": nodes,
         "vms": sorted(state.allocations),
+        "rail_nics": rail_counts(state)[1],
+        "free_rail_nics": rail_counts(state)[0],
         "ready": bool(readiness.get("ready", False)),
         "labels": plain(labels or {}),
     }
@@ -391,6 +405,7 @@ def fleet_plan(facts_by_host, entries, labels=None, exclusive=False, owner_tag=N
     state_of = dict(states)
     before = dict((h, s.free_blocks()) for h, s in states)
     before_free = dict((h, s.free_gpus) for h, s in states)
+    before_rails = dict((h, rail_counts(s)[0]) for h, s in states)
 
     # What kvm_layout frees before it places: `state: absent` VMs, and with exclusive, the
     # collection's VMs (of owner_tag) that no request lists.
@@ -491,6 +506,9 @@ def fleet_plan(facts_by_host, entries, labels=None, exclusive=False, owner_tag=N
             "free_gpus_after": state.free_gpus,
             "free_blocks_before": dict((str(k), v) for k, v in before[host].items()),
             "free_blocks_after": dict((str(k), v) for k, v in state.free_blocks().items()),
+            "rail_nics": rail_counts(state)[1],
+            "free_rail_nics_before": before_rails[host],
+            "free_rail_nics_after": rail_counts(state)[0],
             "vms": [e["name"] for e in assignments[host]],
             "removed": removed[host],
         }

@@ -127,13 +127,15 @@ def holding_from_facts(entry):
     """gpu_topology's allocations[] entry -> the Holding the host built from that domain."""
     nodes = tuple(int(n) for n in entry.get("numa_nodes") or ())
     memory_mb = int(entry.get("memory_mb") or 0)
+    extra = tuple(str(b) for b in entry.get("extra_nics") or ())
     return Holding(
         name=str(entry["name"]), gpus=tuple(str(b) for b in entry.get("gpus") or ()),
         nvswitches=tuple(str(b) for b in entry.get("nvswitches") or ()),
         cpus=parse_ranges(str(entry.get("cpus") or "")), numa_nodes=nodes,
         memory_mb=memory_mb if nodes else 0, memory_by_node=even_split(memory_mb, nodes),
         cpu_policy=str(entry.get("cpu_policy") or POLICY_DEDICATED),
-        nics=tuple(str(b) for b in entry.get("nics") or ()))
+        nics=tuple(str(b) for b in entry.get("nics") or () if str(b) not in extra),
+        extra_nics=extra)
 
 
 def disk_files(domain, volume_path=None):

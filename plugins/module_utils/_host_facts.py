@@ -136,7 +136,7 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
                            rail_functions)
     state = HostState(topology, platform, allocations, reserved_cpus=reserved_cpus,
                       reserved_memory_mb=reserved_memory_mb, unhealthy_gpus=sorted(unhealthy),
-                      nvlinks=nvlinks, busy_gpus=busy_gpus)
+                      nvlinks=nvlinks, busy_gpus=busy_gpus, nics=nics)
     before = {"gpus": state.holders(), "free_blocks": state.free_blocks()}
     holders = dict(before["gpus"])
     for dom in allocations:
@@ -148,6 +148,7 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
         for bdf in tuple(dom.nics) + tuple(dom.extra_nics):
             holders[bdf] = dom.name
     rails_of = gpu_rails(nics)
+    extra_nics = {h.name: h.extra_nics for h in allocations}
     result = {
         "platform": {
             "name": platform.name,
@@ -183,6 +184,7 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
                 "gpus": [a for a in dom.hostdevs if a in {g.bdf for g in gpus}],
                 "nvswitches": [a for a in dom.hostdevs if a in {s.bdf for s in switches}],
                 "nics": [a for a in dom.hostdevs if a in rail_functions],
+                "extra_nics": list(extra_nics.get(dom.name, ())),
                 "other_hostdevs": [a for a in dom.hostdevs
                                    if a not in {g.bdf for g in gpus} | {s.bdf for s in switches}],
                 "cpus": format_ranges(dom.pinned_cpus or dom.cpuset),
@@ -231,14 +233,17 @@ def _fabric_warnings(fabric, domains):
         and dom.metadata["fm_partition"] not in active]
 
 
-PLACEMENT_STATE_FORMAT = 1
+# 2: rail NICs (``nics``) added; the fleet planner refuses facts of format 1, which would show
+# every host without rails.
+PLACEMENT_STATE_FORMAT = 2
 
 
 def placement_state(state):
     """What a controller needs besides gpus, nvswitches, numa_nodes and allocations to rebuild
     this host's HostState exactly (the fleet_plan filter): the platform's data when it did not
-    come built in (a file on this host), thread siblings, the resolved memory reserve per node
-    and the NVLink counts."""
+    come built in (a file on this host), thread siblings, the resolved memory reserve per node,
+    the NVLink counts, and the rail NICs as placement reads them (their GPUs, VFs and which of
+    those no VM can have: _nics.Nic.to_dict)."""
     m = state.model
     platform = m.platform
     cores = set()
@@ -251,6 +256,8 @@ def placement_state(state):
         "cpu_siblings": [format_ranges(core) for core in sorted(cores)],
         "reserved_memory_mb": {str(n): mb for n, mb in sorted(m.reserve_mb.items())},
         "nvlinks": [[a, b, count] for (a, b), count in sorted(m.nvlinks.items()) if count],
+        # Only rails count to placement (a NIC beside no GPU is never chosen).
+        "nics": [nic.to_dict() for nic in m.nics if nic.rail_gpus],
     }
 
 

@@ -27,8 +27,10 @@ class HostLedger(object):
     ``_placement.HostState``'s)."""
 
     def __init__(self, topology, platform, allocations=(), reserved_cpus=None,
-                 reserved_memory_mb=None, unhealthy_gpus=(), nvlinks=None, busy_gpus=None):
-        self.model = _HostModel(topology, platform, reserved_cpus, reserved_memory_mb, nvlinks)
+                 reserved_memory_mb=None, unhealthy_gpus=(), nvlinks=None, busy_gpus=None,
+                 nics=None):
+        self.model = _HostModel(topology, platform, reserved_cpus, reserved_memory_mb, nvlinks,
+                                nics)
         self._start(allocations, unhealthy_gpus, busy_gpus)
 
     def _start(self, allocations, unhealthy_gpus, busy_gpus=None):

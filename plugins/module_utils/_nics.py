@@ -7,7 +7,10 @@
 A rail NIC is an allow-listed adapter (ConnectX, BlueField) whose nearest GPUs are at most a
 PCIe switch away (``nvidia-smi topo -m``'s PIX or PXB): the topology says which GPUs it serves,
 never a table alone. A NIC the host itself uses (a route through it, or enslaved to a bond or a
-bridge) is never offered to a VM. Everything here reads a :class:`HostTopology`.
+bridge) is never offered to a VM. :func:`classify` reads a :class:`HostTopology` into
+:class:`Nic` records, which hold all that choosing a VM's rails needs: :func:`choose_nics` reads
+them alone, on the host and on the controller (the fleet planner rebuilds them from
+``gpu_topology``'s ``placement_state``, :meth:`Nic.to_dict`).
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ NIC_VF_IDS = {
 
 RAIL_LINKS = (LINK_PIX, LINK_PXB)
 
+# Why a VF that a PF's virtfnN link names cannot be had when sysfs has no device for it.
+NOT_IN_TREE = "it is not in the host's PCI tree"
+
 
 @dataclass(frozen=True)
 class Nic:
@@ -69,10 +75,46 @@ class Nic:
     rail_link: str | None  # PIX or PXB to those GPUs; None when it is no rail
     host_use: str | None  # why the host keeps it (never offered), or None
     named: bool = True  # False: the platform names its rail NICs, and not this one
+    sriov_totalvfs: int | None = None  # None: no SR-IOV
+    vfs: tuple = ()  # its VFs (BDFs), virtfn order
+    # VFs no VM can have, and why: ((VF, what the host uses it for), ...) and
+    # ((VF, (other endpoints in its IOMMU group, ...)), ...).
+    vf_host_use: tuple = ()
+    vf_group_mates: tuple = ()
 
     @property
     def offered(self):
         return bool(self.rail_gpus) and self.host_use is None and self.named
+
+    def usable_vf(self, vf):
+        """Whether a VM may have this VF alone (held or not)."""
+        return vf not in dict(self.vf_host_use) and vf not in dict(self.vf_group_mates)
+
+    def to_dict(self):
+        """Plain data (``placement_state.nics``), read back by :func:`nic_from_dict`."""
+        return {
+            "bdf": self.bdf, "model": self.model, "rail_gpus": list(self.rail_gpus),
+            "rail_link": self.rail_link, "host_use": self.host_use, "named": self.named,
+            "sriov_totalvfs": self.sriov_totalvfs, "vfs": list(self.vfs),
+            "vf_host_use": [[vf, why] for vf, why in self.vf_host_use],
+            "vf_group_mates": [[vf, list(mates)] for vf, mates in self.vf_group_mates],
+        }
+
+
+def nic_from_dict(data):
+    """A :class:`Nic` from :meth:`Nic.to_dict`'s data. Raises KeyError, TypeError, ValueError."""
+    total = data.get("sriov_totalvfs")
+    return Nic(
+        bdf=str(data["bdf"]), model=str(data["model"]),
+        rail_gpus=tuple(str(g) for g in data.get("rail_gpus") or ()),
+        rail_link=None if data.get("rail_link") is None else str(data["rail_link"]),
+        host_use=None if data.get("host_use") is None else str(data["host_use"]),
+        named=bool(data.get("named", True)),
+        sriov_totalvfs=None if total is None else int(total),
+        vfs=tuple(str(v) for v in data.get("vfs") or ()),
+        vf_host_use=tuple((str(vf), str(why)) for vf, why in data.get("vf_host_use") or ()),
+        vf_group_mates=tuple((str(vf), tuple(str(m) for m in mates))
+                             for vf, mates in data.get("vf_group_mates") or ()))
 
 
 def nic_model(id_pair):
@@ -174,12 +216,29 @@ def classify(topology, gpus, platform=None):
     nics = host_nics(topology, platform)
     rail_map = rails(topology, gpus, nics)
     named = set(getattr(platform, "rail_nics", ()) or ())
-    return [
-        Nic(bdf=n.bdf, model=nic_model(n.id_pair),
+    result = []
+    for n in nics:
+        net = topology.nics.get(n.bdf)
+        vfs = tuple(net.vfs) if net else ()
+        kept, mates = [], []
+        for vf in vfs:
+            if vf not in topology.pci:
+                kept.append((vf, NOT_IN_TREE))
+                continue
+            use = host_use(topology, vf)
+            if use:
+                kept.append((vf, use))
+            others = _group_mates(topology, vf)
+            if others:
+                mates.append((vf, tuple(others)))
+        result.append(Nic(
+            bdf=n.bdf, model=nic_model(n.id_pair),
             rail_gpus=rail_map.get(n.bdf, (None, ()))[1],
             rail_link=rail_map.get(n.bdf, (None, ()))[0],
-            host_use=host_use(topology, n.bdf), named=not named or n.bdf in named)
-        for n in nics]
+            host_use=host_use(topology, n.bdf), named=not named or n.bdf in named,
+            sriov_totalvfs=net.sriov_totalvfs if net else None, vfs=vfs,
+            vf_host_use=tuple(kept), vf_group_mates=tuple(mates)))
+    return result
 
 
 def platform_warnings(topology, gpus, nics, platform):
@@ -232,8 +291,7 @@ class NicChoiceError(ValueError):
     """A VM cannot get the rails it asks for; the message names the option to change."""
 
 
-def choose_nics(topology, nics, gpus, held, count=NICS_AUTO, mode="auto", allow_fewer=False,
-                prefer=()):
+def choose_nics(nics, gpus, held, count=NICS_AUTO, mode="auto", allow_fewer=False, prefer=()):
     """The rails a VM that gets ``gpus`` (BDFs) should have, nearest GPU first.
 
     ``nics``: [Nic] (classify); ``held``: {BDF: holder} of NIC functions and VFs other VMs hold.
@@ -272,7 +330,7 @@ def choose_nics(topology, nics, gpus, held, count=NICS_AUTO, mode="auto", allow_
     for nic in rails:
         if len(chosen) == wanted:
             break
-        choice = _rail_for(topology, nic, gpus, held, mode, set(prefer))
+        choice = _rail_for(nic, gpus, held, mode, set(prefer))
         if isinstance(choice, NicChoice):
             chosen.append(choice)
         else:
@@ -292,10 +350,9 @@ def _group_mates(topology, bdf):
             and topology.pci[m].pci_class != PCI_CLASS_BRIDGE_PCI]
 
 
-def _rail_for(topology, nic, gpus, held, mode, prefer=frozenset()):
+def _rail_for(nic, gpus, held, mode, prefer=frozenset()):
     """A NicChoice for one rail NIC, or the reason it cannot be had (a string)."""
-    net = topology.nics.get(nic.bdf)
-    vfs = net.vfs if net else ()
+    vfs = nic.vfs
     served = tuple(g for g in nic.rail_gpus if g in gpus)
     others = [g for g in nic.rail_gpus if g not in gpus]
     held_vfs = ["%s (%s)" % (vf, held[vf]) for vf in vfs if vf in held]
@@ -313,7 +370,7 @@ def _rail_for(topology, nic, gpus, held, mode, prefer=frozenset()):
                         nic.bdf, len(vfs), " (held: %s)" % ", ".join(held_vfs) if held_vfs
                         else ""))
         return NicChoice(nic=nic.bdf, bdf=nic.bdf, vf=False, gpus=served)
-    if net is None or net.sriov_totalvfs is None:
+    if nic.sriov_totalvfs is None:
         return ("nics: rail NIC %s (GPU(s) %s) has no SR-IOV, so it has no VFs to share%s" % (
             nic.bdf, ", ".join(nic.rail_gpus),
             "; use nic_mode: whole" if not others else
@@ -322,22 +379,24 @@ def _rail_for(topology, nic, gpus, held, mode, prefer=frozenset()):
         return ("nics: rail NIC %s has no VFs yet (sriov_numvfs is 0 of %d); create them with the "
                 "kvm_host role (kvm_host_nics: [{nic: %s, vfs: N}], docs/networking.md), or use "
                 "nic_mode: whole%s" % (
-                    nic.bdf, net.sriov_totalvfs, nic.bdf,
+                    nic.bdf, nic.sriov_totalvfs, nic.bdf,
                     "" if not others else " with all of GPU(s) %s" % ", ".join(nic.rail_gpus)))
-    usable = [vf for vf in vfs if vf not in held and vf in topology.pci
-              and host_use(topology, vf) is None and not _group_mates(topology, vf)]
-    if not usable and all(_group_mates(topology, vf) for vf in vfs if vf in topology.pci):
-        mates = _group_mates(topology, vfs[0]) if vfs[0] in topology.pci else []
+    mates = dict(nic.vf_group_mates)
+    kept = dict(nic.vf_host_use)
+    usable = [vf for vf in vfs if vf not in held and nic.usable_vf(vf)]
+    if not usable and all(vf in mates for vf in vfs if kept.get(vf) != NOT_IN_TREE):
         return ("nics: the VFs of rail NIC %s share their IOMMU group with %s (no ACS between "
                 "them), so vfio cannot give one to a VM alone; use nic_mode: whole with 0 VFs, "
-                "or nics_allow_fewer: true" % (nic.bdf, ", ".join(mates) or "other functions"))
+                "or nics_allow_fewer: true" % (nic.bdf, ", ".join(mates.get(vfs[0], ()))
+                                               or "other functions"))
     for vf in sorted(usable, key=lambda b: (b not in prefer, vfs.index(b))):
         return NicChoice(nic=nic.bdf, bdf=vf, vf=True, gpus=served)
-    kept = ["%s (%s)" % (vf, host_use(topology, vf)) for vf in vfs
-            if vf not in held and host_use(topology, vf)]
+    kept_text = ["%s (%s)" % (vf, kept[vf]) for vf in vfs
+                 if vf not in held and vf in kept and kept[vf] != NOT_IN_TREE]
     return ("nics: no VF of rail NIC %s is free (held: %s%s); free one, create more, or set "
             "nics_allow_fewer: true" % (nic.bdf, ", ".join(held_vfs) or "none",
-                                        "; the host uses %s" % ", ".join(kept) if kept else ""))
+                                        "; the host uses %s" % ", ".join(kept_text)
+                                        if kept_text else ""))
 
 
 # --- what GPUDirect RDMA in a VM depends on -------------------------------------------------------

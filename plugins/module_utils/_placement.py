@@ -80,7 +80,7 @@ class HostState(HostLedger):
                     self._models_of(request) is None
                     or all(self.model.gpu_model[i] in self._models_of(request) for i in held)):
                 if _same_size(old, request):
-                    if _nics_answer(old, request):
+                    if _nics_answer(old, request, self.model.nic_vfs):
                         return self._placement_from(old)
                     return self._renic(old, request)
                 # Same GPUs (sticky), new CPU/memory shape: re-place only CPUs and memory.
@@ -324,16 +324,23 @@ class HostState(HostLedger):
         return vcpus, memory
 
     def _fit(self, request, ranked, fixed_gpus=False):
-        """The first ranked block whose nodes have the CPUs and memory; else why not."""
-        first_error = None
+        """The first ranked block whose nodes have the CPUs and memory and whose GPUs' rails
+        can give the request's nics; else why not (the first block's reason)."""
+        first_error = rails_error = None
         for block in ranked:
             nodes, vcpus, memory = self._split_nodes(request, block)
             short = self._shortage(request, nodes, vcpus, memory)
             if short is None:
-                return block, nodes, vcpus, memory
-            if first_error is None:
+                rails = self._rails_short(request, block)
+                if rails is None:
+                    return block, nodes, vcpus, memory
+                rails_error = rails_error or rails
+            elif first_error is None:
                 first_error = short
                 first_block = block
+        # A block with the CPUs and memory failed on its rails: that is what to change.
+        if rails_error is not None:
+            raise PlacementError("%s: %s" % (self._prefix(request), rails_error))
         if fixed_gpus or len(ranked) == 1:
             where = format_indexes(first_block.indexes)
         else:
@@ -342,6 +349,19 @@ class HostState(HostLedger):
         raise PlacementError("%s: %s (%s); lower vcpus/memory, release a VM, or change "
                              "reserved_cpus/reserved_memory_mb" % (
                                  self._prefix(request), first_error, where))
+
+    def _rails_short(self, request, block):
+        """None when the block's GPUs have the rails the request asks for, else why not."""
+        if not request.nics or block is None or not block.indexes:
+            return None
+        held = {b: h for b, h in self.nic_holder.items() if h != request.name}
+        try:
+            choose_nics(self.model.nics, tuple(self.model.gpu_bdfs[i] for i in block.indexes),
+                        held, count=request.nics, mode=request.nic_mode,
+                        allow_fewer=request.nics_allow_fewer)
+        except NicChoiceError as exc:
+            return str(exc)
+        return None
 
     def _fit_cpu_only(self, request):
         m = self.model
@@ -475,7 +495,7 @@ class HostState(HostLedger):
                                  % self._prefix(request))
         held = {b: h for b, h in self.nic_holder.items() if h != request.name}
         try:
-            chosen = choose_nics(self.model.topology, self.model.nics, gpus, held,
+            chosen = choose_nics(self.model.nics, gpus, held,
                                  count=request.nics, mode=request.nic_mode,
                                  allow_fewer=request.nics_allow_fewer,
                                  prefer=old.nics if old is not None else ())
@@ -643,11 +663,16 @@ def _same_size(alloc, request):
             and request.cpu_policy == alloc.cpu_policy and hp_same)
 
 
-def _nics_answer(alloc, request):
+def _nics_answer(alloc, request, vfs=frozenset()):
     """Whether the rails a VM holds answer its nics: 0 leaves them alone; auto is answered by
-    any it holds; a count by that many (or some, with nics_allow_fewer)."""
+    any it holds; a count by that many (or some, with nics_allow_fewer). nic_mode whole is not
+    answered by a VF (``vfs``: the host's rail VFs), nor vf by a whole function."""
     if not request.nics:
         return True
+    if request.nic_mode == "whole" and any(b in vfs for b in alloc.nics):
+        return False
+    if request.nic_mode == "vf" and any(b not in vfs for b in alloc.nics):
+        return False
     if request.nics == NICS_AUTO or request.nics_allow_fewer:
         return bool(alloc.nics)
     return len(alloc.nics) == request.nics

@@ -197,7 +197,8 @@ class _Block(object):
 class _HostModel(object):
     """What does not change while VMs come and go (shared by HostState copies)."""
 
-    def __init__(self, topology, platform, reserved_cpus, reserved_memory_mb, nvlinks):
+    def __init__(self, topology, platform, reserved_cpus, reserved_memory_mb, nvlinks,
+                 nics=None):
         self.topology = topology
         self.platform = platform
         gpus = platform_gpus(topology, platform)
@@ -210,8 +211,11 @@ class _HostModel(object):
         self.switch_count = len(switches)
         self.gpu_index = {b: i for i, b in enumerate(self.gpu_bdfs)}
         self.switch_index = {b: i for i, b in enumerate(self.switch_bdfs)}
-        # Rail NICs (none on a topology rebuilt from facts, which carries no NIC data).
-        self.nics = classify_nics(topology, gpus, platform)
+        # Rail NICs: read from the topology, or given (the fleet planner's, from the facts'
+        # placement_state: a topology rebuilt from facts has no NICs of its own).
+        self.nics = tuple(classify_nics(topology, gpus, platform) if nics is None else nics)
+        # The VFs of rails (what placement_state carries, so the planner reads the same).
+        self.nic_vfs = frozenset(vf for nic in self.nics if nic.rail_gpus for vf in nic.vfs)
         self.node_ids = tuple(sorted(n.id for n in topology.numa_nodes))
         fallback = self.node_ids[0] if self.node_ids else 0
         # numa_node -1 (firmware silent, common in single-root boxes): count it on the first

@@ -327,7 +327,7 @@ allocations:
   type: list
   elements: dict
   sample:
-    - {name: train-a, active: true, managed: true, gpus: ["0000:34:00.0"], nvswitches: [], nics: [], other_hostdevs: [],
+    - {name: train-a, active: true, managed: true, gpus: ["0000:34:00.0"], nvswitches: [], nics: [], extra_nics: [], other_hostdevs: [],
        cpus: "2-3,50-51", numa_nodes: [0], memory_mb: 65536, cpu_policy: dedicated, owner_tag: null,
        fm_partition: null}
   contains:
@@ -344,6 +344,14 @@ allocations:
       type: list
       elements: str
       version_added: 0.2.0
+    extra_nics:
+      description:
+        - Those of RV(allocations[].nics) that placement did not give the domain (its metadata
+          does not record them - attached by hand, or in a GPU's IOMMU group). They count as
+          taken; a new placement of the VM leaves them where they are.
+      type: list
+      elements: str
+      version_added: 0.2.0
 placement_state:
   description:
     - What the P(gpuvirt.kvm.fleet_plan#filter) filter needs besides RV(platform), RV(gpus),
@@ -354,7 +362,10 @@ placement_state:
   type: dict
   version_added: 0.2.0
   contains:
-    format: {description: Version of this layout (the filter refuses others)., type: int, sample: 1}
+    format:
+      description: Version of this layout (the filter refuses others; 2 added RV(placement_state.nics)).
+      type: int
+      sample: 2
     platform:
       description:
         - V(null) for a built-in platform (RV(platform.name) names it); the platform's data in the
@@ -375,6 +386,15 @@ placement_state:
       type: list
       elements: list
       sample: [[0, 1, 6]]
+    nics:
+      description:
+        - Every rail NIC of RV(nics) as placement reads it - its rail GPUs and link, why the host
+          keeps it, its SR-IOV VFs and those no VM can have (the host uses them, or they share
+          an IOMMU group with other endpoints), so that the planner chooses rails as the host
+          would.
+      type: list
+      elements: dict
+      version_added: 0.2.0
 versions:
   description:
     - The host's stack, as C(nvidia-vm version show) printed it. Each value is a version string,

@@ -39,16 +39,18 @@ METADATA_NS = "http://gpuvirt.kvm/lab/1"
 FIRSTBOOT_VERSION = 1
 LAB_MAC = "52:54:00:4c:41:42"  # build-image.sh's systemd-networkd file matches it
 PLATFORM_IN_LAB = "/etc/gpuvirt-lab/platform.yml"
-# The lab's rail NICs (gpu-server.xml's NVMe stand-ins, platform.yml's nic_ids) for kvm_host:
-# the one beside GPUs 0-1 whole, the one beside GPUs 2-3 with two SR-IOV VFs. QEMU's switch
-# ports have no ACS, so those VFs share their PF's IOMMU group: the kernel makes them, vfio-pci
-# binds them, but no tenant can have one (docs/networking.md).
+# The lab's NICs (gpu-server.xml's NVMe stand-ins, platform.yml's nic_ids) for kvm_host: the
+# three rails whole (one beside GPUs 0-1, one each beside GPUs 2 and 3), so every GPU tenant gets
+# its rail; the NIC on a root port of its own (no GPU's rail) with two SR-IOV VFs, which the
+# kernel makes and vfio-pci binds at every boot (docs/networking.md).
 GROUP_VARS = (
-    "# Written by tests/lab/lab.py (make lab-up): the lab's rail NIC stand-ins for kvm_host.\n"
+    "# Written by tests/lab/lab.py (make lab-up): the lab's NIC stand-ins for kvm_host.\n"
     "# Removed by make lab-down.\n"
     "kvm_host_nics:\n"
     "  - {nic: \"0000:45:00.0\", vfs: 0}\n"
-    "  - {nic: \"0000:85:00.0\", vfs: 2}\n"
+    "  - {nic: \"0000:85:00.0\", vfs: 0}\n"
+    "  - {nic: \"0000:86:00.0\", vfs: 0}\n"
+    "  - {nic: \"0000:49:00.0\", vfs: 2}\n"
 )
 # The shared-NVSwitch profile (platform-shared.yml): the README's main job converts with it.
 PLATFORM_SHARED_IN_LAB = "/etc/gpuvirt-lab/platform-shared.yml"

@@ -167,9 +167,10 @@ def test_reports_show_rail_nics_and_vfs_with_their_holders():
     assert first["vfs"] == [{"bdf": "0000:35:00.1", "allocated_to": "a"},
                             {"bdf": "0000:35:00.2", "allocated_to": None}]
     assert report["nics"][2]["host_use"].endswith("default route")
-    line = fleet_summary({"h1": {"gpu_vms_report": report}}, ["h1"])[0]["line"]
+    entry = fleet_summary({"h1": {"gpu_vms_report": report}}, ["h1"])[0]
     # the rail with a VF held is not free; the host's own NIC is not counted
-    assert line.endswith(", rail NICs free 1 of 2")
+    assert entry["line"].endswith(", rail NICs free 1 of 2 (held: 0000:35:00.1 a)")
+    assert entry["nic_holders"] == {"0000:35:00.1": "a"}
 
 
 def test_report_in_check_mode_is_ok_when_nothing_failed():

@@ -20,6 +20,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._fleet_placement impor
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import DefinedDomain, holdings
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_facts import build
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import nic_functions
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._nvidia_smi import nvlinks_for_host
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import HostState
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import (
@@ -68,7 +69,8 @@ class Host(object):
         options = dict(self.options)
         unhealthy = sorted(options.pop("unhealthy_gpus", ()))
         return HostState(self.topology, self.platform,
-                         holdings(self.domains, gpus, switches),
+                         holdings(self.domains, gpus, switches,
+                                  nic_functions(self.topology, self.platform)),
                          unhealthy_gpus=unhealthy, **options)
 
 
@@ -77,7 +79,7 @@ def domain(name, placement, managed=True, owner_tag=None):
     dedicated = placement.cpu_policy == POLICY_DEDICATED
     return DefinedDomain(
         name=name, uuid=name, active=True,
-        hostdevs=tuple(sorted(placement.gpus + placement.nvswitches)),
+        hostdevs=tuple(sorted(placement.gpus + placement.nvswitches + placement.nics)),
         pinned_cpus=tuple(sorted(placement.cpus)) if dedicated else (),
         cpuset=() if dedicated else tuple(placement.cpus),
         numa_nodes=tuple(placement.numa_nodes), memory_kib=placement.memory_mb * 1024,
@@ -98,11 +100,14 @@ def assert_same_state(real, rebuilt):
                  "huge_total", "mem_capacity", "threads_per_core", "sizes_desc", "partitioned",
                  "nvlinks", "pair_score"):
         assert getattr(a, attr) == getattr(b, attr), attr
+    assert [n for n in a.nics if n.rail_gpus] == list(b.nics)
+    assert a.nic_vfs == b.nic_vfs
     assert replace(a.platform, source="") == replace(b.platform, source="")
     assert [(k.indexes, k.switches, k.mask, k.nodes) for k in a.all_blocks] == \
         [(k.indexes, k.switches, k.mask, k.nodes) for k in b.all_blocks]
     for attr in ("gpu_holder", "switch_holder", "cpu_holder", "node_free", "mem_used",
-                 "huge_used", "free_mask", "free_gpus", "unhealthy", "allocations", "warnings"):
+                 "huge_used", "free_mask", "free_gpus", "unhealthy", "allocations", "warnings",
+                 "nic_holder"):
         assert getattr(real, attr) == getattr(rebuilt, attr), attr
     assert real.templates() == rebuilt.templates()
     assert real.free_blocks() == rebuilt.free_blocks()
@@ -119,18 +124,20 @@ def R(name, gpus=0, **kw):
 
 # --- facts -> HostState, exactly -----------------------------------------------------------------
 
-DGX2_DAY = [R("a", 8), R("b", 4), R("c", 2), R("d", 1), R("e", 1), R("cpu", 0, vcpus=4,
+DGX2_DAY = [R("a", 8, nics="auto"), R("b", 4), R("c", 2, nics=1), R("d", 1, nics="auto"),
+            R("e", 1, nics="auto", nic_mode="vf"), R("cpu", 0, vcpus=4,
             memory_mb=4096), R("sh", 0, vcpus=8, memory_mb=8192, cpu_policy="shared")]
 
 CASES = {
     "dgx2 empty, NVLinks": dict(name="dgx2", nvidia_smi="dgx2.txt"),
-    "dgx2 busy": dict(name="dgx2", held=[R("vm-a", 4), R("vm-b", 1), R("vm-s", 0, vcpus=4,
+    "dgx2 busy": dict(name="dgx2", held=[R("vm-a", 4, nics="auto"), R("vm-b", 1, nics="auto"),
+                                         R("vm-s", 0, vcpus=4,
                                                                        memory_mb=2048,
                                                                        cpu_policy="shared")],
                       unhealthy_gpus=["0000:e7:00.0"], reserved_cpus="0-1,48-49",
                       reserved_memory_mb=4096),
     "dgx2-fresh": dict(name="dgx2-fresh"),
-    "dgx-a100 busy": dict(name="dgx-a100", held=[R("vm-a", 2), R("vm-b", 1)]),
+    "dgx-a100 busy": dict(name="dgx-a100", held=[R("vm-a", 2, nics="auto"), R("vm-b", 1)]),
     "dgx-h100": dict(name="dgx-h100", held=[R("vm-a", 4)]),
     "pcie-4gpu, NVLinks, hugepages": dict(name="pcie-4gpu", nvidia_smi="pcie-4gpu.txt",
                                           held=[R("vm-a", 1, hugepages=True, memory_mb=2048)]),
@@ -140,8 +147,9 @@ CASES = {
 PLANS = {
     "dgx2": DGX2_DAY,
     "dgx2-fresh": DGX2_DAY,
-    "dgx-a100": [R("a", 4), R("b", 2), R("c", 1), R("cpu", 0, vcpus=2, memory_mb=2048)],
-    "dgx-h100": [R("a", 2), R("b", 1), R("c", 1)],
+    "dgx-a100": [R("a", 4, nics="auto"), R("b", 2), R("c", 1, nics=1),
+                 R("cpu", 0, vcpus=2, memory_mb=2048)],
+    "dgx-h100": [R("a", 2, nics="auto"), R("b", 1, nics=2), R("c", 1, nics="auto")],
     "pcie-4gpu": [R("a", 2), R("b", 1, hugepages=True, memory_mb=4096), R("c", 1)],
     "h100-cloud-vm": [R("a", 1, vcpus=2, memory_mb=2048)],
 }
@@ -169,11 +177,12 @@ def test_facts_rebuild_the_host_state_exactly(host_tree, case):
 def test_placement_state_is_small_and_plain(host_tree):
     facts = Host(host_tree, "dgx2", nvidia_smi="dgx2.txt").facts
     ps = facts["placement_state"]
-    assert set(ps) == {"format", "platform", "cpu_siblings", "reserved_memory_mb", "nvlinks"}
+    assert set(ps) == {"format", "platform", "cpu_siblings", "reserved_memory_mb", "nvlinks",
+                       "nics"}
     assert ps["platform"] is None  # built in: the name in platform.name is enough
     assert ps["cpu_siblings"][:2] == ["0,48", "1,49"]
     assert ps["nvlinks"] and all(len(x) == 3 for x in ps["nvlinks"])
-    assert len(json.dumps(ps)) < 3000
+    assert len(json.dumps(ps)) < 4000  # the 8 rails with their VFs are a quarter of it
     assert facts["gpus"][0]["host_bridge"].startswith("pci0000:")
 
 
@@ -356,7 +365,7 @@ def test_where_document_fields(trio):
     assert set(doc) == {"host", "platform", "fabric", "gpu_models", "gpus", "healthy_gpus",
                         "free_gpus", "free_blocks", "largest_free_block", "allowed_sizes",
                         "nvswitches", "cpus", "free_cpus", "memory_mb", "free_memory_mb",
-                        "numa_nodes", "vms", "ready", "labels"}
+                        "numa_nodes", "vms", "ready", "labels", "rail_nics", "free_rail_nics"}
     assert doc["platform"] == "dgx-a100" and doc["gpus"] == 8 and doc["free_gpus"] == 5
     assert doc["free_blocks"] == {"4": 1, "1": 1} and doc["largest_free_block"] == 4
     assert doc["vms"] == ["old-a", "old-b"] and doc["labels"] == {"rack": "r1"}
@@ -404,6 +413,94 @@ def test_unplaced_say_why(trio):
     assert "old-b" in [e["name"] for e in out["assignments"]["a100-01"]]
     assert out["by_name"]["old-b"]["host"] == "a100-01"
     assert out["skipped_hosts"] == [{"host": "down-01", "reason": "unreachable: ssh timeout"}]
+
+
+# --- rail NICs ----------------------------------------------------------------------------------
+
+def _local_plan_matches(hosts, out):
+    """Each host, planning its share alone (gpu_topology's plan, as kvm_layout plans), gives
+    every VM the GPUs and the rail NICs the controller gave it."""
+    for host, share in out["assignments"].items():
+        for entry in hosts[host].result(plan_requests(share))["plan"]:
+            planned = dict(out["by_name"][entry["name"]])
+            assert planned.pop("host") == host
+            assert planned == entry
+
+
+def test_rails_decide_the_host_and_travel_with_the_plan(host_tree):
+    hosts = {"pcie-01": Host(host_tree, "pcie-4gpu"), "h100-01": Host(host_tree, "dgx-h100")}
+    facts = dict((h, x.facts) for h, x in hosts.items())
+    out = _fleet_plan.fleet_plan(facts, [
+        {"name": "plain", "gpus": 1},
+        {"name": "rail-a", "gpus": 1, "nics": "auto"},
+        {"name": "rail-b", "gpus": 2, "nics": 2},
+        {"name": "fewer", "gpus": 1, "nics": "auto", "nics_allow_fewer": True},
+        {"name": "too-many", "gpus": 2, "nics": 3},
+        {"name": "pinned", "gpus": 1, "nics": 1, "host": "pcie-01"},
+    ])
+    where = dict((n, e.get("host")) for n, e in out["by_name"].items())
+    # The empty PCIe host is the best fit for 1-GPU VMs, but it has no rails.
+    assert where["plain"] == "pcie-01" and where["fewer"] == "pcie-01"
+    assert where["rail-a"] == where["rail-b"] == "h100-01"
+    assert len(out["by_name"]["rail-a"]["nics"]) == 1 and len(out["by_name"]["rail-b"]["nics"]) == 2
+    assert out["by_name"]["fewer"]["nics"] == []
+    why = dict((u["name"], u["reason"]) for u in out["unplaced"])
+    assert set(why) == {"too-many", "pinned"}
+    assert "nics: 3 asked, but GPU(s)" in why["too-many"]
+    assert "have 2 rail NIC(s)" in why["too-many"]
+    assert "this host has no rail NIC to offer" in why["pinned"]
+    _local_plan_matches(hosts, out)
+    h100 = out["hosts"]["h100-01"]
+    assert (h100["rail_nics"], h100["free_rail_nics_before"], h100["free_rail_nics_after"]) == \
+        (8, 8, 5)
+    assert out["hosts"]["pcie-01"]["rail_nics"] == 0
+
+
+def test_no_rail_function_or_vf_goes_twice_over_a_fleet(host_tree):
+    # DGX-2: 8 rails of 2 GPUs with 2 VFs each; a 1-GPU VM gets a VF of its pair's rail.
+    held = domains_for(host_tree, "dgx2", [R("old-pair", 2, nics="auto"),
+                                            R("old-one", 1, nics="auto")])
+    hosts = {"dgx2-a": Host(host_tree, "dgx2", domains=held), "dgx2-b": Host(host_tree, "dgx2")}
+    facts = dict((h, x.facts) for h, x in hosts.items())
+    requests = [{"name": "one-%02d" % i, "gpus": 1, "nics": "auto"} for i in range(24)]
+    out = _fleet_plan.fleet_plan(facts, requests)
+    assert out["summary"]["placed"] == 24
+    taken = {}
+    for name, entry in out["by_name"].items():
+        assert len(entry["nics"]) == 1, entry
+        key = (entry["host"], entry["nics"][0])
+        assert key not in taken, "%s and %s both get %s" % (taken.get(key), name, key)
+        taken[key] = name
+    held_a = [a for a in facts["dgx2-a"]["allocations"] if a["nics"]]
+    assert len(held_a) == 2
+    for alloc in held_a:
+        for nic in alloc["nics"]:
+            assert ("dgx2-a", nic) not in taken
+    assert all(nic.endswith((".1", ".2")) for _host, nic in taken)  # VFs, never a whole PF
+    _local_plan_matches(hosts, out)
+
+
+def test_where_sees_the_rails(host_tree):
+    held = domains_for(host_tree, "dgx-h100", [R("vm-a", 2, nics="auto")])
+    host = Host(host_tree, "dgx-h100", domains=held)
+    doc = _fleet_plan.where_document("h", _fleet_plan.StateBuilder().state("h", host.facts),
+                                     host.facts, {})
+    assert (doc["rail_nics"], doc["free_rail_nics"]) == (8, 6)
+    out = _fleet_plan.fleet_plan({"h": host.facts, "p": Host(host_tree, "pcie-4gpu").facts},
+                                 [{"name": "x", "gpus": 1, "where": "free_rail_nics > `0`"}])
+    assert out["by_name"]["x"]["host"] == "h"
+
+
+def test_facts_without_rails_are_refused(host_tree):
+    old = json.loads(json.dumps(Host(host_tree, "dgx-h100").facts))
+    old["placement_state"]["format"] = 1
+    del old["placement_state"]["nics"]
+    with pytest.raises(_fleet_plan.FleetError, match="format 1, this collection reads format 2"):
+        _fleet_plan.fleet_plan({"h": old}, [])
+    broken = json.loads(json.dumps(Host(host_tree, "dgx-h100").facts))
+    del broken["placement_state"]["nics"][0]["bdf"]
+    with pytest.raises(_fleet_plan.FleetError, match="'h'.*malformed"):
+        _fleet_plan.fleet_plan({"h": broken}, [])
 
 
 def test_pinned_host_wins_over_best_fit(host_tree):

@@ -285,7 +285,7 @@ def test_vfs_in_their_pfs_iommu_group_are_not_offered(tmp_path):
     gpus = ["0000:03:00.0"]
     nics = classify(topo, host_gpus(topo))
     with pytest.raises(NicChoiceError, match="share their IOMMU group with 0000:04:00.0"):
-        choose_nics(topo, nics, gpus, {}, count=1, mode="vf")
+        choose_nics(nics, gpus, {}, count=1, mode="vf")
 
 
 def test_a_dual_function_nic_without_acs_goes_whole_when_both_are_listed(tmp_path):

@@ -194,7 +194,7 @@ def test_bad_sriov_descriptions_are_refused(tmp_path):
 def _choose(topo, gpus, held=None, **kwargs):
     from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import choose_nics
 
-    return choose_nics(topo, classify(topo, host_gpus(topo)), gpus, held or {}, **kwargs)
+    return choose_nics(classify(topo, host_gpus(topo)), gpus, held or {}, **kwargs)
 
 
 def test_a_vm_with_every_gpu_of_a_rail_gets_it_whole_unless_it_has_vfs(host_tree):
@@ -349,6 +349,13 @@ def test_sticky_vms_keep_their_rails_and_a_failed_choice_places_nothing(host_tre
     # a new CPU shape re-fits CPUs and memory; the VF it holds stays its own
     bigger = state.place(Request("a", gpus=1, vcpus=4, memory_mb=4096, nics="auto"))
     assert bigger.nics == first.nics and bigger.vcpus == 4
+    # a VF does not answer nic_mode: whole: its rails are chosen again, and on the DGX-2 (a NIC
+    # for a GPU pair) that fails, keeping what it holds
+    with pytest.raises(PlacementError, match="nic_mode: whole, but rail NIC .* also serves GPU"):
+        state.place(Request("a", gpus=1, vcpus=4, memory_mb=4096, nics="auto", nic_mode="whole"))
+    assert state.allocations["a"].nics == first.nics
+    assert state.place(Request("a", gpus=1, vcpus=4, memory_mb=4096, nics="auto",
+                               nic_mode="vf")).nics == first.nics
     with pytest.raises(PlacementError, match="request 'b' .*nics: 3 asked"):
         state.place(Request("b", gpus=1, nics=3))
     assert "b" not in state.allocations
@@ -376,6 +383,29 @@ def test_rails_that_domains_hold_are_never_handed_out(host_tree):
     with pytest.raises(PlacementError, match="held whole by by-hand"):
         other.place(Request("z", gpus=1, gpu_index=1, nics="auto"))
     assert placed.nics == ("0000:40:00.0",)
+    # without gpu_index, a VM whose first-choice GPU has its rail held takes the next GPU whose
+    # rail is free, instead of failing
+    plain = _state(topo, [Holding(name="by-hand", nics=("0000:18:00.0",))])
+    assert plain.place(Request("v", gpus=1)).gpus == ("0000:1b:00.0",)  # no nics: first choice
+    plain.release("v")
+    free = plain.place(Request("w", gpus=1, nics="auto"))
+    assert free.gpus != ("0000:1b:00.0",) and free.nics and "0000:18:00.0" not in free.nics
+    # when no GPU's rails can be had, the first choice's reason is given
+    every = _state(topo, [Holding(name="by-hand", nics=tuple(
+        n.bdf for n in classify(topo, host_gpus(topo)) if n.offered))])
+    with pytest.raises(PlacementError, match=r"request 'u' \(1 GPU\): nics: rail NIC "
+                                             r"0000:18:00.0 .* held whole by by-hand"):
+        every.place(Request("u", gpus=1, nics="auto"))
+    # node 0's CPUs all pinned, node 1's rails all held: the rails are what to change, and the
+    # error says so (not "lower vcpus/memory")
+    node0 = [n for n in topo.numa_nodes if n.id == 0][0]
+    node1_gpus = [g.bdf for g in host_gpus(topo) if g.numa_node == 1]
+    hog = Holding(name="hog", cpus=tuple(node0.cpus), numa_nodes=(0,))
+    rails1 = Holding(name="by-hand", nics=tuple(
+        n.bdf for n in classify(topo, host_gpus(topo)) if set(n.rail_gpus) & set(node1_gpus)))
+    with pytest.raises(PlacementError, match=r"request 't' \(1 GPU\): nics: rail NIC .* held "
+                                             r"whole by by-hand"):
+        _state(topo, [hog, rails1]).place(Request("t", gpus=1, vcpus=4, nics="auto"))
 
 
 # --- ACS and ATS for GPUDirect RDMA ---------------------------------------------------------
