@@ -162,6 +162,8 @@ def _static_facts(facts):
                                      (ps.get("reserved_memory_mb") or {}).items()),
         "nvlinks": sorted([int(a), int(b), int(c)] for a, b, c in ps.get("nvlinks") or ()),
         "nics": [nic_from_dict(n).to_dict() for n in ps.get("nics") or ()],
+        "gpu_group_nics": sorted([str(g), [str(m) for m in mates]]
+                                 for g, mates in (ps.get("gpu_group_nics") or {}).items()),
     }
 
 
@@ -236,7 +238,9 @@ class StateBuilder(object):
             return HostState(topology, platform, reserved_cpus=sorted(reserved),
                              reserved_memory_mb=dict(static["reserved_memory_mb"]),
                              nvlinks=dict(((a, b), c) for a, b, c in static["nvlinks"]),
-                             nics=[nic_from_dict(n) for n in static["nics"]])
+                             nics=[nic_from_dict(n) for n in static["nics"]],
+                             gpu_group_nics=dict((g, tuple(mates))
+                                                 for g, mates in static["gpu_group_nics"]))
         except PlacementError as exc:
             raise FleetError("host %r: its facts do not make a host state: %s" % (host, exc)) \
                 from exc

@@ -233,8 +233,8 @@ def _fabric_warnings(fabric, domains):
         and dom.metadata["fm_partition"] not in active]
 
 
-# 2: rail NICs (``nics``) added; the fleet planner refuses facts of format 1, which would show
-# every host without rails.
+# 2: rail NICs (``nics``, ``gpu_group_nics``) added; the fleet planner refuses facts of format 1,
+# which would show every host without rails.
 PLACEMENT_STATE_FORMAT = 2
 
 
@@ -258,6 +258,8 @@ def placement_state(state):
         "nvlinks": [[a, b, count] for (a, b), count in sorted(m.nvlinks.items()) if count],
         # Only rails count to placement (a NIC beside no GPU is never chosen).
         "nics": [nic.to_dict() for nic in m.nics if nic.rail_gpus],
+        # NIC functions in a GPU's IOMMU group (boards without ACS): they go with the GPU.
+        "gpu_group_nics": {gpu: list(mates) for gpu, mates in sorted(m.gpu_group_nics.items())},
     }
 
 

@@ -28,9 +28,9 @@ class HostLedger(object):
 
     def __init__(self, topology, platform, allocations=(), reserved_cpus=None,
                  reserved_memory_mb=None, unhealthy_gpus=(), nvlinks=None, busy_gpus=None,
-                 nics=None):
+                 nics=None, gpu_group_nics=None):
         self.model = _HostModel(topology, platform, reserved_cpus, reserved_memory_mb, nvlinks,
-                                nics)
+                                nics, gpu_group_nics)
         self._start(allocations, unhealthy_gpus, busy_gpus)
 
     def _start(self, allocations, unhealthy_gpus, busy_gpus=None):

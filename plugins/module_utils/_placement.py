@@ -331,14 +331,14 @@ class HostState(HostLedger):
             nodes, vcpus, memory = self._split_nodes(request, block)
             short = self._shortage(request, nodes, vcpus, memory)
             if short is None:
-                rails = self._rails_short(request, block)
+                rails = self._group_short(request, block) or self._rails_short(request, block)
                 if rails is None:
                     return block, nodes, vcpus, memory
                 rails_error = rails_error or rails
             elif first_error is None:
                 first_error = short
                 first_block = block
-        # A block with the CPUs and memory failed on its rails: that is what to change.
+        # A block with the CPUs and memory failed on its NICs: that is what to change.
         if rails_error is not None:
             raise PlacementError("%s: %s" % (self._prefix(request), rails_error))
         if fixed_gpus or len(ranked) == 1:
@@ -349,6 +349,21 @@ class HostState(HostLedger):
         raise PlacementError("%s: %s (%s); lower vcpus/memory, release a VM, or change "
                              "reserved_cpus/reserved_memory_mb" % (
                                  self._prefix(request), first_error, where))
+
+    def _group_short(self, request, block):
+        """None unless one of the block's GPUs shares its IOMMU group with a NIC function that
+        another VM holds (vfio would hand this VM that function too), else why."""
+        if block is None:
+            return None
+        for i in block.indexes:
+            gpu = self.model.gpu_bdfs[i]
+            for nic in self.model.gpu_group_nics.get(gpu, ()):
+                holder = self.nic_holder.get(nic)
+                if holder not in (None, request.name):
+                    return ("GPU %s shares its IOMMU group with NIC function %s, which %s holds; "
+                            "a group goes to one VM whole: free it, or give the host ACS so "
+                            "that they get groups of their own" % (gpu, nic, holder))
+        return None
 
     def _rails_short(self, request, block):
         """None when the block's GPUs have the rails the request asks for, else why not."""
@@ -480,8 +495,14 @@ class HostState(HostLedger):
             nics=nics,
         )
         holding = placement.holding()
-        if old is not None and old.extra_nics:
-            holding = replace(holding, extra_nics=old.extra_nics)
+        # What the VM holds besides its rails: its domain's (attached by hand), and the NIC
+        # functions in its GPUs' IOMMU groups, which vfio gives it with them.
+        extra = set(old.extra_nics if old is not None else ())
+        for gpu in placement.gpus:
+            extra.update(m.gpu_group_nics.get(gpu, ()))
+        extra -= set(nics)
+        if extra:
+            holding = replace(holding, extra_nics=tuple(sorted(extra)))
         self._record(holding)
         return placement
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import classify as classify_nics
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._nics import nic_functions
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
     platform_gpus,
     platform_nvswitches,
@@ -198,7 +199,7 @@ class _HostModel(object):
     """What does not change while VMs come and go (shared by HostState copies)."""
 
     def __init__(self, topology, platform, reserved_cpus, reserved_memory_mb, nvlinks,
-                 nics=None):
+                 nics=None, gpu_group_nics=None):
         self.topology = topology
         self.platform = platform
         gpus = platform_gpus(topology, platform)
@@ -216,6 +217,18 @@ class _HostModel(object):
         self.nics = tuple(classify_nics(topology, gpus, platform) if nics is None else nics)
         # The VFs of rails (what placement_state carries, so the planner reads the same).
         self.nic_vfs = frozenset(vf for nic in self.nics if nic.rail_gpus for vf in nic.vfs)
+        # NIC functions in a GPU's IOMMU group (a board without ACS): vfio gives them to the
+        # VM that gets the GPU, so they go with it, and a GPU whose group holds a NIC function
+        # another VM has is not free. {GPU BDF: (NIC functions)}; given by the fleet planner.
+        if gpu_group_nics is None:
+            functions = nic_functions(topology, platform)
+            gpu_group_nics = {}
+            for dev in gpus:
+                mates = tuple(sorted(m for m in dev.iommu_group_members
+                                     if m != dev.bdf and m in functions))
+                if mates:
+                    gpu_group_nics[dev.bdf] = mates
+        self.gpu_group_nics = dict(gpu_group_nics)
         self.node_ids = tuple(sorted(n.id for n in topology.numa_nodes))
         fallback = self.node_ids[0] if self.node_ids else 0
         # numa_node -1 (firmware silent, common in single-root boxes): count it on the first

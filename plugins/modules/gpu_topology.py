@@ -395,6 +395,12 @@ placement_state:
       type: list
       elements: dict
       version_added: 0.2.0
+    gpu_group_nics:
+      description:
+        - GPU address -> the NIC functions in its IOMMU group (a board without ACS between
+          them), which a VM gets with the GPU; empty on boards with ACS.
+      type: dict
+      version_added: 0.2.0
 versions:
   description:
     - The host's stack, as C(nvidia-vm version show) printed it. Each value is a version string,

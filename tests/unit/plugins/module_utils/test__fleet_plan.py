@@ -101,7 +101,7 @@ def assert_same_state(real, rebuilt):
                  "nvlinks", "pair_score"):
         assert getattr(a, attr) == getattr(b, attr), attr
     assert [n for n in a.nics if n.rail_gpus] == list(b.nics)
-    assert a.nic_vfs == b.nic_vfs
+    assert a.nic_vfs == b.nic_vfs and a.gpu_group_nics == b.gpu_group_nics
     assert replace(a.platform, source="") == replace(b.platform, source="")
     assert [(k.indexes, k.switches, k.mask, k.nodes) for k in a.all_blocks] == \
         [(k.indexes, k.switches, k.mask, k.nodes) for k in b.all_blocks]
@@ -178,7 +178,7 @@ def test_placement_state_is_small_and_plain(host_tree):
     facts = Host(host_tree, "dgx2", nvidia_smi="dgx2.txt").facts
     ps = facts["placement_state"]
     assert set(ps) == {"format", "platform", "cpu_siblings", "reserved_memory_mb", "nvlinks",
-                       "nics"}
+                       "nics", "gpu_group_nics"}
     assert ps["platform"] is None  # built in: the name in platform.name is enough
     assert ps["cpu_siblings"][:2] == ["0,48", "1,49"]
     assert ps["nvlinks"] and all(len(x) == 3 for x in ps["nvlinks"])

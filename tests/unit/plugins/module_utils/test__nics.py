@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Rail NICs: discovery from sysfs and procfs, rails from the PCIe tree, the host's own NICs."""
 
+import json
 import os
 
 import pytest
@@ -551,3 +552,44 @@ def test_a_platform_file_may_count_other_nics_and_name_a_non_rail(host_tree):
         platform_from_dict({"base": "dgx2", "rail_nics": ["not-a-bdf"]}, "bad.yml")
     with pytest.raises(PlatformError, match="rail_nics must be a list"):
         platform_from_dict({"base": "dgx2", "rail_nics": "0000:35:00.0"}, "bad.yml")
+
+
+def test_a_nic_in_a_gpus_iommu_group_goes_with_the_gpu(tmp_path):
+    # a board without ACS between a GPU and its NIC: one IOMMU group, which vfio gives one VM
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils import _fleet_plan
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import (
+        Holding,
+        PlacementError,
+        Request,
+    )
+
+    devices = [{"bdf": "03:00.0", "model": "a100-sxm4-80gb", "iommu_group": "g"},
+               {"bdf": "04:00.0", "model": "mellanox-cx7", "iommu_group": "g"},
+               "05:00.0 a100-sxm4-80gb", "06:00.0 mellanox-cx7"]
+    topo = read_host(*sysfs_builder.build(_host(devices), str(tmp_path)))
+    state = _state(topo)
+    assert state.model.gpu_group_nics == {"0000:03:00.0": ("0000:04:00.0",)}
+    # a VM held the NIC: the GPU in its group is not free, and another GPU is taken instead
+    held = _state(topo, [Holding(name="by-hand", nics=("0000:04:00.0",))])
+    with pytest.raises(PlacementError, match=r"GPU 0000:03:00.0 shares its IOMMU group with NIC "
+                                             r"function 0000:04:00.0, which by-hand holds"):
+        held.place(Request("pinned", gpus=1, gpu_index=0))
+    assert held.place(Request("any", gpus=1)).gpus == ("0000:05:00.0",)
+    # the VM that gets the GPU holds the NIC with it (counted as taken), and frees it with it
+    first = state.place(Request("c", gpus=1, gpu_index=0))
+    assert first.gpus == ("0000:03:00.0",) and first.nics == ()
+    assert state.nic_holder["0000:04:00.0"] == "c"
+    assert state.allocations["c"].extra_nics == ("0000:04:00.0",)
+    assert state.place(Request("d", gpus=1, nics="auto")).nics == ("0000:06:00.0",)
+    state.release("c")
+    assert "0000:04:00.0" not in state.nic_holder
+    # the fleet planner reads the same from the facts
+    facts = build(topo, state.model.platform, "test", [], [])
+    assert facts["placement_state"]["gpu_group_nics"] == {"0000:03:00.0": ["0000:04:00.0"]}
+    rebuilt = _fleet_plan.StateBuilder().state("h", json.loads(json.dumps(facts)))
+    assert rebuilt.model.gpu_group_nics == state.model.gpu_group_nics
+    out = _fleet_plan.fleet_plan({"h": facts}, [{"name": "by-hand-gpu", "gpus": 1, "gpu_index": 0},
+                                                {"name": "rail", "gpus": 1, "nics": "auto"}])
+    assert out["by_name"]["by-hand-gpu"]["gpus"] == ["0000:03:00.0"]
+    assert out["by_name"]["rail"]["gpus"] == ["0000:05:00.0"]
+    assert out["by_name"]["rail"]["nics"] == ["0000:06:00.0"]
