@@ -292,7 +292,8 @@ def allocation_map(result):
             nic["numa_node"],
             "rail of %s (%s)" % (_indexes([index_of[g] for g in nic["rail_gpus"]]),
                                  nic["rail_link"]) if nic["rail_gpus"] else "no GPU beside it",
-            "host: %s" % nic["host_use"] if nic["host_use"] else owner.get(nic["bdf"], "free")))
+            "host: %s" % nic["host_use"] if nic["host_use"]
+            else owner.get(nic["bdf"]) or ("free" if nic["offered"] else "not offered")))
         for vf in (nic["sriov"] or {}).get("vfs", []):
             if vf["bdf"] in owner:
                 lines.append("  VF %s -> %s" % (vf["bdf"], owner[vf["bdf"]]))

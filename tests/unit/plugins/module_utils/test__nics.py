@@ -183,6 +183,16 @@ def test_the_host_nic_line_says_why(host_tree):
             "to bond0 (which carries the host's default route, route 10.40.0.0/22)") in lines
 
 
+def test_a_nic_beside_no_gpu_is_not_offered_in_the_map(tmp_path):
+    topo = read_host(*sysfs_builder.build(_host(["03:00.0 a100-sxm4-80gb", "04:00.0 mellanox-cx7"]),
+                                          str(tmp_path)))
+    platform, reason = detect(topo)
+    lines = [line for line in build(topo, platform, reason, [], [])["allocation_map"]
+             if line.startswith("NIC ")]
+    assert lines[0].endswith("rail of GPU 0 (PIX) -> free")
+    assert lines[1].endswith("no GPU beside it -> not offered")
+
+
 def test_bad_sriov_descriptions_are_refused(tmp_path):
     nic = {"bdf": "04:00.0", "model": "mellanox-cx7", "sriov": {"totalvfs": 2, "numvfs": 3}}
     bad = _host(["03:00.0 a100-sxm4-80gb", nic])
