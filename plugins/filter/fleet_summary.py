@@ -51,8 +51,9 @@ _value:
     changed: {description: Whether the host changed., type: bool}
     errors: {description: Why the host failed., type: list, elements: str}
     line:
-      description: One line for humans. With rail NICs it ends C(rail NICs free F of N (held:
-        BDF VM, ...)) - a NIC is free when no VM holds it or a VF of it.
+      description: One line for humans. With rail NICs it ends with how many are free and, in
+        brackets after C(held), each held function or VF and its VM - a NIC is free when no VM
+        holds it or a VF of it.
       type: str
     nic_holders:
       description: Rail NIC function or VF -> the VM that holds it (empty unless the host is ok).

@@ -326,7 +326,7 @@ class HostState(HostLedger):
     def _fit(self, request, ranked, fixed_gpus=False):
         """The first ranked block whose nodes have the CPUs and memory and whose GPUs' rails
         can give the request's nics; else why not (the first block's reason)."""
-        first_error = rails_error = None
+        first_error = rails_error = first_block = None
         for block in ranked:
             nodes, vcpus, memory = self._split_nodes(request, block)
             short = self._shortage(request, nodes, vcpus, memory)

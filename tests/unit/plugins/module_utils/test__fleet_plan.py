@@ -131,9 +131,8 @@ DGX2_DAY = [R("a", 8, nics="auto"), R("b", 4), R("c", 2, nics=1), R("d", 1, nics
 CASES = {
     "dgx2 empty, NVLinks": dict(name="dgx2", nvidia_smi="dgx2.txt"),
     "dgx2 busy": dict(name="dgx2", held=[R("vm-a", 4, nics="auto"), R("vm-b", 1, nics="auto"),
-                                         R("vm-s", 0, vcpus=4,
-                                                                       memory_mb=2048,
-                                                                       cpu_policy="shared")],
+                                         R("vm-s", 0, vcpus=4, memory_mb=2048,
+                                           cpu_policy="shared")],
                       unhealthy_gpus=["0000:e7:00.0"], reserved_cpus="0-1,48-49",
                       reserved_memory_mb=4096),
     "dgx2-fresh": dict(name="dgx2-fresh"),
@@ -459,7 +458,7 @@ def test_rails_decide_the_host_and_travel_with_the_plan(host_tree):
 def test_no_rail_function_or_vf_goes_twice_over_a_fleet(host_tree):
     # DGX-2: 8 rails of 2 GPUs with 2 VFs each; a 1-GPU VM gets a VF of its pair's rail.
     held = domains_for(host_tree, "dgx2", [R("old-pair", 2, nics="auto"),
-                                            R("old-one", 1, nics="auto")])
+                                           R("old-one", 1, nics="auto")])
     hosts = {"dgx2-a": Host(host_tree, "dgx2", domains=held), "dgx2-b": Host(host_tree, "dgx2")}
     facts = dict((h, x.facts) for h, x in hosts.items())
     requests = [{"name": "one-%02d" % i, "gpus": 1, "nics": "auto"} for i in range(24)]
