@@ -103,6 +103,7 @@ def fleet_summary(hostvars, hosts):
                                  "and %r" % (type(hostvars).__name__, hosts))
     out = []
     for host in sorted(set(hosts)):
+        held = {}
         report = _var(hostvars, host, "gpu_vms_report")
         error = _var(hostvars, host, "gpuvirt_host_error")
         if error and not (isinstance(report, dict) and report.get("failed")):
@@ -141,9 +142,7 @@ def fleet_summary(hostvars, hosts):
         versions = report.get("versions") if isinstance(report.get("versions"), dict) else {}
         out.append({"host": host, "status": status, "layout": report.get("layout"),
                     "vms": len(desired), "changed": bool(report.get("changed")),
-                    "nic_holders": _nic_holders(
-                        [n for n in report.get("nics") or [] if n.get("offered")])
-                    if status == "ok" else {},
+                    "nic_holders": held,
                     "errors": errors, "versions": versions, "stack": stack_line(versions),
                     "line": "%-20s %-7s %-8s %s" % (host, status, report.get("layout") or "",
                                                     text)})

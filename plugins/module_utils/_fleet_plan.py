@@ -293,6 +293,7 @@ def where_document(host, state, facts, labels):
             "free_gpus": sum(1 for i in gpus if state.free_mask >> i & 1),
         })
     readiness = facts.get("readiness") or {}
+    free_rails, rails = rail_counts(state)
     return {
         "host": host,
         "platform": m.platform.name,
@@ -311,8 +312,8 @@ def where_document(host, state, facts, labels):
         "free_memory_mb": sum(n["free_memory_mb"] for n in nodes),
         "numa_nodes": nodes,
         "vms": sorted(state.allocations),
-        "rail_nics": rail_counts(state)[1],
-        "free_rail_nics": rail_counts(state)[0],
+        "rail_nics": rails,
+        "free_rail_nics": free_rails,
         "ready": bool(readiness.get("ready", False)),
         "labels": plain(labels or {}),
     }
@@ -503,6 +504,7 @@ def fleet_plan(facts_by_host, entries, labels=None, exclusive=False, owner_tag=N
 
     hosts = {}
     for host, state in states:
+        free_rails, rails = rail_counts(state)
         hosts[host] = {
             "platform": state.platform.name,
             "gpus": state.model.gpu_count,
@@ -510,9 +512,9 @@ def fleet_plan(facts_by_host, entries, labels=None, exclusive=False, owner_tag=N
             "free_gpus_after": state.free_gpus,
             "free_blocks_before": dict((str(k), v) for k, v in before[host].items()),
             "free_blocks_after": dict((str(k), v) for k, v in state.free_blocks().items()),
-            "rail_nics": rail_counts(state)[1],
+            "rail_nics": rails,
             "free_rail_nics_before": before_rails[host],
-            "free_rail_nics_after": rail_counts(state)[0],
+            "free_rail_nics_after": free_rails,
             "vms": [e["name"] for e in assignments[host]],
             "removed": removed[host],
         }
