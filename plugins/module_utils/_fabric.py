@@ -115,7 +115,7 @@ class FabricManager:
                     "nvidia-fabricmanager running there in shared NVSwitch mode, and does its "
                     "FM_CMD_BIND_INTERFACE name %s?" % (self.address, action, CONNECT_FAILED,
                                                         self.address),
-                    code=failure_code("", rc), address=self.address)
+                    code=failure_code("", rc), address=self.address, unreachable=True)
             if LIB_INIT_FAILED in out:
                 raise FabricError("fmpm could not load the Fabric Manager API library "
                                   "(libnvfm): install the nvidia-fabricmanager-dev package of "

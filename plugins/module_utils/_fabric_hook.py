@@ -18,7 +18,12 @@ reboot, and this collection's modules alike. For a domain whose gpuvirt metadata
   only if this domain activated it. A start that failed because another domain holds the
   partition must not take it from that domain.
 
-Every other call, and every domain without the record, exits 0 at once.
+Every other call, and every domain without the record, exits 0 at once, with one exception:
+when Fabric Manager runs in a service VM (the settings name that domain, ``service_vm``), the
+service VM's ``started begin`` starts ``gpuvirt-fabric-redeclare --wait`` detached and exits 0.
+A hook must not call libvirt while libvirt waits on it, and the FM in the VM needs a while to
+come up; the detached run waits for it, then declares the running tenants' partitions
+(:func:`redeclare`), or does nothing when FM started afresh.
 
 After Fabric Manager restarts (``FABRIC_MODE_RESTART=1``) it waits 60 s to be told which
 partitions are still in use, else it drops them all. :func:`redeclare` tells it: the partitions
@@ -37,7 +42,10 @@ leaves an activated partition's NVLinks down (NVIDIA/libvirt-hooks README).
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import time
 
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain import Domain, DomainXmlError
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric import (
@@ -62,6 +70,10 @@ HOST_FILES = ("_fabric_hook", "_fabric", "_fabric_model", "_domain", "_bdf", "_r
 ACTIVATE = "activate"
 DEACTIVATE = "deactivate"
 HOOKED = {("prepare", "begin"): ACTIVATE, ("release", "end"): DEACTIVATE}
+SERVICE_VM_STARTED = ("started", "begin")
+# How long a detached re-declaration waits for FM in a service VM that has just started.
+DEFAULT_SERVICE_VM_WAIT = 300
+REDECLARE_SCRIPT = "gpuvirt-fabric-redeclare"  # under GPUVIRT_HOOK_LIB
 
 
 def decide(argv, xml_text):
@@ -192,8 +204,11 @@ def redeclare(gateway, fm, holders):
 
 
 def redeclare_main(argv=None, stdout=None, stderr=None, uri="qemu:///system",
-                   config_path=DEFAULT_HOOK_CONFIG, state_dir=DEFAULT_HOOK_STATE):
-    """``gpuvirt-fabric-redeclare``: redeclare() on this host; returns the exit status."""
+                   config_path=DEFAULT_HOOK_CONFIG, state_dir=DEFAULT_HOOK_STATE,
+                   sleep=time.sleep, clock=time.monotonic, retry_interval=2.0):
+    """``gpuvirt-fabric-redeclare [--wait SECONDS]``: redeclare() on this host; returns the exit
+    status. With ``--wait`` (the hook's detached run at a service VM's start) a Fabric Manager
+    that cannot be reached yet is tried again until the time is up."""
     from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import (
         LibvirtGateway,
         LibvirtGatewayError,
@@ -201,14 +216,29 @@ def redeclare_main(argv=None, stdout=None, stderr=None, uri="qemu:///system",
 
     stdout = sys.stdout if stdout is None else stdout
     stderr = sys.stderr if stderr is None else stderr
+    argv = sys.argv[1:] if argv is None else list(argv)
+    wait = 0.0
+    if argv[:1] == ["--wait"] and len(argv) == 2 and argv[1].isdigit():
+        wait = float(argv[1])  # FM in a service VM that has just started: wait to reach it
+    elif argv:
+        stderr.write("usage: gpuvirt-fabric-redeclare [--wait SECONDS]\n")
+        return 2
     try:
         config = read_hook_config(config_path)
         # One look at FM's list: NOT_CONFIGURED then means "waiting for the list" (or still
         # starting; declare_active keeps trying that for starting_wait).
         fm = FabricManager(address=config.get("address"), fmpm=config.get("fmpm"),
                            starting_wait=config.get("starting_wait", 60))
-        with LibvirtGateway(uri) as gateway:
-            held = redeclare(gateway, fm, PartitionHolders(state_dir))
+        deadline = clock() + wait
+        while True:
+            try:
+                with LibvirtGateway(uri) as gateway:
+                    held = redeclare(gateway, fm, PartitionHolders(state_dir))
+                break
+            except FabricError as exc:
+                if not exc.unreachable or clock() + retry_interval > deadline:
+                    raise
+                sleep(retry_interval)  # the service VM's FM is not listening yet
     except (FabricError, LibvirtGatewayError, DomainXmlError, ValueError, OSError) as exc:
         why = getattr(exc, "message", None) or exc
         stderr.write("gpuvirt-fabric-redeclare: %s; the running tenants may have no NVLink "
@@ -223,19 +253,47 @@ def redeclare_main(argv=None, stdout=None, stderr=None, uri="qemu:///system",
     return 0
 
 
+def spawn_redeclare(config, state_dir, env=None):
+    """Start ``gpuvirt-fabric-redeclare --wait N`` detached from the hook (a session of its own,
+    no stdin, its output in ``state_dir/redeclare.log``); returns the Popen."""
+    env = dict(os.environ if env is None else env)
+    lib = env.get("GPUVIRT_HOOK_LIB") or os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))))
+    wait = int(config.get("service_vm_wait", DEFAULT_SERVICE_VM_WAIT))
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    with open(os.path.join(state_dir, "redeclare.log"), "a", encoding="utf-8") as log:
+        log.write("%s: %s started; waiting up to %d s for Fabric Manager\n" % (
+            time.strftime("%Y-%m-%dT%H:%M:%S"), config["service_vm"], wait))
+        log.flush()
+        return subprocess.Popen(  # pylint: disable=consider-using-with
+            [os.path.join(lib, REDECLARE_SCRIPT), "--wait", str(wait)], stdin=subprocess.DEVNULL,
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, close_fds=True)
+
+
 def main(argv=None, stdin=None, stderr=None, config_path=DEFAULT_HOOK_CONFIG,
-         state_dir=DEFAULT_HOOK_STATE):
+         state_dir=DEFAULT_HOOK_STATE, spawn=spawn_redeclare):
     """The hook as libvirt runs it; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     stdin = sys.stdin if stdin is None else stdin
     stderr = sys.stderr if stderr is None else stderr
-    if len(argv) < 3 or (argv[1], argv[2]) not in HOOKED:
+    if len(argv) < 3 or (argv[1], argv[2]) not in tuple(HOOKED) + (SERVICE_VM_STARTED,):
         return 0  # libvirt's XML is not even read
     try:
         config = read_hook_config(config_path)
     except FabricError as exc:
         stderr.write("gpuvirt fabric hook: %s\n" % exc.message)
         return 1
+    if (argv[1], argv[2]) == SERVICE_VM_STARTED:
+        # Never fail here: the service VM runs already, and a late declaration can be made by
+        # hand (gpuvirt-fabric-redeclare); say why it was not started.
+        if config.get("service_vm") and argv[0] == config["service_vm"]:
+            try:
+                spawn(config, state_dir)
+            except OSError as exc:
+                stderr.write("gpuvirt fabric hook: %s started, but gpuvirt-fabric-redeclare "
+                             "could not be started (%s); run it by hand within Fabric "
+                             "Manager's 60 s\n" % (argv[0], exc))
+        return 0
     status, message = run(argv, stdin.read(), config=config, state_dir=state_dir)
     if status and message:
         stderr.write(message + "\n")

@@ -50,11 +50,12 @@ class FabricError(Exception):
     """FM refused or could not be reached. ``code`` is the fmReturn (None when fmpm did not get
     as far as FM); ``message`` says what to do."""
 
-    def __init__(self, message, code=None, address=None):
+    def __init__(self, message, code=None, address=None, unreachable=False):
         super().__init__(message)
         self.message = message
         self.code = code
         self.address = address
+        self.unreachable = unreachable  # fmpm could not connect to FM at all
 
     @property
     def code_name(self):

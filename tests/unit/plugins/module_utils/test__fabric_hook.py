@@ -320,3 +320,130 @@ def test_the_redeclare_script_as_its_unit_runs_it(fm_state, tmp_path, host_lib, 
         assert proc.returncode == 1
         assert "cannot reach Fabric Manager at 127.0.0.1" in proc.stderr.decode()
         assert "may have no NVLink" in proc.stderr.decode()
+
+
+# --- Fabric Manager in a service VM ---------------------------------------------------------------
+
+def test_only_the_service_vms_start_reaches_python(fm_state, hook, tmp_path):
+    fm_state("h100")
+    config = tmp_path / "fabric.json"
+    config.write_text(json.dumps({"fmpm": FMPM, "address": "192.0.2.10", "service_vm": "fm-vm"}))
+    hook.env["GPUVIRT_HOOK_LIB"] = "/nonexistent"  # an import would fail
+    assert hook("tenant", "started", "begin", _xml("tenant", 3)) == (0, "")
+    assert hook("fm-vmx", "started", "begin", _xml("fm-vmx")) == (0, "")
+    status, err = hook("fm-vm", "started", "begin", _xml("fm-vm", ours=False))
+    assert status == 1 and "No module named" in err  # Python was started for it
+
+
+def test_the_service_vms_start_spawns_the_redeclaration_and_never_fails(tmp_path):
+    spawned = []
+    config = tmp_path / "fabric.json"
+    config.write_text(json.dumps({"address": "192.0.2.10", "service_vm": "fm-vm"}))
+    run = dict(config_path=str(config), state_dir=str(tmp_path / "run"))
+    for name in ("fm-vm", "tenant"):
+        status = fabric_hook.main([name, "started", "begin", "-"], stdin=None,
+                                  spawn=lambda cfg, state: spawned.append((cfg, state)), **run)
+        assert status == 0
+    assert [cfg["service_vm"] for cfg, _state in spawned] == ["fm-vm"]
+
+    def broken(_cfg, _state):
+        raise OSError("no such file")
+
+    class Err:
+        text = ""
+
+        def write(self, text):
+            Err.text += text
+
+    assert fabric_hook.main(["fm-vm", "started", "begin", "-"], stdin=None, stderr=Err(),
+                            spawn=broken, **run) == 0
+    assert "could not be started (no such file); run it by hand" in Err.text
+
+
+@pytest.mark.libvirt
+def test_a_redeclaration_waits_for_the_service_vms_fabric_manager(fm_state, tmp_path):
+    import threading
+
+    pytest.importorskip("libvirt")
+    fm_state("h100")
+    fm_state.control("stop")  # the service VM has just started: its FM does not listen yet
+    config = tmp_path / "fabric.json"
+    config.write_text(json.dumps({"fmpm": FMPM, "starting_wait": 5}))
+    os.environ["FMPM_STATE"] = fm_state.path
+    timer = threading.Timer(1.0, fm_state.control, ("restart",))  # FM up, waiting for the list
+    timer.start()
+    out = []
+
+    class Out:
+        def write(self, text):
+            out.append(text)
+
+    try:
+        status = fabric_hook.redeclare_main(
+            ["--wait", "30"], stdout=Out(), stderr=Out(), uri="test:///default",
+            config_path=str(config), state_dir=str(tmp_path / "run"), retry_interval=0.2)
+    finally:
+        timer.cancel()
+        del os.environ["FMPM_STATE"]
+    assert (status, "".join(out)) == (
+        0, "declared no active partition (no running tenant records one)\n")
+    assert fm_state.state()["restart_deadline"] is None
+
+
+def test_a_redeclaration_that_never_reaches_fm_gives_up_when_the_wait_is_over(fm_state,
+                                                                             tmp_path):
+    pytest.importorskip("libvirt")
+    fm_state("h100")
+    fm_state.control("stop")
+    config = tmp_path / "fabric.json"
+    config.write_text(json.dumps({"fmpm": FMPM}))
+    now = [0.0]
+    err = []
+
+    class Err:
+        def write(self, text):
+            err.append(text)
+
+    os.environ["FMPM_STATE"] = fm_state.path
+    try:
+        status = fabric_hook.redeclare_main(
+            ["--wait", "10"], stdout=Err(), stderr=Err(), uri="test:///default",
+            config_path=str(config), state_dir=str(tmp_path / "run"),
+            sleep=lambda s: now.__setitem__(0, now[0] + s), clock=lambda: now[0])
+    finally:
+        del os.environ["FMPM_STATE"]
+    assert status == 1 and "cannot reach Fabric Manager at 127.0.0.1" in "".join(err)
+    assert 9.0 <= now[0] <= 10.0  # tried every 2 s for the 10 s it was given
+    assert fabric_hook.redeclare_main(["--wait"], stderr=Err()) == 2
+    assert "usage: gpuvirt-fabric-redeclare [--wait SECONDS]" in "".join(err)
+
+
+@pytest.mark.libvirt
+def test_the_hook_declares_through_a_detached_run_at_the_service_vms_start(fm_state, hook,
+                                                                          tmp_path, host_lib):
+    """The scripts as a host has them: the hook returns at once; the detached
+    gpuvirt-fabric-redeclare --wait declares once the restarted FM waits for its list."""
+    import time
+
+    probe = subprocess.run([SYSTEM_PYTHON, "-c", "import libvirt"], check=False,
+                           stderr=subprocess.PIPE)
+    if probe.returncode:
+        pytest.skip("the host's python3 has no libvirt-python (python3-libvirt)")
+    fm_state("h100")
+    fm_state.control("restart")  # FM came up in the service VM with --restart
+    shutil.copy(REDECLARE, host_lib)
+    config = tmp_path / "fabric.json"
+    config.write_text(json.dumps({"fmpm": FMPM, "service_vm": "fm-vm", "service_vm_wait": 20}))
+    hook.env.update(GPUVIRT_HOOK_CONFIG=str(config), GPUVIRT_LIBVIRT_URI="test:///default")
+    started = time.monotonic()
+    assert hook("fm-vm", "started", "begin", _xml("fm-vm", ours=False)) == (0, "")
+    assert time.monotonic() - started < 10  # the hook does not wait for FM
+    log = hook.state_dir / "redeclare.log"
+    for _ in range(150):
+        if "declared" in (log.read_text() if log.exists() else ""):
+            break
+        time.sleep(0.2)
+    text = log.read_text()
+    assert "fm-vm started; waiting up to 20 s for Fabric Manager" in text
+    assert "declared no active partition (no running tenant records one)" in text
+    assert fm_state.state()["restart_deadline"] is None
