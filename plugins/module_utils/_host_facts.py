@@ -28,6 +28,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
     GPU_IDS,
     GPU_VENDORS,
     NVSWITCH_IDS,
+    platform_fabric_devices,
     platform_gpus,
     platform_nvswitches,
 )
@@ -162,6 +163,11 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
         "gpus": _device_entries(gpus, GPU_IDS, holders, unhealthy, platform, busy_gpus),
         "nvswitches": _device_entries(switches, NVSWITCH_IDS, holders, None),
         "nics": _nic_entries(topology, nics, holders),
+        # What a Fabric Manager service VM gets besides the switches (FM in a service VM).
+        "fabric_devices": [
+            _pci_entry(dev, "%04x:%04x" % dev.id_pair, holders,
+                       why=platform.extra_passthrough_ids[dev.id_pair])
+            for dev in platform_fabric_devices(topology, platform)],
         "numa_nodes": [
             {
                 "id": node.id,

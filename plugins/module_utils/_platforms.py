@@ -399,6 +399,14 @@ def platform_nvswitches(topology, platform):
     return host_nvswitches(topology, platform.nvswitch_ids, platform.nvswitch_classes)
 
 
+def platform_fabric_devices(topology, platform):
+    """The functions besides the NVSwitches that go to a Fabric Manager service VM with them
+    (the platform's ``extra_passthrough_ids``: HGX H100's Switchtec management endpoint), PCI
+    order. Bridges are never among them: a Switchtec's ports carry the same ID."""
+    ids = getattr(platform, "extra_passthrough_ids", None) or {}
+    return [d for d in topology.devices_matching(tuple(ids)) if not d.is_bridge]
+
+
 def gpu_model_name(id_pair):
     """The model a GPU's (vendor, device) names, or "unknown vvvv:dddd"."""
     return GPU_IDS.get(id_pair) or "unknown %s" % _format_id(id_pair)

@@ -245,6 +245,16 @@ fabric:
       description: NVLink-failed GPUs FM names that are not this host's GPUs.
       type: list
       elements: str
+fabric_devices:
+  description:
+    - The functions a Fabric Manager service VM gets besides the NVSwitches - the platform's
+      C(extra_passthrough_ids) found on this host, bridges left out (HGX H100's Switchtec
+      management endpoint, 11f8:4128 class 0580). Each has the keys of RV(nvswitches) but
+      C(index), and C(why), the platform's reason.
+  returned: success
+  type: list
+  elements: dict
+  version_added: 0.2.0
 nics:
   description:
     - Every NIC physical function of a model the collection offers (ConnectX-4 to ConnectX-8,

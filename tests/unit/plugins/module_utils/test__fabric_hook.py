@@ -447,3 +447,19 @@ def test_the_hook_declares_through_a_detached_run_at_the_service_vms_start(fm_st
     assert "fm-vm started; waiting up to 20 s for Fabric Manager" in text
     assert "declared no active partition (no running tenant records one)" in text
     assert fm_state.state()["restart_deadline"] is None
+
+
+def test_gpu_topology_names_what_a_service_vm_gets_besides_the_switches(host_tree):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_facts import build
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import detect
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._sysfs import read_host
+
+    topo = read_host(*host_tree("dgx-h100"))
+    platform, reason = detect(topo)
+    facts = build(topo, platform, reason, [], [])
+    # the Switchtec management endpoint (class 0580), not the switch's ports of the same ID
+    assert [(d["bdf"], d["id"], d["driver"]) for d in facts["fabric_devices"]] == [
+        ("0000:05:00.1", "11f8:4128", "vfio-pci")]
+    assert "service VM" in facts["fabric_devices"][0]["why"]
+    assert build(read_host(*host_tree("dgx2")), *detect(read_host(*host_tree("dgx2"))), [],
+                 [])["fabric_devices"] == []
