@@ -254,6 +254,15 @@ def read_fabric_record(path):
     return section if isinstance(section, dict) else {}
 
 
+def start_detached(argv, log, env):
+    """Start a program in a session of its own, without stdin, its output to ``log`` (an open
+    file), and return at once (the Popen): the libvirt hook's way to have work done after it
+    returns (a hook must not wait on what waits on libvirt)."""
+    return subprocess.Popen(  # pylint: disable=consider-using-with,ansible-bad-function
+        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+        start_new_session=True, close_fds=True)
+
+
 def read_hook_config(path):
     """The libvirt hook's settings: ``{"address", "fmpm", "starting_wait"}`` from a JSON file
     (``{}`` when there is none: FM on this host, fmpm on PATH)."""

@@ -43,7 +43,6 @@ leaves an activated partition's NVLinks down (NVIDIA/libvirt-hooks README).
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 
@@ -54,6 +53,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric import (
     FabricManager,
     PartitionHolders,
     read_hook_config,
+    start_detached,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_model import (
     FM_NOT_CONFIGURED,
@@ -265,9 +265,7 @@ def spawn_redeclare(config, state_dir, env=None):
         log.write("%s: %s started; waiting up to %d s for Fabric Manager\n" % (
             time.strftime("%Y-%m-%dT%H:%M:%S"), config["service_vm"], wait))
         log.flush()
-        return subprocess.Popen(  # pylint: disable=consider-using-with
-            [os.path.join(lib, REDECLARE_SCRIPT), "--wait", str(wait)], stdin=subprocess.DEVNULL,
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, close_fds=True)
+        return start_detached([os.path.join(lib, REDECLARE_SCRIPT), "--wait", str(wait)], log, env)
 
 
 def main(argv=None, stdin=None, stderr=None, config_path=DEFAULT_HOOK_CONFIG,

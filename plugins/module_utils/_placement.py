@@ -59,6 +59,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
     FABRIC_SHARED_NVSWITCH,
     gpu_model_ids,
     gpu_model_name,
+    platform_fabric_devices,
 )
 
 
@@ -79,9 +80,11 @@ class HostState(HostLedger):
                     request.gpu_index is None or (held and held[0] == request.gpu_index)) and (
                     self._models_of(request) is None
                     or all(self.model.gpu_model[i] in self._models_of(request) for i in held)):
-                if _same_size(old, request):
+                if _same_size(old, request) and (
+                        not request.fabric_service
+                        or len(old.nvswitches) == self.model.switch_count):
                     if _nics_answer(old, request, self.model.nic_vfs):
-                        return self._placement_from(old)
+                        return self._fabric_of(request, self._placement_from(old))
                     return self._renic(old, request)
                 # Same GPUs (sticky), new CPU/memory shape: re-place only CPUs and memory.
                 self.release(request.name)
@@ -108,11 +111,42 @@ class HostState(HostLedger):
 
     def _place_new(self, request, chooser):
         n = request.gpus
+        if request.fabric_service:
+            self._check_fabric_service(request)
         if n == 0:
             return self._commit(request, self._fit_cpu_only(request))
         candidates = self._gpu_candidates(request)
         ranked = chooser(self, request, candidates)
         return self._commit(request, self._fit(request, ranked))
+
+    def _fabric_of(self, request, placement):
+        """A service VM's placement with its fabric devices (the ledger holds its switches)."""
+        if not request.fabric_service:
+            return placement
+        m = self.model
+        return replace(placement, fabric_devices=tuple(
+            d.bdf for d in platform_fabric_devices(m.topology, m.platform)))
+
+    def _check_fabric_service(self, request):
+        """A Fabric Manager service VM needs a shared-NVSwitch platform, its switches in the
+        host's PCI tree, and every one of them free."""
+        m = self.model
+        prefix = "%s: fabric_manager_vm" % self._prefix(request)
+        if m.platform.fabric != FABRIC_SHARED_NVSWITCH:
+            raise PlacementError(
+                "%s: platform %s does not share its NVSwitches through Fabric Manager (fabric "
+                "%s); a service VM is for shared-NVSwitch boards (HGX A100, H100, H200)" % (
+                    prefix, m.platform.name, m.platform.fabric))
+        if not m.switch_count:
+            raise PlacementError(
+                "%s: platform %s has no NVSwitch in this host's PCI tree to give it (HGX B200's "
+                "switches are reached through its CX7 bridge functions, which this collection "
+                "does not give a service VM yet)" % (prefix, m.platform.name))
+        held = ["%s (%s)" % (m.switch_bdfs[s], holder) for s, holder in
+                enumerate(self.switch_holder) if holder not in (None, request.name)]
+        if held:
+            raise PlacementError("%s: it gets every NVSwitch, and VMs hold %s; remove them "
+                                 "first" % (prefix, ", ".join(held)))
 
     def _prefix(self, request):
         return "request %r (%d GPU%s)" % (request.name, request.gpus,
@@ -474,6 +508,8 @@ class HostState(HostLedger):
         emulator = tuple(sorted(c for node in nodes for c in m.node_reserved.get(node, ())))
         indexes = block.indexes if block is not None else ()
         switches = block.switches if block is not None else ()
+        if request.fabric_service:
+            switches = tuple(range(m.switch_count))
         nics = self._choose_nics(request, tuple(m.gpu_bdfs[i] for i in indexes), old)
         placement = Placement(
             name=request.name,
@@ -494,6 +530,7 @@ class HostState(HostLedger):
                           if indexes and m.platform.fabric == FABRIC_SHARED_NVSWITCH else None),
             nics=nics,
         )
+        placement = self._fabric_of(request, placement)
         holding = placement.holding()
         # What the VM holds besides its rails: its domain's (attached by hand), and the NIC
         # functions in its GPUs' IOMMU groups, which vfio gives it with them.
@@ -665,6 +702,9 @@ def _validate(request):
                                   and nics >= 0)):
         raise PlacementError("%s: nics must be auto, 0 or a number of rail NICs, got %r" % (
             prefix, nics))
+    if request.fabric_service and (request.gpus or request.nics):
+        raise PlacementError("%s: fabric_manager_vm gets the NVSwitches and no GPUs or rail NICs; "
+                             "ask gpus: 0 and nics: 0" % prefix)
     if request.nic_mode not in NIC_MODES:
         raise PlacementError("%s: nic_mode must be one of %s, got %r" % (
             prefix, ", ".join(NIC_MODES), request.nic_mode))

@@ -91,6 +91,9 @@ class Request:
     nics: object = 0
     nic_mode: str = "auto"
     nics_allow_fewer: bool = False
+    # The Fabric Manager service VM of a shared-NVSwitch host: every NVSwitch and the platform's
+    # fabric devices (_platforms.platform_fabric_devices), no GPUs.
+    fabric_service: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,7 @@ class Placement:
     hugepage_kb: int = 0
     fm_partition: int | None = None  # shared-NVSwitch platforms: FM partition to activate
     nics: tuple = ()  # rail NIC functions or VFs (BDFs), nearest GPU first
+    fabric_devices: tuple = ()  # a Fabric Manager service VM's functions besides the switches
 
     @property
     def gpu_index(self):

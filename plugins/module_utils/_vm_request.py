@@ -82,6 +82,7 @@ VM_OPTIONS = ArgumentSpec(
         nics=dict(type="raw"),
         nic_mode=dict(type="str", choices=list(NIC_MODES)),
         nics_allow_fewer=dict(type="bool"),
+        fabric_manager_vm=dict(type="bool"),
         image=dict(type="str"),
         vcpus=dict(type="int"),
         memory=dict(type="raw"),
@@ -139,6 +140,7 @@ class VmRequest:
     nics: object = None  # rail NICs: "auto", a count, 0; None: a new VM none, a VM its own
     nic_mode: str | None = None  # auto | whole | vf
     nics_allow_fewer: bool | None = None
+    fabric_manager_vm: bool | None = None  # the Fabric Manager service VM (every NVSwitch)
     image: str | None = None
     vcpus: int | None = None
     memory_mb: int | None = None
@@ -254,7 +256,8 @@ def request_from_params(p, where=""):
     return VmRequest(
         name=name, state=state, gpus=gpus, gpu_index=p.get("gpu_index"),
         gpu_model=p.get("gpu_model"), nics=nics, nic_mode=p.get("nic_mode"),
-        nics_allow_fewer=p.get("nics_allow_fewer"), image=p.get("image"),
+        nics_allow_fewer=p.get("nics_allow_fewer"),
+        fabric_manager_vm=p.get("fabric_manager_vm"), image=p.get("image"),
         vcpus=p.get("vcpus"), memory_mb=memory_mb, os_disk_gb=os_disk_gb,
         data_disk_gb=data_disk_gb, networks=networks,
         cloud_init=p.get("cloud_init"), cpu_policy=p.get("cpu_policy"),
@@ -331,7 +334,8 @@ def placement_request(req, host=None):
                    memory_mb=req.memory_mb, cpu_policy=req.cpu_policy,
                    hugepages=req.hugepages, host=host, gpu_model=req.gpu_model,
                    nics=req.nics or 0, nic_mode=req.nic_mode or "auto",
-                   nics_allow_fewer=bool(req.nics_allow_fewer))
+                   nics_allow_fewer=bool(req.nics_allow_fewer),
+                   fabric_service=bool(req.fabric_manager_vm))
 
 
 # --- the callers' entry points --------------------------------------------------------------------

@@ -323,8 +323,11 @@ def make_spec(placement, topology, disks=(), networks=(), domain_type="kvm", cpu
     disk_specs = _check_disks(disks)
     net_specs = _check_networks(name, networks, placement.vcpus)
     nics = tuple(getattr(placement, "nics", ()) or ())
+    # A Fabric Manager service VM's functions besides the switches go as extra hostdevs.
+    fabric = tuple(getattr(placement, "fabric_devices", ()) or ())
     passthrough = tuple(placement.gpus) + tuple(placement.nvswitches) + nics
-    extra = group_members(passthrough, topology) if passthrough else ()
+    members = group_members(passthrough + fabric, topology) if passthrough + fabric else ()
+    extra = fabric + tuple(m for m in members if m not in fabric)
     devices = [topology.pci[b] for b in passthrough + extra]
     mmio64_mb = mmio64_window_mb(devices) if placement.gpus else 0
     _check_phys_bits(placement, mmio64_mb, topology, domain_type)

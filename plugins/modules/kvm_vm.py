@@ -126,6 +126,19 @@ options:
       - Take the rail NICs that are free instead of failing when fewer than O(nics) are.
     type: bool
     version_added: 0.2.0
+  fabric_manager_vm:
+    description:
+      - This VM is the host's Fabric Manager service VM (C(docs/fabric.md)) - it gets every
+        NVSwitch of a shared-NVSwitch platform and the platform's fabric devices
+        (RV(gpuvirt.kvm.gpu_topology#module:fabric_devices), HGX H100's Switchtec management
+        endpoint), and no GPUs or rail NICs. Its image (the NVIDIA driver and Fabric Manager of
+        the host's version) comes from the user, like any guest image.
+      - Refused on other platforms, with GPUs or rail NICs asked, and while another VM holds a
+        switch.
+      - Work in progress (branch wip/fm-service-vm) - C(kvm_host) does not yet convert a host
+        for it.
+    type: bool
+    version_added: 0.2.0
   image:
     description:
       - The base image of the OS disk, from the store at O(store) - a name (resolved through its

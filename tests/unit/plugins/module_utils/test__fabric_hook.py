@@ -463,3 +463,36 @@ def test_gpu_topology_names_what_a_service_vm_gets_besides_the_switches(host_tre
     assert "service VM" in facts["fabric_devices"][0]["why"]
     assert build(read_host(*host_tree("dgx2")), *detect(read_host(*host_tree("dgx2"))), [],
                  [])["fabric_devices"] == []
+
+
+def test_the_service_vm_gets_every_switch_and_the_fabric_devices(host_tree):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement import HostState
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._placement_model import (
+        PlacementError,
+        Request,
+    )
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import detect
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._sysfs import read_host
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_spec import make_spec
+
+    topo = read_host(*host_tree("dgx-h100"))
+    platform, _reason = detect(topo)
+    state = HostState(topo, platform, [])
+    fm = state.place(Request("fm-vm", vcpus=2, memory_mb=4096, fabric_service=True))
+    assert fm.gpus == () and len(fm.nvswitches) == 4 and fm.fabric_devices == ("0000:05:00.1",)
+    spec = make_spec(fm, topo)
+    assert spec.nvswitches == fm.nvswitches and spec.extra_hostdevs[0] == "0000:05:00.1"
+    # tenants still get GPUs (their partitions), never a switch
+    pair = state.place(Request("pair", gpus=2))
+    assert len(pair.gpus) == 2 and pair.nvswitches == ()
+    # sticky; a second service VM finds every switch held
+    assert state.place(Request("fm-vm", vcpus=2, memory_mb=4096, fabric_service=True)) == fm
+    with pytest.raises(PlacementError, match=r"fabric_manager_vm: it gets every NVSwitch, and "
+                                             r"VMs hold 0000:07:00.0 \(fm-vm\)"):
+        state.place(Request("fm-2", vcpus=1, memory_mb=1024, fabric_service=True))
+    with pytest.raises(PlacementError, match="ask gpus: 0 and nics: 0"):
+        state.place(Request("fm-3", gpus=1, fabric_service=True))
+    dgx2 = read_host(*host_tree("dgx2"))
+    with pytest.raises(PlacementError, match="platform dgx2 does not share its NVSwitches"):
+        HostState(dgx2, detect(dgx2)[0], []).place(
+            Request("fm-vm", vcpus=1, memory_mb=1024, fabric_service=True))
