@@ -97,6 +97,13 @@ options:
           - Seconds to keep asking while FM answers that it is still starting (NOT_CONFIGURED).
         type: int
         default: 120
+      service_vm:
+        description:
+          - The domain that runs FM (FM in a service VM, C(kvm_host_fabric_manager.service_vm)).
+          - FM there sees the GPUs at the service VM's own PCI addresses, so the C(pciBusId) it
+            gives is never used for the module map; the map comes from a platform file's
+            C(module_ids) or from O(host_record).
+        type: str
   host_record:
     description:
       - The record the P(gpuvirt.kvm.kvm_host#role) role keeps of the host. With

@@ -191,6 +191,7 @@ def host_argspec():
             address=dict(type="str"),
             fmpm=dict(type="str", default="fmpm"),
             starting_wait=dict(type="int", default=120),
+            service_vm=dict(type="str"),
         )),
         host_record=dict(type="path", default="/etc/gpuvirt/kvm_host.json"),
     )

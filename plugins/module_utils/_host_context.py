@@ -138,6 +138,17 @@ def fabric_manager(p):
                          starting_wait=opts.get("starting_wait", 120))
 
 
+def module_id_sources(platform, listing, record, service_vm=None):
+    """The module maps in precedence order, for ``module_map``. A platform file overrides; FM's
+    own pciBusId (DGX-2, A100) comes before what the host record learned (``record``: (label,
+    map)); H100 and later give no address, so the record's map serves there. FM in a service VM
+    (``service_vm``) names the addresses the GPUs have inside that VM, not the host's: its
+    pciBusId is never read then."""
+    return [("platform file %s" % platform.source, platform.module_ids),
+            ("Fabric Manager's pciBusId", {} if service_vm else fm_bus_ids(listing)),
+            record]
+
+
 def live_fabric(p, platform, topology):
     """A shared-NVSwitch host with ``fabric_manager``: (the platform with FM's live partitions,
     busy GPUs {address: why}, the fabric report). Raises HostContextError when a GPU has no
@@ -147,12 +158,10 @@ def live_fabric(p, platform, topology):
         record = read_fabric_record(p.get("host_record") or DEFAULT_HOST_RECORD)
         fm = fabric_manager(p)
         listing = fm.partitions()
-        # A platform file overrides; FM's own pciBusId (DGX-2, A100) comes before what the host
-        # record learned; H100 and later give no address, so the record's map serves there.
-        ids = module_map(gpus, [("platform file %s" % platform.source, platform.module_ids),
-                                ("Fabric Manager's pciBusId", fm_bus_ids(listing)),
-                                ("host record %s" % p.get("host_record"),
-                                 record.get("module_ids") or {})])
+        ids = module_map(gpus, module_id_sources(
+            platform, listing, ("host record %s" % p.get("host_record"),
+                                record.get("module_ids") or {}),
+            service_vm=p["fabric_manager"].get("service_vm")))
         view = fabric_view(listing, ids, gpus, fm.nvlink_failures(),
                            fm.unsupported_partitions())
     except FabricPlacementError as exc:

@@ -135,8 +135,8 @@ options:
         the host's version) comes from the user, like any guest image.
       - Refused on other platforms, with GPUs or rail NICs asked, and while another VM holds a
         switch.
-      - Work in progress (branch wip/fm-service-vm) - C(kvm_host) does not yet convert a host
-        for it.
+      - The P(gpuvirt.kvm.kvm_host#role) role converts a host for it with
+        C(kvm_host_fabric_manager.service_vm) naming this VM.
     type: bool
     version_added: 0.2.0
   image:

@@ -390,8 +390,8 @@ def test_a_redeclaration_waits_for_the_service_vms_fabric_manager(fm_state, tmp_
     assert fm_state.state()["restart_deadline"] is None
 
 
-def test_a_redeclaration_that_never_reaches_fm_gives_up_when_the_wait_is_over(fm_state,
-                                                                             tmp_path):
+def test_a_redeclaration_that_never_reaches_fm_gives_up_when_the_wait_is_over(
+        fm_state, tmp_path):
     pytest.importorskip("libvirt")
     fm_state("h100")
     fm_state.control("stop")
@@ -419,8 +419,8 @@ def test_a_redeclaration_that_never_reaches_fm_gives_up_when_the_wait_is_over(fm
 
 
 @pytest.mark.libvirt
-def test_the_hook_declares_through_a_detached_run_at_the_service_vms_start(fm_state, hook,
-                                                                          tmp_path, host_lib):
+def test_the_hook_declares_through_a_detached_run_at_the_service_vms_start(
+        fm_state, hook, tmp_path, host_lib):
     """The scripts as a host has them: the hook returns at once; the detached
     gpuvirt-fabric-redeclare --wait declares once the restarted FM waits for its list."""
     import time

@@ -84,6 +84,26 @@ def test_fm_pci_bus_ids_map_modules_where_fm_gives_them():
     assert fm_bus_ids(parse_partition_list(h100)) == {}
 
 
+def test_fm_in_a_service_vm_gives_its_own_addresses_which_are_never_read_as_the_hosts():
+    """FM in a service VM names the GPUs at the VM's PCI addresses: with ``service_vm`` its
+    pciBusId is not a source, and the host record's map decides; without, FM's wins."""
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_context import (
+        module_id_sources,
+    )
+    # inside the VM, the guest's bus 1b holds the GPU that is the host's 43:00.0 (module 2)
+    text = json.dumps({"version": 1, "numPartitions": 1, "maxNumPartitions": 1, "partitionInfo": [
+        {"partitionId": 0, "isActive": 0, "numGpus": 2,
+         "gpuInfo": [_gpu(2, "00000000:1B:00.0"), _gpu(1, "00000000:43:00.0")]}]})
+    listing = parse_partition_list(text)
+    record = {b: i + 1 for i, b in enumerate(H100_BDFS)}
+    platform = PLATFORMS["dgx-h100"]
+    on_host = module_map(H100_BDFS, module_id_sources(platform, listing, ("host record", record)))
+    assert on_host[:2] == (2, 1)
+    in_vm = module_map(H100_BDFS, module_id_sources(platform, listing, ("host record", record),
+                                                    service_vm="fabric-manager"))
+    assert in_vm == tuple(range(1, 9))
+
+
 def test_a_gpu_without_module_id_stops_placement_and_says_how_to_give_one():
     record = {b: i + 1 for i, b in enumerate(H100_BDFS[:6])}
     with pytest.raises(FabricPlacementError) as err:
