@@ -44,9 +44,22 @@ options:
       - PCI addresses (C(0000:34:00.0)) of GPUs that failed a health check (double-bit ECC,
         NVLink training error, unexpected XID). They are never placed, and VMs that already
         hold them are reported.
+      - GPUs whose health the host itself reports as failed (see
+        O(aer_correctable_threshold) and C(docs/health.md)) are added to these.
     type: list
     elements: str
     default: []
+  aer_correctable_threshold:
+    description:
+      - Every run reads each GPU's and NVSwitch's health from sysfs, as the host sees it while
+        they sit on vfio-pci - a function gone from the bus or whose config space reads as all
+        ones, a power state of C(error), fatal AER errors and a link that is down make it
+        V(failed), and a failed GPU is never placed; non-fatal AER errors, a link trained
+        narrower or slower than it can, and more correctable AER errors since boot than this
+        number make it V(degraded), which is reported only.
+      - A number of errors, 0 or more.
+    type: int
+    default: 100
   reserved_cpus:
     description:
       - Host CPUs kept for the host itself and for QEMU's emulator threads, in kernel list

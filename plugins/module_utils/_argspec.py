@@ -185,6 +185,7 @@ def host_argspec():
         platform=dict(type="str", default="auto"),
         nvidia_smi_topo=dict(type="str"),
         unhealthy_gpus=dict(type="list", elements="str", default=[]),
+        aer_correctable_threshold=dict(type="int", default=100),
         reserved_cpus=dict(type="str"),
         reserved_memory_mb=dict(type="int"),
         fabric_manager=dict(type="dict", options=dict(

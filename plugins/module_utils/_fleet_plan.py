@@ -262,7 +262,9 @@ class StateBuilder(object):
                 host, type(exc).__name__, exc)) from exc
         unhealthy = [g["bdf"] for g in facts["gpus"] if g.get("healthy", True) is False]
         busy = {g["bdf"]: g["busy"] for g in facts["gpus"] if g.get("busy")}
-        return base.derive(allocations, unhealthy, busy)
+        failed = [s["bdf"] for s in facts.get("nvswitches") or ()
+                  if s.get("healthy", True) is False]
+        return base.derive(allocations, unhealthy, busy, failed)
 
 
 # --- where -------------------------------------------------------------------------------------

@@ -27,6 +27,10 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_placement impo
     fm_bus_ids,
     module_map,
 )
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._health import (
+    DEFAULT_CORRECTABLE_THRESHOLD,
+    judge,
+)
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import (
     DEFAULT_URI,
     LibvirtGateway,
@@ -45,7 +49,11 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
     platform_gpus,
     platform_nvswitches,
 )
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._sysfs import read_bridges, read_host
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._sysfs import (
+    read_bridges,
+    read_host,
+    read_pci_health,
+)
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import TopologyError
 
 DEFAULT_DISK_DIR = "/var/lib/gpuvirt/disks"
@@ -72,6 +80,8 @@ class HostContext:
     busy_gpus: dict = field(default_factory=dict)  # address -> why (active FM partitions)
     fabric: dict | None = None  # shared NVSwitch with fabric_manager: FM's partitions, reported
     fabric_error: str | None = None  # fabric_manager set, but FM or the module map failed
+    health: dict = field(default_factory=dict)  # address -> _health.DeviceHealth (GPUs, switches)
+    failed_switches: tuple = ()  # NVSwitches whose health failed: no block that needs one
     warnings: list = field(default_factory=list)
     _bdfs: dict = field(default_factory=dict, repr=False)
 
@@ -122,13 +132,40 @@ def host_context(p, store=None, bridges=True):
             "with module IDs assumed to follow PCI order, and VMs record no partition for the "
             "collection's libvirt hook to activate: multi-GPU VMs get no NVLink. Set "
             "fabric_manager and install the hook (docs/fabric.md)" % platform.name)
+    health, failed_gpus, failed_switches = device_health(p, topology, platform, warnings)
+    manual = tuple(p.get("unhealthy_gpus") or ())
     return HostContext(
         topology=topology, platform=platform, platform_reason=reason, store=store,
         disk_dir=p.get("disk_dir") or DEFAULT_DISK_DIR, reserved_cpus=p.get("reserved_cpus"),
         reserved_memory_mb=p.get("reserved_memory_mb"),
-        unhealthy_gpus=tuple(p.get("unhealthy_gpus") or ()), nvlinks=nvlinks,
-        bridges=read_bridges(p["sysfs_root"]) if bridges else (), busy_gpus=busy,
-        fabric=fabric, fabric_error=fabric_error, warnings=warnings)
+        unhealthy_gpus=manual + tuple(b for b in failed_gpus if b not in manual),
+        nvlinks=nvlinks, bridges=read_bridges(p["sysfs_root"]) if bridges else (),
+        busy_gpus=busy, fabric=fabric, fabric_error=fabric_error, health=health,
+        failed_switches=tuple(failed_switches), warnings=warnings)
+
+
+def device_health(p, topology, platform, warnings):
+    """The platform's GPUs' and NVSwitches' health read now (``aer_correctable_threshold``), the
+    GPUs that failed and the NVSwitches that failed. Each failed device gets a warning."""
+    threshold = p.get("aer_correctable_threshold")
+    if threshold is None:
+        threshold = DEFAULT_CORRECTABLE_THRESHOLD
+    if threshold < 0:
+        raise HostContextError(
+            "aer_correctable_threshold must be a number of errors, 0 or more; got %d" % threshold)
+    gpus = [d.bdf for d in platform_gpus(topology, platform)]
+    switches = [d.bdf for d in platform_nvswitches(topology, platform)]
+    health = {b: judge(b, read_pci_health(p["sysfs_root"], b), threshold)
+              for b in gpus + switches}
+    failed = [b for b in gpus if health[b].failed]
+    for bdf in failed:
+        warnings.append("GPU %s failed its health check: %s; no VM is given it (docs/health.md)"
+                        % (bdf, health[bdf].reason))
+    failed_switches = [b for b in switches if health[b].failed]
+    for bdf in failed_switches:
+        warnings.append("NVSwitch %s failed its health check: %s; no VM is given a block that "
+                        "needs it (docs/health.md)" % (bdf, health[bdf].reason))
+    return health, failed, failed_switches
 
 
 def fabric_manager(p):

@@ -52,12 +52,14 @@ def _pci_entry(dev, model, holders, **first):
     })
 
 
-def _device_entries(devices, names, holders, unhealthy, platform=None, busy=None):
+def _device_entries(devices, names, holders, unhealthy, platform=None, busy=None, health=None):
     entries = []
     for index, dev in enumerate(devices):
         # A model the table does not name is reported with its ID ("unknown 10de:2bff").
         entry = _pci_entry(dev, names.get(dev.id_pair) or "unknown %04x:%04x" % dev.id_pair,
                            holders, index=index)
+        if health is not None and dev.bdf in health:
+            entry["health"] = health[dev.bdf].to_dict()
         if unhealthy is not None:
             entry["healthy"] = dev.bdf not in unhealthy
             entry["busy"] = (busy or {}).get(dev.bdf)
@@ -126,7 +128,7 @@ def placement_entry(request, outcome):
 
 def build(topology, platform, platform_reason, domains, requests, reserved_cpus=None,
           reserved_memory_mb=None, unhealthy_gpus=(), nvlinks=None, busy_gpus=None,
-          fabric=None):
+          fabric=None, health=None):
     """The whole gpu_topology result. Raises PlacementError for bad host-wide settings."""
     gpus = platform_gpus(topology, platform)
     switches = platform_nvswitches(topology, platform)
@@ -135,9 +137,12 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
     rail_functions = nic_functions(topology, platform)
     allocations = holdings(domains, [g.bdf for g in gpus], [s.bdf for s in switches],
                            rail_functions)
+    failed_switches = [s.bdf for s in switches if health and s.bdf in health
+                       and health[s.bdf].failed]
     state = HostState(topology, platform, allocations, reserved_cpus=reserved_cpus,
                       reserved_memory_mb=reserved_memory_mb, unhealthy_gpus=sorted(unhealthy),
-                      nvlinks=nvlinks, busy_gpus=busy_gpus, nics=nics)
+                      nvlinks=nvlinks, busy_gpus=busy_gpus, nics=nics,
+                      failed_switches=failed_switches)
     before = {"gpus": state.holders(), "free_blocks": state.free_blocks()}
     holders = dict(before["gpus"])
     for dom in allocations:
@@ -160,8 +165,10 @@ def build(topology, platform, platform_reason, domains, requests, reserved_cpus=
             "module_ids": dict(sorted(platform.module_ids.items())),
             "nvswitch_driver": platform.nvswitch_driver,
         },
-        "gpus": _device_entries(gpus, GPU_IDS, holders, unhealthy, platform, busy_gpus),
-        "nvswitches": _device_entries(switches, NVSWITCH_IDS, holders, None),
+        "gpus": _device_entries(gpus, GPU_IDS, holders, unhealthy, platform, busy_gpus,
+                                health),
+        "nvswitches": [dict(e, healthy=e["bdf"] not in failed_switches) for e in
+                       _device_entries(switches, NVSWITCH_IDS, holders, None, health=health)],
         "nics": _nic_entries(topology, nics, holders),
         # What a Fabric Manager service VM gets besides the switches (FM in a service VM).
         "fabric_devices": [

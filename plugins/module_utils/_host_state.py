@@ -28,19 +28,23 @@ class HostLedger(object):
 
     def __init__(self, topology, platform, allocations=(), reserved_cpus=None,
                  reserved_memory_mb=None, unhealthy_gpus=(), nvlinks=None, busy_gpus=None,
-                 nics=None, gpu_group_nics=None):
+                 nics=None, gpu_group_nics=None, failed_switches=()):
         self.model = _HostModel(topology, platform, reserved_cpus, reserved_memory_mb, nvlinks,
                                 nics, gpu_group_nics)
-        self._start(allocations, unhealthy_gpus, busy_gpus)
+        self._start(allocations, unhealthy_gpus, busy_gpus, failed_switches)
 
-    def _start(self, allocations, unhealthy_gpus, busy_gpus=None):
-        """Nothing held, then these unhealthy and busy GPUs and holdings (warning about
-        conflicts). ``busy_gpus``: {address: why} for GPUs that no VM may get now whoever holds
-        them (on a shared-NVSwitch host, those of an active Fabric Manager partition)."""
+    def _start(self, allocations, unhealthy_gpus, busy_gpus=None, failed_switches=()):
+        """Nothing held, then these unhealthy and busy GPUs, failed NVSwitches and holdings
+        (warning about conflicts). ``busy_gpus``: {address: why} for GPUs that no VM may get now
+        whoever holds them (on a shared-NVSwitch host, those of an active Fabric Manager
+        partition). ``failed_switches``: NVSwitch addresses whose health failed (_health); no
+        block that needs one is placed."""
         self.warnings = []
         self._reset()
         self.unhealthy = frozenset()
         self._set_unhealthy(unhealthy_gpus)
+        self.failed_switches = frozenset()
+        self._set_failed_switches(failed_switches)
         self.busy = {}
         self._set_busy(busy_gpus or {})
         for alloc in allocations:
@@ -74,6 +78,13 @@ class HostLedger(object):
                 self.free_mask &= ~(1 << i)
                 self.free_gpus -= 1
 
+    def _set_failed_switches(self, bdfs):
+        m = self.model
+        bad = {m.switch_index[normalize_bdf(b)] for b in bdfs if normalize_bdf(b) in m.switch_index}
+        self.failed_switches = frozenset(bad)
+        for s in bad:
+            self.free_mask &= ~(1 << (m.gpu_count + s))
+
     def _set_busy(self, reasons):
         for bdf, why in reasons.items():
             i = self.model.gpu_index.get(normalize_bdf(bdf))
@@ -93,6 +104,7 @@ class HostLedger(object):
         new.model = self.model
         new.warnings = list(self.warnings)
         new.unhealthy = self.unhealthy
+        new.failed_switches = self.failed_switches
         new.busy = self.busy
         new.gpu_holder = list(self.gpu_holder)
         new.switch_holder = list(self.switch_holder)
@@ -106,13 +118,13 @@ class HostLedger(object):
         new.free_gpus = self.free_gpus
         return new
 
-    def derive(self, allocations=(), unhealthy_gpus=(), busy_gpus=None):
+    def derive(self, allocations=(), unhealthy_gpus=(), busy_gpus=None, failed_switches=()):
         """A state of another host built like this one: the same (shared) host model, other
-        allocations and unhealthy GPUs. What HostState() would make, without rebuilding the
-        model (fleets of one hardware model share it, and its caches)."""
+        allocations, unhealthy GPUs and failed switches. What HostState() would make, without
+        rebuilding the model (fleets of one hardware model share it, and its caches)."""
         new = object.__new__(type(self))
         new.model = self.model
-        new._start(allocations, unhealthy_gpus, busy_gpus)
+        new._start(allocations, unhealthy_gpus, busy_gpus, failed_switches)
         return new
 
     def restore(self, alloc):
@@ -215,7 +227,8 @@ class HostLedger(object):
         for s, holder in enumerate(self.switch_holder):
             if holder == name:
                 self.switch_holder[s] = None
-                self.free_mask |= 1 << (m.gpu_count + s)
+                if s not in self.failed_switches:
+                    self.free_mask |= 1 << (m.gpu_count + s)
         if alloc.cpu_policy == POLICY_DEDICATED:
             for cpu in alloc.cpus:
                 if self.cpu_holder.get(cpu) == name:
@@ -329,6 +342,9 @@ class HostLedger(object):
             if self.switch_holder[s] is not None:
                 parts.append("NVSwitch %d (%s) held by %s" % (
                     s, self.model.switch_bdfs[s], self.switch_holder[s]))
+            elif s in self.failed_switches:
+                parts.append("NVSwitch %d (%s) failed its health check" % (
+                    s, self.model.switch_bdfs[s]))
         return ", ".join(parts)
 
     def _cpu_use_text(self, node):

@@ -246,9 +246,11 @@ class HostState(HostLedger):
                                      prefix, request.gpu_index, format_indexes(b.indexes), why))
         held = self._holders_text()
         out = self._unavailable(n)
-        raise PlacementError("%s: no free %d-GPU block: %s%s; free blocks: %s" % (
-            prefix, n, held or "no GPU is held", "; not placeable now: " + out if out else "",
-            _format_blocks(self.free_blocks())))
+        failed = self._switch_holders_text(sorted(
+            s for s in self.failed_switches if any(s in b.switches for b in blocks)))
+        raise PlacementError("%s: no free %d-GPU block: %s%s%s; free blocks: %s" % (
+            prefix, n, held or "no GPU is held", "; " + failed if failed else "",
+            "; not placeable now: " + out if out else "", _format_blocks(self.free_blocks())))
 
     def _unavailable(self, n, start=None):
         """The platform's n-GPU blocks that cannot be placed now, and why, in words."""

@@ -308,6 +308,35 @@ class SysfsReader:
         return sum(1 for n in os.listdir(groups_dir) if n.isdigit())
 
 
+# What a function's health is judged from (_health): its link, its power state and its AER
+# counters (drivers/pci/pci-sysfs.c, drivers/pci/pcie/aer.c). A file the kernel does not have
+# (no PCIe capability, no AER, an older kernel) is left out.
+HEALTH_FILES = ("current_link_speed", "max_link_speed", "current_link_width", "max_link_width",
+                "power_state", "aer_dev_correctable", "aer_dev_nonfatal", "aer_dev_fatal")
+
+
+def read_pci_health(sysfs_root, bdf):
+    """The raw health files of a PCI function, ``{name: text}``, plus ``config_head`` (the first
+    4 bytes of its config space, or None when unreadable); None when the function is not on the
+    bus."""
+    path = os.path.join(sysfs_root, "bus", "pci", "devices", bdf)
+    if not os.path.exists(path):
+        return None
+    files = {}
+    for name in HEALTH_FILES:
+        try:
+            with open(os.path.join(path, name), "r", encoding="utf-8") as handle:
+                files[name] = handle.read()
+        except (OSError, UnicodeDecodeError):
+            continue
+    try:
+        with open(os.path.join(path, "config"), "rb") as handle:
+            files["config_head"] = handle.read(4)
+    except OSError:
+        files["config_head"] = None
+    return files
+
+
 def _listdir(path):
     try:
         return sorted(os.listdir(path))

@@ -129,7 +129,8 @@ def plan(requests, snap, ctx, whole=False):
             holdings(list(domains.values()), ctx.gpu_bdfs, ctx.switch_bdfs,
                      nic_functions(ctx.topology, ctx.platform)),
             reserved_cpus=ctx.reserved_cpus, reserved_memory_mb=ctx.reserved_memory_mb,
-            unhealthy_gpus=ctx.unhealthy_gpus, nvlinks=ctx.nvlinks, busy_gpus=ctx.busy_gpus)
+            unhealthy_gpus=ctx.unhealthy_gpus, nvlinks=ctx.nvlinks, busy_gpus=ctx.busy_gpus,
+            failed_switches=ctx.failed_switches)
     except PlacementError as exc:  # host-wide options (reserved_cpus, ...) are bad
         raise VmError(str(exc)) from exc
     plans = []

@@ -215,6 +215,23 @@ gpus:
       type: list
       elements: str
       version_added: 0.2.0
+    healthy:
+      description:
+        - False when the GPU is in O(unhealthy_gpus) or its C(health) is V(failed); such a GPU is
+          never placed.
+      type: bool
+    health:
+      description:
+        - The GPU's health as this host reads it from sysfs now (C(docs/health.md)) -
+          C(state) (V(ok), V(degraded) or V(failed)) and C(signals), each with C(source)
+          (V(pci), V(power), V(aer) or V(link)), C(state) and C(reason).
+        - V(failed) - gone from the bus, config space all ones, power state C(error), fatal
+          AER errors, link down. V(degraded) - non-fatal AER errors, more correctable ones than
+          O(aer_correctable_threshold), a link narrower or slower than it can train.
+      type: dict
+      version_added: 0.2.0
+      sample: {state: degraded, signals: [{source: link, state: degraded,
+               reason: "0000:34:00.0's link trained at x8 of x16"}]}
   sample:
     - {index: 0, bdf: "0000:34:00.0", id: "10de:1db8", model: Tesla V100-SXM3-32GB, numa_node: 0,
        iommu_group: 40, iommu_group_members: ["0000:34:00.0"], driver: vfio-pci,
@@ -308,7 +325,9 @@ nics:
        rail_gpus: ["0000:34:00.0", "0000:36:00.0"], rail_link: PIX, host_use: null, offered: true,
        allocated_to: null}
 nvswitches:
-  description: Every NVSwitch found, in PCI bus order, with the same keys as RV(gpus).
+  description:
+    - Every NVSwitch found, in PCI bus order, with the same keys as RV(gpus) (C(health) and
+      C(healthy) too - no VM is given a block that needs a switch whose health failed).
   returned: success
   type: list
   elements: dict
@@ -604,7 +623,7 @@ def main():
             ctx.topology, ctx.platform, ctx.platform_reason, domains, requests,
             reserved_cpus=ctx.reserved_cpus, reserved_memory_mb=ctx.reserved_memory_mb,
             unhealthy_gpus=ctx.unhealthy_gpus, nvlinks=ctx.nvlinks, busy_gpus=ctx.busy_gpus,
-            fabric=ctx.fabric,
+            fabric=ctx.fabric, health=ctx.health,
         )
     except PlacementError as exc:  # a host-wide setting (reserved_cpus, unhealthy_gpus) is bad
         module.fail_json(msg=str(exc))

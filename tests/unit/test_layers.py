@@ -27,7 +27,7 @@ PREFIX = "ansible_collections.gpuvirt.kvm.plugins."
 HELPERS = {"_ranges", "_bdf", "_units"}
 PURE = HELPERS | {
     "_argspec", "_cloud_init", "_domain", "_domain_builder", "_fabric_model", "_fabric_placement",
-    "_fleet_placement",
+    "_fleet_placement", "_health",
     "_fleet_plan", "_holdings", "_host_facts", "_host_stack", "_host_state", "_image_request",
     "_host_nics", "_nics", "_nvidia_smi", "_placement",
     "_placement_model", "_platform_data", "_platforms", "_readiness", "_topology", "_vm_plan",

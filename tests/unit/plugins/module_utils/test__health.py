@@ -1,0 +1,233 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) gpuvirt.kvm contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Device health from sysfs (issue 17, point 1): the kernel's file formats, each signal on the
+DGX H100 and DGX-2 fixture trees (faults written by tests/fixtures/sysfs_builder.py as the kernel
+lays them out), and what placement makes of a failed GPU."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+
+import sysfs_builder
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._health import (
+    HEALTH_DEGRADED,
+    HEALTH_FAILED,
+    HEALTH_OK,
+    judge,
+    parse_aer,
+    parse_link_speed,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_context import (
+    HostContextError,
+    host_context,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._sysfs import read_pci_health
+
+# drivers/pci/pcie/aer.c since 4.19 (short names), and the ABI document's sample (older names).
+NEW_FATAL = ("Undefined 0\nDLP 0\nSDES 0\nTLP 0\nFCP 0\nCmpltTO 2\nCmpltAbrt 0\nUnxCmplt 0\n"
+             "RxOF 0\nMalfTLP 1\nECRC 0\nUnsupReq 0\nACSViol 0\nUncorrIntErr 0\nBlockedTLP 0\n"
+             "AtomicOpBlocked 0\nTLPBlockedErr 0\nPoisonTLPBlocked 0\ndev_fatal_errs_bit[9] 1\n"
+             "TOTAL_ERR_FATAL 4\n")
+OLD_CORRECTABLE = ("Receiver Error 2\nBad TLP 0\nBad DLLP 0\nRELAY_NUM Rollover 0\n"
+                   "Replay Timer Timeout 0\nAdvisory Non-Fatal 0\nCorrected Internal Error 0\n"
+                   "Header Log Overflow 0\nTOTAL_ERR_COR 2\n")
+
+
+def test_aer_files_are_read_in_both_spellings_with_their_totals():
+    total, counts = parse_aer(NEW_FATAL)
+    assert total == 4
+    assert counts["CmpltTO"] == 2 and counts["MalfTLP"] == 1
+    assert counts["dev_fatal_errs_bit[9]"] == 1
+    total, counts = parse_aer(OLD_CORRECTABLE)
+    assert (total, counts["Receiver Error"], counts["RELAY_NUM Rollover"]) == (2, 2, 0)
+    assert parse_aer("") == (None, {})
+
+
+@pytest.mark.parametrize("text, speed", [("16.0 GT/s PCIe\n", 16.0), ("8 GT/s\n", 8.0),
+                                         ("2.5 GT/s PCIe", 2.5), ("Unknown\n", None),
+                                         ("", None)])
+def test_link_speeds_as_the_kernel_prints_them(text, speed):
+    assert parse_link_speed(text) == speed
+
+
+def _files(**over):
+    files = {"current_link_speed": "16.0 GT/s PCIe\n", "max_link_speed": "16.0 GT/s PCIe\n",
+             "current_link_width": "16\n", "max_link_width": "16\n", "power_state": "D0\n",
+             "aer_dev_correctable": "RxErr 0\nTOTAL_ERR_COR 0\n",
+             "aer_dev_nonfatal": "CmpltTO 0\nTOTAL_ERR_NONFATAL 0\n",
+             "aer_dev_fatal": "CmpltTO 0\nTOTAL_ERR_FATAL 0\n", "config_head": b"\xde\x10\x30\x23"}
+    files.update(over)
+    return files
+
+
+@pytest.mark.parametrize("over, state, words", [
+    ({}, HEALTH_OK, None),
+    ({"aer_dev_fatal": NEW_FATAL}, HEALTH_FAILED, "4 fatal uncorrectable PCIe errors since boot"),
+    ({"aer_dev_nonfatal": "CmpltTO 1\nTOTAL_ERR_NONFATAL 1\n"}, HEALTH_DEGRADED,
+     "1 non-fatal uncorrectable PCIe error since boot (CmpltTO 1)"),
+    ({"aer_dev_correctable": "RxErr 101\nTOTAL_ERR_COR 101\n"}, HEALTH_DEGRADED,
+     "101 correctable PCIe errors since boot (RxErr 101), over the threshold of 100"),
+    ({"aer_dev_correctable": "RxErr 100\nTOTAL_ERR_COR 100\n"}, HEALTH_OK, None),
+    ({"current_link_width": "8\n"}, HEALTH_DEGRADED, "link trained at x8 of x16"),
+    ({"current_link_width": "0\n"}, HEALTH_FAILED, "link is down (x0 of x16)"),
+    ({"current_link_speed": "8.0 GT/s PCIe\n"}, HEALTH_DEGRADED, "runs at 8 GT/s of 16 GT/s"),
+    ({"power_state": "error\n"}, HEALTH_FAILED, "power state as error"),
+    ({"config_head": b"\xff\xff\xff\xff", "power_state": "D3cold\n"}, HEALTH_FAILED,
+     "config space reads as all ones in power state D3cold"),
+    ({"power_state": "D3cold\n"}, HEALTH_OK, None),  # idle on vfio-pci, still answering
+])
+def test_each_signal_and_how_bad_it_is(over, state, words):
+    health = judge("0000:1b:00.0", _files(**over))
+    assert health.state == state
+    if words:
+        assert words in health.reason
+    else:
+        assert health.signals == ()
+
+
+def test_a_function_gone_from_the_bus_has_failed():
+    health = judge("0000:1b:00.0", None)
+    assert health.failed and "missing from the PCI bus" in health.reason
+
+
+def _device(tree, bdf):
+    """The entry of ``bdf`` in a host description's PCI tree (a short "BDF MODEL" entry is made
+    a mapping in place, so that fields can be added)."""
+    lists = [tree]
+    while lists:
+        entries = lists.pop()
+        for i, entry in enumerate(entries):
+            if isinstance(entry, str):
+                short, model = entry.split()
+                if short.lower() in (bdf, bdf[5:]):
+                    entries[i] = {"bdf": short, "model": model}
+                    return entries[i]
+                continue
+            if str(entry.get("bdf", "")).lower() in (bdf, bdf[5:]):
+                return entry
+            lists.extend(x for x in (entry.get("children"), entry.get("devices")) if x)
+    raise AssertionError("no %s in the fixture" % bdf)
+
+
+def _faulty(name, faults, root):
+    """Fixture host ``name`` with ``{bdf: fields}`` written into its entries, built under root."""
+    desc = copy.deepcopy(sysfs_builder.load_host(name))
+    for bdf, fields in faults.items():
+        _device(desc["pci"], bdf).update(fields)
+    return sysfs_builder.build(desc, str(root))
+
+
+def _params(sysfs_root, proc_root, **over):
+    p = {"sysfs_root": sysfs_root, "proc_root": proc_root, "platform": "auto",
+         "nvidia_smi_topo": None, "unhealthy_gpus": [], "reserved_cpus": None,
+         "reserved_memory_mb": None, "fabric_manager": None,
+         "host_record": "/nonexistent/kvm_host.json", "aer_correctable_threshold": 100}
+    p.update(over)
+    return p
+
+
+def test_the_fixture_trees_carry_healthy_files_the_reader_finds(host_tree):
+    sysfs_root, _proc = host_tree("dgx-h100")
+    files = read_pci_health(sysfs_root, "0000:1b:00.0")
+    assert files["current_link_speed"] == "16.0 GT/s PCIe\n"
+    assert files["aer_dev_fatal"].splitlines()[-1] == "TOTAL_ERR_FATAL 0"
+    assert judge("0000:1b:00.0", files).state == HEALTH_OK
+    assert read_pci_health(sysfs_root, "0000:ee:00.0") is None
+
+
+def test_faults_on_the_dgx_h100_make_failed_gpus_unplaceable_and_degraded_ones_reported(
+        tmp_path):
+    sysfs_root, proc_root = _faulty("dgx-h100", {
+        "0000:1b:00.0": {"aer": {"fatal": {"CmpltTO": 1}}},       # fatal AER: failed
+        "0000:43:00.0": {"link": {"width": 8, "max_width": 16}},  # downtrained: degraded
+        "0000:52:00.0": {"gone": True},                            # all ones: failed
+        "0000:07:00.0": {"power_state": "error"},                  # an NVSwitch: failed
+    }, tmp_path / "h100")
+    ctx = host_context(_params(sysfs_root, proc_root), bridges=False)
+    assert ctx.platform.name == "dgx-h100"
+    states = {b: h.state for b, h in ctx.health.items()}
+    assert states["0000:1b:00.0"] == HEALTH_FAILED
+    assert states["0000:43:00.0"] == HEALTH_DEGRADED
+    assert states["0000:52:00.0"] == HEALTH_FAILED
+    assert states["0000:07:00.0"] == HEALTH_FAILED
+    assert states["0000:61:00.0"] == HEALTH_OK
+    # failed GPUs join unhealthy_gpus (never placed); a degraded one does not
+    assert set(ctx.unhealthy_gpus) == {"0000:1b:00.0", "0000:52:00.0"}
+    text = " ".join(ctx.warnings)
+    assert "GPU 0000:1b:00.0 failed its health check: 0000:1b:00.0: 1 fatal" in text
+    assert "NVSwitch 0000:07:00.0 failed its health check" in text
+    assert "0000:43:00.0" not in text
+
+
+def test_a_manual_unhealthy_gpu_stays_beside_the_failed_ones(tmp_path):
+    sysfs_root, proc_root = _faulty("dgx2", {"0000:34:00.0": {"aer": {"fatal": {"DLP": 3}}}},
+                                    tmp_path / "dgx2")
+    ctx = host_context(_params(sysfs_root, proc_root, unhealthy_gpus=["0000:36:00.0",
+                                                                      "0000:34:00.0"]),
+                       bridges=False)
+    assert ctx.unhealthy_gpus == ("0000:36:00.0", "0000:34:00.0")
+    assert ctx.health["0000:34:00.0"].failed
+
+
+def test_a_negative_threshold_is_refused_naming_the_option(host_tree):
+    sysfs_root, proc_root = host_tree("dgx-h100")
+    with pytest.raises(HostContextError, match="aer_correctable_threshold must be a number of "
+                                               "errors, 0 or more; got -1"):
+        host_context(_params(sysfs_root, proc_root, aer_correctable_threshold=-1), bridges=False)
+
+
+def test_a_fixture_fault_the_kernel_cannot_print_is_refused(tmp_path):
+    desc = copy.deepcopy(sysfs_builder.load_host("dgx-h100"))
+    _device(desc["pci"], "0000:1b:00.0").update({"aer": {"fatal": {"Oops": 1}}})
+    with pytest.raises(sysfs_builder.FixtureError, match="the kernel's are Undefined, DLP"):
+        sysfs_builder.build(desc, str(tmp_path / "bad"))
+    assert not os.path.exists(tmp_path / "bad" / "sys" / "bus")
+
+
+def test_placement_passes_over_a_failed_gpu_and_the_report_says_why(tmp_path):
+    """DGX H100 with GPU 0 failed: no 8-GPU VM; a 4-GPU VM gets modules 5-8 (the other
+    half), and gpu_topology's entries carry each GPU's health."""
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_facts import build
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_request import plan_requests
+
+    sysfs_root, proc_root = _faulty("dgx-h100", {"0000:1b:00.0": {"aer": {"fatal": {"DLP": 1}}}},
+                                    tmp_path / "h100")
+    ctx = host_context(_params(sysfs_root, proc_root, reserved_cpus=""), bridges=False)
+    result = build(ctx.topology, ctx.platform, ctx.platform_reason, [],
+                   plan_requests([{"name": "all", "gpus": 8}, {"name": "half", "gpus": 4}]),
+                   reserved_cpus="", unhealthy_gpus=ctx.unhealthy_gpus, health=ctx.health)
+    whole, half = result["plan"]
+    assert "error" in whole
+    assert "error" not in half and 0 not in half["gpu_indexes"]
+    first = result["gpus"][0]
+    assert (first["healthy"], first["health"]["state"]) == (False, HEALTH_FAILED)
+    assert first["health"]["signals"][0]["source"] == "aer"
+    assert result["gpus"][1]["health"] == {"state": HEALTH_OK, "signals": []}
+    assert result["nvswitches"][0]["health"]["state"] == HEALTH_OK
+
+
+def test_a_failed_nvswitch_keeps_vms_off_the_blocks_that_need_it(tmp_path):
+    """DGX-2 in full passthrough: NVSwitch 61:00.0 (baseboard 1) failed. No 16-GPU VM (it needs
+    all 12 switches); an 8-GPU VM gets baseboard 2 with its 6 switches; the map says why."""
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_facts import build
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_request import plan_requests
+
+    sysfs_root, proc_root = _faulty("dgx2", {"0000:61:00.0": {"gone": True}}, tmp_path / "dgx2")
+    ctx = host_context(_params(sysfs_root, proc_root, reserved_cpus=""), bridges=False)
+    assert ctx.failed_switches == ("0000:61:00.0",)
+    assert ctx.unhealthy_gpus == ()
+    result = build(ctx.topology, ctx.platform, ctx.platform_reason, [],
+                   plan_requests([{"name": "all", "gpus": 16}, {"name": "board", "gpus": 8}]),
+                   reserved_cpus="", unhealthy_gpus=ctx.unhealthy_gpus, health=ctx.health)
+    whole, board = result["plan"]
+    assert "NVSwitch 0 (0000:61:00.0) failed its health check" in whole["error"]
+    assert "error" not in board and board["gpu_indexes"] == list(range(8, 16))
+    assert "0000:61:00.0" not in board["nvswitches"]
+    switch = result["nvswitches"][0]
+    assert (switch["bdf"], switch["healthy"], switch["health"]["state"]) == (
+        "0000:61:00.0", False, HEALTH_FAILED)
