@@ -76,7 +76,11 @@ class HostState(HostLedger):
         if old is not None:
             held = tuple(sorted(self.model.gpu_index[normalize_bdf(b)] for b in old.gpus
                                 if normalize_bdf(b) in self.model.gpu_index))
-            if len(held) == len(old.gpus) == request.gpus and (
+            sick = request.replace_failed and (
+                any(i in self.unhealthy for i in held)
+                or any(self.model.switch_index.get(normalize_bdf(b)) in self.failed_switches
+                       for b in old.nvswitches))
+            if not sick and len(held) == len(old.gpus) == request.gpus and (
                     request.gpu_index is None or (held and held[0] == request.gpu_index)) and (
                     self._models_of(request) is None
                     or all(self.model.gpu_model[i] in self._models_of(request) for i in held)):

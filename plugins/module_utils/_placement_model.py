@@ -94,6 +94,9 @@ class Request:
     # The Fabric Manager service VM of a shared-NVSwitch host: every NVSwitch and the platform's
     # fabric devices (_platforms.platform_fabric_devices), no GPUs.
     fabric_service: bool = False
+    # A VM that holds a GPU that is unhealthy (or an NVSwitch that failed) is re-placed on
+    # healthy devices instead of keeping them (kvm_vm's recreate).
+    replace_failed: bool = False
 
 
 @dataclass(frozen=True)

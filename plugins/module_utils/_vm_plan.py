@@ -183,12 +183,30 @@ def plan(requests, snap, ctx, whole=False):
     for vp in plans:
         if vp.error is None:
             _steps(vp, snap, ctx)
+        if vp.error is None:
+            vp.error = _failed_devices(vp, ctx)
     if whole and any(vp.error is not None for vp in plans):
         for vp in plans:
             if vp.error is None:
                 vp.held, vp.steps, vp.grow, vp.reboot_required = True, [], [], False
                 vp.kept, vp.files_to_remove = [], []
     return plans
+
+
+def _failed_devices(vp, ctx):
+    """A VM this run would start that holds a GPU or NVSwitch whose health failed is not
+    started: the error names each device and why (docs/health.md). None when it may start."""
+    if ("start", vp.request.name) not in vp.steps or vp.desired is None:
+        return None
+    bad = [(kind, bdf, ctx.health[bdf]) for kind, bdfs in (("GPU", vp.desired.gpus),
+                                                          ("NVSwitch", vp.desired.nvswitches))
+           for bdf in bdfs if bdf in ctx.health and ctx.health[bdf].failed]
+    if not bad:
+        return None
+    return ("%s: not started: it holds %s; remove the VM, or set recreate: true to re-place it "
+            "on healthy GPUs, or repair the device and reboot the host (docs/health.md)" % (
+                vp.request.name, "; ".join("%s %s, which failed its health check (%s)" % (
+                    kind, bdf, health.reason) for kind, bdf, health in bad)))
 
 
 # --- refusals before placing -------------------------------------------------------------------

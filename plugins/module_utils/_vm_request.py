@@ -335,7 +335,8 @@ def placement_request(req, host=None):
                    hugepages=req.hugepages, host=host, gpu_model=req.gpu_model,
                    nics=req.nics or 0, nic_mode=req.nic_mode or "auto",
                    nics_allow_fewer=bool(req.nics_allow_fewer),
-                   fabric_service=bool(req.fabric_manager_vm))
+                   fabric_service=bool(req.fabric_manager_vm),
+                   replace_failed=bool(getattr(req, "recreate", False)))
 
 
 # --- the callers' entry points --------------------------------------------------------------------

@@ -300,8 +300,12 @@ options:
     type: bool
     default: false
   recreate:
-    description: Allow a change of GPU count, O(gpu_index), O(gpu_model) or O(image) on a
-      running VM (it is stopped, re-placed or moved, and started again).
+    description:
+      - Allow a change of GPU count, O(gpu_index), O(gpu_model) or O(image) on a running VM (it
+        is stopped, re-placed or moved, and started again).
+      - A VM that holds a GPU in O(unhealthy_gpus) or one whose health failed, or an NVSwitch
+        whose health failed (C(docs/health.md)), is re-placed on healthy devices. Without it,
+        such a VM keeps its devices and is not started (the error names the device).
     type: bool
     default: false
   owner_tag:

@@ -374,3 +374,36 @@ def test_more_rails_than_the_gpus_have_is_refused_naming_the_option(ctx):
     (vp,) = run(ctx, [req(image="os", gpus=2, nics=2)])
     assert "nics: 2 asked, but GPU(s) 0000:34:00.0, 0000:36:00.0 have 1 rail NIC(s)" in vp.error
     assert vp.steps == []
+
+
+def test_a_vm_holding_a_failed_gpu_is_not_started_and_the_error_names_it(ctx):
+    """A stopped VM on GPUs 0-1 whose GPU 0 failed its health check (_health) is not started;
+    stopping it, or a VM on healthy GPUs, goes ahead; recreate re-places it on healthy GPUs."""
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._health import (
+        DeviceHealth,
+        Signal,
+    )
+
+    bad = ctx.topology and sorted(b for b, d in ctx.topology.pci.items()
+                                  if d.vendor == 0x10DE and d.pci_class == 0x0302)[0]
+    sick = replace(ctx, unhealthy_gpus=(bad,), health={bad: DeviceHealth(bad, (Signal(
+        "aer", "failed", "%s: 1 fatal uncorrectable PCIe error since boot (DLP 1)" % bad),))})
+    old = req("old", image="os", gpus=2, gpu_index=0)
+    requests = [req("old", image="os", gpus=2), req("ok", image="os", gpus=2, gpu_index=4)]
+    snap, defined = snapshot((old, False), files=[disk_paths(DISKS, "old")["os"]])
+    plans = plan(requests, observed(ctx, snap, defined, requests), sick)
+    assert plans[0].error == (
+        "old: not started: it holds GPU %s, which failed its health check (%s: 1 fatal "
+        "uncorrectable PCIe error since boot (DLP 1)); remove the VM, or set recreate: true "
+        "to re-place it on healthy GPUs, or repair the device and reboot the host "
+        "(docs/health.md)" % (bad, bad))
+    assert plans[1].error is None and ("start", "ok") in plans[1].steps
+    (stop,) = plan([req("old", image="os", gpus=2, state="stopped")],
+                   observed(ctx, *snapshot((old, True), files=[disk_paths(DISKS, "old")["os"]]),
+                            [req("old", image="os", gpus=2, state="stopped")]), sick)
+    assert stop.error is None and stop.steps == [("stop", "old")]
+    (moved,) = plan([req("old", image="os", gpus=2, recreate=True)],
+                    observed(ctx, *snapshot((old, False), files=[disk_paths(DISKS, "old")["os"]]),
+                             [req("old", image="os", gpus=2, recreate=True)]), sick)
+    assert moved.error is None and bad not in moved.desired.gpus
+    assert ("start", "old") in moved.steps
