@@ -288,7 +288,7 @@ def allocation_map(result):
             owner[bdf] = "%s (planned)" % entry["name"]
     lines = ["platform %s: %s" % (result["platform"]["name"], result["platform"]["reason"])]
     for gpu in result["gpus"]:
-        health = "" if gpu.get("healthy", True) else " UNHEALTHY"
+        health = _health_words(gpu, " UNHEALTHY" if not gpu.get("healthy", True) else "")
         held = owner.get(gpu["bdf"]) or ("busy: %s" % gpu["busy"] if gpu.get("busy") else "free")
         lines.append("GPU%-2d %s node %-2s -> %s%s" % (
             gpu["index"], gpu["bdf"], gpu["numa_node"], held, health))
@@ -296,8 +296,9 @@ def allocation_map(result):
     kept = ("host, for Fabric Manager (%s)" % result["platform"].get("nvswitch_driver", "nvidia")
             if result["platform"].get("fabric") == FABRIC_SHARED_NVSWITCH else "free")
     for sw in result["nvswitches"]:
-        lines.append("NVSwitch%-2d %s node %-2s -> %s" % (
-            sw["index"], sw["bdf"], sw["numa_node"], owner.get(sw["bdf"], kept)))
+        lines.append("NVSwitch%-2d %s node %-2s -> %s%s" % (
+            sw["index"], sw["bdf"], sw["numa_node"], owner.get(sw["bdf"], kept),
+            _health_words(sw, "")))
     index_of = {gpu["bdf"]: gpu["index"] for gpu in result["gpus"]}
     for nic in result.get("nics", []):
         lines.append("NIC %s %s node %-2s %s -> %s" % (
@@ -332,6 +333,17 @@ def allocation_map(result):
     lines.append("free blocks: %s" % (", ".join(
         "%d x %s" % (n, size) for size, n in free.items() if n) or "none"))
     return lines
+
+
+def _health_words(entry, manual):
+    """" FAILED: why" / " degraded: why" for a device whose health says so (_health), else
+    ``manual`` (" UNHEALTHY" for a GPU the unhealthy_gpus option names)."""
+    health = entry.get("health") or {}
+    if health.get("state") in ("failed", "degraded"):
+        worst = [s["reason"] for s in health["signals"] if s["state"] == health["state"]]
+        return " %s: %s" % ("FAILED" if health["state"] == "failed" else "degraded",
+                            "; ".join(worst))
+    return manual
 
 
 def _indexes(indexes):

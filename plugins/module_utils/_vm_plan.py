@@ -198,8 +198,8 @@ def _failed_devices(vp, ctx):
     started: the error names each device and why (docs/health.md). None when it may start."""
     if ("start", vp.request.name) not in vp.steps or vp.desired is None:
         return None
-    bad = [(kind, bdf, ctx.health[bdf]) for kind, bdfs in (("GPU", vp.desired.gpus),
-                                                          ("NVSwitch", vp.desired.nvswitches))
+    held = (("GPU", vp.desired.gpus), ("NVSwitch", vp.desired.nvswitches))
+    bad = [(kind, bdf, ctx.health[bdf]) for kind, bdfs in held
            for bdf in bdfs if bdf in ctx.health and ctx.health[bdf].failed]
     if not bad:
         return None

@@ -231,3 +231,25 @@ def test_a_failed_nvswitch_keeps_vms_off_the_blocks_that_need_it(tmp_path):
     switch = result["nvswitches"][0]
     assert (switch["bdf"], switch["healthy"], switch["health"]["state"]) == (
         "0000:61:00.0", False, HEALTH_FAILED)
+
+
+def test_the_allocation_map_names_failed_and_degraded_devices_with_their_reason(tmp_path):
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_facts import (
+        allocation_map,
+        build,
+    )
+
+    sysfs_root, proc_root = _faulty("dgx2", {
+        "0000:34:00.0": {"power_state": "error"},
+        "0000:36:00.0": {"link": {"width": 8, "max_width": 16}},
+        "0000:61:00.0": {"gone": True}}, tmp_path / "dgx2")
+    ctx = host_context(_params(sysfs_root, proc_root, reserved_cpus=""), bridges=False)
+    lines = allocation_map(build(ctx.topology, ctx.platform, ctx.platform_reason, [], [],
+                                 reserved_cpus="", unhealthy_gpus=ctx.unhealthy_gpus,
+                                 health=ctx.health))
+    assert ("GPU0  0000:34:00.0 node 0  -> free FAILED: the kernel reports 0000:34:00.0's power "
+            "state as error") in lines
+    assert ("GPU1  0000:36:00.0 node 0  -> free degraded: 0000:36:00.0's link trained at x8 of "
+            "x16") in lines
+    assert any(line.startswith("NVSwitch0  0000:61:00.0") and " FAILED: 0000:61:00.0's config "
+               "space reads as all ones" in line for line in lines)
