@@ -141,18 +141,28 @@ def judge(bdf, files, correctable_threshold=DEFAULT_CORRECTABLE_THRESHOLD):
                               "of %d (a marginal link: check the riser or cable)" % (
                                   bdf, _plural(total, "correctable PCIe error"), _counted(counts),
                                   correctable_threshold)))
-    width, max_width = _width(files.get("current_link_width")), _width(
-        files.get("max_link_width"))
+    # A link trains to what both ends can: the device's maximum, capped by its port's.
+    width = _width(files.get("current_link_width"))
+    max_width = _lowest(_width(files.get("max_link_width")),
+                        _width(files.get("port_max_link_width")))
     if width == 0 and max_width:
         signals.append(Signal("link", HEALTH_FAILED, "%s's link is down (x0 of x%d)" % (
             bdf, max_width)))
     elif width and max_width and width < max_width:
         signals.append(Signal("link", HEALTH_DEGRADED, "%s's link trained at x%d of x%d" % (
             bdf, width, max_width)))
+    # Speed only where nothing drives the device: a GPU lowers its link speed while idle under a
+    # driver (a guest's: vfio-pci has it enabled), and in a low-power state.
     speed = parse_link_speed(files.get("current_link_speed"))
-    max_speed = parse_link_speed(files.get("max_link_speed"))
-    if width and speed and max_speed and speed < max_speed:
-        signals.append(Signal(
-            "link", HEALTH_DEGRADED, "%s's link runs at %g GT/s of %g GT/s (a GPU that a driver "
-            "runs lowers it while idle: read it again under load)" % (bdf, speed, max_speed)))
+    max_speed = _lowest(parse_link_speed(files.get("max_link_speed")),
+                        parse_link_speed(files.get("port_max_link_speed")))
+    idle_d0 = power in ("", "D0") and (files.get("enable") or "0").strip() == "0"
+    if idle_d0 and width and speed and max_speed and speed < max_speed:
+        signals.append(Signal("link", HEALTH_DEGRADED, "%s's link runs at %g GT/s of %g GT/s"
+                              % (bdf, speed, max_speed)))
     return DeviceHealth(bdf, tuple(signals))
+
+
+def _lowest(*values):
+    known = [v for v in values if v]
+    return min(known) if known else None

@@ -163,8 +163,12 @@ def device_health(p, topology, platform, warnings):
                         % (bdf, health[bdf].reason))
     failed_switches = [b for b in switches if health[b].failed]
     for bdf in failed_switches:
-        warnings.append("NVSwitch %s failed its health check: %s; no VM is given a block that "
-                        "needs it (docs/health.md)" % (bdf, health[bdf].reason))
+        warnings.append("NVSwitch %s failed its health check: %s; %s (docs/health.md)" % (
+            bdf, health[bdf].reason,
+            "Fabric Manager uses it for the partitions it serves (shared NVSwitch): check them "
+            "with fmpm, and a Fabric Manager service VM that holds it is not started"
+            if platform.fabric == FABRIC_SHARED_NVSWITCH
+            else "no VM is given a block that needs it"))
     return health, failed, failed_switches
 
 

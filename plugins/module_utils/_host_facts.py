@@ -339,10 +339,12 @@ def _health_words(entry, manual):
     """" FAILED: why" / " degraded: why" for a device whose health says so (_health), else
     ``manual`` (" UNHEALTHY" for a GPU the unhealthy_gpus option names)."""
     health = entry.get("health") or {}
-    if health.get("state") in ("failed", "degraded"):
-        worst = [s["reason"] for s in health["signals"] if s["state"] == health["state"]]
-        return " %s: %s" % ("FAILED" if health["state"] == "failed" else "degraded",
-                            "; ".join(worst))
+    state = health.get("state")
+    if state == "degraded" and manual:  # never placed all the same: that comes first
+        return manual
+    if state in ("failed", "degraded"):
+        worst = [s["reason"] for s in health["signals"] if s["state"] == state]
+        return " %s: %s" % ("FAILED" if state == "failed" else "degraded", "; ".join(worst))
     return manual
 
 

@@ -76,11 +76,18 @@ class HostState(HostLedger):
         if old is not None:
             held = tuple(sorted(self.model.gpu_index[normalize_bdf(b)] for b in old.gpus
                                 if normalize_bdf(b) in self.model.gpu_index))
-            sick = request.replace_failed and (
-                any(i in self.unhealthy for i in held)
-                or any(self.model.switch_index.get(normalize_bdf(b)) in self.failed_switches
-                       for b in old.nvswitches))
-            if not sick and len(held) == len(old.gpus) == request.gpus and (
+            if request.replace_failed and not request.fabric_service and (
+                    any(i in self.unhealthy for i in held)
+                    or any(self.model.switch_index.get(normalize_bdf(b)) in self.failed_switches
+                           for b in old.nvswitches)):
+                # recreate: off an unhealthy GPU or a failed switch, where a healthy block is
+                # free; else it keeps what it holds (and _vm_plan does not start it).
+                self.release(request.name)
+                try:
+                    return self._place_new(request, chooser)
+                except PlacementError:
+                    self._record(old)
+            if len(held) == len(old.gpus) == request.gpus and (
                     request.gpu_index is None or (held and held[0] == request.gpu_index)) and (
                     self._models_of(request) is None
                     or all(self.model.gpu_model[i] in self._models_of(request) for i in held)):

@@ -312,13 +312,15 @@ class SysfsReader:
 # counters (drivers/pci/pci-sysfs.c, drivers/pci/pcie/aer.c). A file the kernel does not have
 # (no PCIe capability, no AER, an older kernel) is left out.
 HEALTH_FILES = ("current_link_speed", "max_link_speed", "current_link_width", "max_link_width",
-                "power_state", "aer_dev_correctable", "aer_dev_nonfatal", "aer_dev_fatal")
+                "power_state", "enable", "aer_dev_correctable", "aer_dev_nonfatal",
+                "aer_dev_fatal")
 
 
 def read_pci_health(sysfs_root, bdf):
     """The raw health files of a PCI function, ``{name: text}``, plus ``config_head`` (the first
-    4 bytes of its config space, or None when unreadable); None when the function is not on the
-    bus."""
+    4 bytes of its config space, or None when unreadable) and ``port_max_link_speed`` /
+    ``port_max_link_width`` (the bridge above it: a link trains no faster than both ends); None
+    when the function is not on the bus."""
     path = os.path.join(sysfs_root, "bus", "pci", "devices", bdf)
     if not os.path.exists(path):
         return None
@@ -334,6 +336,14 @@ def read_pci_health(sysfs_root, bdf):
             files["config_head"] = handle.read(4)
     except OSError:
         files["config_head"] = None
+    parent = os.path.dirname(os.path.realpath(path))
+    if _BDF_RE.match(os.path.basename(parent)):
+        for name in ("max_link_speed", "max_link_width"):
+            try:
+                with open(os.path.join(parent, name), "r", encoding="utf-8") as handle:
+                    files["port_" + name] = handle.read()
+            except (OSError, UnicodeDecodeError):
+                continue
     return files
 
 

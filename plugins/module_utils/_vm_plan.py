@@ -185,6 +185,9 @@ def plan(requests, snap, ctx, whole=False):
             _steps(vp, snap, ctx)
         if vp.error is None:
             vp.error = _failed_devices(vp, ctx)
+            if vp.error is not None:  # refused whole: nothing of it is done
+                vp.steps, vp.grow, vp.reboot_required = [], [], False
+                vp.kept, vp.files_to_remove = [], []
     if whole and any(vp.error is not None for vp in plans):
         for vp in plans:
             if vp.error is None:
@@ -203,10 +206,12 @@ def _failed_devices(vp, ctx):
            for bdf in bdfs if bdf in ctx.health and ctx.health[bdf].failed]
     if not bad:
         return None
-    return ("%s: not started: it holds %s; remove the VM, or set recreate: true to re-place it "
-            "on healthy GPUs, or repair the device and reboot the host (docs/health.md)" % (
-                vp.request.name, "; ".join("%s %s, which failed its health check (%s)" % (
-                    kind, bdf, health.reason) for kind, bdf, health in bad)))
+    fix = ("remove the VM, or set recreate: true to re-place it on healthy devices, or repair "
+           "the device and reboot the host" if not vp.request.fabric_manager_vm
+           else "repair the device and reboot the host (the service VM needs every NVSwitch)")
+    return "%s: not started: it holds %s; %s (docs/health.md)" % (
+        vp.request.name, "; ".join("%s %s, which failed its health check (%s)" % (
+            kind, bdf, health.reason) for kind, bdf, health in bad), fix)
 
 
 # --- refusals before placing -------------------------------------------------------------------

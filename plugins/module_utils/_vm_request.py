@@ -336,7 +336,8 @@ def placement_request(req, host=None):
                    nics=req.nics or 0, nic_mode=req.nic_mode or "auto",
                    nics_allow_fewer=bool(req.nics_allow_fewer),
                    fabric_service=bool(req.fabric_manager_vm),
-                   replace_failed=bool(getattr(req, "recreate", False)))
+                   replace_failed=bool(getattr(req, "recreate", False))
+                   and getattr(req, "state", None) not in ("stopped", "absent"))
 
 
 # --- the callers' entry points --------------------------------------------------------------------

@@ -303,9 +303,12 @@ options:
     description:
       - Allow a change of GPU count, O(gpu_index), O(gpu_model) or O(image) on a running VM (it
         is stopped, re-placed or moved, and started again).
-      - A VM that holds a GPU in O(unhealthy_gpus) or one whose health failed, or an NVSwitch
-        whose health failed (C(docs/health.md)), is re-placed on healthy devices. Without it,
-        such a VM keeps its devices and is not started (the error names the device).
+      - With O(state=running) or V(present), a VM that holds a GPU in O(unhealthy_gpus) or one
+        whose health failed, or an NVSwitch whose health failed (C(docs/health.md)), is
+        re-placed on healthy devices where a block is free (a running VM is stopped and started
+        again); else it keeps them.
+      - A VM that holds a device whose health failed is not started (the error names the
+        device), with or without O(recreate).
     type: bool
     default: false
   owner_tag:

@@ -60,7 +60,8 @@ def _files(**over):
              "current_link_width": "16\n", "max_link_width": "16\n", "power_state": "D0\n",
              "aer_dev_correctable": "RxErr 0\nTOTAL_ERR_COR 0\n",
              "aer_dev_nonfatal": "CmpltTO 0\nTOTAL_ERR_NONFATAL 0\n",
-             "aer_dev_fatal": "CmpltTO 0\nTOTAL_ERR_FATAL 0\n", "config_head": b"\xde\x10\x30\x23"}
+             "aer_dev_fatal": "CmpltTO 0\nTOTAL_ERR_FATAL 0\n", "config_head": b"\xde\x10\x30\x23",
+             "enable": "0\n"}
     files.update(over)
     return files
 
@@ -76,6 +77,13 @@ def _files(**over):
     ({"current_link_width": "8\n"}, HEALTH_DEGRADED, "link trained at x8 of x16"),
     ({"current_link_width": "0\n"}, HEALTH_FAILED, "link is down (x0 of x16)"),
     ({"current_link_speed": "8.0 GT/s PCIe\n"}, HEALTH_DEGRADED, "runs at 8 GT/s of 16 GT/s"),
+    # a guest's driver runs it (vfio-pci enabled it), or it sleeps: its speed says nothing
+    ({"current_link_speed": "2.5 GT/s PCIe\n", "enable": "1\n"}, HEALTH_OK, None),
+    ({"current_link_speed": "2.5 GT/s PCIe\n", "power_state": "D3hot\n"}, HEALTH_OK, None),
+    # a Gen5 x16 card behind a Gen4 x8 port trains at Gen4 x8: as good as it gets
+    ({"current_link_speed": "16.0 GT/s PCIe\n", "max_link_speed": "32.0 GT/s PCIe\n",
+      "current_link_width": "8\n", "port_max_link_speed": "16.0 GT/s PCIe\n",
+      "port_max_link_width": "8\n"}, HEALTH_OK, None),
     ({"power_state": "error\n"}, HEALTH_FAILED, "power state as error"),
     ({"config_head": b"\xff\xff\xff\xff", "power_state": "D3cold\n"}, HEALTH_FAILED,
      "config space reads as all ones in power state D3cold"),

@@ -395,7 +395,7 @@ def test_a_vm_holding_a_failed_gpu_is_not_started_and_the_error_names_it(ctx):
     assert plans[0].error == (
         "old: not started: it holds GPU %s, which failed its health check (%s: 1 fatal "
         "uncorrectable PCIe error since boot (DLP 1)); remove the VM, or set recreate: true "
-        "to re-place it on healthy GPUs, or repair the device and reboot the host "
+        "to re-place it on healthy devices, or repair the device and reboot the host "
         "(docs/health.md)" % (bad, bad))
     assert plans[1].error is None and ("start", "ok") in plans[1].steps
     (stop,) = plan([req("old", image="os", gpus=2, state="stopped")],
@@ -407,3 +407,38 @@ def test_a_vm_holding_a_failed_gpu_is_not_started_and_the_error_names_it(ctx):
                              [req("old", image="os", gpus=2, recreate=True)]), sick)
     assert moved.error is None and bad not in moved.desired.gpus
     assert ("start", "old") in moved.steps
+    # recreate with state stopped keeps what it holds; a manual unhealthy_gpus GPU does not
+    # stop a start (only a failed health check does)
+    (kept,) = plan([req("old", image="os", gpus=2, recreate=True, state="stopped")],
+                   observed(ctx, *snapshot((old, True), files=[disk_paths(DISKS, "old")["os"]]),
+                            [req("old", image="os", gpus=2, recreate=True, state="stopped")]),
+                   sick)
+    assert kept.error is None and kept.steps == [("stop", "old")]
+    marked = replace(ctx, unhealthy_gpus=(bad,))
+    (manual,) = plan([req("old", image="os", gpus=2)],
+                     observed(ctx, *snapshot((old, False), files=[disk_paths(DISKS, "old")["os"]]),
+                              [req("old", image="os", gpus=2)]), marked)
+    assert manual.error is None and manual.steps == [("start", "old")]
+
+
+def test_recreate_keeps_a_vm_on_its_failed_gpu_when_no_healthy_block_is_free(ctx):
+    """16 GPUs held, one failed: nowhere to go. Stopping still works; starting is refused."""
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._health import (
+        DeviceHealth,
+        Signal,
+    )
+
+    bad = sorted(b for b, d in ctx.topology.pci.items()
+                 if d.vendor == 0x10DE and d.pci_class == 0x0302)[0]
+    sick = replace(ctx, unhealthy_gpus=(bad,), health={bad: DeviceHealth(bad, (Signal(
+        "power", "failed", "the kernel reports %s's power state as error" % bad),))})
+    big = req("big", image="os", gpus=16, vcpus=16)
+    files = [disk_paths(DISKS, "big")["os"]]
+    for state, active, steps in (("stopped", True, [("stop", "big")]), ("running", False, [])):
+        want = req("big", image="os", gpus=16, vcpus=16, recreate=True, state=state)
+        (vp,) = plan([want], observed(ctx, *snapshot((big, active), files=files), [want]), sick)
+        assert vp.steps == steps, state
+        if state == "running":
+            assert vp.error.startswith("big: not started: it holds GPU %s" % bad)
+        else:
+            assert vp.error is None
