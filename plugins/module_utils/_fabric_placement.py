@@ -164,11 +164,14 @@ class FabricView:
                 "failed_elsewhere": list(self.failed_elsewhere)}
 
 
-def fabric_view(listing, module_ids, gpu_bdfs, failures=None, unsupported=None):
+def fabric_view(listing, module_ids, gpu_bdfs, failures=None, unsupported=None,
+                by_address=True):
     """The FabricView of ``fmpm -l`` (an FmPartitionList) on a host whose GPUs (``gpu_bdfs``, in
     index order) have these ``module_ids``; ``failures`` (NvlinkFailures) and ``unsupported``
     ({partition ID: module IDs}) are what ``--get-nvlink-failed-devices`` and
-    ``--list-unsupported-partitions`` say."""
+    ``--list-unsupported-partitions`` say. ``by_address`` False: FM runs in a service VM and
+    its ``pciBusId`` are that VM's addresses, so a failed GPU cannot be told by address (it is
+    reported among ``failed_elsewhere``, marked so)."""
     failures = failures or NvlinkFailures()
     unsupported = unsupported or {}
     on_host = set(module_ids)
@@ -188,9 +191,10 @@ def fabric_view(listing, module_ids, gpu_bdfs, failures=None, unsupported=None):
 
     failed_modules, elsewhere = {}, []
     for dev in failures.gpus:
-        i = index_of_bdf.get(_bdf_or_none(dev.pci_bus_id))
+        i = index_of_bdf.get(_bdf_or_none(dev.pci_bus_id)) if by_address else None
         if i is None:
-            elsewhere.append("GPU %s" % (dev.pci_bus_id or dev.uuid or "?"))
+            elsewhere.append("GPU %s%s" % (dev.pci_bus_id or dev.uuid or "?", "" if by_address
+                                           else " (an address in the Fabric Manager VM)"))
         else:
             failed_modules[module_ids[i]] = dev
     failed_switches = ["NVSwitch %s" % (d.pci_bus_id or d.uuid or "?") for d in failures.switches]

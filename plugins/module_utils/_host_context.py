@@ -199,12 +199,15 @@ def live_fabric(p, platform, topology):
         record = read_fabric_record(p.get("host_record") or DEFAULT_HOST_RECORD)
         fm = fabric_manager(p)
         listing = fm.partitions()
+        # FM in a service VM: the option, else what kvm_host recorded (a hand-written
+        # fabric_manager mapping may leave it out).
+        service_vm = p["fabric_manager"].get("service_vm") or record.get("service_vm")
         ids = module_map(gpus, module_id_sources(
             platform, listing, ("host record %s" % p.get("host_record"),
                                 record.get("module_ids") or {}),
-            service_vm=p["fabric_manager"].get("service_vm")))
+            service_vm=service_vm))
         view = fabric_view(listing, ids, gpus, fm.nvlink_failures(),
-                           fm.unsupported_partitions())
+                           fm.unsupported_partitions(), by_address=not service_vm)
     except FabricPlacementError as exc:
         raise HostContextError(str(exc)) from exc
     except FabricError as exc:

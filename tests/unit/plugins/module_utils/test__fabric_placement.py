@@ -281,6 +281,12 @@ def test_failed_devices_and_unsupported_partitions(fm_state):
     assert "NVSwitch 00000000:07:00.0" in view.unplaceable[3]
     view = fabric_view(listing, IDENTITY, H100_BDFS, unsupported={5: (5, 7)})
     assert view.unplaceable == {5: "FM lists it as unsupported (degraded NVLinks)"}
+    # FM in a service VM names the VM's addresses: a failed GPU is not matched by address
+    view = fabric_view(listing, IDENTITY, H100_BDFS, NvlinkFailures(gpus=(gpu,)),
+                       by_address=False)
+    assert view.unplaceable == {}
+    assert view.failed_elsewhere == (
+        "GPU 00000000:DF:00.0 (an address in the Fabric Manager VM)",)
 
 
 def test_partitions_of_gpus_this_host_lacks_are_left_out(fm_state):
