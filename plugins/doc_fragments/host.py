@@ -125,6 +125,9 @@ options:
         GPUs), which the role learns at conversion. It rewrites its record, so do not edit the
         record by hand; give a map in a platform file's C(module_ids) instead.
       - A missing file is no error; a platform file's C(module_ids) then has to name every GPU.
+      - Its C(slots) (every GPU's and NVSwitch's address at the first conversion) keep a known
+        platform with a device gone from the bus that platform, degraded, when detection
+        (O(platform=auto)) alone would call it C(generic) (C(docs/health.md)).
     type: path
     default: /etc/gpuvirt/kvm_host.json
 """

@@ -244,6 +244,15 @@ def _json_file(path, what, fix=""):
     return data
 
 
+def read_record_slots(path):
+    """The ``slots`` section of the host record (``{}`` when there is none): the GPUs and
+    NVSwitches ``kvm_host`` saw at conversion, by address. FabricError when unreadable."""
+    data = _json_file(path, "host_record: the host record",
+                      "; fix the file, or point host_record at the record kvm_host keeps")
+    section = data.get("slots")
+    return section if isinstance(section, dict) else {}
+
+
 def read_fabric_record(path):
     """The ``fabric`` section of the host record ``kvm_host`` keeps (``{}`` when there is no
     record, or no such section): ``module_ids`` (GPU address -> FM module ID). A record that

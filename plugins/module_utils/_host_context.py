@@ -19,6 +19,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric import (
     DEFAULT_HOST_RECORD,
     FabricManager,
     read_fabric_record,
+    read_record_slots,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_model import FabricError
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_placement import (
@@ -46,6 +47,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
     FABRIC_SHARED_NVSWITCH,
     PlatformError,
     detect,
+    detect_degraded,
     platform_gpus,
     platform_nvswitches,
 )
@@ -54,7 +56,10 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._sysfs import (
     read_host,
     read_pci_health,
 )
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import TopologyError
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._topology import (
+    TopologyError,
+    with_missing,
+)
 
 DEFAULT_DISK_DIR = "/var/lib/gpuvirt/disks"
 
@@ -111,6 +116,8 @@ def host_context(p, store=None, bridges=True):
         topology = read_host(p["sysfs_root"], p["proc_root"])
         if p.get("platform") in (None, "auto"):
             platform, reason = detect(topology)
+            if platform.name == "generic":
+                topology, platform, reason = _degraded(p, topology, platform, reason)
         else:
             platform, reason = get_platform(p["platform"], topology), "named by the platform option"
         nvlinks = None
@@ -142,6 +149,20 @@ def host_context(p, store=None, bridges=True):
         nvlinks=nvlinks, bridges=read_bridges(p["sysfs_root"]) if bridges else (),
         busy_gpus=busy, fabric=fabric, fabric_error=fabric_error, health=health,
         failed_switches=tuple(failed_switches), warnings=warnings)
+
+
+def _degraded(p, topology, platform, reason):
+    """A host detected as generic that the host record says was a known platform, with GPUs or
+    NVSwitches gone since: that platform, its missing devices kept in their slots."""
+    try:
+        slots = read_record_slots(p.get("host_record") or DEFAULT_HOST_RECORD)
+    except FabricError:
+        return topology, platform, reason  # the record is read again, and refused, elsewhere
+    found = detect_degraded(topology, slots)
+    if found is None:
+        return topology, platform, reason
+    known, _missing, why = found
+    return with_missing(topology, slots), known, why
 
 
 def device_health(p, topology, platform, warnings):

@@ -60,6 +60,7 @@ def _device_entries(devices, names, holders, unhealthy, platform=None, busy=None
                            holders, index=index)
         if health is not None and dev.bdf in health:
             entry["health"] = health[dev.bdf].to_dict()
+        entry["missing"] = dev.missing
         if unhealthy is not None:
             entry["healthy"] = dev.bdf not in unhealthy
             entry["busy"] = (busy or {}).get(dev.bdf)

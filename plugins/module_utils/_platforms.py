@@ -471,6 +471,40 @@ def detect(topology):
     return PLATFORMS["generic"], why
 
 
+def _id(text):
+    vendor, device = text.split(":")
+    return (int(vendor, 16), int(device, 16))
+
+
+def detect_degraded(topology, slots):
+    """A known platform this host was converted as, with GPUs or NVSwitches gone since:
+    ``(platform, missing addresses, reason)``, or None.
+
+    ``slots``: the host record's ``slots`` (``{"gpus": {address: {"id": ...}}, "nvswitches":
+    {...}}``, what ``kvm_host`` saw at conversion). It holds when the slots make the platform
+    (counts and IDs) and every GPU and NVSwitch found now sits in one of them."""
+    gpu_slots = (slots or {}).get("gpus") or {}
+    switch_slots = (slots or {}).get("nvswitches") or {}
+    present_gpus = {d.bdf for d in host_gpus(topology) if not d.missing}
+    present_switches = {d.bdf for d in host_nvswitches(topology) if not d.missing}
+    missing = sorted((set(gpu_slots) - present_gpus) | (set(switch_slots) - present_switches))
+    if not missing or not present_gpus <= set(gpu_slots) or not present_switches <= set(
+            switch_slots):
+        return None
+    gpu_ids = {_id(s["id"]) for s in gpu_slots.values()}
+    switch_ids = {_id(s["id"]) for s in switch_slots.values()}
+    for name, plat in PLATFORMS.items():
+        if (plat.gpu_count and len(gpu_slots) == plat.gpu_count
+                and len(switch_slots) == plat.nvswitch_count
+                and all(i in plat.gpu_ids for i in gpu_ids)
+                and all(i in plat.nvswitch_ids for i in switch_ids)):
+            return plat, missing, (
+                "degraded %s: %s missing from the slots recorded when the host was converted; "
+                "they keep their indexes and are never placed, and the rest places as %s" % (
+                    name, ", ".join(missing), name))
+    return None
+
+
 def check_host(platform, topology):
     """Raise PlatformError when the platform cannot describe this host's GPUs."""
     gpus = platform_gpus(topology, platform)

@@ -54,6 +54,8 @@ def assess(topology, gpus, nvswitches):
     seen_groups = set()
     for kind, devices in (("gpu", gpus), ("nvswitch", nvswitches)):
         for dev in devices:
+            if dev.missing:  # gone from its slot: nothing to bind (_health reports it)
+                continue
             if dev.driver != VFIO_DRIVER:
                 not_on_vfio.append({"bdf": dev.bdf, "kind": kind, "driver": dev.driver})
             if dev.iommu_group is None or dev.iommu_group in seen_groups:

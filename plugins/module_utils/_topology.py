@@ -11,7 +11,7 @@ facts. :meth:`HostTopology.link` classifies the PCIe distance between two device
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 PCI_CLASS_BRIDGE_PCI = 0x0604
 
@@ -63,6 +63,9 @@ class PciDevice:
     path: tuple = ()  # BDFs from the first bridge below the host bridge down to this device
     host_bridge: str = ""  # "pci0000:00"
     bars: tuple = ()
+    # A GPU or NVSwitch that was in this slot when the host was converted and is gone now
+    # (with_missing): it keeps its index, is never placed, and nothing is read from sysfs for it.
+    missing: bool = False
 
     @property
     def pci_class(self):
@@ -294,3 +297,30 @@ def parse_resource(text):
             continue
         bars.append(Bar(index=index, start=start, size=end - start + 1, flags=flags))
     return tuple(bars)
+
+
+# The class a stand-in gets when its slot does not say (a 3D controller; a bridge, other).
+_MISSING_CLASS = {"gpus": 0x030200, "nvswitches": 0x068000}
+
+
+def with_missing(topology, slots):
+    """The topology with a stand-in for each recorded slot whose device is gone.
+
+    ``slots``: ``{"gpus": {address: {"id": "10de:1db8", "numa_node": 0, "path": [...],
+    "host_bridge": "pci0000:2e"}}, "nvswitches": {...}}``, what the host record kept of each
+    GPU and NVSwitch at conversion (``class`` optional). A stand-in has ``missing`` set, no
+    driver, no IOMMU group and no BARs."""
+    pci = dict(topology.pci)
+    wanted = [(bdf, slot, kind) for kind in _MISSING_CLASS
+              for bdf, slot in sorted((slots.get(kind) or {}).items())]
+    for bdf, slot, kind in wanted:
+        if bdf in pci:
+            continue
+        vendor, device = (int(x, 16) for x in slot["id"].split(":"))
+        klass = int(slot["class"], 16) if slot.get("class") else _MISSING_CLASS[kind]
+        pci[bdf] = PciDevice(
+            bdf=bdf, vendor=vendor, device=device, class_code=klass,
+            driver=None, numa_node=int(slot.get("numa_node", -1)), iommu_group=None,
+            path=tuple(slot.get("path") or (bdf,)), host_bridge=slot.get("host_bridge", ""),
+            missing=True)
+    return replace(topology, pci=dict(sorted(pci.items())))

@@ -220,6 +220,12 @@ gpus:
         - False when the GPU is in O(unhealthy_gpus) or its C(health) is V(failed); such a GPU is
           never placed.
       type: bool
+    missing:
+      description:
+        - True for a GPU (or NVSwitch) that the host record's slots name and that is gone from
+          the bus - a degraded platform keeps its index (C(docs/health.md)).
+      type: bool
+      version_added: 0.2.0
     health:
       description:
         - The GPU's health as this host reads it from sysfs now (C(docs/health.md)) -

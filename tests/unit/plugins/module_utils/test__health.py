@@ -261,3 +261,72 @@ def test_the_allocation_map_names_failed_and_degraded_devices_with_their_reason(
             "x16") in lines
     assert any(line.startswith("NVSwitch0  0000:61:00.0") and " FAILED: 0000:61:00.0's config "
                "space reads as all ones" in line for line in lines)
+
+
+def _slots(topology, devices):
+    """What kvm_host records of each device at conversion (gpu_topology's entries)."""
+    return {d.bdf: {"id": "%04x:%04x" % d.id_pair, "numa_node": d.numa_node,
+                    "path": list(d.path), "host_bridge": d.host_bridge} for d in devices}
+
+
+def _without(name, bdfs, root):
+    """Fixture host ``name`` with these functions gone from its PCI tree."""
+    desc = copy.deepcopy(sysfs_builder.load_host(name))
+    lists = [desc["pci"]]
+    while lists:
+        entries = lists.pop()
+        for entry in list(entries):
+            short = entry.split()[0] if isinstance(entry, str) else str(entry.get("bdf", ""))
+            if short.lower() in {b[5:] for b in bdfs}:
+                entries.remove(entry)
+            elif isinstance(entry, dict):
+                lists.extend(x for x in (entry.get("children"), entry.get("devices")) if x)
+    return sysfs_builder.build(desc, str(root))
+
+
+def test_a_dgx2_with_a_gpu_gone_stays_a_dgx2_and_places_around_it(host_tree, tmp_path):
+    """Point 4 (degraded, not demoted): GPU 3 (3b:00.0) fell off the bus. With the slots
+    kvm_host recorded at conversion, the host is still a DGX-2: indexes stay, the missing GPU is
+    failed, and 8 + 4 + 2 + 1 GPUs still place on the healthy side with their switches."""
+    import json
+
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_facts import build
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
+        platform_gpus,
+        platform_nvswitches,
+    )
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._sysfs import read_host
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_request import plan_requests
+
+    whole = read_host(*host_tree("dgx2"))
+    dgx2 = host_context(_params(*host_tree("dgx2")), bridges=False).platform
+    record = tmp_path / "kvm_host.json"
+    record.write_text(json.dumps({"slots": {
+        "gpus": _slots(whole, platform_gpus(whole, dgx2)),
+        "nvswitches": _slots(whole, platform_nvswitches(whole, dgx2))}}))
+    sysfs_root, proc_root = _without("dgx2", ["0000:3b:00.0"], tmp_path / "d")
+    # without the record: generic, as before
+    plain = host_context(_params(sysfs_root, proc_root), bridges=False)
+    assert plain.platform.name == "generic"
+    ctx = host_context(_params(sysfs_root, proc_root, host_record=str(record),
+                               reserved_cpus=""), bridges=False)
+    assert ctx.platform.name == "dgx2"
+    assert ctx.platform_reason.startswith("degraded dgx2: 0000:3b:00.0 missing")
+    assert ctx.gpu_bdfs[3] == "0000:3b:00.0" and len(ctx.gpu_bdfs) == 16
+    assert ctx.health["0000:3b:00.0"].failed and "0000:3b:00.0" in ctx.unhealthy_gpus
+    assert ctx.failed_switches == ()
+    result = build(ctx.topology, ctx.platform, ctx.platform_reason, [], plan_requests(
+        [{"name": "eight", "gpus": 8}, {"name": "four", "gpus": 4}, {"name": "two", "gpus": 2},
+         {"name": "one", "gpus": 1}, {"name": "sixteen", "gpus": 16}]),
+        reserved_cpus="", unhealthy_gpus=ctx.unhealthy_gpus, health=ctx.health)
+    eight, four, two, one, sixteen = result["plan"]
+    assert "error" in sixteen
+    assert eight["gpu_indexes"] == list(range(8, 16)) and len(eight["nvswitches"]) == 6
+    used = set(eight["gpu_indexes"])
+    for entry in (four, two, one):
+        assert "error" not in entry, entry
+        assert 3 not in entry["gpu_indexes"] and not used & set(entry["gpu_indexes"])
+        used |= set(entry["gpu_indexes"])
+    gpu3 = result["gpus"][3]
+    assert (gpu3["missing"], gpu3["healthy"], gpu3["health"]["state"]) == (True, False, "failed")
+    assert result["readiness"]["not_on_vfio"] == []
