@@ -330,3 +330,32 @@ def test_a_dgx2_with_a_gpu_gone_stays_a_dgx2_and_places_around_it(host_tree, tmp
     gpu3 = result["gpus"][3]
     assert (gpu3["missing"], gpu3["healthy"], gpu3["health"]["state"]) == (True, False, "failed")
     assert result["readiness"]["not_on_vfio"] == []
+
+
+def test_slots_keep_a_platform_only_when_every_device_found_sits_in_one(host_tree, tmp_path):
+    """No device missing, a device outside the recorded slots, or slots that make no known
+    platform: detection stays as it was."""
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
+        PLATFORMS,
+        detect_degraded,
+        platform_gpus,
+        platform_nvswitches,
+    )
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._sysfs import read_host
+
+    whole = read_host(*host_tree("dgx2"))
+    dgx2 = PLATFORMS["dgx2"]
+    gpus = _slots(whole, platform_gpus(whole, dgx2))
+    switches = _slots(whole, platform_nvswitches(whole, dgx2))
+    assert detect_degraded(whole, {"gpus": gpus, "nvswitches": switches}) is None  # all there
+    gone = read_host(*_without("dgx2", ["0000:3b:00.0"], tmp_path / "d"))
+    found = detect_degraded(gone, {"gpus": gpus, "nvswitches": switches})
+    assert (found[0].name, found[1]) == ("dgx2", ["0000:3b:00.0"])
+    # a GPU found that the slots do not name: not this host's record
+    other = dict(gpus)
+    other["0000:99:00.0"] = other.pop("0000:34:00.0")
+    assert detect_degraded(gone, {"gpus": other, "nvswitches": switches}) is None
+    # 15 slots make no platform
+    fewer = {b: s for b, s in gpus.items() if b != "0000:3b:00.0"}
+    assert detect_degraded(gone, {"gpus": fewer, "nvswitches": switches}) is None
+    assert detect_degraded(gone, {}) is None
