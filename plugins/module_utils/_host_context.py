@@ -158,11 +158,20 @@ def _degraded(p, topology, platform, reason):
         slots = read_record_slots(p.get("host_record") or DEFAULT_HOST_RECORD)
     except FabricError:
         return topology, platform, reason  # the record is read again, and refused, elsewhere
-    found = detect_degraded(topology, slots)
-    if found is None:
+    try:
+        found = detect_degraded(topology, slots)
+        if found is None:
+            return topology, platform, reason
+        known, _missing, why = found
+        anchored = with_missing(topology, slots)
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return topology, platform, reason  # slots not as kvm_host writes them: not used
+    # Every recorded slot must now hold one of the platform's GPUs or NVSwitches (found, or a
+    # stand-in), or the indexes would not line up with its partitions.
+    if (len(platform_gpus(anchored, known)) != known.gpu_count
+            or len(platform_nvswitches(anchored, known)) != known.nvswitch_count):
         return topology, platform, reason
-    known, _missing, why = found
-    return with_missing(topology, slots), known, why
+    return anchored, known, why
 
 
 def device_health(p, topology, platform, warnings):

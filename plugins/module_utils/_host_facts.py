@@ -290,7 +290,8 @@ def allocation_map(result):
     lines = ["platform %s: %s" % (result["platform"]["name"], result["platform"]["reason"])]
     for gpu in result["gpus"]:
         health = _health_words(gpu, " UNHEALTHY" if not gpu.get("healthy", True) else "")
-        held = owner.get(gpu["bdf"]) or ("busy: %s" % gpu["busy"] if gpu.get("busy") else "free")
+        held = owner.get(gpu["bdf"]) or ("busy: %s" % gpu["busy"] if gpu.get("busy")
+                                         else "missing" if gpu.get("missing") else "free")
         lines.append("GPU%-2d %s node %-2s -> %s%s" % (
             gpu["index"], gpu["bdf"], gpu["numa_node"], held, health))
     # Shared NVSwitch: the switches are the host's, for Fabric Manager; never a VM's to take.

@@ -438,7 +438,8 @@ def gpudirect_rdma(topology, nics):
             continue
         why = []
         ats = {nic.bdf: _ats_state(topology, nic.bdf)}
-        ats.update({g: _ats_state(topology, g) for g in nic.rail_gpus})
+        ats.update({g: _ats_state(topology, g) for g in nic.rail_gpus
+                    if g not in topology.pci or not topology.pci[g].missing})
         for bdf, state in ats.items():
             kind = "NIC" if bdf == nic.bdf else "GPU"
             if state == "unknown":

@@ -299,6 +299,8 @@ def parse_resource(text):
     return tuple(bars)
 
 
+# A 64-bit prefetchable memory BAR, as the kernel flags one in ``resource``.
+_MEM64_PREF = IORESOURCE_MEM | IORESOURCE_PREFETCH | IORESOURCE_MEM_64
 # The class a stand-in gets when its slot does not say (a 3D controller; a bridge, other).
 _MISSING_CLASS = {"gpus": 0x030200, "nvswitches": 0x068000}
 
@@ -322,5 +324,8 @@ def with_missing(topology, slots):
             bdf=bdf, vendor=vendor, device=device, class_code=klass,
             driver=None, numa_node=int(slot.get("numa_node", -1)), iommu_group=None,
             path=tuple(slot.get("path") or (bdf,)), host_bridge=slot.get("host_bridge", ""),
+            # the 64-bit window it had, so a VM that still holds it keeps its definition
+            bars=((Bar(index=2, start=0, size=int(slot["mmio64_mb"]) << 20, flags=_MEM64_PREF),)
+                  if slot.get("mmio64_mb") else ()),
             missing=True)
     return replace(topology, pci=dict(sorted(pci.items())))

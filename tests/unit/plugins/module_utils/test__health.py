@@ -266,7 +266,8 @@ def test_the_allocation_map_names_failed_and_degraded_devices_with_their_reason(
 def _slots(topology, devices):
     """What kvm_host records of each device at conversion (gpu_topology's entries)."""
     return {d.bdf: {"id": "%04x:%04x" % d.id_pair, "numa_node": d.numa_node,
-                    "path": list(d.path), "host_bridge": d.host_bridge} for d in devices}
+                    "path": list(d.path), "host_bridge": d.host_bridge,
+                    "mmio64_mb": d.mmio64_size >> 20} for d in devices}
 
 
 def _without(name, bdfs, root):
@@ -313,6 +314,9 @@ def test_a_dgx2_with_a_gpu_gone_stays_a_dgx2_and_places_around_it(host_tree, tmp
     assert ctx.platform.name == "dgx2"
     assert ctx.platform_reason.startswith("degraded dgx2: 0000:3b:00.0 missing")
     assert ctx.gpu_bdfs[3] == "0000:3b:00.0" and len(ctx.gpu_bdfs) == 16
+    # the stand-in keeps the 64-bit window it had: a VM that holds it keeps its definition
+    stand_in = ctx.topology.pci["0000:3b:00.0"]
+    assert stand_in.missing and stand_in.mmio64_size == whole.pci["0000:3b:00.0"].mmio64_size > 0
     assert ctx.health["0000:3b:00.0"].failed and "0000:3b:00.0" in ctx.unhealthy_gpus
     assert ctx.failed_switches == ()
     result = build(ctx.topology, ctx.platform, ctx.platform_reason, [], plan_requests(
@@ -329,6 +333,16 @@ def test_a_dgx2_with_a_gpu_gone_stays_a_dgx2_and_places_around_it(host_tree, tmp
         used |= set(entry["gpu_indexes"])
     gpu3 = result["gpus"][3]
     assert (gpu3["missing"], gpu3["healthy"], gpu3["health"]["state"]) == (True, False, "failed")
+    # a slot that now holds something the platform does not count: indexes would shift
+    bad = json.loads(record.read_text())
+    bad["slots"]["gpus"]["0000:3b:00.0"]["id"] = "10de:1db8"
+    bad["slots"]["gpus"]["0000:99:00.0"] = bad["slots"]["gpus"].pop("0000:34:00.0")
+    record.write_text(json.dumps(bad))
+    assert host_context(_params(sysfs_root, proc_root, host_record=str(record)),
+                        bridges=False).platform.name == "generic"
+    record.write_text(json.dumps({"slots": {"gpus": ["not", "a", "map"]}}))
+    assert host_context(_params(sysfs_root, proc_root, host_record=str(record)),
+                        bridges=False).platform.name == "generic"
     assert result["readiness"]["not_on_vfio"] == []
 
 
