@@ -244,23 +244,26 @@ def _json_file(path, what, fix=""):
     return data
 
 
-def read_record_slots(path):
-    """The ``slots`` section of the host record (``{}`` when there is none): the GPUs and
-    NVSwitches ``kvm_host`` saw at conversion, by address. FabricError when unreadable."""
+def _record_section(path, name):
+    """A section of the host record ``kvm_host`` keeps (``{}`` when there is no record, or no
+    such section); FabricError naming the record when it cannot be read."""
     data = _json_file(path, "host_record: the host record",
                       "; fix the file, or point host_record at the record kvm_host keeps")
-    section = data.get("slots")
+    section = data.get(name)
     return section if isinstance(section, dict) else {}
+
+
+def read_record_slots(path):
+    """The ``slots`` section of the host record: the GPUs and NVSwitches ``kvm_host`` saw at
+    conversion, by address."""
+    return _record_section(path, "slots")
 
 
 def read_fabric_record(path):
     """The ``fabric`` section of the host record ``kvm_host`` keeps (``{}`` when there is no
     record, or no such section): ``module_ids`` (GPU address -> FM module ID). A record that
     cannot be read is a FabricError naming it."""
-    data = _json_file(path, "host_record: the host record",
-                      "; fix the file, or point host_record at the record kvm_host keeps")
-    section = data.get("fabric")
-    return section if isinstance(section, dict) else {}
+    return _record_section(path, "fabric")
 
 
 def start_detached(argv, log, env):
