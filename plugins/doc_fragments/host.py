@@ -60,6 +60,16 @@ options:
       - A number of errors, 0 or more.
     type: int
     default: 100
+  health_record:
+    description:
+      - The host's health record (written by M(gpuvirt.kvm.gpu_health) and by the
+        C(gpuvirt-health) command that M(gpuvirt.kvm.kvm_host) installs). A device an admin
+        marked failed there is treated as failed, and the signals an admin cleared there are
+        not counted, until they change (C(docs/health.md)).
+      - No file is no record. A file that is not a health record is an error, and it is left
+        as it is.
+    type: path
+    default: /var/lib/gpuvirt/health.json
   reserved_cpus:
     description:
       - Host CPUs kept for the host itself and for QEMU's emulator threads, in kernel list

@@ -186,6 +186,7 @@ def host_argspec():
         nvidia_smi_topo=dict(type="str"),
         unhealthy_gpus=dict(type="list", elements="str", default=[]),
         aer_correctable_threshold=dict(type="int", default=100),
+        health_record=dict(type="path", default="/var/lib/gpuvirt/health.json"),
         reserved_cpus=dict(type="str"),
         reserved_memory_mb=dict(type="int"),
         fabric_manager=dict(type="dict", options=dict(

@@ -259,6 +259,15 @@ def read_record_slots(path):
     return _record_section(path, "slots")
 
 
+def read_record_platform(path):
+    """The ``platform`` the host was converted with (``kvm_host_platform``: auto, a name or a
+    platform file), or None when the record does not say."""
+    value = _json_file(path, "host_record: the host record",
+                       "; fix the file, or point host_record at the record kvm_host keeps"
+                       ).get("platform")
+    return value if isinstance(value, str) and value else None
+
+
 def read_fabric_record(path):
     """The ``fabric`` section of the host record ``kvm_host`` keeps (``{}`` when there is no
     record, or no such section): ``module_ids`` (GPU address -> FM module ID). A record that

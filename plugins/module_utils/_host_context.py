@@ -32,6 +32,14 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._health import (
     DEFAULT_CORRECTABLE_THRESHOLD,
     judge,
 )
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._health_record import (
+    HealthRecordError,
+    effective,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._health_store import (
+    DEFAULT_HEALTH_RECORD,
+    read_record,
+)
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import (
     DEFAULT_URI,
     LibvirtGateway,
@@ -86,6 +94,8 @@ class HostContext:
     fabric: dict | None = None  # shared NVSwitch with fabric_manager: FM's partitions, reported
     fabric_error: str | None = None  # fabric_manager set, but FM or the module map failed
     health: dict = field(default_factory=dict)  # address -> _health.DeviceHealth (GPUs, switches)
+    live_health: dict = field(default_factory=dict)  # the same read now, before the record
+    health_record: dict | None = None  # the health record read (None: there is none)
     failed_switches: tuple = ()  # NVSwitches whose health failed: no block that needs one
     warnings: list = field(default_factory=list)
     _bdfs: dict = field(default_factory=dict, repr=False)
@@ -139,7 +149,9 @@ def host_context(p, store=None, bridges=True):
             "with module IDs assumed to follow PCI order, and VMs record no partition for the "
             "collection's libvirt hook to activate: multi-GPU VMs get no NVLink. Set "
             "fabric_manager and install the hook (docs/fabric.md)" % platform.name)
-    health, failed_gpus, failed_switches = device_health(p, topology, platform, warnings)
+    live, record = live_health(p, topology, platform), read_health_record(p)
+    health, failed_gpus, failed_switches = device_health(
+        live, record, {d.bdf for d in platform_gpus(topology, platform)}, platform, warnings)
     manual = tuple(p.get("unhealthy_gpus") or ())
     return HostContext(
         topology=topology, platform=platform, platform_reason=reason, store=store,
@@ -148,7 +160,8 @@ def host_context(p, store=None, bridges=True):
         unhealthy_gpus=manual + tuple(b for b in failed_gpus if b not in manual),
         nvlinks=nvlinks, bridges=read_bridges(p["sysfs_root"]) if bridges else (),
         busy_gpus=busy, fabric=fabric, fabric_error=fabric_error, health=health,
-        failed_switches=tuple(failed_switches), warnings=warnings)
+        live_health=live, health_record=record, failed_switches=tuple(failed_switches),
+        warnings=warnings)
 
 
 def _degraded(p, topology, platform, reason):
@@ -174,19 +187,37 @@ def _degraded(p, topology, platform, reason):
     return anchored, known, why
 
 
-def device_health(p, topology, platform, warnings):
-    """The platform's GPUs' and NVSwitches' health read now (``aer_correctable_threshold``), the
-    GPUs that failed and the NVSwitches that failed. Each failed device gets a warning."""
+def live_health(p, topology, platform):
+    """The platform's GPUs' and NVSwitches' health read from sysfs now
+    (``aer_correctable_threshold``): {address: DeviceHealth}, GPUs first."""
     threshold = p.get("aer_correctable_threshold")
     if threshold is None:
         threshold = DEFAULT_CORRECTABLE_THRESHOLD
     if threshold < 0:
         raise HostContextError(
             "aer_correctable_threshold must be a number of errors, 0 or more; got %d" % threshold)
-    gpus = [d.bdf for d in platform_gpus(topology, platform)]
-    switches = [d.bdf for d in platform_nvswitches(topology, platform)]
-    health = {b: judge(b, read_pci_health(p["sysfs_root"], b), threshold)
-              for b in gpus + switches}
+    return {d.bdf: judge(d.bdf, read_pci_health(p["sysfs_root"], d.bdf), threshold)
+            for d in list(platform_gpus(topology, platform))
+            + list(platform_nvswitches(topology, platform))}
+
+
+def read_health_record(p):
+    """The health record the ``health_record`` option names (None when there is none);
+    HostContextError when it cannot be read or is not one."""
+    try:
+        return read_record(p.get("health_record") or DEFAULT_HEALTH_RECORD)
+    except HealthRecordError as exc:
+        raise HostContextError(str(exc)) from None
+
+
+def device_health(live, record, gpu_bdfs, platform, warnings):
+    """{address: DeviceHealth} as placement obeys it (``live`` with the health record's marks
+    and clears; ``gpu_bdfs``: which of them are GPUs), the GPUs that failed and the NVSwitches
+    that failed. Each failed device gets a warning."""
+    entries = (record or {}).get("devices") or {}
+    health = {b: effective(b, h, entries.get(b)) for b, h in live.items()}
+    gpus = [b for b in live if b in gpu_bdfs]
+    switches = [b for b in live if b not in gpu_bdfs]
     failed = [b for b in gpus if health[b].failed]
     for bdf in failed:
         warnings.append("GPU %s failed its health check: %s; no VM is given it (docs/health.md)"

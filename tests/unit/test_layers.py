@@ -27,7 +27,7 @@ PREFIX = "ansible_collections.gpuvirt.kvm.plugins."
 HELPERS = {"_ranges", "_bdf", "_units"}
 PURE = HELPERS | {
     "_argspec", "_cloud_init", "_domain", "_domain_builder", "_fabric_model", "_fabric_placement",
-    "_fleet_placement", "_health",
+    "_fleet_placement", "_health", "_health_record",
     "_fleet_plan", "_holdings", "_host_facts", "_host_stack", "_host_state", "_image_request",
     "_host_nics", "_nics", "_nvidia_smi", "_placement",
     "_placement_model", "_platform_data", "_platforms", "_readiness", "_topology", "_vm_plan",
@@ -44,11 +44,12 @@ GATEWAYS = {
     "_platform_file": "platform files",
     "_fabric": "Fabric Manager (fmpm)",
     "_bytecode": "Python's import system (the bytecode cache)",
+    "_health_store": "the health record's file",
     "_image_build": "image builds: debootstrap, apt-get in a chroot, debugfs, mkfs, GRUB, mtools",
 }
 # Above the gateways: they read the host, plan and act (the module shells' backends).
 RUNS = {"_host_context", "_vm_observe", "_vm_apply", "_image_task", "_fabric_hook",
-        "_guest_message"}
+        "_guest_message", "_health_check"}
 # What only a gateway may import: ways to reach outside the process.
 IO_MODULES = {"os", "subprocess", "shutil", "tempfile", "socket", "fcntl", "pwd", "urllib",
               "http", "libvirt", "zipimport", "marshal", "tarfile", "pathlib", "io", "glob",

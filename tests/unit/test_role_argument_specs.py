@@ -114,6 +114,15 @@ def test_kvm_host_installs_every_file_the_hook_imports():
     assert tuple(role_vars["__kvm_host_hook_modules"]) == tuple(HOST_FILES)
 
 
+def test_kvm_host_installs_every_file_the_health_command_imports():
+    """The role copies _health_check.HOST_FILES for gpuvirt-health: the same list."""
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._health_check import HOST_FILES
+
+    with open(os.path.join(ROLES, "kvm_host", "vars", "main.yml"), encoding="utf-8") as handle:
+        role_vars = yaml.safe_load(handle)
+    assert tuple(role_vars["__kvm_host_health_modules"]) == tuple(HOST_FILES)
+
+
 def test_kvm_host_pins_the_nvidia_packages_as_images_do():
     """The host's apt pin names the same NVIDIA packages as a built guest image's."""
     from ansible_collections.gpuvirt.kvm.plugins.module_utils._image_request import (

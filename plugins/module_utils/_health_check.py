@@ -1,0 +1,231 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) gpuvirt.kvm contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""A health check, mark or clear, from the host's options to the record written: what the
+``gpu_health`` module and the ``gpuvirt-health`` command a converted host runs (at boot, nightly,
+and by hand) share. Private to this collection.
+
+The command runs on the host's python3 without Ansible: the collection files it imports sit
+under ``GPUVIRT_HEALTH_LIB`` (``kvm_host`` installs the ones in HOST_FILES there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._bdf import normalize_bdf
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain import DomainXmlError
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric import (
+    DEFAULT_HOST_RECORD,
+    read_record_platform,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_model import FabricError
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._health import (
+    DEFAULT_CORRECTABLE_THRESHOLD,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._health_record import (
+    HealthRecordError,
+    checked,
+    cleared,
+    empty,
+    marked,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._health_store import (
+    DEFAULT_HEALTH_RECORD,
+    render,
+    write_record,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import read_domains
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_context import (
+    HostContextError,
+    host_context,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import (
+    DEFAULT_URI,
+    LibvirtGateway,
+    LibvirtGatewayError,
+    has_libvirt,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._lock import (
+    DEFAULT_LOCK_PATH,
+    DEFAULT_LOCK_TIMEOUT,
+    HostLock,
+    HostLockError,
+)
+
+# What the command imports (and they import), and so what a host needs of the collection under
+# /usr/local/lib/gpuvirt/health/ansible_collections/gpuvirt/kvm/plugins/module_utils/.
+HOST_FILES = ("_health_check", "_bdf", "_domain", "_fabric", "_fabric_model",
+              "_fabric_placement", "_health", "_health_record", "_health_store", "_holdings",
+              "_host_context", "_libvirt", "_lock", "_nics", "_nvidia_smi", "_placement_model",
+              "_platform_data", "_platform_file", "_platforms", "_ranges", "_sysfs", "_topology",
+              "_units")
+CHECK, MARK, CLEAR, SHOW = "check", "mark", "clear", "show"
+
+HealthError = (HostContextError, HealthRecordError, HostLockError)
+
+
+def now_utc():
+    """The time as the record keeps it: UTC, ISO 8601, to the second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def apply(p, action, bdfs, reason, write=True):
+    """Check the host (``p``: the host options, with ``health_record``, ``lock_path`` and
+    ``lock_timeout``), and mark or clear ``bdfs`` for ``reason``; write the record when it
+    changes and ``write``. Returns (the HostContext, the record before (None: there was none),
+    the record after). Raises one of HealthError."""
+    bdfs = [normalize_bdf(b) for b in bdfs]
+    with HostLock(p["lock_path"], p["lock_timeout"], owner="gpu health %s" % action):
+        # Without fabric_manager: health needs no partitions, and Fabric Manager being down
+        # must not keep a check from being recorded.
+        ctx = host_context(dict(p, fabric_manager=None), bridges=False)
+        before = ctx.health_record
+        record = before or empty()
+        kinds = dict([(b, "gpu") for b in ctx.gpu_bdfs]
+                     + [(b, "nvswitch") for b in ctx.switch_bdfs])
+        now = now_utc()
+        if action == MARK:
+            after = marked(record, bdfs, reason, ctx.live_health, kinds, now)
+        elif action == CLEAR:
+            after = cleared(record, bdfs, reason, ctx.live_health, kinds, now)
+        else:
+            after = checked(record, ctx.live_health, kinds, now)
+        if write and changed(before, after):
+            write_record(p["health_record"] or DEFAULT_HEALTH_RECORD, after)
+    return ctx, before, after
+
+
+def changed(before, after):
+    """Whether writing ``after`` changes the record."""
+    return before is None or render(after) != render(before)
+
+
+def holders(uri):
+    """({address: (domain name, running)} of every defined domain's PCI hostdevs, None), or
+    ({}, why) when libvirt cannot be read."""
+    if not has_libvirt():
+        return {}, "libvirt-python is missing"
+    try:
+        with LibvirtGateway(uri) as gateway:
+            domains = read_domains(gateway.list_domains()).values()
+    except (LibvirtGatewayError, DomainXmlError) as exc:
+        return {}, str(exc)
+    return {bdf: (d.name, d.active) for d in domains for bdf in d.hostdevs}, None
+
+
+def rows(ctx, record, held):
+    """Every GPU and NVSwitch of the platform, in index order, as the record holds it, with its
+    holder (``held``: from ``holders``)."""
+    entries = record.get("devices") or {}
+    missing = {b for b, d in ctx.topology.pci.items() if d.missing}
+    out = []
+    for kind, bdfs in (("gpu", ctx.gpu_bdfs), ("nvswitch", ctx.switch_bdfs)):
+        for index, bdf in enumerate(bdfs):
+            holder = held.get(bdf)
+            out.append(dict(entries.get(bdf) or {}, address=bdf, kind=kind, index=index,
+                            held_by=holder[0] if holder else None, missing=bdf in missing))
+    return out
+
+
+def affected(device_rows, held):
+    """The domains that hold a failed device: [{name, running, devices}], by name."""
+    vms = {}
+    for row in device_rows:
+        holder = held.get(row["address"])
+        if row.get("state") == "failed" and holder:
+            vm = vms.setdefault(holder[0], {"name": holder[0], "running": holder[1],
+                                            "devices": []})
+            vm["devices"].append(row["address"])
+    return sorted(vms.values(), key=lambda v: v["name"])
+
+
+def affected_message(vm):
+    """The warning for a VM that holds failed devices."""
+    return ("VM %s holds failed %s: it is not started again until %s cleared or it is "
+            "re-placed (docs/health.md)" % (
+                vm["name"], ", ".join(vm["devices"]),
+                "it is" if len(vm["devices"]) == 1 else "they are"))
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog="gpuvirt-health",
+        description="Check this host's GPUs and NVSwitches into the health record, or mark or "
+                    "clear a device (gpuvirt.kvm, docs/health.md).")
+    parser.add_argument("--record", default=DEFAULT_HEALTH_RECORD, help="the health record")
+    parser.add_argument("--sysfs", default="/sys")
+    parser.add_argument("--proc", default="/proc")
+    parser.add_argument("--host-record", default=DEFAULT_HOST_RECORD,
+                        help="kvm_host's record (slots of a degraded host)")
+    parser.add_argument("--platform", help="auto, a platform name or a platform file; by "
+                        "default the one kvm_host converted the host with (its record)")
+    parser.add_argument("--aer-correctable-threshold", type=int,
+                        default=DEFAULT_CORRECTABLE_THRESHOLD)
+    parser.add_argument("--uri", default=DEFAULT_URI, help="libvirt, to name the holders")
+    parser.add_argument("--lock", default=DEFAULT_LOCK_PATH, help="the host lock")
+    parser.add_argument("--lock-timeout", type=int, default=DEFAULT_LOCK_TIMEOUT)
+    parser.add_argument("--json", action="store_true", help="print the devices as JSON")
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser(CHECK, help="read every device's health and record it")
+    sub.add_parser(SHOW, help="read and print, without writing")
+    for name, what in ((MARK, "mark devices failed"), (CLEAR, "clear devices")):
+        one = sub.add_parser(name, help=what)
+        one.add_argument("--reason", required=True, help="kept in the record")
+        one.add_argument("devices", nargs="+", metavar="ADDRESS")
+    return parser
+
+
+def _line(row):
+    what = "%s%d %s" % ("GPU" if row["kind"] == "gpu" else "NVSwitch", row["index"],
+                        row["address"])
+    state = row.get("state", "ok")
+    tail = " (%s, since %s)" % (row["reason"], row.get("since")) if state != "ok" else ""
+    holder = " -> %s" % row["held_by"] if row.get("held_by") else ""
+    return "%-28s %s%s%s" % (what, state.upper() if state == "failed" else state, tail, holder)
+
+
+def main(argv=None, stdout=None, stderr=None):
+    """``gpuvirt-health``: 0 when done (whatever the devices' health), 1 when it cannot be."""
+    stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
+    args = _parser().parse_args(argv)
+    p = {"sysfs_root": args.sysfs, "proc_root": args.proc, "platform": args.platform,
+         "nvidia_smi_topo": None, "unhealthy_gpus": [], "reserved_cpus": None,
+         "reserved_memory_mb": None, "fabric_manager": None, "host_record": args.host_record,
+         "aer_correctable_threshold": args.aer_correctable_threshold,
+         "health_record": args.record, "lock_path": args.lock, "lock_timeout": args.lock_timeout}
+    reason = (getattr(args, "reason", "") or "").strip()
+    if not args.platform:
+        try:
+            p["platform"] = read_record_platform(args.host_record) or "auto"
+        except FabricError as exc:
+            stderr.write("gpuvirt-health: %s\n" % exc.message)
+            return 1
+    if args.action in (MARK, CLEAR) and not reason:
+        stderr.write("gpuvirt-health: --reason must say why (it is kept in the record)\n")
+        return 1
+    try:
+        ctx, before, after = apply(p, args.action, getattr(args, "devices", []), reason,
+                                   write=args.action != SHOW)
+    except HealthError as exc:
+        stderr.write("gpuvirt-health: %s\n" % exc)
+        return 1
+    held, why = holders(args.uri)
+    if why:
+        stderr.write("gpuvirt-health: holders not read: %s\n" % why)
+    device_rows = rows(ctx, after, held)
+    if args.json:
+        stdout.write(json.dumps(device_rows, indent=2, sort_keys=True) + "\n")
+    else:
+        for row in device_rows:
+            stdout.write(_line(row) + "\n")
+    for vm in affected(device_rows, held):
+        stderr.write("gpuvirt-health: %s\n" % affected_message(vm))
+    if args.action != SHOW:
+        stderr.write("gpuvirt-health: %s %s\n" % (
+            args.record, "written" if changed(before, after) else "unchanged"))
+    return 0

@@ -1,0 +1,217 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) gpuvirt.kvm contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""The health record: each GPU's and NVSwitch's health state with its reason, source and time,
+and what admins said about it. Private to this collection; pure (the file is ``_health_store``'s).
+
+The record (``/var/lib/gpuvirt/health.json`` by default) is a JSON object::
+
+    {"format": 1,
+     "devices": {"0000:34:00.0": {
+        "kind": "gpu",                      # or "nvswitch"
+        "state": "failed",                  # ok, degraded, failed: what placement obeys
+        "reason": "...", "source": "aer",   # the worst signals' reasons and sources
+        "since": "2026-12-05T23:40:00Z",    # when this state and reason began
+        "signals": [{"source", "state", "reason"}, ...],
+        "mark": {"state": "failed", "reason": "...", "since": "..."},   # an admin's, optional
+        "cleared": {"reason": "...", "since": "...", "signals": ["..."]},  # optional
+        "history": [{"at": "...", "event": "...", "state": "...", "reason": "..."}, ...]}}}
+
+A check (``checked``) judges each device from the signals read now (``_health.judge``): an
+admin's mark adds a failed signal (source ``admin``) until it is cleared; a clear hides the
+signals that were there when it was given (a fatal AER count lasts until reboot) - a new or
+changed signal (more errors) is not hidden. ``effective`` gives the same judgement without
+writing, for every run that places VMs.
+"""
+
+from __future__ import annotations
+
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._health import (
+    HEALTH_DEGRADED,
+    HEALTH_FAILED,
+    HEALTH_OK,
+    DeviceHealth,
+    Signal,
+)
+
+RECORD_FORMAT = 1
+HISTORY_KEEP = 20  # events kept per device, newest last
+SOURCE_ADMIN = "admin"
+KINDS = ("gpu", "nvswitch")
+STATES = (HEALTH_OK, HEALTH_DEGRADED, HEALTH_FAILED)
+_FIX = "; fix it, or move it away (a check then writes a new one): it is never reset"
+
+
+class HealthRecordError(Exception):
+    """The health record is not one this collection writes; the message says what is wrong."""
+
+
+def empty():
+    """A record with no device in it."""
+    return {"format": RECORD_FORMAT, "devices": {}}
+
+
+def _str(value):
+    return isinstance(value, str) and value != ""
+
+
+def _check_signals(where, signals):
+    if not isinstance(signals, list):
+        raise HealthRecordError("%s.signals is not a list" % where)
+    for n, sig in enumerate(signals):
+        if not (isinstance(sig, dict) and _str(sig.get("source")) and _str(sig.get("reason"))
+                and sig.get("state") in (HEALTH_DEGRADED, HEALTH_FAILED)):
+            raise HealthRecordError(
+                "%s.signals[%d] is not {source, state (degraded or failed), reason}" % (where, n))
+
+
+def validate(data, path):
+    """``data`` (parsed JSON) as a health record, or HealthRecordError naming ``path`` and what
+    is wrong. Nothing is repaired: a record a person or a bug broke is reported, never reset."""
+    def bad(what):
+        return HealthRecordError("health_record: %s is not a health record gpuvirt.kvm writes: "
+                                 "%s%s" % (path, what, _FIX))
+
+    if not isinstance(data, dict):
+        raise bad("it holds a %s, not a JSON object" % type(data).__name__)
+    if data.get("format") != RECORD_FORMAT:
+        raise bad("its format is %r; this collection reads format %d"
+                  % (data.get("format"), RECORD_FORMAT))
+    devices = data.get("devices")
+    if not isinstance(devices, dict):
+        raise bad("it has no devices object")
+    for bdf, entry in devices.items():
+        where = "devices[%s]" % bdf
+        if not isinstance(entry, dict):
+            raise bad("%s is not an object" % where)
+        if entry.get("kind") not in KINDS:
+            raise bad("%s.kind is %r, not one of %s" % (where, entry.get("kind"), ", ".join(KINDS)))
+        if entry.get("state") not in STATES:
+            raise bad("%s.state is %r, not one of %s" % (where, entry.get("state"),
+                                                         ", ".join(STATES)))
+        if not _str(entry.get("since")):
+            raise bad("%s.since is missing" % where)
+        try:
+            _check_signals(where, entry.get("signals", []))
+        except HealthRecordError as exc:
+            raise bad(str(exc)) from None
+        mark = entry.get("mark")
+        if mark is not None and not (isinstance(mark, dict) and mark.get("state") == HEALTH_FAILED
+                                     and _str(mark.get("reason")) and _str(mark.get("since"))):
+            raise bad("%s.mark is not {state: failed, reason, since}" % where)
+        cleared = entry.get("cleared")
+        if cleared is not None and not (
+                isinstance(cleared, dict) and _str(cleared.get("reason"))
+                and isinstance(cleared.get("signals"), list)
+                and all(isinstance(s, str) for s in cleared["signals"])):
+            raise bad("%s.cleared is not {reason, since, signals: [reasons]}" % where)
+        if not isinstance(entry.get("history", []), list):
+            raise bad("%s.history is not a list" % where)
+    return data
+
+
+def effective(bdf, live, entry):
+    """The DeviceHealth that placement obeys: the signals read now (``live``, a DeviceHealth)
+    less those an admin cleared, plus an admin's mark."""
+    entry = entry or {}
+    hidden = set((entry.get("cleared") or {}).get("signals") or ())
+    signals = [s for s in live.signals if s.reason not in hidden]
+    mark = entry.get("mark")
+    if mark:
+        signals.append(Signal(SOURCE_ADMIN, mark["state"], "marked %s by an admin: %s"
+                              % (mark["state"], mark["reason"])))
+    return DeviceHealth(bdf, tuple(signals))
+
+
+def _sources(health):
+    worst = [s for s in health.signals if s.state == health.state]
+    return ", ".join(sorted({s.source for s in worst}))
+
+
+def _event(entry, now, event, reason, state=None):
+    history = list(entry.get("history") or ())
+    item = {"at": now, "event": event, "reason": reason}
+    if state:
+        item["state"] = state
+    history.append(item)
+    entry["history"] = history[-HISTORY_KEEP:]
+
+
+def _judged(bdf, kind, live, old, now):
+    """The entry for one device after a check: ``old`` (or None) updated from ``live``."""
+    entry = dict(old or {})
+    cleared = entry.get("cleared")
+    if cleared and not set(cleared["signals"]) & {s.reason for s in live.signals}:
+        # What was cleared is gone (a reboot reset the AER counters): nothing left to hide.
+        del entry["cleared"]
+    health = effective(bdf, live, entry)
+    entry["kind"] = kind
+    reason = health.reason if health.signals else ""
+    if old is None or (old.get("state"), old.get("reason", "")) != (health.state, reason):
+        entry["since"] = now
+        _event(entry, now, "state", reason or "no fault found", health.state)
+    entry.update(state=health.state, reason=reason, source=_sources(health),
+                 signals=[s.to_dict() for s in health.signals])
+    return entry
+
+
+def checked(record, live, kinds, now):
+    """The record after a check: ``live`` {address: DeviceHealth read now}, ``kinds`` {address:
+    "gpu" or "nvswitch"} for every device of the platform, ``now`` an ISO 8601 time. Devices the
+    record holds that the host no longer has are kept as they were."""
+    devices = dict(record.get("devices") or {})
+    for bdf, kind in kinds.items():
+        devices[bdf] = _judged(bdf, kind, live[bdf], devices.get(bdf), now)
+    return dict(record, devices=devices)
+
+
+def _unknown(bdfs, kinds, option):
+    unknown = [b for b in bdfs if b not in kinds]
+    if unknown:
+        raise HealthRecordError(
+            "%s: %s %s not a GPU or NVSwitch of this host; its GPUs and NVSwitches are %s"
+            % (option, ", ".join(unknown), "is" if len(unknown) == 1 else "are",
+               ", ".join(sorted(kinds)) or "none"))
+
+
+def marked(record, bdfs, reason, live, kinds, now):
+    """The record with ``bdfs`` marked failed by an admin for ``reason`` (a device marked for
+    the same reason already is left as it is), judged again with ``live``."""
+    _unknown(bdfs, kinds, "devices")
+    devices = dict(record.get("devices") or {})
+    for bdf in bdfs:
+        entry = dict(devices.get(bdf) or {})
+        mark = entry.get("mark")
+        if mark and mark.get("reason") == reason:
+            continue
+        entry["mark"] = {"state": HEALTH_FAILED, "reason": reason, "since": now}
+        _event(entry, now, "marked", reason, HEALTH_FAILED)
+        devices[bdf] = entry if bdf in devices else dict(entry, since=now)
+    return checked(dict(record, devices=devices), live, kinds, now)
+
+
+def cleared(record, bdfs, reason, live, kinds, now):
+    """The record with ``bdfs`` cleared by an admin for ``reason``: the mark is removed and
+    the signals read now are hidden until they change. A device with nothing to clear is left
+    as it is."""
+    _unknown(bdfs, kinds, "devices")
+    devices = dict(record.get("devices") or {})
+    for bdf in bdfs:
+        entry = dict(devices.get(bdf) or {})
+        showing = [s.reason for s in live[bdf].signals]
+        hidden = (entry.get("cleared") or {}).get("signals") or []
+        if not entry.get("mark") and set(showing) <= set(hidden):
+            continue
+        entry.pop("mark", None)
+        entry["cleared"] = {"reason": reason, "since": now, "signals": showing}
+        _event(entry, now, "cleared", reason)
+        devices[bdf] = entry if bdf in devices else dict(entry, since=now)
+    return checked(dict(record, devices=devices), live, kinds, now)
+
+
+def summary(record):
+    """{"failed": [addresses], "degraded": [addresses]} of a record, sorted."""
+    devices = record.get("devices") or {}
+    return {state: sorted(b for b, e in devices.items() if e.get("state") == state)
+            for state in (HEALTH_FAILED, HEALTH_DEGRADED)}

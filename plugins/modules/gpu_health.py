@@ -1,0 +1,237 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright (c) gpuvirt.kvm contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: gpu_health
+short_description: Check GPU and NVSwitch health into the host's health record; mark or clear a device
+version_added: 0.2.0
+description:
+  - Reads every GPU's and NVSwitch's health as the host sees it while they sit on vfio-pci (a
+    function gone from the bus, config space reading as all ones, a power state of C(error),
+    AER error counts, a link down or trained below what it can; see C(docs/health.md)) and
+    writes it into the host's health record (O(health_record)) with its reason, its source and
+    since when.
+  - Lets an admin mark a device failed, or clear it, with a reason that the record keeps.
+  - Every module that places VMs (M(gpuvirt.kvm.kvm_vm), M(gpuvirt.kvm.kvm_layout),
+    M(gpuvirt.kvm.gpu_topology)) reads the record: a device marked failed is never given to a
+    VM, and a VM that holds one is not started.
+  - The record is written whole under the host lock, only when a device's state, reason, mark or
+    clear changes. A record that is not one this collection writes is refused and left as it
+    is.
+author:
+  - gpuvirt.kvm contributors (@gpuvirt)
+extends_documentation_fragment:
+  - gpuvirt.kvm.host
+  - gpuvirt.kvm.host.LIBVIRT
+  - gpuvirt.kvm.lock
+attributes:
+  check_mode:
+    support: full
+    details: Reports what would be written, and the record's diff, without writing it.
+  diff_mode:
+    support: full
+options:
+  action:
+    description:
+      - V(check) reads every device's health and records it.
+      - V(mark) marks O(devices) failed for O(reason); the mark stays until cleared.
+      - V(clear) removes a mark from O(devices), and hides the signals each shows now (a fatal
+        AER count lasts until the host reboots) until they change - more errors, or a new
+        fault, count again. O(reason) is kept.
+      - V(mark) and V(clear) check every device too.
+    type: str
+    choices: [check, mark, clear]
+    default: check
+  devices:
+    description:
+      - The GPUs and NVSwitches to mark or clear, by PCI address (C(0000:34:00.0) or
+        C(34:00.0)). Each must be one of the host's platform GPUs or NVSwitches.
+      - Required with O(action=mark) and O(action=clear).
+    type: list
+    elements: str
+    default: []
+  reason:
+    description:
+      - Why the devices are marked or cleared (a ticket, what was seen, what was repaired).
+      - Required with O(action=mark) and O(action=clear).
+    type: str
+notes:
+  - A converted host (M(gpuvirt.kvm.kvm_host)) runs the same check at boot and nightly, and
+    has the C(gpuvirt-health) command for admins at the shell (C(docs/health.md)).
+seealso:
+  - module: gpuvirt.kvm.gpu_topology
+"""
+
+EXAMPLES = r"""
+- name: Record every GPU's and NVSwitch's health now
+  gpuvirt.kvm.gpu_health:
+  register: health
+
+- name: Take a GPU out of service
+  gpuvirt.kvm.gpu_health:
+    action: mark
+    devices: [0000:34:00.0]
+    reason: "XID 79 in the tenant's log, ticket OPS-1234"
+
+- name: Put it back after the reseat
+  gpuvirt.kvm.gpu_health:
+    action: clear
+    devices: [0000:34:00.0]
+    reason: "reseated, dcgmi diag -r 3 passed (OPS-1234)"
+"""
+
+RETURN = r"""
+record:
+  description: The health record's path.
+  returned: always
+  type: str
+devices:
+  description: Every GPU and NVSwitch of the platform, in index order, as the record holds it.
+  returned: success
+  type: list
+  elements: dict
+  contains:
+    address:
+      description: PCI address.
+      type: str
+    kind:
+      description: V(gpu) or V(nvswitch).
+      type: str
+    index:
+      description: Its index among the platform's GPUs or NVSwitches.
+      type: int
+    state:
+      description: V(ok), V(degraded) (reported only) or V(failed) (never given to a VM).
+      type: str
+    reason:
+      description: The worst signals' reasons, joined; empty when V(ok).
+      type: str
+    source:
+      description: Where they come from (V(pci), V(power), V(aer), V(link), V(admin)).
+      type: str
+    since:
+      description: When this state and reason began (UTC, ISO 8601).
+      type: str
+    signals:
+      description: Each finding, C(source), C(state) and C(reason).
+      type: list
+      elements: dict
+    mark:
+      description: An admin's mark (C(state), C(reason), C(since)), when there is one.
+      type: dict
+    cleared:
+      description: The last clear (C(reason), C(since), and the C(signals) it hides).
+      type: dict
+    history:
+      description: The device's last 20 events (C(at), C(event), C(reason), C(state)).
+      type: list
+      elements: dict
+    held_by:
+      description: The libvirt domain that holds the device, or null.
+      type: str
+    missing:
+      description: The device is gone from the slot the host record keeps for it.
+      type: bool
+failed_devices:
+  description: Addresses of the failed devices.
+  returned: success
+  type: list
+  elements: str
+degraded_devices:
+  description: Addresses of the degraded devices.
+  returned: success
+  type: list
+  elements: str
+affected_vms:
+  description:
+    - The domains that hold a failed device - the only VMs a fault touches - with C(name),
+      C(running) and C(devices) (the failed addresses they hold).
+  returned: success
+  type: list
+  elements: dict
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+# _bytecode first: it compiles the module_utils imported after it once per run (see there).
+from ansible_collections.gpuvirt.kvm.plugins.module_utils import _bytecode  # noqa: F401 pylint: disable=unused-import
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._argspec import (
+    host_argspec,
+    libvirt_argspec,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._health_check import (
+    HealthError,
+    affected,
+    affected_message,
+    apply,
+    changed,
+    holders,
+    rows,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._health_record import summary
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._health_store import (
+    DEFAULT_HEALTH_RECORD,
+    render,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_context import resolve_uri
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._lock import lock_argspec
+
+
+def _validate(p):
+    if p["action"] == "check":
+        if p["devices"] or p["reason"]:
+            return "devices and reason are for action=mark and action=clear; action=check " \
+                   "checks every device: leave them out"
+        return None
+    if not p["devices"]:
+        return "devices: action=%s needs the GPUs or NVSwitches to %s, by PCI address" % (
+            p["action"], p["action"])
+    if not (p["reason"] or "").strip():
+        return "reason: action=%s needs a reason (it is kept in the health record)" % p["action"]
+    return None
+
+
+def main():
+    argument_spec = dict(
+        action=dict(type="str", choices=["check", "mark", "clear"], default="check"),
+        devices=dict(type="list", elements="str", default=[]),
+        reason=dict(type="str"),
+    )
+    argument_spec.update(host_argspec())
+    argument_spec.update(libvirt_argspec())
+    argument_spec.update(lock_argspec())
+    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
+    p = module.params
+    path = p["health_record"] or DEFAULT_HEALTH_RECORD
+    problem = _validate(p)
+    if problem:
+        module.fail_json(msg=problem, record=path)
+    try:
+        ctx, before, after = apply(p, p["action"], p["devices"], (p["reason"] or "").strip(),
+                                   write=not module.check_mode)
+    except HealthError as exc:
+        module.fail_json(msg=str(exc), record=path)
+    held, why = holders(resolve_uri(p["uri"]))
+    if why:
+        module.warn("holders not read: %s" % why)
+    device_rows = rows(ctx, after, held)
+    vms = affected(device_rows, held)
+    for vm in vms:
+        module.warn(affected_message(vm))
+    found = summary(after)
+    result = dict(changed=changed(before, after), record=path, devices=device_rows,
+                  affected_vms=vms, failed_devices=found["failed"],
+                  degraded_devices=found["degraded"])
+    if module._diff:
+        result["diff"] = {"before": render(before) if before else "",
+                          "after": render(after), "before_header": path, "after_header": path}
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

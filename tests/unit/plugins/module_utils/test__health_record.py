@@ -1,0 +1,301 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) gpuvirt.kvm contributors
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""The health record (issue 17, point 3): checks, an admin's marks and clears, what placement
+makes of them, and records that are refused rather than reset."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import ansible_collections.gpuvirt.kvm.plugins.module_utils._health_check as health_check
+import sysfs_builder
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._health import (
+    HEALTH_DEGRADED,
+    HEALTH_FAILED,
+    HEALTH_OK,
+    DeviceHealth,
+    Signal,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._health_record import (
+    HISTORY_KEEP,
+    HealthRecordError,
+    checked,
+    cleared,
+    effective,
+    empty,
+    marked,
+    summary,
+    validate,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._health_store import (
+    read_record,
+    render,
+    write_record,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_context import (
+    HostContextError,
+    host_context,
+)
+
+GPU_A, GPU_B, SWITCH = "0000:34:00.0", "0000:36:00.0", "0000:61:00.0"
+KINDS = {GPU_A: "gpu", GPU_B: "gpu", SWITCH: "nvswitch"}
+FATAL = Signal("aer", HEALTH_FAILED, "0000:34:00.0: 1 fatal uncorrectable PCIe error since boot")
+FATAL_MORE = Signal("aer", HEALTH_FAILED,
+                    "0000:34:00.0: 2 fatal uncorrectable PCIe errors since boot")
+NARROW = Signal("link", HEALTH_DEGRADED, "0000:36:00.0's link trained at x8 of x16")
+
+
+def _live(**signals):
+    """{address: DeviceHealth}: every device of KINDS healthy but those given."""
+    named = {GPU_A: signals.get("a", ()), GPU_B: signals.get("b", ()),
+             SWITCH: signals.get("s", ())}
+    return {b: DeviceHealth(b, tuple(s)) for b, s in named.items()}
+
+
+def test_a_check_records_every_device_with_its_state_reason_source_and_time():
+    record = checked(empty(), _live(a=[FATAL], b=[NARROW]), KINDS, "T1")
+    devices = record["devices"]
+    assert devices[GPU_A]["state"] == HEALTH_FAILED
+    assert devices[GPU_A]["reason"] == FATAL.reason
+    assert devices[GPU_A]["source"] == "aer"
+    assert devices[GPU_A]["since"] == "T1"
+    assert devices[GPU_B]["state"] == HEALTH_DEGRADED and devices[GPU_B]["source"] == "link"
+    assert devices[SWITCH] == dict(devices[SWITCH], kind="nvswitch", state=HEALTH_OK, reason="",
+                                   signals=[])
+    assert summary(record) == {"failed": [GPU_A], "degraded": [GPU_B]}
+    validate(json.loads(render(record)), "health.json")  # what is written reads back
+
+
+def test_a_check_that_finds_the_same_keeps_since_and_history():
+    first = checked(empty(), _live(a=[FATAL]), KINDS, "T1")
+    again = checked(first, _live(a=[FATAL]), KINDS, "T2")
+    assert render(again) == render(first)
+    worse = checked(first, _live(a=[FATAL_MORE]), KINDS, "T3")
+    assert worse["devices"][GPU_A]["since"] == "T3"
+    assert [e["at"] for e in worse["devices"][GPU_A]["history"]] == ["T1", "T3"]
+
+
+def test_an_admin_mark_fails_a_healthy_device_until_it_is_cleared_and_the_reasons_are_kept():
+    record = checked(empty(), _live(), KINDS, "T1")
+    record = marked(record, [GPU_B], "XID 79 seen by the tenant (OPS-1)", _live(), KINDS, "T2")
+    entry = record["devices"][GPU_B]
+    assert entry["state"] == HEALTH_FAILED and entry["source"] == "admin"
+    assert entry["mark"] == {"state": "failed", "reason": "XID 79 seen by the tenant (OPS-1)",
+                             "since": "T2"}
+    assert "marked failed by an admin: XID 79" in entry["reason"]
+    # a later check keeps the mark
+    assert checked(record, _live(), KINDS, "T3")["devices"][GPU_B]["state"] == HEALTH_FAILED
+    # marking again for the same reason changes nothing
+    assert render(marked(record, [GPU_B], "XID 79 seen by the tenant (OPS-1)", _live(), KINDS,
+                         "T4")) == render(record)
+    record = cleared(record, [GPU_B], "reseated (OPS-1)", _live(), KINDS, "T5")
+    entry = record["devices"][GPU_B]
+    assert entry["state"] == HEALTH_OK and "mark" not in entry
+    reasons = [e["reason"] for e in entry["history"]]
+    assert "XID 79 seen by the tenant (OPS-1)" in reasons and "reseated (OPS-1)" in reasons
+
+
+def test_a_clear_hides_the_signals_shown_then_and_not_new_ones():
+    record = checked(empty(), _live(a=[FATAL]), KINDS, "T1")
+    record = cleared(record, [GPU_A], "a one-off on a cable since replaced", _live(a=[FATAL]),
+                     KINDS, "T2")
+    assert record["devices"][GPU_A]["state"] == HEALTH_OK
+    assert record["devices"][GPU_A]["cleared"]["signals"] == [FATAL.reason]
+    assert effective(GPU_A, _live(a=[FATAL])[GPU_A], record["devices"][GPU_A]).state == HEALTH_OK
+    # the count grows: failed again
+    worse = checked(record, _live(a=[FATAL_MORE]), KINDS, "T3")
+    assert worse["devices"][GPU_A]["state"] == HEALTH_FAILED
+    # the host rebooted (the count is gone): the clear has nothing left to hide and is dropped
+    rebooted = checked(record, _live(), KINDS, "T4")
+    assert "cleared" not in rebooted["devices"][GPU_A]
+    assert rebooted["devices"][GPU_A]["state"] == HEALTH_OK
+    # clearing a device with nothing to clear changes nothing
+    assert render(cleared(rebooted, [GPU_B], "why not", _live(), KINDS, "T5")) == \
+        render(rebooted)
+
+
+def test_history_keeps_the_last_events_only():
+    record = checked(empty(), _live(), KINDS, "T0")
+    for n in range(HISTORY_KEEP + 5):
+        record = marked(record, [GPU_A], "reason %d" % n, _live(), KINDS, "T%d" % (n + 1))
+    history = record["devices"][GPU_A]["history"]
+    assert len(history) == HISTORY_KEEP
+    assert history[-1]["reason"].endswith("reason %d" % (HISTORY_KEEP + 4))
+
+
+def test_marking_or_clearing_a_device_the_host_does_not_have_is_refused_naming_it():
+    record = checked(empty(), _live(), KINDS, "T1")
+    for change in (marked, cleared):
+        with pytest.raises(HealthRecordError, match=r"devices: 0000:99:00.0 is not a GPU or "
+                                                    r"NVSwitch of this host; its GPUs and "
+                                                    r"NVSwitches are 0000:34:00.0, "):
+            change(record, [GPU_A, "0000:99:00.0"], "r", _live(), KINDS, "T2")
+
+
+@pytest.mark.parametrize("data, what", [
+    ([], "it holds a list, not a JSON object"),
+    ({"format": 2, "devices": {}}, "its format is 2; this collection reads format 1"),
+    ({"format": 1}, "it has no devices object"),
+    ({"format": 1, "devices": {GPU_A: {"kind": "gpu", "state": "sick", "since": "T"}}},
+     r"devices\[0000:34:00.0\].state is 'sick'"),
+    ({"format": 1, "devices": {GPU_A: {"kind": "tpu", "state": "ok", "since": "T"}}},
+     r"devices\[0000:34:00.0\].kind is 'tpu'"),
+    ({"format": 1, "devices": {GPU_A: {"kind": "gpu", "state": "ok", "since": "T",
+                                       "mark": {"state": "failed"}}}},
+     r"devices\[0000:34:00.0\].mark is not"),
+    ({"format": 1, "devices": {GPU_A: {"kind": "gpu", "state": "ok", "since": "T",
+                                       "signals": [{"source": "aer"}]}}},
+     r"devices\[0000:34:00.0\].signals\[0\] is not"),
+])
+def test_a_record_that_is_not_one_is_refused_saying_what_is_wrong(data, what):
+    with pytest.raises(HealthRecordError, match="health_record: /x/health.json is not a health "
+                                                "record gpuvirt.kvm writes: " + what):
+        validate(data, "/x/health.json")
+
+
+def test_the_file_is_written_whole_and_read_back(tmp_path):
+    path = str(tmp_path / "lib" / "health.json")
+    assert read_record(path) is None
+    record = checked(empty(), _live(a=[FATAL]), KINDS, "T1")
+    write_record(path, record)
+    assert read_record(path) == record
+    assert oct(os.stat(path).st_mode & 0o777) == "0o644"
+    assert os.listdir(tmp_path / "lib") == ["health.json"]  # no temporary file left
+
+
+def test_a_file_that_is_not_json_is_refused_and_left_as_it_is(tmp_path):
+    path = tmp_path / "health.json"
+    path.write_text("{not json")
+    with pytest.raises(HealthRecordError, match="is not JSON .*it is never reset"):
+        read_record(str(path))
+    assert path.read_text() == "{not json"
+
+
+# --- what every run that places VMs makes of the record ----------------------------------------
+
+def _tree(name, root):
+    return sysfs_builder.build(copy.deepcopy(sysfs_builder.load_host(name)), str(root))
+
+
+def _params(sysfs_root, proc_root, record):
+    return {"sysfs_root": sysfs_root, "proc_root": proc_root, "platform": "auto",
+            "nvidia_smi_topo": None, "unhealthy_gpus": [], "reserved_cpus": None,
+            "reserved_memory_mb": None, "fabric_manager": None,
+            "host_record": "/nonexistent/kvm_host.json", "aer_correctable_threshold": 100,
+            "health_record": record}
+
+
+def test_placement_obeys_an_admins_mark_on_a_gpu_and_a_switch(tmp_path):
+    sysfs_root, proc_root = _tree("dgx2", tmp_path / "dgx2")
+    path = str(tmp_path / "health.json")
+    p = _params(sysfs_root, proc_root, path)
+    ctx = host_context(p, bridges=False)
+    kinds = dict([(b, "gpu") for b in ctx.gpu_bdfs] + [(b, "nvswitch") for b in ctx.switch_bdfs])
+    gpu, switch = ctx.gpu_bdfs[3], ctx.switch_bdfs[0]
+    write_record(path, marked(checked(empty(), ctx.live_health, kinds, "T1"), [gpu, switch],
+                              "burn-in failed", ctx.live_health, kinds, "T2"))
+    ctx = host_context(p, bridges=False)
+    assert gpu in ctx.unhealthy_gpus and ctx.failed_switches == (switch,)
+    assert ctx.live_health[gpu].state == HEALTH_OK  # sysfs alone finds nothing
+    assert any("GPU %s failed its health check: marked failed by an admin: burn-in failed" % gpu
+               in w for w in ctx.warnings)
+
+
+def test_a_broken_record_stops_the_run_and_is_not_touched(tmp_path):
+    sysfs_root, proc_root = _tree("dgx-h100", tmp_path / "h100")
+    path = tmp_path / "health.json"
+    path.write_text('{"format": 1, "devices": []}')
+    with pytest.raises(HostContextError, match="health_record: .* it has no devices object"):
+        host_context(_params(sysfs_root, proc_root, str(path)), bridges=False)
+    assert path.read_text() == '{"format": 1, "devices": []}'
+
+
+# --- gpuvirt-health, the command a converted host runs (roles/kvm_host/files/gpuvirt-health) --
+
+HEALTH_CMD = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.dirname(os.path.abspath(__file__)))))), "roles", "kvm_host", "files", "gpuvirt-health")
+# The host's python3 runs it, without Ansible where the machine has one apart.
+SYSTEM_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+
+
+@pytest.fixture
+def health_cmd(tmp_path):
+    """health_cmd(*args) runs gpuvirt-health from a folder with only _health_check.HOST_FILES
+    (what kvm_host installs) on a DGX-2 fixture tree; returns (status, stdout, stderr)."""
+    lib = tmp_path / "lib"
+    where = lib / "ansible_collections" / "gpuvirt" / "kvm" / "plugins" / "module_utils"
+    where.mkdir(parents=True)
+    source = os.path.dirname(os.path.abspath(health_check.__file__))
+    for name in health_check.HOST_FILES:
+        shutil.copy(os.path.join(source, name + ".py"), str(where))
+    sysfs_root, proc_root = _tree("dgx2", tmp_path / "dgx2")
+    env = {"PATH": "%s:/usr/bin:/bin" % os.path.dirname(SYSTEM_PYTHON), "LC_ALL": "C",
+           "GPUVIRT_HEALTH_LIB": str(lib)}
+
+    def run(*args):
+        proc = subprocess.run(
+            [HEALTH_CMD, "--record", str(tmp_path / "health.json"), "--sysfs", sysfs_root,
+             "--proc", proc_root, "--host-record", str(tmp_path / "none.json"),
+             "--lock", str(tmp_path / "alloc.lock"), "--uri", "test:///default"] + list(args),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=120, check=False)
+        return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+
+    run.record = tmp_path / "health.json"
+    return run
+
+
+def test_the_command_checks_marks_shows_and_clears_with_only_the_files_kvm_host_installs(
+        health_cmd):
+    status, out, err = health_cmd("check")
+    assert status == 0, err
+    assert out.splitlines()[0].split() == ["GPU0", "0000:34:00.0", "ok"]
+    assert len(out.splitlines()) == 28
+    assert "health.json written" in err
+    status, out, err = health_cmd("mark", "--reason", "XID 48 (OPS-7)", "36:00.0")
+    assert status == 0, err
+    line = out.splitlines()[1]
+    assert line.startswith("GPU1") and "FAILED (marked failed by an admin: XID 48 (OPS-7)" in line
+    status, out, err = health_cmd("--json", "show")
+    rows = json.loads(out)
+    assert rows[1]["mark"]["reason"] == "XID 48 (OPS-7)" and rows[1]["source"] == "admin"
+    assert "written" not in err and "unchanged" not in err
+    status, out, err = health_cmd("clear", "--reason", "reseated (OPS-7)", "0000:36:00.0")
+    assert status == 0 and "GPU1" in out and "FAILED" not in out
+    status, _out, err = health_cmd("check")
+    assert status == 0 and "health.json unchanged" in err
+    record = json.loads(health_cmd.record.read_text())
+    reasons = [e["reason"] for e in record["devices"]["0000:36:00.0"]["history"]]
+    assert "XID 48 (OPS-7)" in reasons and "reseated (OPS-7)" in reasons
+
+
+def test_the_command_refuses_bad_input_and_leaves_the_record(health_cmd):
+    assert health_cmd("check")[0] == 0
+    before = health_cmd.record.read_text()
+    status, _out, err = health_cmd("clear", "--reason", "x", "0000:99:00.0")
+    assert status == 1
+    assert "gpuvirt-health: devices: 0000:99:00.0 is not a GPU or NVSwitch of this host" in err
+    status, _out, err = health_cmd("mark", "--reason", " ", "0000:34:00.0")
+    assert status == 1 and "--reason must say why" in err
+    assert health_cmd.record.read_text() == before
+    health_cmd.record.write_text("[]")
+    status, _out, err = health_cmd("check")
+    assert status == 1 and "it holds a list, not a JSON object" in err
+    assert health_cmd.record.read_text() == "[]"
+
+
+def test_the_command_takes_the_platform_kvm_host_converted_the_host_with(health_cmd, tmp_path):
+    # what kvm_host keeps in its record: a name or, on the lab, its platform file
+    (tmp_path / "none.json").write_text(json.dumps({"platform": "nonesuch"}))
+    status, _out, err = health_cmd("show")
+    assert status == 1 and "nonesuch" in err
+    status, out, err = health_cmd("--platform", "dgx2", "show")
+    assert status == 0 and len(out.splitlines()) == 28, err
