@@ -211,3 +211,73 @@ def nvlinks_for_host(text, gpus_found, sysfs_root):
         raise _error("lists %d GPUs but %d were found under sysfs_root %s; use the text "
                      "captured on this host" % (topo.gpu_count, gpus_found, sysfs_root))
     return topo.nvlink_matrix()
+
+
+# --- memory health (the deep check of a GPU no VM holds, issue 17 point 2) ---------------------
+
+_QUERY_KEY_RE = re.compile(r"^( *)([^:]+?)\s*(?::\s*(.*?))?\s*$")
+
+
+def parse_memory_health(text):
+    """``{bdf: ((state, reason), ...)}`` from ``nvidia-smi -q`` (or ``-q -d ECC,PAGE_RETIREMENT,
+    ROW_REMAPPER``): what its ECC, retired-page and row-remapper sections say of each GPU.
+
+    Failed: uncorrectable ECC errors since the driver loaded (``ECC Errors`` > ``Volatile``, DRAM
+    or SRAM); ``Remapping Failure Occurred: Yes`` (NVIDIA's RMA criterion once its field
+    diagnostic confirms it). Degraded: a row remap or a retired page that waits for a GPU reset
+    (``Remapped Rows`` > ``Pending: Yes``, ``Pending Page Blacklist: Yes``). Sections a GPU does
+    not have (``N/A``) say nothing."""
+    if not isinstance(text, str):
+        raise NvidiaSmiQueryError("nvidia-smi -q: expected its text, got %r" % (text,))
+    found, bdf, stack = {}, None, []
+    for raw in text.splitlines():
+        line = _ANSI_RE.sub("", raw).rstrip()
+        header = _QUERY_GPU_RE.match(line)
+        if header:
+            domain, bus, slot, function = header.groups()
+            bdf = "%04x:%s:%s.%s" % (int(domain, 16), bus.lower(), slot.lower(), function)
+            found[bdf], stack = [], []
+            continue
+        m = _QUERY_KEY_RE.match(line)
+        if bdf is None or not line.strip() or m is None:
+            continue
+        depth = len(m.group(1)) // 4
+        key, value = m.group(2).strip(), m.group(3)
+        del stack[max(depth - 1, 0):]
+        if value is None:  # a section header
+            stack.append(key)
+            continue
+        where = tuple(stack)
+        signal = _memory_signal(where, key, value.strip())
+        if signal:
+            found[bdf].append(signal)
+    if not found:
+        raise NvidiaSmiQueryError("nvidia-smi -q: no GPU section (\"GPU 00000000:18:00.0\") in "
+                                  "its text")
+    return {b: tuple(s) for b, s in found.items()}
+
+
+def _memory_signal(where, key, value):
+    count = int(value) if value.isdigit() else None
+    if where == ("ECC Errors", "Volatile") and "Uncorrectable" in key and count:
+        return ("failed", "%d %s ECC error%s since the driver loaded (nvidia-smi -q)" % (
+            count, key.replace("Uncorrectable", "uncorrectable").strip(),
+            "" if count == 1 else "s"))
+    if where == ("Remapped Rows",) and key == "Remapping Failure Occurred" and value == "Yes":
+        return ("failed", "row remapping failed (nvidia-smi -q: Remapping Failure Occurred); "
+                "NVIDIA's field diagnostic decides whether it is an RMA")
+    if where == ("Remapped Rows",) and key == "Pending" and value == "Yes":
+        return ("degraded", "a row remap waits for a GPU reset (nvidia-smi -q: Remapped Rows "
+                "Pending)")
+    # Blackwell-era drivers (580) add these under ECC Errors.
+    if where == ("ECC Errors",) and key == "Unrepairable Memory" and value == "Yes":
+        return ("failed", "memory the GPU cannot repair (nvidia-smi -q: Unrepairable Memory)")
+    if where == ("ECC Errors",) and key.endswith("Repair Pending") and value == "Yes":
+        return ("degraded", "a repair waits for a GPU reset (nvidia-smi -q: %s)" % key)
+    if where == ("ECC Errors", "Aggregate") and key == "SRAM Threshold Exceeded" and value == "Yes":
+        return ("degraded", "SRAM errors over NVIDIA's threshold (nvidia-smi -q: SRAM Threshold "
+                "Exceeded)")
+    if where == ("Retired Pages",) and key == "Pending Page Blacklist" and value == "Yes":
+        return ("degraded", "a retired page waits for a GPU reset (nvidia-smi -q: Pending Page "
+                "Blacklist)")
+    return None

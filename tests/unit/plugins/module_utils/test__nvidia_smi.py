@@ -9,6 +9,7 @@ import pytest
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._nvidia_smi import (
     NvidiaSmiQueryError,
     NvidiaSmiTopoError,
+    parse_memory_health,
     parse_module_ids,
     parse_topo_matrix,
 )
@@ -166,3 +167,41 @@ def test_gpu_admin_tools_module_names():
             parse_gpu_tools_module_names(handle.read())
     with pytest.raises(NvidiaSmiQueryError, match="expected its output"):
         parse_gpu_tools_module_names(None)
+
+
+# --- nvidia-smi -q: memory health (the deep check) ----------------------------------------------
+
+def test_a_healthy_h200_capture_says_nothing():
+    """Driver 580's ECC section, with its new Repair Pending and Unrepairable Memory lines."""
+    query = os.path.join(TEXTS, "..", "captured", "h200-cloud-vm", "nvidia-smi-q.txt")
+    with open(query, encoding="utf-8") as handle:
+        assert parse_memory_health(handle.read()) == {"0000:00:06.0": ()}
+
+
+def test_pending_remaps_and_uncorrectable_errors_in_an_a100_query():
+    found = parse_memory_health(text("q-memory-a100.txt"))
+    # 177 correctable and an aggregate (earlier) uncorrectable count say nothing; the pending
+    # remap waits for a reset
+    assert found["0000:10:1c.0"] == (
+        ("degraded", "a row remap waits for a GPU reset (nvidia-smi -q: Remapped Rows Pending)"),)
+    states = [state for state, _why in found["0000:10:1d.0"]]
+    assert states == ["failed", "failed"]
+    assert found["0000:10:1d.0"][0][1] == (
+        "3 DRAM uncorrectable ECC errors since the driver loaded (nvidia-smi -q)")
+    assert "Remapping Failure Occurred" in found["0000:10:1d.0"][1][1]
+
+
+def test_new_repair_lines_count():
+    q = text("q-memory-a100.txt").replace(
+        "    Retired Pages\n", "        Unrepairable Memory               : Yes\n"
+        "        TPC Repair Pending                : Yes\n    Retired Pages\n", 1)
+    first = parse_memory_health(q)["0000:10:1c.0"]
+    assert ("failed", "memory the GPU cannot repair (nvidia-smi -q: Unrepairable Memory)") in first
+    assert ("degraded",
+            "a repair waits for a GPU reset (nvidia-smi -q: TPC Repair Pending)") in first
+
+
+def test_a_text_without_gpus_is_refused():
+    with pytest.raises(NvidiaSmiQueryError, match="no GPU section"):
+        parse_memory_health("NVIDIA-SMI has failed because it couldn't communicate with the "
+                            "NVIDIA driver.\n")
