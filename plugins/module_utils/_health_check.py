@@ -13,11 +13,24 @@ under ``GPUVIRT_HEALTH_LIB`` (``kvm_host`` installs the ones in HOST_FILES there
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._bdf import normalize_bdf
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._deep_check import (
+    DEFAULT_DRIVER,
+    DEFAULT_NVIDIA_SMI,
+    DEFAULT_TIMEOUT,
+    DeepCheckError,
+    bind,
+    driver_loaded,
+    driver_of,
+    find_nvidia_smi,
+    override_of,
+    query,
+)
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain import DomainXmlError
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric import (
     DEFAULT_HOST_RECORD,
@@ -31,6 +44,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._health_record import 
     HealthRecordError,
     checked,
     cleared,
+    deep_checked,
     empty,
     marked,
 )
@@ -56,17 +70,21 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._lock import (
     HostLock,
     HostLockError,
 )
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._nvidia_smi import (
+    NvidiaSmiQueryError,
+    parse_memory_health,
+)
 
 # What the command imports (and they import), and so what a host needs of the collection under
 # /usr/local/lib/gpuvirt/health/ansible_collections/gpuvirt/kvm/plugins/module_utils/.
-HOST_FILES = ("_health_check", "_bdf", "_domain", "_fabric", "_fabric_model",
+HOST_FILES = ("_health_check", "_bdf", "_deep_check", "_domain", "_fabric", "_fabric_model",
               "_fabric_placement", "_health", "_health_record", "_health_store", "_holdings",
               "_host_context", "_libvirt", "_lock", "_nics", "_nvidia_smi", "_placement_model",
               "_platform_data", "_platform_file", "_platforms", "_ranges", "_sysfs", "_topology",
               "_units")
 CHECK, MARK, CLEAR, SHOW = "check", "mark", "clear", "show"
 
-HealthError = (HostContextError, HealthRecordError, HostLockError)
+HealthError = (HostContextError, HealthRecordError, HostLockError, DeepCheckError)
 
 
 def now_utc():
@@ -74,21 +92,33 @@ def now_utc():
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def apply(p, action, bdfs, reason, write=True):
-    """Check the host (``p``: the host options, with ``health_record``, ``lock_path`` and
-    ``lock_timeout``), and mark or clear ``bdfs`` for ``reason``; write the record when it
-    changes and ``write``. Returns (the HostContext, the record before (None: there was none),
-    the record after). Raises one of HealthError."""
+def apply(p, action, bdfs, reason, write=True, deep=None):
+    """Check the host (``p``: the host options, with ``health_record``, ``lock_path``,
+    ``lock_timeout`` and ``uri``), and mark or clear ``bdfs`` for ``reason``; with ``deep``
+    ({driver, nvidia_smi, timeout}), run the deep check of every GPU no VM holds first. Write
+    the record when it changes and ``write``. Returns (the HostContext, the record before (None:
+    there was none), the record after, the deep check's report or None). Raises one of
+    HealthError."""
     bdfs = [normalize_bdf(b) for b in bdfs]
-    with HostLock(p["lock_path"], p["lock_timeout"], owner="gpu health %s" % action):
+    # Reading alone takes no lock: it changes nothing, and must not create the lock's folder.
+    lock = HostLock(p["lock_path"], p["lock_timeout"], owner="gpu health %s" % action) \
+        if write or deep is not None else contextlib.nullcontext()
+    with lock:
         # Without fabric_manager: health needs no partitions, and Fabric Manager being down
         # must not keep a check from being recorded.
         ctx = host_context(dict(p, fabric_manager=None), bridges=False)
+        if ctx.health_record_error:
+            raise HealthRecordError(ctx.health_record_error)
         before = ctx.health_record
         record = before or empty()
         kinds = dict([(b, "gpu") for b in ctx.gpu_bdfs]
                      + [(b, "nvswitch") for b in ctx.switch_bdfs])
         now = now_utc()
+        report = None
+        if deep is not None:
+            # Inside the lock: no run places a VM on a GPU while it is away on the driver.
+            results, report = deep_check(p, ctx, deep)
+            record = deep_checked(record, results, deep["driver"], ctx.live_health, kinds, now)
         if action == MARK:
             after = marked(record, bdfs, reason, ctx.live_health, kinds, now)
         elif action == CLEAR:
@@ -97,7 +127,68 @@ def apply(p, action, bdfs, reason, write=True):
             after = checked(record, ctx.live_health, kinds, now)
         if write and changed(before, after):
             write_record(p["health_record"] or DEFAULT_HEALTH_RECORD, after)
-    return ctx, before, after
+    return ctx, before, after, report
+
+
+def deep_check(p, ctx, deep):
+    """The deep check: every GPU that no defined VM holds and that is on the bus goes to the
+    NVIDIA driver (``deep["driver"]``), ``nvidia-smi -q`` reads its ECC, retired pages and
+    remapped rows, and it goes back to the driver it had, with its ``driver_override``. Returns
+    ({address: ((state, reason), ...)} of each GPU checked, the report: {checked: [...],
+    skipped: {address: why}}). A GPU that cannot be put back stops the run (DeepCheckError
+    naming it)."""
+    sysfs, driver = p["sysfs_root"], deep["driver"]
+    if not driver_loaded(sysfs, driver):
+        raise DeepCheckError(
+            "deep_check: the %s driver is not loaded (%s/bus/pci/drivers/%s is missing): load it "
+            "(modprobe %s), or leave the deep check out; no GPU was touched"
+            % (driver, sysfs, driver, driver))
+    nvidia_smi = find_nvidia_smi(deep["nvidia_smi"])
+    held, why = holders(p.get("uri") or DEFAULT_URI)
+    if why:
+        raise DeepCheckError(
+            "deep_check: the VMs' devices cannot be read from libvirt (%s): the deep check "
+            "touches no GPU it cannot be sure no VM holds; no GPU was touched" % why)
+    results, report = {}, {"checked": [], "skipped": {}}
+    for bdf in ctx.gpu_bdfs:
+        if bdf in held:
+            report["skipped"][bdf] = "held by VM %s" % held[bdf][0]
+        elif ctx.topology.pci[bdf].missing or ctx.live_health[bdf].failed:
+            report["skipped"][bdf] = "failed: %s" % ctx.live_health[bdf].reason
+        else:
+            results[bdf] = _deep_one(sysfs, bdf, driver, nvidia_smi, deep["timeout"])
+            report["checked"].append(bdf)
+    return results, report
+
+
+def _deep_one(sysfs, bdf, driver, nvidia_smi, timeout):
+    was, override = driver_of(sysfs, bdf), override_of(sysfs, bdf)
+    moved = was != driver
+    try:
+        if moved:
+            try:
+                bind(sysfs, bdf, driver)
+            except DeepCheckError as exc:
+                return (("failed", "the %s driver did not take it for the deep check: %s"
+                         % (driver, exc)),)
+        status, out, err = query(nvidia_smi, bdf, timeout)
+    finally:
+        if moved:
+            try:
+                bind(sysfs, bdf, was, override=override)
+            except DeepCheckError as exc:
+                raise DeepCheckError(
+                    "deep_check: GPU %s could not be put back on %s after its deep check (%s): "
+                    "no VM can have it until it is; bind it back (gpuvirt-vfio-bind bind %s) "
+                    "or reboot the host" % (bdf, was or "no driver", exc, bdf)) from None
+    if status != 0:
+        said = (err.strip() or out.strip() or "no output").splitlines()[-1]
+        return (("failed", "nvidia-smi -q could not read it on the %s driver (exit status %s: "
+                 "%s)" % (driver, status, said)),)
+    try:
+        return parse_memory_health(out).get(bdf, ())
+    except NvidiaSmiQueryError as exc:
+        return (("failed", "nvidia-smi -q did not report it: %s" % exc),)
 
 
 def changed(before, after):
@@ -171,7 +262,13 @@ def _parser():
     parser.add_argument("--lock-timeout", type=int, default=DEFAULT_LOCK_TIMEOUT)
     parser.add_argument("--json", action="store_true", help="print the devices as JSON")
     sub = parser.add_subparsers(dest="action", required=True)
-    sub.add_parser(CHECK, help="read every device's health and record it")
+    check = sub.add_parser(CHECK, help="read every device's health and record it")
+    check.add_argument("--deep", action="store_true",
+                       help="also the deep check: each GPU no VM holds goes to the NVIDIA driver "
+                            "for nvidia-smi -q (ECC, retired pages, remapped rows) and back")
+    check.add_argument("--deep-driver", default=DEFAULT_DRIVER)
+    check.add_argument("--nvidia-smi", default=DEFAULT_NVIDIA_SMI)
+    check.add_argument("--deep-timeout", type=int, default=DEFAULT_TIMEOUT)
     sub.add_parser(SHOW, help="read and print, without writing")
     for name, what in ((MARK, "mark devices failed"), (CLEAR, "clear devices")):
         one = sub.add_parser(name, help=what)
@@ -197,7 +294,12 @@ def main(argv=None, stdout=None, stderr=None):
          "nvidia_smi_topo": None, "unhealthy_gpus": [], "reserved_cpus": None,
          "reserved_memory_mb": None, "fabric_manager": None, "host_record": args.host_record,
          "aer_correctable_threshold": args.aer_correctable_threshold,
-         "health_record": args.record, "lock_path": args.lock, "lock_timeout": args.lock_timeout}
+         "health_record": args.record, "lock_path": args.lock, "lock_timeout": args.lock_timeout,
+         "uri": args.uri}
+    deep = None
+    if getattr(args, "deep", False):
+        deep = {"driver": args.deep_driver, "nvidia_smi": args.nvidia_smi,
+                "timeout": args.deep_timeout}
     reason = (getattr(args, "reason", "") or "").strip()
     if not args.platform:
         try:
@@ -209,8 +311,8 @@ def main(argv=None, stdout=None, stderr=None):
         stderr.write("gpuvirt-health: --reason must say why (it is kept in the record)\n")
         return 1
     try:
-        ctx, before, after = apply(p, args.action, getattr(args, "devices", []), reason,
-                                   write=args.action != SHOW)
+        ctx, before, after, report = apply(p, args.action, getattr(args, "devices", []), reason,
+                                           write=args.action != SHOW, deep=deep)
     except HealthError as exc:
         stderr.write("gpuvirt-health: %s\n" % exc)
         return 1
@@ -225,6 +327,11 @@ def main(argv=None, stdout=None, stderr=None):
             stdout.write(_line(row) + "\n")
     for vm in affected(device_rows, held):
         stderr.write("gpuvirt-health: %s\n" % affected_message(vm))
+    if report:
+        stderr.write("gpuvirt-health: deep check: %s checked; %s\n" % (
+            ", ".join(report["checked"]) or "no GPU",
+            "; ".join("%s skipped (%s)" % item for item in sorted(report["skipped"].items()))
+            or "none skipped"))
     if args.action != SHOW:
         stderr.write("gpuvirt-health: %s %s\n" % (
             args.record, "written" if changed(before, after) else "unchanged"))

@@ -16,13 +16,15 @@ The record (``/var/lib/gpuvirt/health.json`` by default) is a JSON object::
         "signals": [{"source", "state", "reason"}, ...],
         "mark": {"state": "failed", "reason": "...", "since": "..."},   # an admin's, optional
         "cleared": {"reason": "...", "since": "...", "signals": ["..."]},  # optional
+        "deep": {"at": "...", "driver": "nvidia", "signals": [...]},     # the last deep check
         "history": [{"at": "...", "event": "...", "state": "...", "reason": "..."}, ...]}}}
 
 A check (``checked``) judges each device from the signals read now (``_health.judge``): an
 admin's mark adds a failed signal (source ``admin``) until it is cleared; a clear hides the
 signals that were there when it was given (a fatal AER count lasts until reboot) - a new or
 changed signal (more errors) is not hidden. ``effective`` gives the same judgement without
-writing, for every run that places VMs.
+writing, for every run that places VMs. The last deep check's findings (source ``nvidia-smi``)
+count beside the signals read now until the next deep check of that GPU.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._health import (
 RECORD_FORMAT = 1
 HISTORY_KEEP = 20  # events kept per device, newest last
 SOURCE_ADMIN = "admin"
+SOURCE_DEEP = "nvidia-smi"
 KINDS = ("gpu", "nvswitch")
 STATES = (HEALTH_OK, HEALTH_DEGRADED, HEALTH_FAILED)
 _FIX = "; fix it, or move it away (a check then writes a new one): it is never reset"
@@ -75,7 +78,7 @@ def validate(data, path):
 
     if not isinstance(data, dict):
         raise bad("it holds a %s, not a JSON object" % type(data).__name__)
-    if data.get("format") != RECORD_FORMAT:
+    if type(data.get("format")) is not int or data.get("format") != RECORD_FORMAT:
         raise bad("its format is %r; this collection reads format %d"
                   % (data.get("format"), RECORD_FORMAT))
     devices = data.get("devices")
@@ -103,20 +106,36 @@ def validate(data, path):
         cleared = entry.get("cleared")
         if cleared is not None and not (
                 isinstance(cleared, dict) and _str(cleared.get("reason"))
+                and _str(cleared.get("since"))
                 and isinstance(cleared.get("signals"), list)
                 and all(isinstance(s, str) for s in cleared["signals"])):
             raise bad("%s.cleared is not {reason, since, signals: [reasons]}" % where)
+        deep = entry.get("deep")
+        if deep is not None:
+            if not (isinstance(deep, dict) and _str(deep.get("at"))):
+                raise bad("%s.deep is not {at, driver, signals}" % where)
+            try:
+                _check_signals(where + ".deep", deep.get("signals", []))
+            except HealthRecordError as exc:
+                raise bad(str(exc)) from None
         if not isinstance(entry.get("history", []), list):
             raise bad("%s.history is not a list" % where)
     return data
 
 
+def _found(live, entry):
+    """The signals read now and the last deep check's."""
+    deep = [Signal(d["source"], d["state"], d["reason"])
+            for d in ((entry or {}).get("deep") or {}).get("signals") or ()]
+    return list(live.signals) + deep
+
+
 def effective(bdf, live, entry):
     """The DeviceHealth that placement obeys: the signals read now (``live``, a DeviceHealth)
-    less those an admin cleared, plus an admin's mark."""
+    and the last deep check's, less those an admin cleared, plus an admin's mark."""
     entry = entry or {}
     hidden = set((entry.get("cleared") or {}).get("signals") or ())
-    signals = [s for s in live.signals if s.reason not in hidden]
+    signals = [s for s in _found(live, entry) if s.reason not in hidden]
     mark = entry.get("mark")
     if mark:
         signals.append(Signal(SOURCE_ADMIN, mark["state"], "marked %s by an admin: %s"
@@ -138,21 +157,34 @@ def _event(entry, now, event, reason, state=None):
     entry["history"] = history[-HISTORY_KEEP:]
 
 
+def _kinds_of(signals):
+    """What a state change is judged on: the state of each source, not the counts in the
+    reasons (a marginal link that counts more errors is the same finding)."""
+    return sorted({(s["source"], s["state"]) for s in signals})
+
+
 def _judged(bdf, kind, live, old, now):
     """The entry for one device after a check: ``old`` (or None) updated from ``live``."""
     entry = dict(old or {})
     cleared = entry.get("cleared")
-    if cleared and not set(cleared["signals"]) & {s.reason for s in live.signals}:
-        # What was cleared is gone (a reboot reset the AER counters): nothing left to hide.
-        del entry["cleared"]
+    if cleared:
+        # Hide only what still shows: what went away (a reboot reset the AER counters) must
+        # not hide the same text when it comes back.
+        showing = {s.reason for s in _found(live, entry)}
+        still = [r for r in cleared["signals"] if r in showing]
+        if still:
+            entry["cleared"] = dict(cleared, signals=still)
+        else:
+            del entry["cleared"]
     health = effective(bdf, live, entry)
     entry["kind"] = kind
     reason = health.reason if health.signals else ""
-    if old is None or (old.get("state"), old.get("reason", "")) != (health.state, reason):
+    signals = [s.to_dict() for s in health.signals]
+    if old is None or old.get("state") != health.state \
+            or _kinds_of(old.get("signals") or ()) != _kinds_of(signals):
         entry["since"] = now
         _event(entry, now, "state", reason or "no fault found", health.state)
-    entry.update(state=health.state, reason=reason, source=_sources(health),
-                 signals=[s.to_dict() for s in health.signals])
+    entry.update(state=health.state, reason=reason, source=_sources(health), signals=signals)
     return entry
 
 
@@ -166,8 +198,8 @@ def checked(record, live, kinds, now):
     return dict(record, devices=devices)
 
 
-def _unknown(bdfs, kinds, option):
-    unknown = [b for b in bdfs if b not in kinds]
+def _unknown(bdfs, kinds, option, recorded=()):
+    unknown = [b for b in bdfs if b not in kinds and b not in recorded]
     if unknown:
         raise HealthRecordError(
             "%s: %s %s not a GPU or NVSwitch of this host; its GPUs and NVSwitches are %s"
@@ -194,24 +226,42 @@ def marked(record, bdfs, reason, live, kinds, now):
 def cleared(record, bdfs, reason, live, kinds, now):
     """The record with ``bdfs`` cleared by an admin for ``reason``: the mark is removed and
     the signals read now are hidden until they change. A device with nothing to clear is left
-    as it is."""
-    _unknown(bdfs, kinds, "devices")
+    as it is. A device the record holds that the host no longer has (a baseboard swapped) may
+    be cleared too: its mark goes."""
     devices = dict(record.get("devices") or {})
+    _unknown(bdfs, kinds, "devices", recorded=devices)
     for bdf in bdfs:
         entry = dict(devices.get(bdf) or {})
-        showing = [s.reason for s in live[bdf].signals]
+        found = live.get(bdf) or DeviceHealth(bdf)
+        showing = [s.reason for s in _found(found, entry)]
         hidden = (entry.get("cleared") or {}).get("signals") or []
         if not entry.get("mark") and set(showing) <= set(hidden):
             continue
         entry.pop("mark", None)
         entry["cleared"] = {"reason": reason, "since": now, "signals": showing}
         _event(entry, now, "cleared", reason)
-        devices[bdf] = entry if bdf in devices else dict(entry, since=now)
+        entry = entry if bdf in devices else dict(entry, since=now)
+        # One the host no longer has is judged here: a check passes it by.
+        devices[bdf] = entry if bdf in kinds else _judged(bdf, entry["kind"], found, entry, now)
     return checked(dict(record, devices=devices), live, kinds, now)
 
 
-def summary(record):
-    """{"failed": [addresses], "degraded": [addresses]} of a record, sorted."""
+def deep_checked(record, results, driver, live, kinds, now):
+    """The record with a deep check's ``results`` ({address: ((state, reason), ...)} of each
+    GPU checked; those not checked keep their last deep check) and judged again with ``live``."""
+    devices = dict(record.get("devices") or {})
+    for bdf, found in results.items():
+        entry = dict(devices.get(bdf) or {}, since=(devices.get(bdf) or {}).get("since", now))
+        entry["deep"] = {"at": now, "driver": driver, "signals": [
+            {"source": SOURCE_DEEP, "state": state, "reason": reason} for state, reason in found]}
+        devices[bdf] = entry
+    return checked(dict(record, devices=devices), live, kinds, now)
+
+
+def summary(record, present):
+    """{"failed": [addresses], "degraded": [addresses]} of the record's devices that the host
+    has (``present``), sorted."""
     devices = record.get("devices") or {}
-    return {state: sorted(b for b, e in devices.items() if e.get("state") == state)
+    return {state: sorted(b for b, e in devices.items() if e.get("state") == state
+                          and b in present)
             for state in (HEALTH_FAILED, HEALTH_DEGRADED)}

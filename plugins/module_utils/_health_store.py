@@ -27,16 +27,16 @@ def read_record(path):
     """The record at ``path``, validated; None when there is no file. HealthRecordError when it
     cannot be read or is not a record."""
     try:
-        with open(path, "r", encoding="utf-8") as handle:
-            text = handle.read()
+        with open(path, "rb") as handle:
+            raw = handle.read()
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise HealthRecordError("health_record: cannot read %s: %s" % (
             path, exc.strerror or exc)) from None
     try:
-        data = json.loads(text)
-    except ValueError as exc:
+        data = json.loads(raw.decode("utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError is one too
         raise HealthRecordError(
             "health_record: %s is not JSON (%s); fix it, or move it away (a check then writes a "
             "new one): it is never reset" % (path, exc)) from None

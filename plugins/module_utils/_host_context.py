@@ -96,6 +96,7 @@ class HostContext:
     health: dict = field(default_factory=dict)  # address -> _health.DeviceHealth (GPUs, switches)
     live_health: dict = field(default_factory=dict)  # the same read now, before the record
     health_record: dict | None = None  # the health record read (None: there is none)
+    health_record_error: str | None = None  # it could not be read: nothing is placed or started
     failed_switches: tuple = ()  # NVSwitches whose health failed: no block that needs one
     warnings: list = field(default_factory=list)
     _bdfs: dict = field(default_factory=dict, repr=False)
@@ -149,7 +150,15 @@ def host_context(p, store=None, bridges=True):
             "with module IDs assumed to follow PCI order, and VMs record no partition for the "
             "collection's libvirt hook to activate: multi-GPU VMs get no NVLink. Set "
             "fabric_manager and install the hook (docs/fabric.md)" % platform.name)
-    live, record = live_health(p, topology, platform), read_health_record(p)
+    live, record, record_error = live_health(p, topology, platform), None, None
+    try:
+        record = read_health_record(p)
+    except HostContextError as exc:
+        # Stopping and removing VMs, and reverting the host, need no record; placing and
+        # starting do (_vm_plan), and gpu_health refuses to write over it.
+        record_error = str(exc)
+        warnings.append("%s; until it is, no GPU VM is placed or started (stopping and "
+                        "removing go ahead)" % record_error)
     health, failed_gpus, failed_switches = device_health(
         live, record, {d.bdf for d in platform_gpus(topology, platform)}, platform, warnings)
     manual = tuple(p.get("unhealthy_gpus") or ())
@@ -160,7 +169,8 @@ def host_context(p, store=None, bridges=True):
         unhealthy_gpus=manual + tuple(b for b in failed_gpus if b not in manual),
         nvlinks=nvlinks, bridges=read_bridges(p["sysfs_root"]) if bridges else (),
         busy_gpus=busy, fabric=fabric, fabric_error=fabric_error, health=health,
-        live_health=live, health_record=record, failed_switches=tuple(failed_switches),
+        live_health=live, health_record=record, health_record_error=record_error,
+        failed_switches=tuple(failed_switches),
         warnings=warnings)
 
 

@@ -207,8 +207,10 @@ def _failed_devices(vp, ctx):
     if not bad:
         return None
     fix = ("remove the VM, or set recreate: true to re-place it on healthy devices, or repair "
-           "the device and reboot the host" if not vp.request.fabric_manager_vm
-           else "repair the device and reboot the host (the service VM needs every NVSwitch)")
+           "the device (then reboot the host, or clear it with gpu_health action=clear or "
+           "gpuvirt-health clear)" if not vp.request.fabric_manager_vm
+           else "repair the device (then reboot the host, or clear it with gpu_health "
+           "action=clear or gpuvirt-health clear; the service VM needs every NVSwitch)")
     return "%s: not started: it holds %s; %s (docs/health.md)" % (
         vp.request.name, "; ".join("%s %s, which failed its health check (%s)" % (
             kind, bdf, health.reason) for kind, bdf, health in bad), fix)
@@ -219,6 +221,8 @@ def _failed_devices(vp, ctx):
 def _refusal(vp, ctx):
     """Why a VM must not be re-placed as asked (its running QEMU holds the old devices)."""
     req = vp.request
+    if ctx.health_record_error and req.gpus and req.state in ("running", "present"):
+        return "%s: %s" % (req.name, ctx.health_record_error)
     if ctx.fabric_error and req.gpus and not (vp.actual is not None
                                               and len(vp.actual.gpus) == req.gpus):
         # A VM that keeps the GPUs it holds needs no answer from FM; a new placement does (a

@@ -20,9 +20,10 @@ description:
   - Every module that places VMs (M(gpuvirt.kvm.kvm_vm), M(gpuvirt.kvm.kvm_layout),
     M(gpuvirt.kvm.gpu_topology)) reads the record: a device marked failed is never given to a
     VM, and a VM that holds one is not started.
-  - The record is written whole under the host lock, only when a device's state, reason, mark or
-    clear changes. A record that is not one this collection writes is refused and left as it
-    is.
+  - Optionally runs the deep check (O(deep_check)) of every GPU that no libvirt domain holds.
+  - The record is written whole under the host lock, and only when it changes (a device's
+    state, its findings, a mark or a clear). More of the same errors update the reason but not
+    C(since). A record that is not one this collection writes is refused and left as it is.
 author:
   - gpuvirt.kvm contributors (@gpuvirt)
 extends_documentation_fragment:
@@ -60,6 +61,37 @@ options:
       - Why the devices are marked or cleared (a ticket, what was seen, what was repaired).
       - Required with O(action=mark) and O(action=clear).
     type: str
+  deep_check:
+    description:
+      - Also the deep check, as DGX-2 KVM ran it nightly. Every GPU that no defined libvirt
+        domain holds (running or not), and that is on the bus, is bound to O(deep_check.driver)
+        through sysfs (C(driver_override), C(unbind), C(drivers_probe)). C(nvidia-smi -q -d
+        ECC,PAGE_RETIREMENT,ROW_REMAPPER -i ADDRESS) reads it, and it goes back to the driver it
+        had (vfio-pci), with its C(driver_override) as it was. All of it happens under the host
+        lock, so no VM is placed on a GPU while it is away.
+      - Uncorrectable ECC errors since the driver loaded, a failed row remap, or unrepairable
+        memory make the GPU V(failed). A row remap, a repair or a retired page waiting for a
+        reset make it V(degraded). A GPU the driver does not take, or that nvidia-smi cannot
+        read, is V(failed). Findings have the source V(nvidia-smi), and they count until the
+        next deep check of that GPU.
+      - Refused, with no GPU touched, when the driver is not loaded, when nvidia-smi is
+        missing, or when libvirt cannot be read (which GPUs VMs hold must be known).
+      - Not run in check mode, because it moves GPUs between drivers.
+      - Give V({}) for the defaults.
+    type: dict
+    suboptions:
+      driver:
+        description: The PCI driver that nvidia-smi reads GPUs through.
+        type: str
+        default: nvidia
+      nvidia_smi:
+        description: The nvidia-smi command, a name on PATH or a path.
+        type: str
+        default: nvidia-smi
+      timeout:
+        description: Seconds to wait for nvidia-smi, per GPU.
+        type: int
+        default: 120
 notes:
   - A converted host (M(gpuvirt.kvm.kvm_host)) runs the same check at boot and nightly, and
     has the C(gpuvirt-health) command for admins at the shell (C(docs/health.md)).
@@ -77,6 +109,10 @@ EXAMPLES = r"""
     action: mark
     devices: [0000:34:00.0]
     reason: "XID 79 in the tenant's log, ticket OPS-1234"
+
+- name: The nightly deep check of the GPUs no VM holds (a host with the NVIDIA driver loaded)
+  gpuvirt.kvm.gpu_health:
+    deep_check: {}
 
 - name: Put it back after the reseat
   gpuvirt.kvm.gpu_health:
@@ -147,6 +183,13 @@ degraded_devices:
   returned: success
   type: list
   elements: str
+deep_check:
+  description:
+    - What the deep check did. C(checked) lists the GPUs it read. C(skipped) maps each GPU it
+      left alone to why (C(held by VM NAME), or C(failed) and the reason).
+    - Null without O(deep_check).
+  returned: success
+  type: dict
 affected_vms:
   description:
     - The domains that hold a failed device - the only VMs a fault touches - with C(name),
@@ -201,6 +244,11 @@ def main():
         action=dict(type="str", choices=["check", "mark", "clear"], default="check"),
         devices=dict(type="list", elements="str", default=[]),
         reason=dict(type="str"),
+        deep_check=dict(type="dict", options=dict(
+            driver=dict(type="str", default="nvidia"),
+            nvidia_smi=dict(type="str", default="nvidia-smi"),
+            timeout=dict(type="int", default=120),
+        )),
     )
     argument_spec.update(host_argspec())
     argument_spec.update(libvirt_argspec())
@@ -211,9 +259,15 @@ def main():
     problem = _validate(p)
     if problem:
         module.fail_json(msg=problem, record=path)
+    deep = p["deep_check"]
+    if deep is not None and module.check_mode:
+        # It moves GPUs between drivers: check mode says what it would check, and does not.
+        deep = None
+        module.warn("deep_check: not run in check mode (it binds GPUs to the NVIDIA driver)")
     try:
-        ctx, before, after = apply(p, p["action"], p["devices"], (p["reason"] or "").strip(),
-                                   write=not module.check_mode)
+        ctx, before, after, report = apply(
+            p, p["action"], p["devices"], (p["reason"] or "").strip(),
+            write=not module.check_mode, deep=deep)
     except HealthError as exc:
         module.fail_json(msg=str(exc), record=path)
     held, why = holders(resolve_uri(p["uri"]))
@@ -223,10 +277,10 @@ def main():
     vms = affected(device_rows, held)
     for vm in vms:
         module.warn(affected_message(vm))
-    found = summary(after)
+    found = summary(after, {row["address"] for row in device_rows})
     result = dict(changed=changed(before, after), record=path, devices=device_rows,
                   affected_vms=vms, failed_devices=found["failed"],
-                  degraded_devices=found["degraded"])
+                  degraded_devices=found["degraded"], deep_check=report)
     if module._diff:
         result["diff"] = {"before": render(before) if before else "",
                           "after": render(after), "before_header": path, "after_header": path}

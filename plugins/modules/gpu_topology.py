@@ -623,6 +623,8 @@ def main():
 
     if ctx.fabric_error:
         module.fail_json(msg=ctx.fabric_error)
+    if ctx.health_record_error and requests:
+        module.fail_json(msg="plan: %s" % ctx.health_record_error)
     domains, libvirt_status, libvirt_versions = _read_domains(module, resolve_uri(p["uri"]))
     try:
         result = build(

@@ -395,8 +395,9 @@ def test_a_vm_holding_a_failed_gpu_is_not_started_and_the_error_names_it(ctx):
     assert plans[0].error == (
         "old: not started: it holds GPU %s, which failed its health check (%s: 1 fatal "
         "uncorrectable PCIe error since boot (DLP 1)); remove the VM, or set recreate: true "
-        "to re-place it on healthy devices, or repair the device and reboot the host "
-        "(docs/health.md)" % (bad, bad))
+        "to re-place it on healthy devices, or repair the device (then reboot the host, or "
+        "clear it with gpu_health action=clear or gpuvirt-health clear) (docs/health.md)"
+        % (bad, bad))
     assert plans[1].error is None and ("start", "ok") in plans[1].steps
     (stop,) = plan([req("old", image="os", gpus=2, state="stopped")],
                    observed(ctx, *snapshot((old, True), files=[disk_paths(DISKS, "old")["os"]]),
