@@ -101,8 +101,9 @@ def query(nvidia_smi, bdf, timeout=DEFAULT_TIMEOUT):
     """``nvidia-smi -q -d ECC,PAGE_RETIREMENT,ROW_REMAPPER -i BDF``: (exit status, its output,
     its error output)."""
     try:
-        proc = subprocess.run([nvidia_smi] + list(QUERY) + ["-i", bdf], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, timeout=timeout, check=False)
+        proc = subprocess.run(  # pylint: disable=ansible-bad-function
+            [nvidia_smi] + list(QUERY) + ["-i", bdf], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return None, "", "no answer in %d s" % timeout
     except OSError as exc:

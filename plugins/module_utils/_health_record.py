@@ -78,7 +78,7 @@ def validate(data, path):
 
     if not isinstance(data, dict):
         raise bad("it holds a %s, not a JSON object" % type(data).__name__)
-    if type(data.get("format")) is not int or data.get("format") != RECORD_FORMAT:
+    if isinstance(data.get("format"), bool) or data.get("format") != RECORD_FORMAT:
         raise bad("its format is %r; this collection reads format %d"
                   % (data.get("format"), RECORD_FORMAT))
     devices = data.get("devices")

@@ -18,7 +18,7 @@ description:
     since when.
   - Lets an admin mark a device failed, or clear it, with a reason that the record keeps.
   - Every module that places VMs (M(gpuvirt.kvm.kvm_vm), M(gpuvirt.kvm.kvm_layout),
-    M(gpuvirt.kvm.gpu_topology)) reads the record: a device marked failed is never given to a
+    M(gpuvirt.kvm.gpu_topology)) reads the record. A device marked failed is never given to a
     VM, and a VM that holds one is not started.
   - Optionally runs the deep check (O(deep_check)) of every GPU that no libvirt domain holds.
   - The record is written whole under the host lock, and only when it changes (a device's
@@ -33,9 +33,14 @@ extends_documentation_fragment:
 attributes:
   check_mode:
     support: full
-    details: Reports what would be written, and the record's diff, without writing it.
+    description: Check mode reads every device and returns what would be written, and the
+      record's diff, without writing it or taking the host lock. The deep check does not run.
   diff_mode:
     support: full
+    description: The diff is the health record before and after, as JSON.
+  idempotent:
+    support: full
+    description: A check that finds the same, and a mark or clear made already, change nothing.
 options:
   action:
     description:

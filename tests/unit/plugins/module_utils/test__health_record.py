@@ -374,8 +374,8 @@ def test_the_deep_check_reads_each_free_gpu_and_never_one_a_vm_holds(health_cmd,
                                   "--deep", "--deep-driver", "vfio-pci", "--nvidia-smi", STANDIN)
     assert status == 0, err
     calls = [line.split()[:2] for line in log.read_text().splitlines()]
-    assert len(calls) == 15 and "0000:34:00.0" not in [bdf for bdf, _ in calls]
-    assert {driver for _, driver in calls} == {"vfio-pci"}
+    assert len(calls) == 15 and "0000:34:00.0" not in [call[0] for call in calls]
+    assert {call[1] for call in calls} == {"vfio-pci"}
     assert "0000:34:00.0 skipped (held by VM" in err
     record = json.loads(health_cmd.record.read_text())["devices"]
     gpu1 = record["0000:36:00.0"]
