@@ -235,11 +235,40 @@ def affected(device_rows, held):
     return sorted(vms.values(), key=lambda v: v["name"])
 
 
+def stop_affected(uri, vms, timeout):
+    """The policy stop: each running VM of ``vms`` (``affected``'s) gets an ACPI shutdown and,
+    after ``timeout`` seconds, is powered off; the others keep running. Sets each VM's
+    ``stopped`` (``shutdown``, ``destroyed``, or null when it was not running) or ``error``."""
+    running = [vm for vm in vms if vm["running"]]
+    for vm in vms:
+        vm["stopped"] = None
+    if not running:
+        return vms
+    try:
+        with LibvirtGateway(uri) as gateway:
+            for vm in running:
+                try:
+                    vm["stopped"] = gateway.shutdown(vm["name"], timeout, force=True)
+                    vm["running"] = False
+                except LibvirtGatewayError as exc:
+                    vm["error"] = str(exc)
+    except LibvirtGatewayError as exc:
+        for vm in running:
+            vm["error"] = str(exc)
+    return vms
+
+
 def affected_message(vm):
-    """The warning for a VM that holds failed devices."""
-    return ("VM %s holds failed %s: it is not started again until %s cleared or it is "
+    """The warning for a VM that holds failed devices (and what the policy stop did)."""
+    done = ""
+    if vm.get("error"):
+        done = "; stopping it failed: %s" % vm["error"]
+    elif vm.get("stopped"):
+        done = "; stopped by policy (%s)" % (
+            "ACPI shutdown" if vm["stopped"] == "shutdown" else "powered off")
+    return ("VM %s holds failed %s%s: it is not started again until %s cleared or it is "
             "re-placed (docs/health.md)" % (
-                vm["name"], ", ".join(vm["devices"]),
+                vm["name"], ", ".join(vm["devices"]), done,
                 "it is" if len(vm["devices"]) == 1 else "they are"))
 
 
@@ -269,6 +298,11 @@ def _parser():
     check.add_argument("--deep-driver", default=DEFAULT_DRIVER)
     check.add_argument("--nvidia-smi", default=DEFAULT_NVIDIA_SMI)
     check.add_argument("--deep-timeout", type=int, default=DEFAULT_TIMEOUT)
+    check.add_argument("--stop-affected", action="store_true",
+                       help="stop (ACPI shutdown, then power off) each running VM that holds a "
+                            "failed device; the others keep running")
+    check.add_argument("--stop-timeout", type=int, default=60,
+                       help="seconds of ACPI shutdown before the power is cut")
     sub.add_parser(SHOW, help="read and print, without writing")
     for name, what in ((MARK, "mark devices failed"), (CLEAR, "clear devices")):
         one = sub.add_parser(name, help=what)
@@ -325,7 +359,10 @@ def main(argv=None, stdout=None, stderr=None):
     else:
         for row in device_rows:
             stdout.write(_line(row) + "\n")
-    for vm in affected(device_rows, held):
+    vms = affected(device_rows, held)
+    if getattr(args, "stop_affected", False):
+        stop_affected(args.uri, vms, args.stop_timeout)
+    for vm in vms:
         stderr.write("gpuvirt-health: %s\n" % affected_message(vm))
     if report:
         stderr.write("gpuvirt-health: deep check: %s checked; %s\n" % (

@@ -66,6 +66,19 @@ options:
       - Why the devices are marked or cleared (a ticket, what was seen, what was repaired).
       - Required with O(action=mark) and O(action=clear).
     type: str
+  stop_affected:
+    description:
+      - The policy stop. Each running VM that holds a failed device gets an ACPI shutdown and,
+        after O(stop_timeout) seconds, is powered off. The other VMs keep running.
+      - The VM stays defined with its disks. It is not started again while it holds the device
+        (see M(gpuvirt.kvm.kvm_vm)'s C(recreate) to re-place it).
+      - In check mode the VMs that would be stopped count as a change.
+    type: bool
+    default: false
+  stop_timeout:
+    description: Seconds of ACPI shutdown before a VM's power is cut (O(stop_affected)).
+    type: int
+    default: 60
   deep_check:
     description:
       - Also the deep check, as DGX-2 KVM ran it nightly. Every GPU that no defined libvirt
@@ -199,6 +212,8 @@ affected_vms:
   description:
     - The domains that hold a failed device - the only VMs a fault touches - with C(name),
       C(running) and C(devices) (the failed addresses they hold).
+    - With O(stop_affected), C(stopped) says how each was stopped (C(shutdown), C(destroyed),
+      or null when it was not running), and C(error) why one could not be.
   returned: success
   type: list
   elements: dict
@@ -220,6 +235,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._health_check import (
     changed,
     holders,
     rows,
+    stop_affected,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._health_record import summary
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._health_store import (
@@ -249,6 +265,8 @@ def main():
         action=dict(type="str", choices=["check", "mark", "clear"], default="check"),
         devices=dict(type="list", elements="str", default=[]),
         reason=dict(type="str"),
+        stop_affected=dict(type="bool", default=False),
+        stop_timeout=dict(type="int", default=60),
         deep_check=dict(type="dict", options=dict(
             driver=dict(type="str", default="nvidia"),
             nvidia_smi=dict(type="str", default="nvidia-smi"),
@@ -280,15 +298,25 @@ def main():
         module.warn("holders not read: %s" % why)
     device_rows = rows(ctx, after, held)
     vms = affected(device_rows, held)
+    if p["stop_affected"] and not module.check_mode:
+        stop_affected(resolve_uri(p["uri"]), vms, p["stop_timeout"])
     for vm in vms:
         module.warn(affected_message(vm))
+    stopped = [vm["name"] for vm in vms if vm.get("stopped")]
+    errors = [vm for vm in vms if vm.get("error")]
     found = summary(after, {row["address"] for row in device_rows})
-    result = dict(changed=changed(before, after), record=path, devices=device_rows,
+    would_stop = [vm["name"] for vm in vms if vm["running"]] \
+        if p["stop_affected"] and module.check_mode else []
+    result = dict(changed=changed(before, after) or bool(stopped or would_stop), record=path,
+                  devices=device_rows,
                   affected_vms=vms, failed_devices=found["failed"],
                   degraded_devices=found["degraded"], deep_check=report)
     if module._diff:
         result["diff"] = {"before": render(before) if before else "",
                           "after": render(after), "before_header": path, "after_header": path}
+    if errors:
+        module.fail_json(msg="stop_affected: %s" % "; ".join(
+            "%s: %s" % (vm["name"], vm["error"]) for vm in errors), **result)
     module.exit_json(**result)
 
 

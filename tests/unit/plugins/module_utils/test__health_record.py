@@ -419,3 +419,19 @@ def test_the_deep_check_needs_libvirt_to_know_the_holders(health_cmd):
     assert status == 1
     assert "deep_check: the VMs' devices cannot be read from libvirt" in err
     assert not health_cmd.record.exists()
+
+
+def test_the_policy_stop_stops_only_the_vm_that_holds_a_failed_gpu(health_cmd):
+    """libvirt's test driver runs vm-a, which holds GPU0 of the DGX-2 fixture."""
+    uri = "test://" + os.path.abspath(HELD)
+    status, _out, err = health_cmd("--uri", uri, "mark", "--reason", "XID 79", "0000:34:00.0")
+    assert status == 0 and "VM vm-a holds failed 0000:34:00.0: it is not started again" in err
+    # a mark alone reports; the policy stop stops it
+    status, _out, err = health_cmd("--uri", uri, "check", "--stop-affected",
+                                   "--stop-timeout", "5")
+    assert status == 0, err
+    assert "VM vm-a holds failed 0000:34:00.0; stopped by policy (ACPI shutdown)" in err
+    # nothing failed: nothing stopped
+    assert health_cmd("--uri", uri, "clear", "--reason", "fine", "0000:34:00.0")[0] == 0
+    status, _out, err = health_cmd("--uri", uri, "check", "--stop-affected")
+    assert status == 0 and "vm-a" not in err
