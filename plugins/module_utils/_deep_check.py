@@ -27,7 +27,12 @@ BIND_WAIT = 15.0  # seconds for a probe to bind (the NVIDIA driver initialises t
 
 
 class DeepCheckError(Exception):
-    """The deep check cannot run, or could not put a GPU back; the message says what to do."""
+    """The deep check cannot run, or could not put a GPU back (``stranded``); the message says
+    what to do."""
+
+    def __init__(self, message, stranded=False):
+        super().__init__(message)
+        self.stranded = stranded
 
 
 def _device(sysfs_root, bdf):

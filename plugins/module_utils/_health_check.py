@@ -53,7 +53,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._health_store import (
     render,
     write_record,
 )
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import read_domains
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._holdings import read_domain
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_context import (
     HostContextError,
     host_context,
@@ -116,9 +116,15 @@ def apply(p, action, bdfs, reason, write=True, deep=None):
         now = now_utc()
         report = None
         if deep is not None:
-            # Inside the lock: no run places a VM on a GPU while it is away on the driver.
+            # Inside the lock: no run of the collection places a VM on a GPU while it is away.
             results, report = deep_check(p, ctx, deep)
             record = deep_checked(record, results, deep["driver"], ctx.live_health, kinds, now)
+            if report.get("error"):
+                # What it found before it stopped, and a GPU it stranded, are kept.
+                after = checked(record, ctx.live_health, kinds, now)
+                if write and changed(before, after):
+                    write_record(p["health_record"] or DEFAULT_HEALTH_RECORD, after)
+                raise report["error"]
         if action == MARK:
             after = marked(record, bdfs, reason, ctx.live_health, kinds, now)
         elif action == CLEAR:
@@ -149,16 +155,52 @@ def deep_check(p, ctx, deep):
         raise DeepCheckError(
             "deep_check: the VMs' devices cannot be read from libvirt (%s): the deep check "
             "touches no GPU it cannot be sure no VM holds; no GPU was touched" % why)
+    if not deep.get("timeout") or deep["timeout"] < 1:
+        raise DeepCheckError("deep_check.timeout must be 1 second or more; got %r"
+                             % (deep.get("timeout"),))
     results, report = {}, {"checked": [], "skipped": {}}
     for bdf in ctx.gpu_bdfs:
-        if bdf in held:
-            report["skipped"][bdf] = "held by VM %s" % held[bdf][0]
-        elif ctx.topology.pci[bdf].missing or ctx.live_health[bdf].failed:
-            report["skipped"][bdf] = "failed: %s" % ctx.live_health[bdf].reason
-        else:
+        why = _untouchable(ctx, bdf, held)
+        if why:
+            report["skipped"][bdf] = why
+            continue
+        try:
             results[bdf] = _deep_one(sysfs, bdf, driver, nvidia_smi, deep["timeout"])
-            report["checked"].append(bdf)
+        except DeepCheckError as exc:
+            # What was found so far is kept (the caller writes it, then raises this).
+            if exc.stranded:
+                results[bdf] = (("failed", "left off its driver by the deep check: %s" % exc),)
+            report["error"] = exc
+            break
+        report["checked"].append(bdf)
     return results, report
+
+
+def _untouchable(ctx, bdf, held):
+    """Why the deep check must leave a GPU alone, or None: a VM holds it, or another function
+    of its IOMMU group or slot (vfio-pci refuses a driver beside a group in use, and kernels
+    before 5.19 crash), or it failed its sysfs check."""
+    if bdf in held:
+        return "held by VM %s" % held[bdf][0]
+    dev = ctx.topology.pci[bdf]
+    if dev.missing or ctx.live_health[bdf].failed:
+        return "failed: %s" % ctx.live_health[bdf].reason
+    slot = bdf.rsplit(".", 1)[0]
+    for other, odev in sorted(ctx.topology.pci.items()):
+        if other == bdf or other not in held:
+            continue
+        if (dev.iommu_group is not None and odev.iommu_group == dev.iommu_group) \
+                or other.rsplit(".", 1)[0] == slot:
+            return "its IOMMU group or slot shares %s, held by VM %s" % (other, held[other][0])
+    return None
+
+
+# nvidia-smi's exit statuses that say nothing about the GPU (nvidia-smi(1)): bad arguments,
+# not supported, no permission, the driver not loaded, NVML missing, not implemented; and its
+# words for a driver and library of different versions.
+HOST_WIDE = {2, 3, 4, 9, 12, 13}
+HOST_WIDE_WORDS = ("Failed to initialize NVML", "Driver/library version mismatch",
+                   "couldn't communicate with the NVIDIA driver")
 
 
 def _deep_one(sysfs, bdf, driver, nvidia_smi, timeout):
@@ -178,17 +220,27 @@ def _deep_one(sysfs, bdf, driver, nvidia_smi, timeout):
                 bind(sysfs, bdf, was, override=override)
             except DeepCheckError as exc:
                 raise DeepCheckError(
-                    "deep_check: GPU %s could not be put back on %s after its deep check (%s): "
-                    "no VM can have it until it is; bind it back (gpuvirt-vfio-bind bind %s) "
-                    "or reboot the host" % (bdf, was or "no driver", exc, bdf)) from None
+                    "deep_check: GPU %s could not be put back on %s after its deep check (%s); "
+                    "the run stopped there. Bind it back (gpuvirt-vfio-bind bind %s), or "
+                    "reboot the host" % (bdf, was or "no driver", exc, bdf),
+                    stranded=True) from None
+    said = (err.strip() or out.strip() or "no output").splitlines()[-1]
+    if status in HOST_WIDE or any(w in out + err for w in HOST_WIDE_WORDS):
+        raise DeepCheckError(
+            "deep_check: %s cannot read GPUs on this host (exit status %s: %s): fix the NVIDIA "
+            "driver and its utilities (a driver upgrade needs a reboot); no finding was "
+            "recorded for %s" % (nvidia_smi, status, said, bdf))
     if status != 0:
-        said = (err.strip() or out.strip() or "no output").splitlines()[-1]
         return (("failed", "nvidia-smi -q could not read it on the %s driver (exit status %s: "
                  "%s)" % (driver, status, said)),)
     try:
-        return parse_memory_health(out).get(bdf, ())
+        found = parse_memory_health(out)
     except NvidiaSmiQueryError as exc:
         return (("failed", "nvidia-smi -q did not report it: %s" % exc),)
+    if bdf not in found:
+        return (("failed", "nvidia-smi -q did not list it (it listed %s)"
+                 % ", ".join(sorted(found))),)
+    return found[bdf]
 
 
 def changed(before, after):
@@ -203,10 +255,17 @@ def holders(uri):
         return {}, "libvirt-python is missing"
     try:
         with LibvirtGateway(uri) as gateway:
-            domains = read_domains(gateway.list_domains()).values()
+            listing = gateway.list_domains(live=True)
+        held = {}
+        for entry in listing:
+            # A running domain's live XML too: a device attached with --live is only there.
+            xmls = [entry.xml] + ([entry.live_xml] if entry.live_xml else [])
+            for xml in xmls:
+                for bdf in read_domain(xml, entry.active).hostdevs:
+                    held[bdf] = (entry.name, entry.active)
     except (LibvirtGatewayError, DomainXmlError) as exc:
         return {}, str(exc)
-    return {bdf: (d.name, d.active) for d in domains for bdf in d.hostdevs}, None
+    return held, None
 
 
 def rows(ctx, record, held):
@@ -239,6 +298,8 @@ def stop_affected(uri, vms, timeout):
     """The policy stop: each running VM of ``vms`` (``affected``'s) gets an ACPI shutdown and,
     after ``timeout`` seconds, is powered off; the others keep running. Sets each VM's
     ``stopped`` (``shutdown``, ``destroyed``, or null when it was not running) or ``error``."""
+    if timeout < 0:
+        raise DeepCheckError("stop_timeout must be 0 or more seconds; got %d" % timeout)
     running = [vm for vm in vms if vm["running"]]
     for vm in vms:
         vm["stopped"] = None
@@ -353,6 +414,10 @@ def main(argv=None, stdout=None, stderr=None):
     held, why = holders(args.uri)
     if why:
         stderr.write("gpuvirt-health: holders not read: %s\n" % why)
+        if getattr(args, "stop_affected", False):
+            stderr.write("gpuvirt-health: --stop-affected: no VM was stopped: which VMs hold a "
+                         "failed device is not known\n")
+            return 1
     device_rows = rows(ctx, after, held)
     if args.json:
         stdout.write(json.dumps(device_rows, indent=2, sort_keys=True) + "\n")
@@ -361,7 +426,11 @@ def main(argv=None, stdout=None, stderr=None):
             stdout.write(_line(row) + "\n")
     vms = affected(device_rows, held)
     if getattr(args, "stop_affected", False):
-        stop_affected(args.uri, vms, args.stop_timeout)
+        try:
+            stop_affected(args.uri, vms, args.stop_timeout)
+        except DeepCheckError as exc:
+            stderr.write("gpuvirt-health: %s\n" % exc)
+            return 1
     for vm in vms:
         stderr.write("gpuvirt-health: %s\n" % affected_message(vm))
     if report:
@@ -372,4 +441,4 @@ def main(argv=None, stdout=None, stderr=None):
     if args.action != SHOW:
         stderr.write("gpuvirt-health: %s %s\n" % (
             args.record, "written" if changed(before, after) else "unchanged"))
-    return 0
+    return 1 if any(vm.get("error") for vm in vms) else 0

@@ -222,7 +222,11 @@ def _refusal(vp, ctx):
     """Why a VM must not be re-placed as asked (its running QEMU holds the old devices)."""
     req = vp.request
     if ctx.health_record_error and req.gpus and req.state in ("running", "present"):
-        return "%s: %s" % (req.name, ctx.health_record_error)
+        # Placing GPUs, or starting a VM on them, needs the admins' marks; a VM that keeps what
+        # it holds and is not started (running already, or present) does not.
+        keeps = vp.actual is not None and len(vp.actual.gpus) == req.gpus
+        if not keeps or (req.state == "running" and not vp.active):
+            return "%s: %s" % (req.name, ctx.health_record_error)
     if ctx.fabric_error and req.gpus and not (vp.actual is not None
                                               and len(vp.actual.gpus) == req.gpus):
         # A VM that keeps the GPUs it holds needs no answer from FM; a new placement does (a

@@ -39,8 +39,9 @@ attributes:
     support: full
     description: The diff is the health record before and after, as JSON.
   idempotent:
-    support: full
+    support: partial
     description: A check that finds the same, and a mark or clear made already, change nothing.
+      A deep check records when it ran, and so always changes the record.
 options:
   action:
     description:
@@ -82,7 +83,9 @@ options:
   deep_check:
     description:
       - Also the deep check, as DGX-2 KVM ran it nightly. Every GPU that no defined libvirt
-        domain holds (running or not), and that is on the bus, is bound to O(deep_check.driver)
+        domain holds (running or not, saved or live definition), whose IOMMU group and slot no
+        domain holds a function of, and that passed its sysfs check now, is bound to
+        O(deep_check.driver)
         through sysfs (C(driver_override), C(unbind), C(drivers_probe)). C(nvidia-smi -q -d
         ECC,PAGE_RETIREMENT,ROW_REMAPPER -i ADDRESS) reads it, and it goes back to the driver it
         had (vfio-pci), with its C(driver_override) as it was. All of it happens under the host
@@ -93,7 +96,10 @@ options:
         read, is V(failed). Findings have the source V(nvidia-smi), and they count until the
         next deep check of that GPU.
       - Refused, with no GPU touched, when the driver is not loaded, when nvidia-smi is
-        missing, or when libvirt cannot be read (which GPUs VMs hold must be known).
+        missing, or when libvirt cannot be read (which GPUs VMs hold must be known). An answer
+        of nvidia-smi that says nothing about the GPU (the driver not loaded, NVML missing, a
+        driver/library version mismatch) stops the run, and no GPU is failed for it.
+      - Each deep check records when it ran, so it always changes the record.
       - Not run in check mode, because it moves GPUs between drivers.
       - Give V({}) for the defaults.
     type: dict
@@ -166,7 +172,8 @@ devices:
       description: The worst signals' reasons, joined; empty when V(ok).
       type: str
     source:
-      description: Where they come from (V(pci), V(power), V(aer), V(link), V(admin)).
+      description: Where they come from (V(pci), V(power), V(aer), V(link), V(admin),
+        V(nvidia-smi)).
       type: str
     since:
       description: When this state and reason began (UTC, ISO 8601).
@@ -180,6 +187,10 @@ devices:
       type: dict
     cleared:
       description: The last clear (C(reason), C(since), and the C(signals) it hides).
+      type: dict
+    deep:
+      description: The last deep check of a GPU (C(at), C(driver), C(signals)), when there was
+        one.
       type: dict
     history:
       description: The device's last 20 events (C(at), C(event), C(reason), C(state)).
@@ -205,7 +216,7 @@ deep_check:
   description:
     - What the deep check did. C(checked) lists the GPUs it read. C(skipped) maps each GPU it
       left alone to why (C(held by VM NAME), or C(failed) and the reason).
-    - Null without O(deep_check).
+    - Null without O(deep_check), and in check mode.
   returned: success
   type: dict
 affected_vms:
@@ -295,11 +306,17 @@ def main():
         module.fail_json(msg=str(exc), record=path)
     held, why = holders(resolve_uri(p["uri"]))
     if why:
+        if p["stop_affected"]:
+            module.fail_json(msg="stop_affected: no VM was stopped: which VMs hold a failed "
+                             "device cannot be read from libvirt (%s)" % why, record=path)
         module.warn("holders not read: %s" % why)
     device_rows = rows(ctx, after, held)
     vms = affected(device_rows, held)
     if p["stop_affected"] and not module.check_mode:
-        stop_affected(resolve_uri(p["uri"]), vms, p["stop_timeout"])
+        try:
+            stop_affected(resolve_uri(p["uri"]), vms, p["stop_timeout"])
+        except HealthError as exc:
+            module.fail_json(msg=str(exc), record=path)
     for vm in vms:
         module.warn(affected_message(vm))
     stopped = [vm["name"] for vm in vms if vm.get("stopped")]

@@ -435,3 +435,39 @@ def test_the_policy_stop_stops_only_the_vm_that_holds_a_failed_gpu(health_cmd):
     assert health_cmd("--uri", uri, "clear", "--reason", "fine", "0000:34:00.0")[0] == 0
     status, _out, err = health_cmd("--uri", uri, "check", "--stop-affected")
     assert status == 0 and "vm-a" not in err
+
+
+def test_a_host_wide_nvidia_smi_failure_records_nothing(health_cmd, tmp_path, monkeypatch):
+    """A driver upgraded without a reboot says nothing about the GPUs: no GPU is failed for it."""
+    monkeypatch.setenv("GPUVIRT_SMI_MISMATCH", "1")
+    status, _out, err = health_cmd("check", "--deep", "--deep-driver", "vfio-pci",
+                                   "--nvidia-smi", STANDIN)
+    assert status == 1
+    assert "cannot read GPUs on this host (exit status 18: Failed to initialize NVML: " \
+           "Driver/library version mismatch)" in err
+    # the sysfs check is recorded; no deep finding, and no GPU failed for it
+    devices = json.loads(health_cmd.record.read_text())["devices"]
+    assert [b for b, e in devices.items() if "deep" in e or e["state"] != "ok"] == []
+
+
+def test_the_deep_check_leaves_a_gpu_whose_iommu_group_a_vm_holds(tmp_path):
+    import dataclasses
+
+    sysfs_root, proc_root = _tree("dgx2", tmp_path / "dgx2")
+    ctx = host_context(_params(sysfs_root, proc_root, str(tmp_path / "h.json")), bridges=False)
+    gpu0, gpu1 = ctx.gpu_bdfs[:2]
+    assert health_check._untouchable(ctx, gpu1, {}) is None
+    assert health_check._untouchable(ctx, gpu0, {gpu0: ("vm-a", True)}) == "held by VM vm-a"
+    # another function in GPU1's IOMMU group, held by a VM (kvm_host_allow_shared_groups)
+    group = ctx.topology.pci[gpu1].iommu_group
+    nic = next(b for b, d in ctx.topology.pci.items() if b not in ctx.gpu_bdfs
+               and d.iommu_group is not None and d.iommu_group != group)
+    ctx.topology.pci[nic] = dataclasses.replace(ctx.topology.pci[nic], iommu_group=group)
+    assert health_check._untouchable(ctx, gpu1, {nic: ("vm-b", True)}) == \
+        "its IOMMU group or slot shares %s, held by VM vm-b" % nic
+
+
+def test_the_policy_stop_needs_to_know_the_holders(health_cmd):
+    status, _out, err = health_cmd("--uri", "qemu+unix:///system?socket=/nonexistent", "check",
+                                   "--stop-affected")
+    assert status == 1 and "--stop-affected: no VM was stopped" in err
