@@ -132,3 +132,23 @@ def test_kvm_host_pins_the_nvidia_packages_as_images_do():
     with open(os.path.join(ROLES, "kvm_host", "vars", "main.yml"), encoding="utf-8") as handle:
         role_vars = yaml.safe_load(handle)
     assert role_vars["__kvm_host_nvidia_pin_globs"].split() == NVIDIA_PIN_GLOBS.split()
+
+
+@pytest.mark.parametrize("deep, stop, command", [
+    (False, False, "/usr/local/sbin/gpuvirt-health check"),
+    (True, False, "/usr/local/sbin/gpuvirt-health check --deep"),
+    (True, True, "/usr/local/sbin/gpuvirt-health check --deep --stop-affected"),
+    (False, True, "/usr/local/sbin/gpuvirt-health check --stop-affected"),
+])
+def test_the_health_service_runs_what_the_options_ask(deep, stop, command):
+    """kvm_host_health_deep and kvm_host_health_stop_affected reach the timer's command."""
+    import jinja2
+
+    with open(os.path.join(ROLES, "kvm_host", "templates", "gpuvirt-health.service.j2"),
+              encoding="utf-8") as handle:
+        env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+        env.filters["bool"] = bool
+        text = env.from_string(handle.read()).render(
+            __kvm_host_health_script="/usr/local/sbin/gpuvirt-health",
+            kvm_host_health_deep=deep, kvm_host_health_stop_affected=stop)
+    assert "ExecStart=%s\n" % command in text + "\n"
