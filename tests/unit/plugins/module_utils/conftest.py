@@ -1,12 +1,14 @@
 # -*- coding: utf-8 -*-
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Fixtures of the image tests (a store folder, a source folder, a local HTTP server) and of the
-fabric tests (a stand-in Fabric Manager behind the stand-in fmpm)."""
+fabric tests (a stand-in Fabric Manager behind the stand-in fmpm); the folder of collection files
+that a host command (the libvirt hook, gpuvirt-health) runs with."""
 
 import functools
 import http.server
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -18,6 +20,20 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric import FabricM
 FABRIC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))), "fixtures", "fabric")
 FMPM = os.path.join(FABRIC, "fmpm")
+
+
+def host_lib(root, names):
+    """A folder (``root``/lib) holding only the collection files ``names`` (a HOST_FILES list),
+    laid out as kvm_host installs them for a command that runs without Ansible; its path."""
+    import ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric as fabric
+
+    lib = os.path.join(str(root), "lib")
+    where = os.path.join(lib, "ansible_collections", "gpuvirt", "kvm", "plugins", "module_utils")
+    os.makedirs(where)
+    source = os.path.dirname(os.path.abspath(fabric.__file__))
+    for name in names:
+        shutil.copy(os.path.join(source, name + ".py"), where)
+    return lib
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import FMPM  # the stand-in fmpm (fm_state, the stand-in FM, is conftest's)
+from conftest import host_lib as make_host_lib
 
 import ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_hook as fabric_hook
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain import Domain, GpuvirtMetadata
@@ -47,13 +48,7 @@ def _xml(name, partition=None, ours=True):
 @pytest.fixture
 def host_lib(tmp_path):
     """A folder with only the files the docs tell an admin to copy (fabric_hook.HOST_FILES)."""
-    lib = tmp_path / "lib"
-    where = lib / "ansible_collections" / "gpuvirt" / "kvm" / "plugins" / "module_utils"
-    where.mkdir(parents=True)
-    source = os.path.dirname(os.path.abspath(fabric_hook.__file__))
-    for name in fabric_hook.HOST_FILES:
-        shutil.copy(os.path.join(source, name + ".py"), str(where))
-    return str(lib)
+    return make_host_lib(tmp_path, fabric_hook.HOST_FILES)
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
+from conftest import host_lib
 
 import ansible_collections.gpuvirt.kvm.plugins.module_utils._health_check as health_check
 import sysfs_builder
@@ -274,12 +274,7 @@ SYSTEM_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) els
 def health_cmd(tmp_path):
     """health_cmd(*args) runs gpuvirt-health from a folder with only _health_check.HOST_FILES
     (what kvm_host installs) on a DGX-2 fixture tree; returns (status, stdout, stderr)."""
-    lib = tmp_path / "lib"
-    where = lib / "ansible_collections" / "gpuvirt" / "kvm" / "plugins" / "module_utils"
-    where.mkdir(parents=True)
-    source = os.path.dirname(os.path.abspath(health_check.__file__))
-    for name in health_check.HOST_FILES:
-        shutil.copy(os.path.join(source, name + ".py"), str(where))
+    lib = host_lib(tmp_path, health_check.HOST_FILES)
     sysfs_root, proc_root = _tree("dgx2", tmp_path / "dgx2")
     env = {"PATH": "%s:/usr/bin:/bin" % os.path.dirname(SYSTEM_PYTHON), "LC_ALL": "C",
            "GPUVIRT_HEALTH_LIB": str(lib)}
