@@ -118,14 +118,13 @@ def apply(p, action, bdfs, reason, write=True, deep=None):
         if deep is not None:
             # Inside the lock: no run of the collection places a VM on a GPU while it is away.
             results, report = deep_check(p, ctx, deep)
+            # A record deep_checked returns is judged already: a check would change nothing.
             record = deep_checked(record, results, deep["driver"], ctx.live_health, kinds, now)
-            if report.get("error"):
-                # What it found before it stopped, and a GPU it stranded, are kept.
-                after = checked(record, ctx.live_health, kinds, now)
-                if write and changed(before, after):
-                    write_record(p["health_record"] or DEFAULT_HEALTH_RECORD, after)
-                raise report["error"]
-        if action == MARK:
+        error = (report or {}).get("error")
+        if error or (deep is not None and action == CHECK):
+            # A deep check that stopped keeps what it found, and a GPU it stranded.
+            after = record
+        elif action == MARK:
             after = marked(record, bdfs, reason, ctx.live_health, kinds, now)
         elif action == CLEAR:
             after = cleared(record, bdfs, reason, ctx.live_health, kinds, now)
@@ -133,6 +132,8 @@ def apply(p, action, bdfs, reason, write=True, deep=None):
             after = checked(record, ctx.live_health, kinds, now)
         if write and changed(before, after):
             write_record(p["health_record"] or DEFAULT_HEALTH_RECORD, after)
+        if error:
+            raise error
     return ctx, before, after, report
 
 
