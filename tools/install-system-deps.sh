@@ -8,13 +8,14 @@ set -euo pipefail
 # build libvirt-python; genisoimage for cloud-init seed ISOs; OVMF for UEFI guests; rsync and the
 # linters the Makefile runs; python3-venv so the system Python can create .venv; debootstrap,
 # grub-efi-amd64-bin, mtools and dosfstools for image builds (kvm_image_build, the lab); dpkg-dev
-# and gpg for the signed apt repository the build test makes.
+# and gpg for the signed apt repository the build test makes; chromium renders the fleet page
+# (the picture's test, headless).
 APT_PACKAGES=(
   libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils python3-libvirt libvirt-dev
   pkg-config libxml2-utils genisoimage ovmf
   rsync shellcheck make git gcc python3-dev python3-venv ca-certificates
   debootstrap fdisk e2fsprogs openssh-client
-  grub-efi-amd64-bin mtools dosfstools dpkg-dev gpg
+  grub-efi-amd64-bin mtools dosfstools dpkg-dev gpg chromium
 )
 
 missing=()

@@ -88,6 +88,12 @@ _value:
     actions: {description: What the converge did, one line each., type: list, elements: str}
     removed: {description: VMs removed because the layout no longer lists them., type: list, elements: str}
     failed: {description: VMs that failed (C(name), C(error)) and the converge's own message., type: list, elements: dict}
+    picture:
+      description:
+        - The host's picture (P(gpuvirt.kvm.host_picture#filter)) from the topology read after
+          the converge, which P(gpuvirt.kvm.fleet_page#filter) draws; null when that read failed.
+      type: dict
+      version_added: 0.2.0
     versions:
       description: The host's stack (M(gpuvirt.kvm.gpu_topology)'s RV(gpuvirt.kvm.gpu_topology#module:versions)),
         or an empty dict.
@@ -96,6 +102,8 @@ _value:
 """
 
 from ansible.errors import AnsibleFilterError
+
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._picture import picture_data
 
 
 def _actual_state(alloc):
@@ -183,6 +191,8 @@ def layout_report(vms, result, topology, host="", layout="", check_mode=False):
         "removed": list(result.get("removed") or []),
         "failed": failed,
         "versions": dict(topology.get("versions") or {}),
+        # What fleet_page draws; none when gpu_topology failed.
+        "picture": picture_data(topology) if isinstance(topology.get("gpus"), list) else None,
     }
 
 

@@ -29,7 +29,7 @@ PURE = HELPERS | {
     "_argspec", "_cloud_init", "_domain", "_domain_builder", "_fabric_model", "_fabric_placement",
     "_fleet_placement", "_health", "_health_record",
     "_fleet_plan", "_holdings", "_host_facts", "_host_stack", "_host_state", "_image_request",
-    "_host_nics", "_nics", "_nvidia_smi", "_placement",
+    "_host_nics", "_nics", "_nvidia_smi", "_picture", "_placement",
     "_placement_model", "_platform_data", "_platforms", "_readiness", "_topology", "_vm_plan",
     "_vm_request", "_vm_spec",
 }

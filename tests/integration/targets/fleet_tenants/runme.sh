@@ -84,8 +84,13 @@ if ls "$scratch"/*/images/tiny-2.0* >/dev/null 2>&1; then
 fi
 check images
 
-step "deploy_tenants -e layout=day"
-playbook deploy_tenants -e layout=day
+step "plan_tenants -e layout=day: the plan's page, nothing created"
+playbook plan_tenants -e layout=day -e "gpuvirt_picture=$scratch/pictures/plan.html"
+[ "$rc" = 0 ] || { tail -n 60 "$scratch/plan_tenants.log"; exit 1; }
+check plan
+
+step "deploy_tenants -e layout=day, with the fleet page written to gpuvirt_picture"
+playbook deploy_tenants -e layout=day -e "gpuvirt_picture=$scratch/pictures/day.html"
 [ "$rc" = 0 ] || { tail -n 60 "$scratch/deploy_tenants.log"; exit 1; }
 check day
 
@@ -103,7 +108,7 @@ check unknown-layout
 
 step "nightly_reprovision through ansible-runner, as AWX runs it: gpu-b's night does not fit"
 "$python" "$here/files/awx_run.py" "$scratch/runner" "$inventory" gpuvirt.kvm.nightly_reprovision \
-  > "$scratch/awx.json"
+  gpuvirt_picture_artifact=true > "$scratch/awx.json"
 check night-one-failed
 "$python" - "$scratch/awx.json" <<'PY'
 import json, sys
@@ -117,6 +122,11 @@ if {h: e["status"] for h, e in fleet.items()} != {"gpu-a": "ok", "gpu-b": "faile
     problems.append("artifact gpuvirt_fleet: %r" % fleet)
 if sorted(reports) != ["cpu-c", "gpu-a"] or reports["gpu-a"]["desired"][0]["name"] != "a-hpc":
     problems.append("artifact gpuvirt_reports: %r" % sorted(reports))
+page = job["artifact_data"].get("gpuvirt_fleet_page") or ""
+if not page.startswith("<!DOCTYPE html>") or 'data-host="gpu-b" data-status="failed"' not in page \
+        or 'data-holder="a-hpc"' not in page:
+    problems.append("artifact gpuvirt_fleet_page: not the page with gpu-b failed and a-hpc drawn:"
+                    " %r" % page[:200])
 # gpu-b's failure is rescued (the others go on); the fleet report's one failure ends the job.
 if job["rescued"] != {"gpu-b": 1} or sum(job["failures"].values()) != 1:
     problems.append("stats: rescued %r failures %r" % (job["rescued"], job["failures"]))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from html.parser import HTMLParser
 
 DAY = {
     "gpu-a": {"a-train": ("shutoff", 14), "a-dev1": ("shutoff", 7), "a-dev2": ("shutoff", 3),
@@ -26,6 +27,7 @@ EMPTY = {"gpu-a": {}, "gpu-b": {}, "cpu-c": {"c-foreign": ("shutoff", 0)}}
 
 EXPECTED = {
     "images": EMPTY,
+    "plan": EMPTY,
     "day": DAY,
     "day-again": DAY,
     "unknown-layout": DAY,
@@ -42,6 +44,53 @@ def fleet_report(report_dir):
         return {e["host"]: e for e in json.load(f)}
 
 
+class Page(HTMLParser):
+    """fleet.html read back: the table's rows (host -> status) and each host SVG's devices."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self.devices, self.host = {}, {}, None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "tr" and "data-host" in attrs:
+            self.rows[attrs["data-host"]] = attrs["data-status"]
+        elif tag == "svg" and "data-host" in attrs:
+            self.host = attrs["data-host"]
+            self.devices[self.host] = []
+        elif tag == "g" and "device" in (attrs.get("class") or "").split():
+            self.devices[self.host].append(attrs)
+
+
+def read_page(path):
+    page = Page()
+    with open(path, encoding="utf-8") as f:
+        page.feed(f.read())
+    return page
+
+
+def check_page(path, state, problems):
+    """The page draws, for each host, as many devices held by each domain as libvirt says the
+    domain holds (its GPUs, NVSwitches and NICs), with the host's table row."""
+    if not os.path.exists(path):
+        problems.append("%s was not written" % path)
+        return
+    page = read_page(path)
+    for host, domains in state.items():
+        if page.rows.get(host) != "ok":
+            problems.append("%s: %s's row says %r" % (path, host, page.rows.get(host)))
+        drawn = page.devices.get(host, [])
+        for name, dom in domains.items():
+            held = [d for d in drawn if d["data-holder"] == name]
+            if len(held) != dom["hostdevs"]:
+                problems.append("%s: %s draws %d devices held by %s, libvirt says %d" % (
+                    path, host, len(held), name, dom["hostdevs"]))
+            if held and {d["data-held"] for d in held} != {
+                    "running" if dom["state"] == "running" else "defined"}:
+                problems.append("%s: %s's devices say %r" % (
+                    path, name, {d["data-held"] for d in held}))
+
+
 def main(step, state_path, report_dir, scratch):
     with open(state_path) as f:
         state = json.load(f)
@@ -53,7 +102,7 @@ def main(step, state_path, report_dir, scratch):
     for host in ("gpu-a", "gpu-b", "cpu-c"):
         if not os.path.exists(os.path.join(scratch, host, "images", "tiny-1.0.qcow2")):
             problems.append("%s: the image tiny-1.0 is not in its store" % host)
-    fleet = fleet_report(report_dir) if step != "images" else {}
+    fleet = fleet_report(report_dir) if step not in ("images", "plan") else {}
 
     def status(host, want, changed=None, error=None):
         entry = fleet.get(host)
@@ -69,7 +118,18 @@ def main(step, state_path, report_dir, scratch):
         if error is not None and not any(error in e for e in entry["errors"]):
             problems.append("fleet.json: %s errors %r lack %r" % (host, entry["errors"], error))
 
-    if step == "day":
+    if step == "plan":  # plan_tenants drew the day it planned, and created nothing
+        page = read_page(os.path.join(scratch, "pictures", "plan.html"))
+        for host, vms in DAY.items():
+            if page.rows.get(host) != "ok":
+                problems.append("plan.html: %s's row says %r" % (host, page.rows.get(host)))
+            for name, (_state, hostdevs) in vms.items():
+                held = [d["data-held"] for d in page.devices.get(host, [])
+                        if d["data-holder"] == name]
+                if name != "c-foreign" and held != ["planned"] * hostdevs:
+                    problems.append("plan.html: %s draws %r for %s, expected %d planned" % (
+                        host, held, name, hostdevs))
+    elif step == "day":
         for host in DAY:
             status(host, "ok", changed=True)
             # Each host's stack, as its gpu_topology read it (libvirt: the fleet's libvirtd).
@@ -87,6 +147,14 @@ def main(step, state_path, report_dir, scratch):
         if report["free_blocks"] != {"1": 1}:
             problems.append("gpu-a.json: free_blocks %r, expected one free GPU"
                             % report["free_blocks"])
+        # The picture, in the report dir and where gpuvirt_picture asked.
+        check_page(os.path.join(report_dir, "fleet.html"), state, problems)
+        check_page(os.path.join(scratch, "pictures", "day.html"), state, problems)
+        gpus = [d for d in read_page(os.path.join(report_dir, "fleet.html")).devices.get(
+            "gpu-a", []) if d["data-kind"] == "gpu"]
+        if len(gpus) != 16 or [d["data-holder"] for d in gpus].count("") != 1:
+            problems.append("fleet.html: gpu-a draws %d GPUs, %d free; expected 16, one free" % (
+                len(gpus), [d["data-holder"] for d in gpus].count("")))
     elif step == "day-again":
         for host in DAY:
             status(host, "ok", changed=False)
