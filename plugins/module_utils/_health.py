@@ -166,3 +166,46 @@ def judge(bdf, files, correctable_threshold=DEFAULT_CORRECTABLE_THRESHOLD):
 def _lowest(*values):
     known = [v for v in values if v]
     return min(known) if known else None
+
+
+# --- SXid lines of the kernel log (NVSwitches that the nvidia-nvswitch driver runs) ------------
+
+# The nvswitch driver prints "nvidia-%s: SXid (PCI:%04x:%02x:%02x.%x): %05d, " then its
+# message, which starts with "Fatal" or "Non-fatal" (NVSWITCH_PRINT_SXID, NVIDIA's
+# open-gpu-kernel-modules src/common/nvswitch). /dev/kmsg prefixes each record with
+# "PRIORITY,SEQUENCE,TIMESTAMP,FLAGS;", dmesg with "[ seconds]".
+_SXID_RE = re.compile(
+    r"nvidia-nvswitch\d+: SXid \(PCI:([0-9A-Fa-f]{4}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.[0-7])\): "
+    r"(\d+), (Fatal|Non-fatal)(?:, (.*))?$")
+
+
+def parse_sxid(text):
+    """{NVSwitch address: [(SXid, fatal, what), ...]} from kernel log text (``/dev/kmsg``
+    records, ``dmesg`` or ``journalctl -k`` lines), in the order logged. Lines that are not
+    SXid lines, or that are cut short, are passed over."""
+    found = {}
+    for line in (text or "").splitlines():
+        m = _SXID_RE.search(line.rstrip())
+        if m is None:
+            continue
+        bdf, code, severity, what = m.groups()
+        found.setdefault(bdf.lower(), []).append(
+            (int(code), severity == "Fatal", (what or "").strip()))
+    return found
+
+
+def sxid_signals(bdf, events):
+    """The Signals of an NVSwitch's SXid events since boot: any fatal one fails it (Fabric
+    Manager must reset the fabric), non-fatal ones degrade it (reported only)."""
+    signals = []
+    fatal = [e for e in events if e[1]]
+    other = [e for e in events if not e[1]]
+    for group, state, word in ((fatal, HEALTH_FAILED, "fatal"),
+                               (other, HEALTH_DEGRADED, "non-fatal")):
+        if group:
+            first = group[0]
+            signals.append(Signal("sxid", state, "%s: %s since boot (SXid %s%s)" % (
+                bdf, _plural(len(group), word + " SXid error"),
+                ", ".join(sorted({"%05d" % e[0] for e in group})),
+                ": %s" % first[2] if first[2] else "")))
+    return tuple(signals)

@@ -21,6 +21,8 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._health import (
     judge,
     parse_aer,
     parse_link_speed,
+    parse_sxid,
+    sxid_signals,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_context import (
     HostContextError,
@@ -373,3 +375,37 @@ def test_slots_keep_a_platform_only_when_every_device_found_sits_in_one(host_tre
     fewer = {b: s for b, s in gpus.items() if b != "0000:3b:00.0"}
     assert detect_degraded(gone, {"gpus": fewer, "nvswitches": switches}) is None
     assert detect_degraded(gone, {}) is None
+
+
+# --- SXid lines (NVSwitches on the nvidia-nvswitch driver) --------------------------------------
+
+KMSG = (
+    "6,1042,5312345678,-;nvidia-nvswitch0: SXid (PCI:0000:c3:00.0): 20009, Non-fatal, Link 28 "
+    "RX Short Error Rate\n"
+    "4,1043,5312345680,-;NVRM: Xid (PCI:0000:91:00): 79, pid='<unknown>', name=<unknown>, GPU "
+    "has fallen off the bus.\n"
+    "3,1044,5312345690,-;nvidia-nvswitch0: SXid (PCI:0000:C3:00.0): 24007, Fatal, Link 30 "
+    "sourcetrack timeout error\n"
+    "[6781753.400584] nvidia-nvswitch1: SXid (PCI:0000:06:00.0): 12028, Non-fatal, Link 32 "
+    "egress non-posted PRIV error (First)\n"
+    "nvidia-nvswitch3: SXid (PCI:0000:c1:00.0): garbled, Fatal\n")
+
+
+def test_sxid_lines_are_read_from_kmsg_and_dmesg_layouts():
+    found = parse_sxid(KMSG)
+    assert found == {
+        "0000:c3:00.0": [(20009, False, "Link 28 RX Short Error Rate"),
+                         (24007, True, "Link 30 sourcetrack timeout error")],
+        "0000:06:00.0": [(12028, False, "Link 32 egress non-posted PRIV error (First)")],
+    }
+
+
+def test_a_fatal_sxid_fails_the_switch_and_non_fatal_ones_degrade_it():
+    found = parse_sxid(KMSG)
+    signals = sxid_signals("0000:c3:00.0", found["0000:c3:00.0"])
+    assert [s.state for s in signals] == [HEALTH_FAILED, HEALTH_DEGRADED]
+    assert signals[0].reason == ("0000:c3:00.0: 1 fatal SXid error since boot (SXid 24007: "
+                                 "Link 30 sourcetrack timeout error)")
+    only = sxid_signals("0000:06:00.0", found["0000:06:00.0"])
+    assert [s.state for s in only] == [HEALTH_DEGRADED]
+    assert sxid_signals("0000:61:00.0", []) == ()
