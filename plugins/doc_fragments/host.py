@@ -16,6 +16,9 @@ options:
         from here.
       - Point it at a tree laid out like C(/sys) to plan against another host's topology, for
         example one of the fixture hosts that C(tests/fixtures/sysfs_builder.py) writes.
+      - On a shared-NVSwitch platform the kernel log is read from C(dev/kmsg) beside it
+        (C(/dev/kmsg) for C(/sys)) for the NVSwitches' SXid errors (C(docs/health.md)); a log
+        that cannot be read is a warning.
     type: path
     default: /sys
   proc_root:

@@ -36,6 +36,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_model import (
     NvlinkFailures,
     describe_modules,
 )
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._health import HEALTH_DEGRADED, Signal
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
     FmPartition,
     partitions_from_fm,
@@ -224,6 +225,38 @@ def fabric_view(listing, module_ids, gpu_bdfs, failures=None, unsupported=None,
     return FabricView(listing=listing, module_ids=tuple(module_ids), busy=busy,
                       unplaceable=unplaceable, foreign=foreign,
                       failed_elsewhere=tuple(elsewhere))
+
+
+def nvlink_signals(failures, device_bdfs, address, by_address=True):
+    """{address: (Signal, ...)}: a ``degraded`` signal (source ``fabric-manager``) for each of
+    this host's GPUs and NVSwitches (``device_bdfs``) that ``fmpm --get-nvlink-failed-devices``
+    (``failures``, NvlinkFailures) names, with FM's words for it: its failed ports and UUID.
+
+    Degraded, not failed: an NVLink failure keeps a GPU out of multi-GPU partitions, and that
+    is :func:`fabric_view`'s to do (it takes every multi-GPU partition with the GPU, or every
+    one for a switch, out of placement); the GPU still runs a one-GPU VM, which a failed state
+    would forbid, and a failed NVSwitch would keep a Fabric Manager service VM that holds it
+    from starting. The signal reports it beside the device. Devices FM names by no address
+    of this host (an empty ``pciBusId``, FM in a service VM: ``by_address`` False) get none:
+    ``fabric_view`` lists them in ``failed_elsewhere``."""
+    mine = {normalize_bdf(b) for b in device_bdfs}
+    found = {}
+    for dev in tuple(failures.gpus) + tuple(failures.switches):
+        try:
+            bdf = _bdf_or_none(dev.pci_bus_id) if by_address else None
+        except ValueError:
+            bdf = None
+        if bdf is None or bdf not in mine:
+            continue
+        ports = ", ".join(str(p) for p in dev.ports)
+        found.setdefault(bdf, []).append(Signal("fabric-manager", HEALTH_DEGRADED, (
+            "Fabric Manager at %s reports failed NVLinks on %s %s%s%s: %s" % (
+                address, "GPU" if dev.kind == "gpu" else "NVSwitch", bdf,
+                " (%s)" % dev.uuid if dev.uuid else "",
+                ", port%s %s" % ("" if len(dev.ports) == 1 else "s", ports) if ports else "",
+                "it joins no multi-GPU partition" if dev.kind == "gpu"
+                else "no multi-GPU partition is placed"))))
+    return {b: tuple(signals) for b, signals in found.items()}
 
 
 def fm_bus_ids(listing):

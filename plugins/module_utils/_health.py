@@ -34,8 +34,8 @@ _ALL_ONES = b"\xff\xff\xff\xff"
 
 @dataclass(frozen=True)
 class Signal:
-    """One finding: where it comes from (``pci``, ``power``, ``aer``, ``link``), how bad it is
-    (``degraded`` or ``failed``) and what it means."""
+    """One finding: where it comes from (``pci``, ``power``, ``aer``, ``link``, ``sxid``,
+    ``fabric-manager``), how bad it is (``degraded`` or ``failed``) and what it means."""
 
     source: str
     state: str
@@ -166,3 +166,83 @@ def judge(bdf, files, correctable_threshold=DEFAULT_CORRECTABLE_THRESHOLD):
 def _lowest(*values):
     known = [v for v in values if v]
     return min(known) if known else None
+
+
+# --- SXid lines of the kernel log (NVSwitches that the nvidia-nvswitch driver runs) ------------
+
+# The nvswitch driver prints "nvidia-%s: SXid (PCI:%04x:%02x:%02x.%x): %05d, " then its
+# message, which starts with "Fatal" or "Non-fatal" (NVSWITCH_PRINT_SXID, NVIDIA's
+# open-gpu-kernel-modules src/common/nvswitch). /dev/kmsg prefixes each record with
+# "PRIORITY,SEQUENCE,TIMESTAMP,FLAGS;" (TIMESTAMP in microseconds since boot), dmesg with
+# "[ seconds.micros]".
+_SXID_RE = re.compile(
+    r"nvidia-nvswitch\d+: SXid \(PCI:([0-9A-Fa-f]{4}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.[0-7])\): "
+    r"(\d+), (Fatal|Non-fatal)(?:, (.*))?$")
+_KMSG_PREFIX_RE = re.compile(r"^\s*\d+,(\d+),(\d+),[^;]*;")
+_DMESG_PREFIX_RE = re.compile(r"^\s*\[\s*(\d+)\.(\d{1,6})\]")
+
+
+@dataclass(frozen=True)
+class SxidEvent:
+    """One SXid line: its code, whether it is fatal, the driver's words after the severity, and
+    when it was logged (microseconds since boot; None where the line does not say)."""
+
+    code: int
+    fatal: bool
+    what: str
+    usec: int | None = None
+
+    @property
+    def logged(self):
+        """When, as dmesg prints it ("[5312.345678]"), or "" when not known."""
+        return "" if self.usec is None else "[%d.%06d]" % divmod(self.usec, 1000000)
+
+
+def _usec(line):
+    m = _KMSG_PREFIX_RE.match(line)
+    if m:
+        return int(m.group(2))
+    m = _DMESG_PREFIX_RE.match(line)
+    if m:
+        return int(m.group(1)) * 1000000 + int(m.group(2).ljust(6, "0"))
+    return None
+
+
+def parse_sxid(text):
+    """{NVSwitch address: [SxidEvent, ...]} from kernel log text (``/dev/kmsg`` records,
+    ``dmesg`` lines, or lines without a prefix), in the order logged. Lines that are not SXid
+    lines, or that are cut short, are passed over."""
+    found = {}
+    for line in (text or "").splitlines():
+        m = _SXID_RE.search(line.rstrip())
+        if m is None:
+            continue
+        bdf, code, severity, what = m.groups()
+        found.setdefault(bdf.lower(), []).append(
+            SxidEvent(int(code), severity == "Fatal", (what or "").strip(), _usec(line)))
+    return found
+
+
+def sxid_signals(bdf, events):
+    """The Signals of an NVSwitch's SXid events still in the kernel log: a fatal one fails it
+    (Fabric Manager must reset the fabric, or the host rebooted), non-fatal ones degrade it
+    (reported only). One signal for each, and its reason names the newest such event alone:
+
+    - the kernel keeps a line until its ring buffer wraps, so the same line is found on every
+      run; the reason is the same each time, and an admin's clear (which hides the reasons
+      showing then) keeps hiding it;
+    - a new SXid line is logged at another time: the reason changes, and it counts again;
+    - older lines that the ring buffer drops change nothing (a count of the lines would: a clear
+      would come undone when the oldest line goes).
+    """
+    signals = []
+    for fatal, state, word in ((True, HEALTH_FAILED, "fatal"),
+                               (False, HEALTH_DEGRADED, "non-fatal")):
+        group = [e for e in events if e.fatal is fatal]
+        if not group:
+            continue
+        last = group[-1]
+        signals.append(Signal("sxid", state, "%s: %s SXid %05d in the kernel log%s%s" % (
+            bdf, word, last.code, " at %s" % last.logged if last.logged else "",
+            ": %s" % last.what if last.what else "")))
+    return tuple(signals)

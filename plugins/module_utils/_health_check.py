@@ -79,9 +79,9 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._nvidia_smi import (
 # /usr/local/lib/gpuvirt/health/ansible_collections/gpuvirt/kvm/plugins/module_utils/.
 HOST_FILES = ("_health_check", "_bdf", "_deep_check", "_domain", "_fabric", "_fabric_model",
               "_fabric_placement", "_health", "_health_record", "_health_store", "_holdings",
-              "_host_context", "_libvirt", "_lock", "_nics", "_nvidia_smi", "_placement_model",
-              "_platform_data", "_platform_file", "_platforms", "_ranges", "_sysfs", "_topology",
-              "_units")
+              "_host_context", "_kmsg", "_libvirt", "_lock", "_nics", "_nvidia_smi",
+              "_placement_model", "_platform_data", "_platform_file", "_platforms", "_ranges",
+              "_sysfs", "_topology", "_units")
 CHECK, MARK, CLEAR, SHOW = "check", "mark", "clear", "show"
 
 HealthError = (HostContextError, HealthRecordError, HostLockError, DeepCheckError)

@@ -6,9 +6,11 @@
 
 ``gpu_topology``, ``kvm_vm`` and ``kvm_layout`` share it: the topology (through the sysfs
 gateway), the platform (auto-detected, named, or a platform file) and why, the NVLink counts
-when ``nvidia_smi_topo`` is given, the host's bridges, and the host-wide placement settings
-(reserved CPUs and memory, unhealthy GPUs); and the connection to libvirt that the ``uri``
-option names.
+when ``nvidia_smi_topo`` is given, the host's bridges, the host-wide placement settings
+(reserved CPUs and memory, unhealthy GPUs), and the GPUs' and NVSwitches' health (sysfs; on a
+shared-NVSwitch host also the SXid lines of the kernel log and, with ``fabric_manager``, Fabric
+Manager's NVLink-failed devices) with the health record's marks and clears; and the connection
+to libvirt that the ``uri`` option names.
 """
 
 from __future__ import annotations
@@ -27,10 +29,14 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_placement impo
     fabric_view,
     fm_bus_ids,
     module_map,
+    nvlink_signals,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._health import (
     DEFAULT_CORRECTABLE_THRESHOLD,
+    DeviceHealth,
     judge,
+    parse_sxid,
+    sxid_signals,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._health_record import (
     HealthRecordError,
@@ -39,6 +45,11 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._health_record import 
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._health_store import (
     DEFAULT_HEALTH_RECORD,
     read_record,
+)
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._kmsg import (
+    KernelLogError,
+    kernel_log_path,
+    read_kernel_log,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._libvirt import (
     DEFAULT_URI,
@@ -137,10 +148,10 @@ def host_context(p, store=None, bridges=True):
                                        len(platform_gpus(topology, platform)), p["sysfs_root"])
     except (TopologyError, PlatformError, NvidiaSmiTopoError) as exc:
         raise HostContextError(str(exc)) from exc
-    busy, fabric, fabric_error, warnings = {}, None, None, []
+    busy, fabric, fabric_error, warnings, found = {}, None, None, [], {}
     if platform.fabric == FABRIC_SHARED_NVSWITCH and p.get("fabric_manager"):
         try:
-            platform, busy, fabric = live_fabric(p, platform, topology)
+            platform, busy, fabric, found = live_fabric(p, platform, topology)
         except HostContextError as exc:
             # Stopping, removing or keeping VMs needs no FM; placing GPUs does (_vm_plan).
             fabric_error = str(exc)
@@ -150,7 +161,10 @@ def host_context(p, store=None, bridges=True):
             "with module IDs assumed to follow PCI order, and VMs record no partition for the "
             "collection's libvirt hook to activate: multi-GPU VMs get no NVLink. Set "
             "fabric_manager and install the hook (docs/fabric.md)" % platform.name)
-    live, record, record_error = live_health(p, topology, platform), None, None
+    if platform.fabric == FABRIC_SHARED_NVSWITCH:
+        found = _joined(found, kernel_log_health(
+            p, [d.bdf for d in platform_nvswitches(topology, platform)], warnings))
+    live, record, record_error = live_health(p, topology, platform, found), None, None
     try:
         record = read_health_record(p)
     except HostContextError as exc:
@@ -197,18 +211,55 @@ def _degraded(p, topology, platform, reason):
     return anchored, known, why
 
 
-def live_health(p, topology, platform):
+def _joined(*maps):
+    joined = {}
+    for signals in maps:
+        for bdf, more in signals.items():
+            joined[bdf] = joined.get(bdf, ()) + tuple(more)
+    return joined
+
+
+def live_health(p, topology, platform, found=None):
     """The platform's GPUs' and NVSwitches' health read from sysfs now
-    (``aer_correctable_threshold``): {address: DeviceHealth}, GPUs first."""
+    (``aer_correctable_threshold``), with the signals of other sources (``found``: {address:
+    (Signal, ...)}: SXid lines, Fabric Manager's NVLink failures): {address: DeviceHealth},
+    GPUs first."""
     threshold = p.get("aer_correctable_threshold")
     if threshold is None:
         threshold = DEFAULT_CORRECTABLE_THRESHOLD
     if threshold < 0:
         raise HostContextError(
             "aer_correctable_threshold must be a number of errors, 0 or more; got %d" % threshold)
-    return {d.bdf: judge(d.bdf, read_pci_health(p["sysfs_root"], d.bdf), threshold)
-            for d in list(platform_gpus(topology, platform))
-            + list(platform_nvswitches(topology, platform))}
+    found = found or {}
+    health = {}
+    for d in list(platform_gpus(topology, platform)) + list(platform_nvswitches(topology,
+                                                                                platform)):
+        health[d.bdf] = judge(d.bdf, read_pci_health(p["sysfs_root"], d.bdf), threshold)
+        if found.get(d.bdf):
+            health[d.bdf] = DeviceHealth(d.bdf, health[d.bdf].signals + tuple(found[d.bdf]))
+    return health
+
+
+def kernel_log_health(p, switch_bdfs, warnings):
+    """{NVSwitch address: (Signal, ...)} of the SXid lines in the kernel log (``dev/kmsg``
+    beside ``sysfs_root``), for a shared-NVSwitch host, whose switches the nvidia-nvswitch
+    driver runs where Fabric Manager runs on the host. Each line names its switch by PCI
+    address. A log that cannot be read, or lines naming no switch of the platform, give a
+    warning; the run goes on."""
+    path = kernel_log_path(p["sysfs_root"])
+    try:
+        lines = read_kernel_log(path, contains="SXid")
+    except KernelLogError as exc:
+        warnings.append("%s: the NVSwitches' SXid errors are not read this run "
+                        "(docs/health.md)" % exc)
+        return {}
+    events = parse_sxid("\n".join(lines))
+    others = sorted(b for b in events if b not in switch_bdfs)
+    if others:
+        warnings.append("the kernel log %s has SXid lines of %s, which %s not an NVSwitch of "
+                        "this platform; they are not counted" % (
+                            path, ", ".join(others), "is" if len(others) == 1 else "are"))
+    return {b: sxid_signals(b, events[b]) for b in switch_bdfs if events.get(b)}
 
 
 def read_health_record(p):
@@ -263,9 +314,11 @@ def module_id_sources(platform, listing, record, service_vm=None):
 
 def live_fabric(p, platform, topology):
     """A shared-NVSwitch host with ``fabric_manager``: (the platform with FM's live partitions,
-    busy GPUs {address: why}, the fabric report). Raises HostContextError when a GPU has no
-    module ID or FM cannot answer."""
+    busy GPUs {address: why}, the fabric report, the health signals of the GPUs and NVSwitches
+    FM reports NVLink failures on {address: (Signal, ...)}). Raises HostContextError when a
+    GPU has no module ID or FM cannot answer."""
     gpus = [d.bdf for d in platform_gpus(topology, platform)]
+    switches = [d.bdf for d in platform_nvswitches(topology, platform)]
     try:
         record = read_fabric_record(p.get("host_record") or DEFAULT_HOST_RECORD)
         fm = fabric_manager(p)
@@ -277,7 +330,8 @@ def live_fabric(p, platform, topology):
             platform, listing, ("host record %s" % p.get("host_record"),
                                 record.get("module_ids") or {}),
             service_vm=service_vm))
-        view = fabric_view(listing, ids, gpus, fm.nvlink_failures(),
+        failures = fm.nvlink_failures()
+        view = fabric_view(listing, ids, gpus, failures,
                            fm.unsupported_partitions(), by_address=not service_vm)
     except FabricPlacementError as exc:
         raise HostContextError(str(exc)) from exc
@@ -286,7 +340,8 @@ def live_fabric(p, platform, topology):
     source = "%s, partitions from Fabric Manager at %s" % (platform.source, fm.address)
     live = replace(view.platform(platform), source=source)
     report = dict(view.report(gpus), address=fm.address)
-    return live, view.busy_gpus(gpus), report
+    signals = nvlink_signals(failures, gpus + switches, fm.address, by_address=not service_vm)
+    return live, view.busy_gpus(gpus), report, signals
 
 
 def resolve_uri(uri):

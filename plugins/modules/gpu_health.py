@@ -172,8 +172,8 @@ devices:
       description: The worst signals' reasons, joined; empty when V(ok).
       type: str
     source:
-      description: Where they come from (V(pci), V(power), V(aer), V(link), V(admin),
-        V(nvidia-smi)).
+      description: Where they come from (V(pci), V(power), V(aer), V(link), V(sxid),
+        V(admin), V(nvidia-smi)).
       type: str
     since:
       description: When this state and reason began (UTC, ISO 8601).

@@ -230,10 +230,14 @@ gpus:
       description:
         - The GPU's health as this host reads it from sysfs now (C(docs/health.md)) -
           C(state) (V(ok), V(degraded) or V(failed)) and C(signals), each with C(source)
-          (V(pci), V(power), V(aer) or V(link)), C(state) and C(reason).
+          (V(pci), V(power), V(aer) or V(link); on a shared-NVSwitch host also V(sxid), an
+          NVSwitch's SXid lines in the kernel log, and with O(fabric_manager)
+          V(fabric-manager), the NVLink failures Fabric Manager reports), C(state) and
+          C(reason).
         - V(failed) - gone from the bus, config space all ones, power state C(error), fatal
-          AER errors, link down. V(degraded) - non-fatal AER errors, more correctable ones than
-          O(aer_correctable_threshold), a link narrower or slower than it can train.
+          AER errors, link down, a fatal SXid. V(degraded) - non-fatal AER errors, more
+          correctable ones than O(aer_correctable_threshold), a link narrower or slower than it
+          can train, a non-fatal SXid, NVLinks Fabric Manager reports as failed.
       type: dict
       version_added: 0.2.0
       sample: {state: degraded, signals: [{source: link, state: degraded,

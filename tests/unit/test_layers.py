@@ -45,6 +45,7 @@ GATEWAYS = {
     "_fabric": "Fabric Manager (fmpm)",
     "_bytecode": "Python's import system (the bytecode cache)",
     "_health_store": "the health record's file",
+    "_kmsg": "the kernel log (/dev/kmsg)",
     "_deep_check": "the NVIDIA driver and nvidia-smi, for the deep check (sysfs binding)",
     "_image_build": "image builds: debootstrap, apt-get in a chroot, debugfs, mkfs, GRUB, mtools",
 }

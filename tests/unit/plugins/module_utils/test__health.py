@@ -9,6 +9,7 @@ lays them out), and what placement makes of a failed GPU."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import pytest
@@ -18,9 +19,12 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._health import (
     HEALTH_DEGRADED,
     HEALTH_FAILED,
     HEALTH_OK,
+    SxidEvent,
     judge,
     parse_aer,
     parse_link_speed,
+    parse_sxid,
+    sxid_signals,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_context import (
     HostContextError,
@@ -373,3 +377,217 @@ def test_slots_keep_a_platform_only_when_every_device_found_sits_in_one(host_tre
     fewer = {b: s for b, s in gpus.items() if b != "0000:3b:00.0"}
     assert detect_degraded(gone, {"gpus": fewer, "nvswitches": switches}) is None
     assert detect_degraded(gone, {}) is None
+
+
+# --- SXid lines (NVSwitches on the nvidia-nvswitch driver) --------------------------------------
+
+KMSG = (
+    "6,1042,5312345678,-;nvidia-nvswitch0: SXid (PCI:0000:c3:00.0): 20009, Non-fatal, Link 28 "
+    "RX Short Error Rate\n"
+    "4,1043,5312345680,-;NVRM: Xid (PCI:0000:91:00): 79, pid='<unknown>', name=<unknown>, GPU "
+    "has fallen off the bus.\n"
+    "3,1044,5312345690,-,caller=T412;nvidia-nvswitch0: SXid (PCI:0000:C3:00.0): 24007, Fatal, "
+    "Link 30 sourcetrack timeout error\n"
+    "[6781753.400584] nvidia-nvswitch1: SXid (PCI:0000:06:00.0): 12028, Non-fatal, Link 32 "
+    "egress non-posted PRIV error (First)\n"
+    "nvidia-nvswitch3: SXid (PCI:0000:c1:00.0): garbled, Fatal\n"
+    "nvidia-nvswitch3: SXid (PCI:0000:c1:00.0): 22013, Non-fatal\n")
+
+
+def test_sxid_lines_are_read_from_kmsg_and_dmesg_layouts():
+    found = parse_sxid(KMSG)
+    assert found == {
+        "0000:c3:00.0": [SxidEvent(20009, False, "Link 28 RX Short Error Rate", 5312345678),
+                         SxidEvent(24007, True, "Link 30 sourcetrack timeout error",
+                                   5312345690)],
+        "0000:06:00.0": [SxidEvent(12028, False, "Link 32 egress non-posted PRIV error (First)",
+                                   6781753400584)],
+        "0000:c1:00.0": [SxidEvent(22013, False, "", None)],
+    }
+    assert found["0000:06:00.0"][0].logged == "[6781753.400584]"
+    assert found["0000:c1:00.0"][0].logged == ""
+
+
+def test_a_fatal_sxid_fails_the_switch_and_non_fatal_ones_degrade_it():
+    found = parse_sxid(KMSG)
+    signals = sxid_signals("0000:c3:00.0", found["0000:c3:00.0"])
+    assert [(s.source, s.state) for s in signals] == [("sxid", HEALTH_FAILED),
+                                                      ("sxid", HEALTH_DEGRADED)]
+    assert signals[0].reason == ("0000:c3:00.0: fatal SXid 24007 in the kernel log at "
+                                 "[5312.345690]: Link 30 sourcetrack timeout error")
+    assert signals[1].reason == ("0000:c3:00.0: non-fatal SXid 20009 in the kernel log at "
+                                 "[5312.345678]: Link 28 RX Short Error Rate")
+    only = sxid_signals("0000:06:00.0", found["0000:06:00.0"])
+    assert [s.state for s in only] == [HEALTH_DEGRADED]
+    assert sxid_signals("0000:c1:00.0", found["0000:c1:00.0"])[0].reason == (
+        "0000:c1:00.0: non-fatal SXid 22013 in the kernel log")
+    assert sxid_signals("0000:61:00.0", []) == ()
+
+
+def test_an_sxid_signal_is_the_same_while_its_newest_line_is_and_changes_with_a_new_one():
+    """What a clear hides is the reason: it names the newest line of each severity, so the same
+    lines read again, or fewer of them (the ring buffer dropped the oldest), give the same
+    reason; a new line, even with the same code and words, gives another."""
+    old = "3,1044,5312345690,-;nvidia-nvswitch0: SXid (PCI:0000:07:00.0): 24007, Fatal, Link 30\n"
+    older = "3,1001,5300000000,-;nvidia-nvswitch0: SXid (PCI:0000:07:00.0): 24007, Fatal, Link 3\n"
+    new = "3,2087,7312345690,-;nvidia-nvswitch0: SXid (PCI:0000:07:00.0): 24007, Fatal, Link 30\n"
+
+    def reason(text):
+        return sxid_signals("0000:07:00.0", parse_sxid(text)["0000:07:00.0"])[0].reason
+
+    assert reason(older + old) == reason(old) == reason(old + old)
+    assert reason(old + new) != reason(old)
+    assert "[7312.345690]" in reason(old + new)
+
+
+def append_kmsg(sysfs_root, *lines):
+    """Append kmsg records to the fixture tree's dev/kmsg (beside sys/)."""
+    path = os.path.join(os.path.dirname(sysfs_root), "dev", "kmsg")
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write("".join(line + "\n" for line in lines))
+    return path
+
+
+SXID_FATAL = ("3,1044,5312345690,-;nvidia-nvswitch0: SXid (PCI:0000:07:00.0): 24007, Fatal, "
+              "Link 30 sourcetrack timeout error")
+SXID_NONFATAL = ("3,1045,5312346001,-;nvidia-nvswitch2: SXid (PCI:0000:09:00.0): 12028, "
+                 "Non-fatal, Link 32 egress non-posted PRIV error (First)")
+
+
+def test_sxid_lines_land_on_their_nvswitch_of_a_shared_nvswitch_host(fresh_host_tree):
+    sysfs_root, proc_root = fresh_host_tree("dgx-h100")
+    append_kmsg(sysfs_root, "6,1000,5300000000,-;Linux version 5.15.0-1042-nvidia",
+          " SUBSYSTEM=pci", SXID_FATAL,
+          "4,1046,5312346100,-;NVRM: Xid (PCI:0000:1b:00): 79, GPU has fallen off the bus.",
+          SXID_NONFATAL)
+    ctx = host_context(_params(sysfs_root, proc_root), bridges=False)
+    assert ctx.switch_bdfs == ["0000:07:00.0", "0000:08:00.0", "0000:09:00.0", "0000:0a:00.0"]
+    signals = {b: [(s.source, s.state) for s in h.signals] for b, h in ctx.live_health.items()
+               if h.signals}
+    assert signals == {"0000:07:00.0": [("sxid", HEALTH_FAILED)],
+                       "0000:09:00.0": [("sxid", HEALTH_DEGRADED)]}
+    assert ctx.health["0000:07:00.0"].reason == (
+        "0000:07:00.0: fatal SXid 24007 in the kernel log at [5312.345690]: Link 30 "
+        "sourcetrack timeout error")
+    assert ctx.failed_switches == ("0000:07:00.0",)
+    # A switch is Fabric Manager's on such a host: no GPU is taken out for it (docs/health.md).
+    assert ctx.unhealthy_gpus == ()
+    assert any(w.startswith("NVSwitch 0000:07:00.0 failed its health check: 0000:07:00.0: "
+                            "fatal SXid 24007") for w in ctx.warnings)
+    assert not any("SXid errors are not read" in w for w in ctx.warnings)
+
+
+def test_sxid_lines_of_a_device_that_is_no_switch_of_the_platform_are_named(fresh_host_tree):
+    sysfs_root, proc_root = fresh_host_tree("dgx-h100")
+    path = append_kmsg(sysfs_root, SXID_FATAL.replace("0000:07:00.0", "0000:c5:00.0"))
+    ctx = host_context(_params(sysfs_root, proc_root), bridges=False)
+    assert not any(h.signals for h in ctx.live_health.values())
+    assert "the kernel log %s has SXid lines of 0000:c5:00.0, which is not an NVSwitch of this " \
+           "platform; they are not counted" % path in ctx.warnings
+
+
+def test_a_full_passthrough_host_never_reads_the_kernel_log(fresh_host_tree):
+    """DGX-2: its switches go to VMs whole (no driver of the host runs them), so SXid lines
+    cannot be the host's; the kernel log is not opened: lines naming its switch count for
+    nothing, and a log that cannot be read goes unnoticed (a shared-NVSwitch host warns)."""
+    sysfs_root, proc_root = fresh_host_tree("dgx2")
+    ctx = host_context(_params(sysfs_root, proc_root), bridges=False)
+    switch = ctx.switch_bdfs[0]
+    path = append_kmsg(sysfs_root, SXID_FATAL.replace("0000:07:00.0", switch))
+    ctx = host_context(_params(sysfs_root, proc_root), bridges=False)
+    assert ctx.platform.name == "dgx2"
+    assert ctx.health[switch].state == HEALTH_OK and ctx.failed_switches == ()
+    os.unlink(path)
+    os.mkdir(path)
+    ctx = host_context(_params(sysfs_root, proc_root), bridges=False)
+    assert not any("kernel log" in w for w in ctx.warnings)
+
+
+def test_an_unreadable_kernel_log_warns_and_the_run_goes_on(fresh_host_tree):
+    sysfs_root, proc_root = fresh_host_tree("dgx-h100")
+    path = os.path.join(os.path.dirname(sysfs_root), "dev", "kmsg")
+    os.unlink(path)
+    ctx = host_context(_params(sysfs_root, proc_root), bridges=False)
+    assert all(h.state == HEALTH_OK for h in ctx.health.values())
+    assert "cannot read the kernel log %s: No such file or directory: the NVSwitches' SXid " \
+           "errors are not read this run (docs/health.md)" % path in ctx.warnings
+    os.mkdir(path)  # read() fails (EISDIR), as a kmsg the run may not read does (EPERM)
+    ctx = host_context(_params(sysfs_root, proc_root), bridges=False)
+    assert any(w.startswith("cannot read the kernel log %s: Is a directory" % path)
+               for w in ctx.warnings)
+    assert ctx.failed_switches == ()
+
+
+# --- Fabric Manager's NVLink-failed devices -----------------------------------------------------
+
+def fm_options(fm_state, tmp_path, monkeypatch, gpus, **failed):
+    """host_context options for a DGX H100 tree whose Fabric Manager is the stand-in (H100
+    table, module IDs 1-8 in PCI order from a host record), reporting ``failed`` devices."""
+    from conftest import FMPM
+
+    fm_state("h100")
+    state = fm_state.state()
+    state.update(failed)
+    with open(fm_state.path, "w", encoding="utf-8") as handle:
+        json.dump(state, handle)
+    monkeypatch.setenv("FMPM_STATE", fm_state.path)
+    record = tmp_path / "kvm_host.json"
+    record.write_text(json.dumps({"fabric": {"module_ids": {b: i + 1
+                                                            for i, b in enumerate(gpus)}}}))
+    return {"fabric_manager": {"address": None, "fmpm": FMPM, "starting_wait": 0,
+                               "service_vm": None},
+            "host_record": str(record)}
+
+
+def test_fabric_managers_nvlink_failures_degrade_the_devices_it_names(
+        host_tree, fm_state, tmp_path, monkeypatch):
+    sysfs_root, proc_root = host_tree("dgx-h100")
+    gpus = [b for b in host_context(_params(sysfs_root, proc_root), bridges=False).gpu_bdfs]
+    over = fm_options(fm_state, tmp_path, monkeypatch, gpus, failed_gpus=[
+        {"uuid": "GPU-8f1e", "pciBusId": "00000000:DF:00.0", "portNum": [3, 7]},
+        {"uuid": "GPU-0000", "pciBusId": "", "portNum": [1]}],  # no address: elsewhere
+        failed_switches=[{"uuid": "", "pciBusId": "00000000:08:00.0", "portNum": [10]}])
+    ctx = host_context(_params(sysfs_root, proc_root, **over), bridges=False)
+    assert ctx.fabric_error is None
+    found = {b: [(s.source, s.state, s.reason) for s in h.signals]
+             for b, h in ctx.live_health.items() if h.signals}
+    assert found == {
+        "0000:df:00.0": [("fabric-manager", HEALTH_DEGRADED,
+                          "Fabric Manager at 127.0.0.1 reports failed NVLinks on GPU "
+                          "0000:df:00.0 (GPU-8f1e), ports 3, 7: it joins no multi-GPU "
+                          "partition")],
+        "0000:08:00.0": [("fabric-manager", HEALTH_DEGRADED,
+                          "Fabric Manager at 127.0.0.1 reports failed NVLinks on NVSwitch "
+                          "0000:08:00.0, port 10: no multi-GPU partition is placed")],
+    }
+    # Degraded: reported, never failed, so the GPU still serves a one-GPU VM...
+    assert ctx.unhealthy_gpus == () and ctx.failed_switches == ()
+    assert ctx.health["0000:df:00.0"].state == HEALTH_DEGRADED
+    # ...while the partitions FM's failures break stay out of placement, as before.
+    # (the switch's failure breaks every multi-GPU partition: the single-GPU ones, 7-14, stay)
+    assert [p["id"] for p in ctx.fabric["partitions"] if p["placeable"]] == list(range(7, 15))
+    assert ctx.fabric["failed_elsewhere"] == ["GPU GPU-0000"]
+
+
+def test_fabric_manager_in_a_service_vm_names_no_host_device(
+        host_tree, fm_state, tmp_path, monkeypatch):
+    sysfs_root, proc_root = host_tree("dgx-h100")
+    gpus = host_context(_params(sysfs_root, proc_root), bridges=False).gpu_bdfs
+    over = fm_options(fm_state, tmp_path, monkeypatch, gpus, failed_gpus=[
+        {"uuid": "GPU-8f1e", "pciBusId": "00000000:DF:00.0", "portNum": [3]}])
+    over["fabric_manager"]["service_vm"] = "fabric-manager"
+    ctx = host_context(_params(sysfs_root, proc_root, **over), bridges=False)
+    assert ctx.fabric_error is None
+    assert not any(h.signals for h in ctx.live_health.values())
+
+
+def test_fabric_manager_down_gives_no_signal_and_no_failure(
+        host_tree, fm_state, tmp_path, monkeypatch):
+    sysfs_root, proc_root = host_tree("dgx-h100")
+    gpus = host_context(_params(sysfs_root, proc_root), bridges=False).gpu_bdfs
+    over = fm_options(fm_state, tmp_path, monkeypatch, gpus, failed_gpus=[
+        {"uuid": "", "pciBusId": "00000000:DF:00.0", "portNum": [3]}])
+    fm_state.control("stop")
+    ctx = host_context(_params(sysfs_root, proc_root, **over), bridges=False)
+    assert "fabric_manager" in ctx.fabric_error
+    assert all(h.state == HEALTH_OK for h in ctx.health.values())

@@ -466,3 +466,71 @@ def test_the_policy_stop_needs_to_know_the_holders(health_cmd):
     status, _out, err = health_cmd("--uri", "qemu+unix:///system?socket=/nonexistent", "check",
                                    "--stop-affected")
     assert status == 1 and "--stop-affected: no VM was stopped" in err
+
+
+# --- SXid lines in the record: a clear holds while the line stays in the kernel log -----------
+
+SXID_07 = ("3,1044,5312345690,-;nvidia-nvswitch0: SXid (PCI:0000:07:00.0): 24007, Fatal, "
+           "Link 30 sourcetrack timeout error")
+SXID_07_AGAIN = ("3,2210,7400000123,-;nvidia-nvswitch0: SXid (PCI:0000:07:00.0): 24007, Fatal, "
+                 "Link 30 sourcetrack timeout error")
+
+
+def h100_with_kmsg(root, *lines):
+    desc = copy.deepcopy(sysfs_builder.load_host("dgx-h100"))
+    desc["kernel_log"] = list(lines)
+    return sysfs_builder.build(desc, str(root))
+
+
+def test_a_cleared_sxid_stays_cleared_while_its_line_stays_and_a_new_line_counts(tmp_path):
+    sysfs_root, proc_root = h100_with_kmsg(tmp_path / "h100", SXID_07)
+    kmsg = os.path.join(os.path.dirname(sysfs_root), "dev", "kmsg")
+    path = str(tmp_path / "health.json")
+    p = dict(_params(sysfs_root, proc_root, path), lock_path=str(tmp_path / "alloc.lock"),
+             lock_timeout=5, uri="test:///default")
+
+    def switch():
+        return read_record(path)["devices"]["0000:07:00.0"]
+
+    health_check.apply(p, health_check.CHECK, [], "")
+    entry = switch()
+    assert (entry["state"], entry["source"]) == (HEALTH_FAILED, "sxid")
+    assert entry["reason"] == ("0000:07:00.0: fatal SXid 24007 in the kernel log at "
+                               "[5312.345690]: Link 30 sourcetrack timeout error")
+    health_check.apply(p, health_check.CLEAR, ["0000:07:00.0"], "fabric reset, OPS-77")
+    assert switch()["state"] == HEALTH_OK
+    # The line is still in the ring buffer: the next checks find it, and it stays hidden.
+    with open(path, encoding="utf-8") as handle:
+        before = handle.read()
+    for _run in range(2):
+        ctx, _before, after, _report = health_check.apply(p, health_check.CHECK, [], "")
+        assert after["devices"]["0000:07:00.0"]["state"] == HEALTH_OK
+        assert ctx.health["0000:07:00.0"].state == HEALTH_OK
+        assert ctx.failed_switches == ()
+    with open(path, encoding="utf-8") as handle:
+        assert handle.read() == before  # nothing changed, nothing written
+    # Other lines before it dropping out of the buffer, or more unrelated lines, change nothing.
+    with open(kmsg, "w", encoding="utf-8") as handle:
+        handle.write("6,2000,7000000000,-;EXT4-fs (nvme0n1p2): re-mounted.\n" + SXID_07 + "\n")
+    health_check.apply(p, health_check.CHECK, [], "")
+    assert switch()["state"] == HEALTH_OK
+    # The same SXid logged again is a new line: it counts.
+    with open(kmsg, "a", encoding="utf-8") as handle:
+        handle.write(SXID_07_AGAIN + "\n")
+    ctx, _before, after, _report = health_check.apply(p, health_check.CHECK, [], "")
+    entry = after["devices"]["0000:07:00.0"]
+    assert entry["state"] == HEALTH_FAILED and "[7400.000123]" in entry["reason"]
+    assert ctx.failed_switches == ("0000:07:00.0",)
+    # Its clear no longer hides anything that shows: it is gone from the entry.
+    assert "cleared" not in entry
+
+
+def test_the_command_reports_an_sxid_of_a_shared_nvswitch_host(health_cmd, tmp_path):
+    sysfs_root, proc_root = h100_with_kmsg(tmp_path / "h100sx", SXID_07)
+    status, out, err = health_cmd("--sysfs", sysfs_root, "--proc", proc_root, "check")
+    assert status == 0, err
+    line = [row for row in out.splitlines() if "0000:07:00.0" in row][0]
+    assert line.split()[:3] == ["NVSwitch0", "0000:07:00.0", "FAILED"]
+    assert "fatal SXid 24007 in the kernel log at [5312.345690]" in line
+    devices = json.loads(health_cmd.record.read_text())["devices"]
+    assert devices["0000:07:00.0"]["signals"][0]["source"] == "sxid"
