@@ -50,7 +50,7 @@ _STYLE = (
     ".node-box{fill:#f5f7fa;stroke:#7a869a}.node-label{font-weight:bold}"
     ".switch-box{fill:#ffffff;stroke:#b0b8c4;stroke-dasharray:4 2}.switch-label{fill:#555}"
     ".dev{stroke:#333;stroke-width:1}.dev-free{stroke:#2a9d3f;stroke-width:2;"
-    "stroke-dasharray:6 3}"
+    "stroke-dasharray:6 3}.dev-off{stroke:#999;stroke-dasharray:2 2}"
     ".cross-failed{stroke:#d00000;stroke-width:3}"
     ".cross-degraded{stroke:#f77f00;stroke-width:3;stroke-dasharray:8 4}"
     ".reason{fill:#a00000;font-size:10px}.holder{font-weight:bold}"
@@ -73,17 +73,26 @@ def _switch_of(entry):
 
 
 def _health_of(entry):
-    """(state, reason): ``ok``, ``degraded`` or ``failed``, and why."""
+    """(state, reason): ``ok``, ``degraded`` or ``failed``, and why. A GPU listed in
+    unhealthy_gpus is never placed, so it is drawn failed whatever its signals (as the text
+    map puts that first)."""
     health = entry.get("health") or {}
     state = health.get("state") or "ok"
-    if state in ("failed", "degraded"):
-        reasons = [s.get("reason") or "" for s in health.get("signals") or []
-                   if s.get("state") == state]
-        return state, "; ".join(r for r in reasons if r) or state
+
+    def reasons(which):
+        found = [s.get("reason") or "" for s in health.get("signals") or []
+                 if s.get("state") == which]
+        return "; ".join(r for r in found if r) or which
+
+    if state == "failed":
+        return "failed", reasons("failed")
     if entry.get("missing"):
         return "failed", "missing from the PCI bus"
     if entry.get("healthy") is False:
-        return "failed", "unhealthy (unhealthy_gpus, or a failed NVSwitch)"
+        extra = "; degraded: %s" % reasons("degraded") if state == "degraded" else ""
+        return "failed", "listed in unhealthy_gpus%s" % extra
+    if state == "degraded":
+        return "degraded", reasons("degraded")
     return "ok", ""
 
 
@@ -98,11 +107,15 @@ def picture_data(result):
         for bdf in ((alloc.get("gpus") or []) + (alloc.get("nvswitches") or [])
                     + (alloc.get("nics") or []) + (alloc.get("extra_nics") or [])):
             owner[bdf] = (alloc.get("name"), held)
+    unplaced = []
     for entry in result.get("plan") or []:
-        if "error" not in entry:
-            for bdf in (entry.get("gpus") or []) + (entry.get("nvswitches") or []) + (
-                    entry.get("nics") or []):
-                owner[bdf] = (entry.get("name"), "planned")
+        if "error" in entry:
+            unplaced.append({"name": entry.get("name"), "gpus": entry.get("gpus_requested"),
+                             "error": entry["error"]})
+            continue
+        for bdf in (entry.get("gpus") or []) + (entry.get("nvswitches") or []) + (
+                entry.get("nics") or []):
+            owner[bdf] = (entry.get("name"), "planned")
     platform = result.get("platform") or {}
     shared = platform.get("fabric") == _SHARED_NVSWITCH
     devices = []
@@ -111,17 +124,27 @@ def picture_data(result):
             holder, held = owner.get(entry["bdf"], (None, None))
             if holder is None and entry.get("allocated_to"):
                 holder, held = entry["allocated_to"], "defined"
+            tenants = [holder] if holder else []
             if holder is None and kind == "nvswitch" and shared:
                 holder, held = "host", "host (Fabric Manager)"
             if holder is None and kind == "nic" and entry.get("host_use"):
                 holder, held = "host", "host: %s" % entry["host_use"]
             if holder is None and kind == "gpu" and entry.get("busy"):
                 holder, held = "host", "busy: %s" % entry["busy"]
-            vf_holders = sorted({vf.get("allocated_to") for vf in
-                                 ((entry.get("sriov") or {}).get("vfs") or [])
-                                 if vf.get("allocated_to")})
-            if holder is None and vf_holders:
-                holder, held = ", ".join(vf_holders), "VFs"
+            # A NIC whose VFs VMs hold (or a plan gives): each VF's VM, as the text map says.
+            vfs = {}
+            for vf in (entry.get("sriov") or {}).get("vfs") or []:
+                name, how = owner.get(vf.get("bdf"), (vf.get("allocated_to"), "defined"))
+                if name:
+                    vfs.setdefault((name, how), 0)
+                    vfs[(name, how)] += 1
+            if holder is None and vfs:
+                tenants = sorted({name for name, _how in vfs})
+                holder = ", ".join(tenants)
+                held = "VFs: %s" % ", ".join("%s %d (%s)" % (name, n, how)
+                                             for (name, how), n in sorted(vfs.items()))
+            if holder is None and kind == "nic" and not entry.get("offered", True):
+                held = "not offered"
             state, reason = _health_of(entry)
             switch, switch_label = _switch_of(entry)
             node = entry.get("numa_node")
@@ -135,6 +158,7 @@ def picture_data(result):
                 "switch_label": switch_label,
                 "holder": holder,
                 "held": held,
+                "tenants": tenants,
                 "state": state,
                 "reason": reason,
                 "offered": bool(entry.get("offered", True)),
@@ -147,6 +171,7 @@ def picture_data(result):
         "platform_reason": platform.get("reason") or "",
         "planned": bool(result.get("plan")),
         "free_blocks": {str(k): int(v) for k, v in free.items() if int(v)},
+        "unplaced": unplaced,
         "numa_nodes": [{"id": n.get("id"), "cpus": n.get("cpus") or ""}
                        for n in result.get("numa_nodes") or []],
         "devices": devices,
@@ -164,10 +189,11 @@ def _check_picture(picture):
 
 
 def tenant_colours(picture):
-    """{tenant: fill} in name order; the host's own devices are grey."""
-    names = sorted({d["holder"] for d in picture["devices"]
-                    if d["holder"] and not str(d["held"] or "").startswith(("host", "busy"))})
-    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
+    """{tenant: fill} in name order: the palette, then hues a golden angle apart."""
+    names = sorted({name for d in picture["devices"] for name in d.get("tenants") or ()})
+    return {name: PALETTE[i] if i < len(PALETTE) else
+            "hsl(%d,65%%,75%%)" % ((i - len(PALETTE)) * 137.5 % 360)
+            for i, name in enumerate(names)}
 
 
 def free_blocks_text(blocks):
@@ -185,24 +211,34 @@ def _attrs(**attrs):
                    for k, v in attrs.items() if v is not None)
 
 
+def _address(bdf):
+    return bdf[5:] if bdf.startswith("0000:") else bdf
+
+
+def _why(dev):
+    """The reason as drawn: without the device's own address, which the box shows."""
+    return "; ".join(part[len(dev["bdf"]) + 2:] if part.startswith(dev["bdf"] + ": ") else part
+                     for part in dev["reason"].split("; "))
+
+
 def _device_svg(dev, x, y, fill):
     label = "%s%s %s" % (_KIND_LABEL[dev["kind"]], dev["index"] if dev["kind"] != "nic" else "",
-                         dev["bdf"][5:] if dev["bdf"].startswith("0000:") else dev["bdf"])
+                         _address(dev["bdf"]))
     if dev["kind"] == "nic" and dev["netdevs"]:
-        label = "NIC %s %s" % (dev["bdf"][5:], ",".join(dev["netdevs"]))
+        label = "NIC %s %s" % (_address(dev["bdf"]), ",".join(dev["netdevs"]))
     held = str(dev["held"] or "")
     if dev["holder"] is None:
-        holder = "free" if dev["offered"] else "not offered"
-    elif held.startswith(("host", "busy")):
+        holder = held or "free"
+    elif held.startswith(("host", "busy", "VFs")):
         holder = held
-    elif held == "VFs":
-        holder = "VFs: %s" % dev["holder"]
     else:
         holder = "%s (%s)" % (dev["holder"], held)
     trouble = " - %s: %s" % (dev["state"], dev["reason"]) if dev["state"] != "ok" else ""
     tip = "%s %s %s - %s%s" % (_KIND_LABEL[dev["kind"]], dev["bdf"], dev["model"], holder,
                                trouble)
-    free = dev["holder"] is None
+    style = "dev"
+    if dev["holder"] is None:
+        style = "dev dev-free" if not held else "dev dev-off"
     parts = [
         "<g%s>" % _attrs(**{
             "class": "device %s" % dev["kind"], "data_kind": dev["kind"],
@@ -212,10 +248,10 @@ def _device_svg(dev, x, y, fill):
             "data_state": dev["state"], "data_reason": dev["reason"]}),
         "<title>%s</title>" % escape(tip),
         '<rect class="%s" x="%d" y="%d" width="%d" height="%d" rx="4" fill="%s"/>' % (
-            "dev dev-free" if free else "dev", x, y, _DEV_W, _DEV_H, fill),
+            style, x, y, _DEV_W, _DEV_H, fill),
         '<text x="%d" y="%d">%s</text>' % (x + 6, y + 14, escape(_short(label, 30))),
         '<text class="holder" x="%d" y="%d">%s</text>' % (x + 6, y + 28,
-                                                          escape(_short(holder, 28))),
+                                                          escape(_short(holder, 24))),
     ]
     if dev["state"] != "ok":
         parts.append('<line class="cross-%s" x1="%d" y1="%d" x2="%d" y2="%d"/>' % (
@@ -223,7 +259,7 @@ def _device_svg(dev, x, y, fill):
         parts.append('<line class="cross-%s" x1="%d" y1="%d" x2="%d" y2="%d"/>' % (
             dev["state"], x + 2, y + _DEV_H - 2, x + _DEV_W - 2, y + 2))
         parts.append('<text class="reason" x="%d" y="%d">%s</text>' % (
-            x + 6, y + 41, escape(_short("%s: %s" % (dev["state"], dev["reason"]), 34))))
+            x + 6, y + 41, escape(_short("%s: %s" % (dev["state"], _why(dev)), 32))))
     parts.append("</g>")
     return "".join(parts)
 
@@ -231,7 +267,8 @@ def _device_svg(dev, x, y, fill):
 def _fill(dev, colours):
     if dev["holder"] is None:
         return _FREE_FILL
-    return colours.get(dev["holder"], _HOST_FILL)
+    tenants = dev.get("tenants") or ()
+    return colours.get(tenants[0], _HOST_FILL) if tenants else _HOST_FILL
 
 
 def host_svg(host, picture):
@@ -279,27 +316,6 @@ def host_svg(host, picture):
                         node_h, _MARGIN + 8, y + 16, escape(label), "".join(node_parts)))
         y += node_h + _GAP
     node_w = widest * (group_w + _GAP) - _GAP + 2 * _PAD
-    width = node_w + 2 * _MARGIN
-    legend_y = y + 6
-    legend = ['<g class="legend">']
-    lx = _MARGIN
-    keys = [(name, fill, "dev") for name, fill in colours.items()] + [
-        ("free", _FREE_FILL, "dev dev-free"), ("host", _HOST_FILL, "dev")]
-    for name, fill, cls in keys:
-        legend.append('<rect class="%s" x="%d" y="%d" width="14" height="14" fill="%s"/>'
-                      '<text x="%d" y="%d">%s</text>' % (cls, lx, legend_y, fill, lx + 18,
-                                                         legend_y + 11, escape(_short(name, 20))))
-        lx += 30 + 7 * min(len(name), 20)
-        if lx > width - 120:
-            lx = _MARGIN
-            legend_y += 18
-    for state in ("failed", "degraded"):
-        legend.append('<line class="cross-%s" x1="%d" y1="%d" x2="%d" y2="%d"/><text x="%d" '
-                      'y="%d">%s</text>' % (state, lx, legend_y + 12, lx + 14, legend_y,
-                                            lx + 18, legend_y + 11, state))
-        lx += 80
-    legend.append("</g>")
-    height = legend_y + _LEGEND_H
     counts = {}
     for dev in picture["devices"]:
         counts[dev["kind"]] = counts.get(dev["kind"], 0) + 1
@@ -309,6 +325,31 @@ def host_svg(host, picture):
                   for k in _KINDS if k in counts) or "no devices",
         " after the plan" if picture.get("planned") else "",
         free_blocks_text(picture.get("free_blocks") or {}))
+    # Wide enough for the title and the line under it (bold 15 px, 12 px text).
+    width = max(node_w + 2 * _MARGIN, 2 * _MARGIN + 10 * len(title), 2 * _MARGIN + 7 * len(sub),
+                420)
+    legend_y = y + 6
+    legend = ['<g class="legend">']
+    lx = _MARGIN
+    keys = [(name, fill, "dev") for name, fill in colours.items()] + [
+        ("free", _FREE_FILL, "dev dev-free"), ("host", _HOST_FILL, "dev"),
+        ("failed", None, "cross-failed"), ("degraded", None, "cross-degraded")]
+    for name, fill, cls in keys:
+        step = 30 + 7 * min(len(name), 20)
+        if lx > _MARGIN and lx + step > width - _MARGIN:
+            lx = _MARGIN
+            legend_y += 18
+        if fill is None:
+            legend.append('<line class="%s" x1="%d" y1="%d" x2="%d" y2="%d"/>' % (
+                cls, lx, legend_y + 12, lx + 14, legend_y))
+        else:
+            legend.append('<rect class="%s" x="%d" y="%d" width="14" height="14" fill="%s"/>' % (
+                cls, lx, legend_y, fill))
+        legend.append('<text x="%d" y="%d">%s</text>' % (lx + 18, legend_y + 11,
+                                                         escape(_short(name, 20))))
+        lx += step
+    legend.append("</g>")
+    height = legend_y + _LEGEND_H
     svg_attrs = _attrs(**{"class": "host", "data_host": host,
                           "data_platform": picture.get("platform") or "", "aria_label": title})
     return "".join([
@@ -337,10 +378,31 @@ def _free_gpus(picture):
     return (len([d for d in gpus if d["holder"] is None and d["state"] != "failed"]), len(gpus))
 
 
+def _note(item, host, status, unplaced):
+    """Why a host is not ok: its errors (fleet_summary's), else its line without the host's
+    name, and the requests a plan could not place."""
+    words = [str(e) for e in item.get("errors") or [] if e]
+    line = str(item.get("line") or "").strip()
+    if line.startswith(host):
+        line = line[len(host):].strip()
+        if line.startswith(status):
+            line = line[len(status):].strip()
+    if not words and status != "ok" and line:
+        words.append(line)
+    words += ["%s (%s GPUs) not placed: %s" % (u.get("name"), u.get("gpus"), u.get("error"))
+              for u in unplaced]
+    if not words and status == "no report":
+        words.append("no picture: the host failed before its topology was read, or was "
+                     "unreachable")
+    return "; ".join(words)
+
+
 def fleet_page(hosts, title="gpuvirt.kvm fleet"):
     """The HTML page. ``hosts``: a list of dicts with ``host``, and ``picture`` (or None when the
-    host has none), ``status`` (``ok`` unless told) and ``line`` (why, for a host that failed).
-    Hosts with the largest free block come first, then by name."""
+    host has none), ``status`` (by default ``ok``, ``not placed`` when a plan left requests
+    out, ``no report`` without a picture), and ``errors`` or ``line`` (why, for a host that is
+    not ok: fleet_summary's entries have them). Hosts with the largest free block come first,
+    then by name."""
     if not isinstance(hosts, (list, tuple)):
         raise PictureError("expected a list of hosts, got %s" % type(hosts).__name__)
     rows, sections, sizes = [], [], set()
@@ -362,7 +424,9 @@ def fleet_page(hosts, title="gpuvirt.kvm fleet"):
 
     for item, picture in sorted(entries, key=rank):
         host = str(item["host"])
-        status = item.get("status") or ("ok" if picture is not None else "no report")
+        unplaced = (picture or {}).get("unplaced") or []
+        status = item.get("status") or (
+            "no report" if picture is None else "not placed" if unplaced else "ok")
         anchor = "host-" + "".join(c if c.isalnum() or c in "-_." else "-" for c in host)
         cells = ['<td><a href="#%s">%s</a></td>' % (escape(anchor, quote=True), escape(host))
                  if picture is not None else "<td>%s</td>" % escape(host),
@@ -381,14 +445,13 @@ def fleet_page(hosts, title="gpuvirt.kvm fleet"):
             sections.append('<section id="%s"><h2>%s</h2>%s</section>' % (
                 escape(anchor, quote=True), escape(host), host_svg(host, picture)))
         else:
-            cells.append('<td colspan="%d">%s</td>' % (2 + len(sizes) + 1, escape(str(
-                item.get("line") or "no picture: the host failed before its topology was read, "
-                "or was unreachable"))))
+            cells.append('<td colspan="%d"></td>' % (2 + len(sizes) + 1))
+        cells.append("<td>%s</td>" % escape(_note(item, host, status, unplaced)))
         rows.append('<tr%s%s>%s</tr>' % (
             _attrs(data_host=host, data_status=status),
             "" if status == "ok" else ' class="not-ok"', "".join(cells)))
     head = ("<tr><th>Host</th><th>Status</th><th>Platform</th><th>GPUs free / all</th>%s"
-            "<th>Failed or degraded</th></tr>" % "".join(
+            "<th>Failed or degraded</th><th>Why not ok</th></tr>" % "".join(
                 "<th>Free %d-GPU blocks</th>" % s for s in sizes))
     return "".join([
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",

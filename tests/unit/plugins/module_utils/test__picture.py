@@ -27,6 +27,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._picture import (
     fleet_page,
     host_svg,
     picture_data,
+    tenant_colours,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._vm_request import plan_requests
 
@@ -326,3 +327,60 @@ def test_chromium_renders_the_page_of_a_dgx2_an_h100_and_a_pcie_host(tmp_path):
     parsed.feed(dom.stdout)
     assert parsed.hosts == ["dgx2", "dgx-h100", "pcie-4gpu"]  # the largest free block first
     assert parsed.devices == devices
+
+
+def test_manual_marks_vfs_unoffered_nics_and_unplaced_requests_say_what_the_map_says():
+    """What the review of the first version found the picture told differently from the text
+    map: a GPU in unhealthy_gpus (degraded or not) is failed and never free; a NIC whose VFs a
+    plan gives a VM is that VM's; a NIC not offered is not free; requests a plan left out make
+    the host's row say so."""
+    path = ["0000:00:01.0", "0000:01:00.0", "0000:02:00.0"]
+    result = {
+        "platform": {"name": "generic", "reason": "test"},
+        "gpus": [
+            {"index": 0, "bdf": "0000:10:00.0", "numa_node": 0, "pcie_path": path,
+             "healthy": False, "health": {"state": "degraded", "signals": [
+                 {"source": "link", "state": "degraded",
+                  "reason": "0000:10:00.0's link trained at x8 of x16"}]}},
+            {"index": 1, "bdf": "0000:11:00.0", "numa_node": 0, "pcie_path": path,
+             "healthy": True}],
+        "nvswitches": [],
+        "nics": [
+            {"bdf": "0000:18:00.0", "numa_node": 0, "pcie_path": path, "offered": True,
+             "rdma_devices": ["mlx5_0"], "sriov": {"vfs": [
+                 {"bdf": "0000:18:00.1", "allocated_to": None},
+                 {"bdf": "0000:18:00.2", "allocated_to": "old-vm"}]}},
+            {"bdf": "0000:19:00.0", "numa_node": 0, "pcie_path": path, "offered": False}],
+        "allocations": [{"name": "old-vm", "gpus": [], "nvswitches": [], "nics": [],
+                         "extra_nics": ["0000:18:00.2"], "active": True}],
+        "plan": [{"name": "vfvm", "gpus": ["0000:11:00.0"], "nvswitches": [],
+                  "nics": ["0000:18:00.1"]},
+                 {"name": "big", "gpus_requested": 8, "error": "no 8 free GPUs"}],
+        "free_blocks": {"1": 1}, "free_blocks_after_plan": {},
+    }
+    picture = picture_data(result)
+    drawn = {b: a for b, (a, _n, _s, _c) in _devices(host_svg("h", picture)).items()}
+    gpu0 = drawn["0000:10:00.0"]
+    assert gpu0["data-state"] == "failed" and gpu0["data-holder"] == ""
+    assert gpu0["data-reason"].startswith("listed in unhealthy_gpus; degraded: ")
+    nic = drawn["0000:18:00.0"]
+    assert (nic["data-holder"], nic["data-held"]) == (
+        "old-vm, vfvm", "VFs: old-vm 1 (running), vfvm 1 (planned)")
+    assert drawn["0000:19:00.0"]["data-held"] == "not offered"
+    page = Page()
+    page.feed(fleet_page([{"host": "h", "picture": picture}]))
+    assert page.rows[0][:2] == ["h", "not placed"]
+    assert "0 / 2" in page.rows[0]  # the marked GPU is not free, the other is planned
+    assert page.rows[0][-1] == "big (8 GPUs) not placed: no 8 free GPUs"
+    # a host that failed keeps its picture and says why
+    page = Page()
+    page.feed(fleet_page([{"host": "h", "picture": picture, "status": "failed",
+                           "errors": ["b-hpc: start failed: vfio"]}]))
+    assert page.rows[0][-1].startswith("b-hpc: start failed: vfio")
+
+
+def test_every_tenant_of_a_crowded_host_has_a_colour_of_its_own(tmp_path):
+    result = _result("dgx2", tmp_path / "dgx2", requests=[
+        {"name": "t%02d" % i, "gpus": 1} for i in range(16)])
+    colours = tenant_colours(picture_data(result))
+    assert len(colours) == 16 and len(set(colours.values())) == 16
