@@ -82,7 +82,7 @@ HOST_FILES = ("_health_check", "_bdf", "_deep_check", "_domain", "_fabric", "_fa
               "_host_context", "_kmsg", "_libvirt", "_lock", "_nics", "_nvidia_smi",
               "_placement_model", "_platform_data", "_platform_file", "_platforms", "_ranges",
               "_sysfs", "_topology", "_units")
-CHECK, MARK, CLEAR, SHOW = "check", "mark", "clear", "show"
+CHECK, MARK, CLEAR, SHOW, VET = "check", "mark", "clear", "show", "vet"
 
 HealthError = (HostContextError, HealthRecordError, HostLockError, DeepCheckError)
 
@@ -135,6 +135,42 @@ def apply(p, action, bdfs, reason, write=True, deep=None):
         if error:
             raise error
     return ctx, before, after, report
+
+
+def vet(p, domain_xml, platform_of=None):
+    """The start check of libvirt's hook (``gpuvirt-health vet`` at "prepare begin", before
+    libvirt takes the devices): why the domain defined by ``domain_xml`` must not start, or
+    None. It must not when it holds a GPU or NVSwitch of the platform whose health failed (read
+    now from sysfs with the health record's marks and clears, as kvm_vm judges a start), when it
+    holds one and the health record is broken, or when its devices' health cannot be judged.
+    A domain without PCI host devices is let go at once. ``platform_of``: when ``p`` names no
+    platform, what reads the one kvm_host converted the host with (only for a domain with host
+    devices). Reads only: no lock, no write."""
+    try:
+        dom = read_domain(domain_xml)
+    except DomainXmlError as exc:
+        return "the domain definition libvirt gave cannot be read: %s" % exc
+    if not dom.hostdevs:
+        return None
+    try:
+        if not p.get("platform") and platform_of is not None:
+            p = dict(p, platform=platform_of() or "auto")
+        ctx = host_context(dict(p, fabric_manager=None), bridges=False)
+    except (HostContextError, FabricError) as exc:
+        return ("%s: not started: the health of the devices it holds cannot be judged: %s"
+                % (dom.name, getattr(exc, "message", None) or exc))
+    kinds = dict([(b, "GPU") for b in ctx.gpu_bdfs] + [(b, "NVSwitch") for b in ctx.switch_bdfs])
+    mine = [b for b in dom.hostdevs if b in kinds]
+    if mine and ctx.health_record_error:
+        return "%s: not started: %s" % (dom.name, ctx.health_record_error)
+    bad = [b for b in mine if b in ctx.health and ctx.health[b].failed]
+    if not bad:
+        return None
+    return ("%s: not started: it holds %s; remove the VM, or re-place it on healthy devices "
+            "(kvm_vm recreate: true), or repair the device (then reboot the host, or clear it "
+            "with gpuvirt-health clear --reason WHY ADDRESS) (docs/health.md)" % (
+                dom.name, "; ".join("%s %s, which failed its health check (%s)" % (
+                    kinds[b], b, ctx.health[b].reason) for b in bad)))
 
 
 def deep_check(p, ctx, deep):
@@ -366,6 +402,10 @@ def _parser():
     check.add_argument("--stop-timeout", type=int, default=60,
                        help="seconds of ACPI shutdown before the power is cut")
     sub.add_parser(SHOW, help="read and print, without writing")
+    one = sub.add_parser(VET, help="libvirt's hook at a VM's start: exit 1, saying why, when "
+                                   "the domain on stdin holds a failed GPU or NVSwitch")
+    one.add_argument("--domain-xml", default="-", metavar="FILE",
+                     help="the domain's definition (default: stdin, as libvirt gives it)")
     for name, what in ((MARK, "mark devices failed"), (CLEAR, "clear devices")):
         one = sub.add_parser(name, help=what)
         one.add_argument("--reason", required=True, help="kept in the record")
@@ -382,8 +422,9 @@ def _line(row):
     return "%-28s %s%s%s" % (what, state.upper() if state == "failed" else state, tail, holder)
 
 
-def main(argv=None, stdout=None, stderr=None):
-    """``gpuvirt-health``: 0 when done (whatever the devices' health), 1 when it cannot be."""
+def main(argv=None, stdout=None, stderr=None, stdin=None):
+    """``gpuvirt-health``: 0 when done (whatever the devices' health), 1 when it cannot be;
+    ``vet``: 0 when the VM may start, 1 when it may not."""
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     args = _parser().parse_args(argv)
     p = {"sysfs_root": args.sysfs, "proc_root": args.proc, "platform": args.platform,
@@ -397,6 +438,20 @@ def main(argv=None, stdout=None, stderr=None):
         deep = {"driver": args.deep_driver, "nvidia_smi": args.nvidia_smi,
                 "timeout": args.deep_timeout}
     reason = (getattr(args, "reason", "") or "").strip()
+    if args.action == VET:
+        try:
+            if args.domain_xml == "-":
+                xml = sys.stdin.read() if stdin is None else stdin.read()
+            else:
+                with open(args.domain_xml, encoding="utf-8") as f:
+                    xml = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            stderr.write("gpuvirt-health: vet: cannot read %s: %s\n" % (args.domain_xml, exc))
+            return 1
+        why = vet(p, xml, platform_of=lambda: read_record_platform(args.host_record))
+        if why:
+            stderr.write("gpuvirt-health: %s\n" % why)
+        return 1 if why else 0
     if not args.platform:
         try:
             p["platform"] = read_record_platform(args.host_record) or "auto"

@@ -58,7 +58,9 @@ def hook(fm_state, tmp_path, host_lib):
     config.write_text(json.dumps({"fmpm": FMPM, "starting_wait": 1}))
     env = {"PATH": HOOK_PATH, "LC_ALL": "C", "GPUVIRT_HOOK_LIB": host_lib,
            "GPUVIRT_HOOK_CONFIG": str(config), "GPUVIRT_HOOK_STATE": str(tmp_path / "run"),
-           "FMPM_STATE": fm_state.path}
+           "FMPM_STATE": fm_state.path,
+           # the start check's command (gpuvirt-health vet): none, unless a test gives one
+           "GPUVIRT_HEALTH": str(tmp_path / "no-gpuvirt-health")}
 
     def call(domain, op, sub, xml):
         proc = subprocess.run([HOOK, domain, op, sub, "-"], input=xml.encode(),
@@ -88,6 +90,29 @@ def test_start_activates_and_release_deactivates(fm_state, hook):
     assert _active(fm) == []
     assert not (hook.state_dir / "partition-3").exists()
     assert hook("pair-a", "release", "end", xml) == (0, "")  # released twice: nothing to do
+
+
+def test_the_start_check_comes_first_and_a_refusal_activates_nothing(fm_state, hook, tmp_path):
+    """At "prepare begin" the hook runs gpuvirt-health vet on the definition before it
+    activates anything: a VM refused for a failed device gets no partition (docs/health.md)."""
+    fm = fm_state("h100")
+    seen = tmp_path / "vet-stdin.xml"
+    vet = tmp_path / "gpuvirt-health"
+    vet.write_text("#!/bin/sh\ncat > %s\necho 'gpuvirt-health: pair-a: not started: it holds "
+                   "GPU 0000:9d:00.0, which failed its health check' >&2\nexit 1\n" % seen)
+    vet.chmod(0o755)
+    hook.env["GPUVIRT_HEALTH"] = str(vet)
+    xml = _xml("pair-a", 3)
+    status, err = hook("pair-a", "prepare", "begin", xml)
+    assert status == 1 and "GPU 0000:9d:00.0, which failed its health check" in err
+    assert _active(fm) == [] and not (hook.state_dir / "partition-3").exists()
+    assert seen.read_text().strip() == xml.strip()
+    # a VM the check lets go gets its partition as before; the definition reaches both
+    vet.write_text("#!/bin/sh\ncat > %s\n" % seen)
+    assert hook("pair-a", "prepare", "begin", xml) == (0, "")
+    assert _active(fm) == [3] and seen.read_text().strip() == xml.strip()
+    assert hook("pair-a", "release", "end", xml) == (0, "")
+    assert _active(fm) == []
 
 
 def test_domains_without_a_partition_are_left_alone(fm_state, hook):

@@ -456,10 +456,11 @@ SXID_NONFATAL = ("3,1045,5312346001,-;nvidia-nvswitch2: SXid (PCI:0000:09:00.0):
 
 def test_sxid_lines_land_on_their_nvswitch_of_a_shared_nvswitch_host(fresh_host_tree):
     sysfs_root, proc_root = fresh_host_tree("dgx-h100")
-    append_kmsg(sysfs_root, "6,1000,5300000000,-;Linux version 5.15.0-1042-nvidia",
-          " SUBSYSTEM=pci", SXID_FATAL,
-          "4,1046,5312346100,-;NVRM: Xid (PCI:0000:1b:00): 79, GPU has fallen off the bus.",
-          SXID_NONFATAL)
+    append_kmsg(
+        sysfs_root, "6,1000,5300000000,-;Linux version 5.15.0-1042-nvidia", " SUBSYSTEM=pci",
+        SXID_FATAL,
+        "4,1046,5312346100,-;NVRM: Xid (PCI:0000:1b:00): 79, GPU has fallen off the bus.",
+        SXID_NONFATAL)
     ctx = host_context(_params(sysfs_root, proc_root), bridges=False)
     assert ctx.switch_bdfs == ["0000:07:00.0", "0000:08:00.0", "0000:09:00.0", "0000:0a:00.0"]
     signals = {b: [(s.source, s.state) for s in h.signals] for b, h in ctx.live_health.items()
@@ -542,7 +543,7 @@ def fm_options(fm_state, tmp_path, monkeypatch, gpus, **failed):
 def test_fabric_managers_nvlink_failures_degrade_the_devices_it_names(
         host_tree, fm_state, tmp_path, monkeypatch):
     sysfs_root, proc_root = host_tree("dgx-h100")
-    gpus = [b for b in host_context(_params(sysfs_root, proc_root), bridges=False).gpu_bdfs]
+    gpus = list(host_context(_params(sysfs_root, proc_root), bridges=False).gpu_bdfs)
     over = fm_options(fm_state, tmp_path, monkeypatch, gpus, failed_gpus=[
         {"uuid": "GPU-8f1e", "pciBusId": "00000000:DF:00.0", "portNum": [3, 7]},
         {"uuid": "GPU-0000", "pciBusId": "", "portNum": [1]}],  # no address: elsewhere

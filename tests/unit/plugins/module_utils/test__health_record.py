@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from xml.etree import ElementTree
 
 import pytest
 from conftest import host_lib
@@ -279,16 +280,18 @@ def health_cmd(tmp_path):
     env = {"PATH": "%s:/usr/bin:/bin" % os.path.dirname(SYSTEM_PYTHON), "LC_ALL": "C",
            "GPUVIRT_HEALTH_LIB": str(lib)}
 
-    def run(*args):
+    def run(*args, stdin=b""):
         proc = subprocess.run(
-            [HEALTH_CMD, "--record", str(tmp_path / "health.json"), "--sysfs", sysfs_root,
-             "--proc", proc_root, "--host-record", str(tmp_path / "none.json"),
-             "--lock", str(tmp_path / "alloc.lock"), "--uri", "test:///default"] + list(args),
+            [HEALTH_CMD] + run.options + list(args), input=stdin,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120, check=False,
             env=dict(env, **{k: v for k, v in os.environ.items()
                              if k.startswith("GPUVIRT_SMI_")}))  # the stand-in nvidia-smi's
         return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
 
+    run.options = ["--record", str(tmp_path / "health.json"), "--sysfs", sysfs_root,
+                   "--proc", proc_root, "--host-record", str(tmp_path / "none.json"),
+                   "--lock", str(tmp_path / "alloc.lock"), "--uri", "test:///default"]
+    run.env = env
     run.record = tmp_path / "health.json"
     return run
 
@@ -346,6 +349,82 @@ def test_the_command_takes_the_platform_kvm_host_converted_the_host_with(health_
     assert status == 1 and "nonesuch" in err
     status, out, err = health_cmd("--platform", "dgx2", "show")
     assert status == 0 and len(out.splitlines()) == 28, err
+
+
+# --- the start check: gpuvirt-health vet, which libvirt's hook runs at each VM start -----------
+
+HEALTH_HOOK = os.path.join(os.path.dirname(HEALTH_CMD), "gpuvirt-health-hook")
+FABRIC_HOOK = os.path.join(os.path.dirname(HEALTH_CMD), "gpuvirt-qemu-hook")
+
+
+def held_domain_xml():
+    """vm-a's definition (it holds GPU0, 0000:34:00.0, of the DGX-2 fixture), as libvirt hands a
+    hook the domain it starts."""
+    node = ElementTree.parse(os.path.join(os.path.dirname(HEALTH_CMD), "..", "..", "..", "tests",
+                                          "fixtures", "libvirt", "dgx2-gpu0-held.xml"))
+    return ElementTree.tostring(node.getroot().find("domain"))
+
+
+def test_vet_refuses_the_start_of_a_vm_that_holds_a_failed_gpu_and_names_it(health_cmd):
+    xml = held_domain_xml()
+    assert health_cmd("vet", stdin=xml) == (0, "", "")
+    assert health_cmd("mark", "--reason", "XID 79 (OPS-9)", "34:00.0")[0] == 0
+    status, out, err = health_cmd("vet", stdin=xml)
+    assert (status, out) == (1, "")
+    assert err.startswith("gpuvirt-health: vm-a: not started: it holds GPU 0000:34:00.0, which "
+                          "failed its health check (marked failed by an admin: XID 79 (OPS-9)")
+    assert "gpuvirt-health clear --reason WHY ADDRESS" in err
+    # another GPU's mark does not concern vm-a; a clear lets it start again
+    assert health_cmd("clear", "--reason", "reseated", "34:00.0")[0] == 0
+    assert health_cmd("mark", "--reason", "XID 79", "36:00.0")[0] == 0
+    assert health_cmd("vet", stdin=xml) == (0, "", "")
+    before = health_cmd.record.read_text()
+    # a broken record refuses a VM with a GPU, and is left as it is; a VM without none starts
+    health_cmd.record.write_text("[]")
+    status, _out, err = health_cmd("vet", stdin=xml)
+    assert status == 1 and "vm-a: not started:" in err and "it holds a list" in err
+    cpu_only = b"<domain type='kvm'><name>cpu-a</name><memory>65536</memory></domain>"
+    assert health_cmd("vet", stdin=cpu_only) == (0, "", "")
+    assert health_cmd.record.read_text() == "[]"
+    health_cmd.record.write_text(before)
+    # a host whose devices cannot be judged refuses a VM with host devices, naming why
+    status, _out, err = health_cmd("--platform", "nonesuch", "vet", stdin=xml)
+    assert status == 1 and "vm-a: not started: the health of the devices it holds cannot be " \
+        "judged" in err and "nonesuch" in err
+    assert health_cmd("--platform", "nonesuch", "vet", stdin=cpu_only)[0] == 0
+
+
+def test_the_qemu_d_hook_runs_vet_at_prepare_begin_only(health_cmd, tmp_path):
+    """roles/kvm_host/files/gpuvirt-health-hook as libvirt runs it: the command it calls is a
+    wrapper that logs each call and runs gpuvirt-health on the fixture."""
+    log = tmp_path / "calls.log"
+    wrapper = tmp_path / "gpuvirt-health"
+    wrapper.write_text("#!/bin/sh\necho \"$@\" >> %s\nexec %s %s \"$@\"\n" % (
+        log, HEALTH_CMD, " ".join(health_cmd.options)))
+    wrapper.chmod(0o755)
+    env = dict(health_cmd.env, GPUVIRT_HEALTH=str(wrapper),
+               GPUVIRT_HOOK_MAIN=str(tmp_path / "no-qemu-hook"))
+
+    def hook(op, sub, main=None):
+        proc = subprocess.run(
+            [HEALTH_HOOK, "vm-a", op, sub, "-"], input=held_domain_xml(), capture_output=True,
+            timeout=120, check=False, env=dict(env, GPUVIRT_HOOK_MAIN=main) if main else env)
+        return proc.returncode, proc.stderr.decode()
+
+    assert health_cmd("mark", "--reason", "XID 79", "0000:34:00.0")[0] == 0
+    status, err = hook("prepare", "begin")
+    assert status == 1 and "vm-a: not started: it holds GPU 0000:34:00.0" in err
+    assert log.read_text() == "vet\n"
+    for op, sub in (("start", "begin"), ("started", "begin"), ("release", "end"),
+                    ("reconnect", "begin")):
+        assert hook(op, sub) == (0, "")
+    assert log.read_text() == "vet\n"
+    # where the main hook is gpuvirt.kvm's (a shared-NVSwitch host), that one has checked
+    assert hook("prepare", "begin", main=FABRIC_HOOK) == (0, "")
+    assert log.read_text() == "vet\n"
+    # a host without the command (kvm_host_state=absent under way) has nothing to check with
+    env["GPUVIRT_HEALTH"] = str(tmp_path / "gone")
+    assert hook("prepare", "begin") == (0, "")
 
 
 # --- the deep check (issue 17, point 2), against the stand-in nvidia-smi ------------------------
