@@ -74,6 +74,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._nvidia_smi import (
     NvidiaSmiQueryError,
     parse_memory_health,
 )
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._sysfs import read_pci_vendor
 
 # What the command imports (and they import), and so what a host needs of the collection under
 # /usr/local/lib/gpuvirt/health/ansible_collections/gpuvirt/kvm/plugins/module_utils/.
@@ -83,6 +84,7 @@ HOST_FILES = ("_health_check", "_bdf", "_deep_check", "_domain", "_fabric", "_fa
               "_placement_model", "_platform_data", "_platform_file", "_platforms", "_ranges",
               "_sysfs", "_topology", "_units")
 CHECK, MARK, CLEAR, SHOW, VET = "check", "mark", "clear", "show", "vet"
+NVIDIA_VENDOR = 0x10de
 
 HealthError = (HostContextError, HealthRecordError, HostLockError, DeepCheckError)
 
@@ -149,6 +151,8 @@ def vet(p, domain_xml, platform_of=None):
     try:
         dom = read_domain(domain_xml)
     except DomainXmlError as exc:
+        if "<hostdev" not in domain_xml:
+            return None  # nothing it could hold
         return "the domain definition libvirt gave cannot be read: %s" % exc
     if not dom.hostdevs:
         return None
@@ -157,6 +161,11 @@ def vet(p, domain_xml, platform_of=None):
             p = dict(p, platform=platform_of() or "auto")
         ctx = host_context(dict(p, fabric_manager=None), bridges=False)
     except (HostContextError, FabricError) as exc:
+        # Only a VM that may hold a GPU or NVSwitch (an NVIDIA function, or one not on the bus
+        # to tell) waits for the host to be readable; a NIC's VF alone does not.
+        vendors = [read_pci_vendor(p["sysfs_root"], b) for b in dom.hostdevs]
+        if all(v is not None and v != NVIDIA_VENDOR for v in vendors):
+            return None
         return ("%s: not started: the health of the devices it holds cannot be judged: %s"
                 % (dom.name, getattr(exc, "message", None) or exc))
     kinds = dict([(b, "GPU") for b in ctx.gpu_bdfs] + [(b, "NVSwitch") for b in ctx.switch_bdfs])
@@ -448,7 +457,12 @@ def main(argv=None, stdout=None, stderr=None, stdin=None):
         except (OSError, UnicodeDecodeError) as exc:
             stderr.write("gpuvirt-health: vet: cannot read %s: %s\n" % (args.domain_xml, exc))
             return 1
-        why = vet(p, xml, platform_of=lambda: read_record_platform(args.host_record))
+        try:
+            why = vet(p, xml, platform_of=lambda: read_record_platform(args.host_record))
+        except Exception as exc:  # noqa: BLE001  pylint: disable=broad-except
+            # libvirt shows this text: a reason, not a traceback (and the VM does not start).
+            why = "not started: the start check failed unexpectedly: %s: %s" % (
+                type(exc).__name__, exc)
         if why:
             stderr.write("gpuvirt-health: %s\n" % why)
         return 1 if why else 0

@@ -24,8 +24,9 @@ import os
 
 # A record is at most CONSOLE_EXT_LOG_MAX (8192) bytes; a smaller buffer fails with EINVAL.
 _RECORD_MAX = 8192
-# The ring buffer is 2^CONFIG_LOG_BUF_SHIFT bytes, 32 MiB at most (log_buf_len=): reading stops
-# after this much, so a host that logs faster than it is read cannot keep a run here.
+# The ring buffer is 2^CONFIG_LOG_BUF_SHIFT bytes (at most 32 MiB; log_buf_len= on the kernel's
+# command line may set more): reading stops after this much, so a host that logs faster than it
+# is read cannot keep a run here. Past it the newest records are not read (a known limit).
 _READ_MAX = 64 << 20
 
 

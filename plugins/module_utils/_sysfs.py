@@ -347,6 +347,12 @@ def read_pci_health(sysfs_root, bdf):
     return files
 
 
+def read_pci_vendor(sysfs_root, bdf):
+    """A PCI function's vendor ID (``0x10de`` for NVIDIA), or None when it cannot be read (not
+    on the bus)."""
+    return _int(_read(os.path.join(sysfs_root, "bus", "pci", "devices", bdf, "vendor"), ""), 16)
+
+
 def _listdir(path):
     try:
         return sorted(os.listdir(path))

@@ -379,7 +379,7 @@ def test_vet_refuses_the_start_of_a_vm_that_holds_a_failed_gpu_and_names_it(heal
     assert health_cmd("mark", "--reason", "XID 79", "36:00.0")[0] == 0
     assert health_cmd("vet", stdin=xml) == (0, "", "")
     before = health_cmd.record.read_text()
-    # a broken record refuses a VM with a GPU, and is left as it is; a VM without none starts
+    # a broken record refuses a VM with a GPU, and is left as it is; a VM without one starts
     health_cmd.record.write_text("[]")
     status, _out, err = health_cmd("vet", stdin=xml)
     assert status == 1 and "vm-a: not started:" in err and "it holds a list" in err
@@ -392,6 +392,14 @@ def test_vet_refuses_the_start_of_a_vm_that_holds_a_failed_gpu_and_names_it(heal
     assert status == 1 and "vm-a: not started: the health of the devices it holds cannot be " \
         "judged" in err and "nonesuch" in err
     assert health_cmd("--platform", "nonesuch", "vet", stdin=cpu_only)[0] == 0
+    # ... but not a VM that holds only a NIC's function (not NVIDIA's): that one starts
+    nic_only = (b"<domain type='kvm'><name>nic-a</name><memory>65536</memory><devices>"
+                b"<hostdev mode='subsystem' type='pci' managed='yes'><source><address "
+                b"domain='0x0000' bus='0x35' slot='0x00' function='0x0'/></source></hostdev>"
+                b"</devices></domain>")
+    assert health_cmd("--platform", "nonesuch", "vet", stdin=nic_only) == (0, "", "")
+    assert health_cmd("--platform", "nonesuch", "vet", stdin=b"<domain><hostdev")[0] == 1
+    assert health_cmd("--platform", "nonesuch", "vet", stdin=b"not xml")[0] == 0
 
 
 def test_the_qemu_d_hook_runs_vet_at_prepare_begin_only(health_cmd, tmp_path):
@@ -422,6 +430,11 @@ def test_the_qemu_d_hook_runs_vet_at_prepare_begin_only(health_cmd, tmp_path):
     # where the main hook is gpuvirt.kvm's (a shared-NVSwitch host), that one has checked
     assert hook("prepare", "begin", main=FABRIC_HOOK) == (0, "")
     assert log.read_text() == "vet\n"
+    # ... unless libvirt does not run it (not executable): then this one checks
+    idle = tmp_path / "qemu"
+    idle.write_text(open(FABRIC_HOOK, encoding="utf-8").read())
+    assert hook("prepare", "begin", main=str(idle))[0] == 1
+    assert log.read_text() == "vet\nvet\n"
     # a host without the command (kvm_host_state=absent under way) has nothing to check with
     env["GPUVIRT_HEALTH"] = str(tmp_path / "gone")
     assert hook("prepare", "begin") == (0, "")
