@@ -177,7 +177,7 @@ def _lowest(*values):
 # "[ seconds.micros]".
 _SXID_RE = re.compile(
     r"nvidia-nvswitch\d+: SXid \(PCI:([0-9A-Fa-f]{4}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.[0-7])\): "
-    r"(\d+), (Fatal|Non-fatal)(?:, (.*))?$")
+    r"(\d+), (?:(Fatal|Non-fatal)(?:, (.*))?|(.*))$")
 _KMSG_PREFIX_RE = re.compile(r"^\s*\d+,(\d+),(\d+),[^;]*;")
 _DMESG_PREFIX_RE = re.compile(r"^\s*\[\s*(\d+)\.(\d{1,6})\]")
 
@@ -210,16 +210,20 @@ def _usec(line):
 
 def parse_sxid(text):
     """{NVSwitch address: [SxidEvent, ...]} from kernel log text (``/dev/kmsg`` records,
-    ``dmesg`` lines, or lines without a prefix), in the order logged. Lines that are not SXid
-    lines, or that are cut short, are passed over."""
+    ``dmesg`` lines, or lines without a prefix), in the order logged. An SXid line the driver
+    prints without a severity (NVSWITCH_ERR_HW_HOST_IO_FAILURE's "IO failure", the thermal
+    warnings) is a non-fatal one. Lines that are not SXid lines, or that are cut short, are
+    passed over."""
     found = {}
     for line in (text or "").splitlines():
         m = _SXID_RE.search(line.rstrip())
         if m is None:
             continue
-        bdf, code, severity, what = m.groups()
+        # A line without a severity ("IO failure", a temperature warning) counts as non-fatal.
+        bdf, code, severity, what, other = m.groups()
         found.setdefault(bdf.lower(), []).append(
-            SxidEvent(int(code), severity == "Fatal", (what or "").strip(), _usec(line)))
+            SxidEvent(int(code), severity == "Fatal", (what or other or "").strip(),
+                      _usec(line)))
     return found
 
 

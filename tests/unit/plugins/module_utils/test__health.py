@@ -408,6 +408,23 @@ def test_sxid_lines_are_read_from_kmsg_and_dmesg_layouts():
     assert found["0000:c1:00.0"][0].logged == ""
 
 
+def test_sxid_lines_without_a_severity_degrade_the_switch():
+    """NVSWITCH_PRINT_SXID lines whose text is not "Fatal, ..." or "Non-fatal, ...": the host
+    I/O failure (NVSWITCH_ERR_HW_HOST_IO_FAILURE, 10007, "IO failure") and the thermal warning
+    (NVSWITCH_ERR_HW_HOST_THERMAL_EVENT_START, 10004, "NVSWITCH Temperature %dC | TSENSE WARN
+    Threshold %dC"), as the driver's format strings print them."""
+    found = parse_sxid(
+        "[ 812.000100] nvidia-nvswitch2: SXid (PCI:0000:09:00.0): 10007, IO failure\n"
+        "[ 913.000200] nvidia-nvswitch2: SXid (PCI:0000:09:00.0): 10004, NVSWITCH Temperature "
+        "98C | TSENSE WARN Threshold 95C\n")
+    assert found == {"0000:09:00.0": [
+        SxidEvent(10007, False, "IO failure", 812000100),
+        SxidEvent(10004, False, "NVSWITCH Temperature 98C | TSENSE WARN Threshold 95C",
+                  913000200)]}
+    (signal,) = sxid_signals("0000:09:00.0", found["0000:09:00.0"])
+    assert signal.state == HEALTH_DEGRADED and "SXid 10004" in signal.reason
+
+
 def test_a_fatal_sxid_fails_the_switch_and_non_fatal_ones_degrade_it():
     found = parse_sxid(KMSG)
     signals = sxid_signals("0000:c3:00.0", found["0000:c3:00.0"])
