@@ -36,7 +36,11 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_model import (
     NvlinkFailures,
     describe_modules,
 )
-from ansible_collections.gpuvirt.kvm.plugins.module_utils._health import HEALTH_DEGRADED, Signal
+from ansible_collections.gpuvirt.kvm.plugins.module_utils._health import (
+    HEALTH_DEGRADED,
+    SOURCE_FABRIC_MANAGER,
+    Signal,
+)
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._platforms import (
     FmPartition,
     partitions_from_fm,
@@ -249,7 +253,7 @@ def nvlink_signals(failures, device_bdfs, address, by_address=True):
         if bdf is None or bdf not in mine:
             continue
         ports = ", ".join(str(p) for p in dev.ports)
-        found.setdefault(bdf, []).append(Signal("fabric-manager", HEALTH_DEGRADED, (
+        found.setdefault(bdf, []).append(Signal(SOURCE_FABRIC_MANAGER, HEALTH_DEGRADED, (
             "Fabric Manager at %s reports failed NVLinks on %s %s%s%s: %s" % (
                 address, "GPU" if dev.kind == "gpu" else "NVSwitch", bdf,
                 " (%s)" % dev.uuid if dev.uuid else "",

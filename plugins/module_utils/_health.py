@@ -24,6 +24,9 @@ from dataclasses import dataclass
 HEALTH_OK = "ok"
 HEALTH_DEGRADED = "degraded"
 HEALTH_FAILED = "failed"
+# Sources a run may not read (the kernel log, Fabric Manager): the record's word on them stands.
+SOURCE_SXID = "sxid"
+SOURCE_FABRIC_MANAGER = "fabric-manager"
 # Correctable errors since boot above which a device is reported degraded (a link that retrains
 # or replays now and then counts a few; a bad riser or cable counts thousands).
 DEFAULT_CORRECTABLE_THRESHOLD = 100
@@ -246,7 +249,7 @@ def sxid_signals(bdf, events):
         if not group:
             continue
         last = group[-1]
-        signals.append(Signal("sxid", state, "%s: %s SXid %05d in the kernel log%s%s" % (
+        signals.append(Signal(SOURCE_SXID, state, "%s: %s SXid %05d in the kernel log%s%s" % (
             bdf, word, last.code, " at %s" % last.logged if last.logged else "",
             ": %s" % last.what if last.what else "")))
     return tuple(signals)

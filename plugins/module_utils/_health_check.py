@@ -33,7 +33,9 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._deep_check import (
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._domain import DomainXmlError
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric import (
+    DEFAULT_HOOK_CONFIG,
     DEFAULT_HOST_RECORD,
+    read_hook_config,
     read_record_platform,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_model import FabricError
@@ -106,9 +108,10 @@ def apply(p, action, bdfs, reason, write=True, deep=None):
     lock = HostLock(p["lock_path"], p["lock_timeout"], owner="gpu health %s" % action) \
         if write or deep is not None else contextlib.nullcontext()
     with lock:
-        # Without fabric_manager: health needs no partitions, and Fabric Manager being down
-        # must not keep a check from being recorded.
-        ctx = host_context(dict(p, fabric_manager=None), bridges=False)
+        # With fabric_manager (a shared-NVSwitch host), Fabric Manager's NVLink-failed devices
+        # are signals; FM not answering keeps no check from being recorded (the record's last
+        # word on them stands: _health_record.carried).
+        ctx = host_context(p, bridges=False)
         if ctx.health_record_error:
             raise HealthRecordError(ctx.health_record_error)
         before = ctx.health_record
@@ -159,6 +162,8 @@ def vet(p, domain_xml, platform_of=None):
     try:
         if not p.get("platform") and platform_of is not None:
             p = dict(p, platform=platform_of() or "auto")
+        # Fabric Manager is not asked at a VM's start: its signals only degrade (the record's
+        # word on them stands), and the hook must not wait on it.
         ctx = host_context(dict(p, fabric_manager=None), bridges=False)
     except (HostContextError, FabricError) as exc:
         # Only a VM that may hold a GPU or NVSwitch (an NVIDIA function, or one not on the bus
@@ -397,6 +402,10 @@ def _parser():
     parser.add_argument("--lock", default=DEFAULT_LOCK_PATH, help="the host lock")
     parser.add_argument("--lock-timeout", type=int, default=DEFAULT_LOCK_TIMEOUT)
     parser.add_argument("--json", action="store_true", help="print the devices as JSON")
+    parser.add_argument("--fabric-config", default=DEFAULT_HOOK_CONFIG, metavar="FILE",
+                        help="where a shared-NVSwitch host's Fabric Manager is (the settings "
+                             "kvm_host writes for its hook); its NVLink-failed devices are "
+                             "signals; \"\" not to ask it")
     sub = parser.add_subparsers(dest="action", required=True)
     check = sub.add_parser(CHECK, help="read every device's health and record it")
     check.add_argument("--deep", action="store_true",
@@ -443,6 +452,15 @@ def main(argv=None, stdout=None, stderr=None, stdin=None):
          "health_record": args.record, "lock_path": args.lock, "lock_timeout": args.lock_timeout,
          "uri": args.uri}
     deep = None
+    if args.action != VET and args.fabric_config:
+        try:
+            found = read_hook_config(args.fabric_config)
+        except FabricError as exc:
+            stderr.write("gpuvirt-health: %s: Fabric Manager is not asked this run\n"
+                         % exc.message)
+            found = {}
+        keys = ("address", "fmpm", "starting_wait", "service_vm")
+        p["fabric_manager"] = {k: found[k] for k in keys if k in found} if found else None
     if getattr(args, "deep", False):
         deep = {"driver": args.deep_driver, "nvidia_smi": args.nvidia_smi,
                 "timeout": args.deep_timeout}

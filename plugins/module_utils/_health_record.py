@@ -15,7 +15,8 @@ The record (``/var/lib/gpuvirt/health.json`` by default) is a JSON object::
         "since": "2026-12-05T23:40:00Z",    # when this state and reason began
         "signals": [{"source", "state", "reason"}, ...],
         "mark": {"state": "failed", "reason": "...", "since": "..."},   # an admin's, optional
-        "cleared": {"reason": "...", "since": "...", "signals": ["..."]},  # optional
+        "cleared": {"reason": "...", "since": "...", "signals": ["..."],  # optional
+                    "found": [{"source", "state", "reason"}, ...]},
         "deep": {"at": "...", "driver": "nvidia", "signals": [...]},     # the last deep check
         "history": [{"at": "...", "event": "...", "state": "...", "reason": "..."}, ...]}}}
 
@@ -110,6 +111,11 @@ def validate(data, path):
                 and isinstance(cleared.get("signals"), list)
                 and all(isinstance(s, str) for s in cleared["signals"])):
             raise bad("%s.cleared is not {reason, since, signals: [reasons]}" % where)
+        if cleared is not None and "found" in cleared:
+            try:
+                _check_signals("%s.cleared.found" % where, cleared["found"])
+            except HealthRecordError as exc:
+                raise bad(str(exc)) from None
         deep = entry.get("deep")
         if deep is not None:
             if not (isinstance(deep, dict) and _str(deep.get("at"))):
@@ -174,6 +180,8 @@ def _judged(bdf, kind, live, old, now):
         still = [r for r in cleared["signals"] if r in showing]
         if still:
             entry["cleared"] = dict(cleared, signals=still)
+            if "found" in cleared:
+                entry["cleared"]["found"] = [f for f in cleared["found"] if f["reason"] in still]
         else:
             del entry["cleared"]
     health = effective(bdf, live, entry)
@@ -186,6 +194,31 @@ def _judged(bdf, kind, live, old, now):
         _event(entry, now, "state", reason or "no fault found", health.state)
     entry.update(state=health.state, reason=reason, source=_sources(health), signals=signals)
     return entry
+
+
+def carried(live, record, sources):
+    """``live`` ({address: DeviceHealth} read now) with the signals of ``sources`` that this run
+    did not read (the kernel log that cannot be read, Fabric Manager not asked or not
+    answering) as the record keeps them - those placement obeyed and those an admin cleared -
+    so that such a run neither forgets what the source said nor undoes an admin's clear of it.
+    The next run that reads the source judges them again."""
+    if not sources:
+        return live
+    entries = (record or {}).get("devices") or {}
+    out = {}
+    for bdf, health in live.items():
+        entry = entries.get(bdf) or {}
+        kept = list(entry.get("signals") or ()) + list(
+            (entry.get("cleared") or {}).get("found") or ())
+        have = {(s.source, s.reason) for s in health.signals}
+        extra = []
+        for item in kept:
+            key = (item.get("source"), item.get("reason"))
+            if item.get("source") in sources and key not in have:
+                have.add(key)
+                extra.append(Signal(item["source"], item["state"], item["reason"]))
+        out[bdf] = DeviceHealth(bdf, health.signals + tuple(extra)) if extra else health
+    return out
 
 
 def checked(record, live, kinds, now):
@@ -238,7 +271,10 @@ def cleared(record, bdfs, reason, live, kinds, now):
         if not entry.get("mark") and set(showing) <= set(hidden):
             continue
         entry.pop("mark", None)
-        entry["cleared"] = {"reason": reason, "since": now, "signals": showing}
+        # found: the signals themselves, so that a run that cannot read their source (the
+        # kernel log, Fabric Manager) carries them, and the clear, on (``carried``).
+        entry["cleared"] = {"reason": reason, "since": now, "signals": showing,
+                            "found": [s.to_dict() for s in _found(found, entry)]}
         _event(entry, now, "cleared", reason)
         entry = entry if bdf in devices else dict(entry, since=now)
         # One the host no longer has is judged here: a check passes it by.

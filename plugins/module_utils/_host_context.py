@@ -33,6 +33,8 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._fabric_placement impo
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._health import (
     DEFAULT_CORRECTABLE_THRESHOLD,
+    SOURCE_FABRIC_MANAGER,
+    SOURCE_SXID,
     DeviceHealth,
     judge,
     parse_sxid,
@@ -40,6 +42,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._health import (
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._health_record import (
     HealthRecordError,
+    carried,
     effective,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._health_store import (
@@ -161,9 +164,15 @@ def host_context(p, store=None, bridges=True):
             "with module IDs assumed to follow PCI order, and VMs record no partition for the "
             "collection's libvirt hook to activate: multi-GPU VMs get no NVLink. Set "
             "fabric_manager and install the hook (docs/fabric.md)" % platform.name)
+    unread = set()  # sources this run did not read: the record's word on them stands
     if platform.fabric == FABRIC_SHARED_NVSWITCH:
-        found = _joined(found, kernel_log_health(
-            p, [d.bdf for d in platform_nvswitches(topology, platform)], warnings))
+        if fabric is None:
+            unread.add(SOURCE_FABRIC_MANAGER)
+        sxid = kernel_log_health(
+            p, [d.bdf for d in platform_nvswitches(topology, platform)], warnings)
+        if sxid is None:
+            unread.add(SOURCE_SXID)
+        found = _joined(found, sxid or {})
     live, record, record_error = live_health(p, topology, platform, found), None, None
     try:
         record = read_health_record(p)
@@ -173,6 +182,7 @@ def host_context(p, store=None, bridges=True):
         record_error = str(exc)
         warnings.append("%s; until it is, no GPU VM is placed or started (stopping and "
                         "removing go ahead)" % record_error)
+    live = carried(live, record, unread)
     health, failed_gpus, failed_switches = device_health(
         live, record, {d.bdf for d in platform_gpus(topology, platform)}, platform, warnings)
     manual = tuple(p.get("unhealthy_gpus") or ())
@@ -244,15 +254,15 @@ def kernel_log_health(p, switch_bdfs, warnings):
     """{NVSwitch address: (Signal, ...)} of the SXid lines in the kernel log (``dev/kmsg``
     beside ``sysfs_root``), for a shared-NVSwitch host, whose switches the nvidia-nvswitch
     driver runs where Fabric Manager runs on the host. Each line names its switch by PCI
-    address. A log that cannot be read, or lines naming no switch of the platform, give a
-    warning; the run goes on."""
+    address. A log that cannot be read gives a warning and None (the run goes on, with what the
+    health record says of them); lines naming no switch of the platform give a warning."""
     path = kernel_log_path(p["sysfs_root"])
     try:
         lines = read_kernel_log(path, contains="SXid")
     except KernelLogError as exc:
-        warnings.append("%s: the NVSwitches' SXid errors are not read this run "
-                        "(docs/health.md)" % exc)
-        return {}
+        warnings.append("%s: the NVSwitches' SXid errors are not read this run; the health "
+                        "record's last word on them stands (docs/health.md)" % exc)
+        return None
     events = parse_sxid("\n".join(lines))
     others = sorted(b for b in events if b not in switch_bdfs)
     if others:

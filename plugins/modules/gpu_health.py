@@ -16,6 +16,9 @@ description:
     AER error counts, a link down or trained below what it can; see C(docs/health.md)) and
     writes it into the host's health record (O(health_record)) with its reason, its source and
     since when.
+  - On a shared-NVSwitch host it also reads the NVSwitches' SXid lines in the kernel log and,
+    with O(fabric_manager), Fabric Manager's NVLink-failed devices. A source it cannot read
+    (the kernel log, Fabric Manager not answering or not set) keeps what the record says of it.
   - Lets an admin mark a device failed, or clear it, with a reason that the record keeps.
   - Every module that places VMs (M(gpuvirt.kvm.kvm_vm), M(gpuvirt.kvm.kvm_layout),
     M(gpuvirt.kvm.gpu_topology)) reads the record. A device marked failed is never given to a

@@ -527,8 +527,9 @@ def test_an_unreadable_kernel_log_warns_and_the_run_goes_on(fresh_host_tree):
     os.unlink(path)
     ctx = host_context(_params(sysfs_root, proc_root), bridges=False)
     assert all(h.state == HEALTH_OK for h in ctx.health.values())
-    assert "cannot read the kernel log %s: No such file or directory: the NVSwitches' SXid " \
-           "errors are not read this run (docs/health.md)" % path in ctx.warnings
+    assert ("cannot read the kernel log %s: No such file or directory: the NVSwitches' SXid "
+            "errors are not read this run; the health record's last word on them stands "
+            "(docs/health.md)" % path) in ctx.warnings
     os.mkdir(path)  # read() fails (EISDIR), as a kmsg the run may not read does (EPERM)
     ctx = host_context(_params(sysfs_root, proc_root), bridges=False)
     assert any(w.startswith("cannot read the kernel log %s: Is a directory" % path)

@@ -626,3 +626,91 @@ def test_the_command_reports_an_sxid_of_a_shared_nvswitch_host(health_cmd, tmp_p
     assert "fatal SXid 24007 in the kernel log at [5312.345690]" in line
     devices = json.loads(health_cmd.record.read_text())["devices"]
     assert devices["0000:07:00.0"]["signals"][0]["source"] == "sxid"
+
+
+# --- sources a run cannot read: the record's word on them stands (carried) ---------------------
+
+def test_a_run_that_cannot_read_the_kernel_log_keeps_the_sxid_and_its_clear(tmp_path):
+    """A check without the kernel log (dmesg_restrict without root, a container) neither
+    forgets the SXid it recorded nor undoes an admin's clear of it: the next run that reads the
+    log judges them again."""
+    sysfs_root, proc_root = h100_with_kmsg(tmp_path / "h100", SXID_07)
+    kmsg = os.path.join(os.path.dirname(sysfs_root), "dev", "kmsg")
+    path = str(tmp_path / "health.json")
+    p = dict(_params(sysfs_root, proc_root, path), lock_path=str(tmp_path / "alloc.lock"),
+             lock_timeout=5, uri="test:///default")
+
+    def switch():
+        return read_record(path)["devices"]["0000:07:00.0"]
+
+    health_check.apply(p, health_check.CHECK, [], "")
+    assert switch()["state"] == HEALTH_FAILED
+    os.rename(kmsg, kmsg + ".away")
+    ctx, _before, after, _report = health_check.apply(p, health_check.CHECK, [], "")
+    assert after["devices"]["0000:07:00.0"]["state"] == HEALTH_FAILED  # still: not read
+    assert ctx.failed_switches == ("0000:07:00.0",)
+    assert any("the health record's last word on them stands" in w for w in ctx.warnings)
+    # cleared while the log cannot be read: the clear holds through runs without it...
+    health_check.apply(p, health_check.CLEAR, ["0000:07:00.0"], "fabric reset, OPS-78")
+    health_check.apply(p, health_check.CHECK, [], "")
+    assert switch()["state"] == HEALTH_OK and switch()["cleared"]["signals"]
+    # ... and with it, while the line is the same
+    os.rename(kmsg + ".away", kmsg)
+    health_check.apply(p, health_check.CHECK, [], "")
+    assert switch()["state"] == HEALTH_OK and "cleared" in switch()
+    # a record from before cleared.found: the clear is kept while the log is read
+    with open(kmsg, "a", encoding="utf-8") as handle:
+        handle.write(SXID_07_AGAIN + "\n")
+    health_check.apply(p, health_check.CHECK, [], "")
+    assert switch()["state"] == HEALTH_FAILED and "[7400.000123]" in switch()["reason"]
+
+
+def test_fabric_managers_signals_reach_the_record_and_stand_while_it_is_not_asked(
+        host_tree, fm_state, tmp_path, monkeypatch):
+    from test__health import fm_options
+
+    sysfs_root, proc_root = host_tree("dgx-h100")
+    gpus = list(host_context(_params(sysfs_root, proc_root, str(tmp_path / "none.json")),
+                             bridges=False).gpu_bdfs)
+    over = fm_options(fm_state, tmp_path, monkeypatch, gpus, failed_gpus=[
+        {"uuid": "GPU-8f1e", "pciBusId": "00000000:DF:00.0", "portNum": [3, 7]}])
+    path = str(tmp_path / "health.json")
+    p = dict(_params(sysfs_root, proc_root, path), lock_path=str(tmp_path / "alloc.lock"),
+             lock_timeout=5, uri="test:///default", **over)
+    health_check.apply(p, health_check.CHECK, [], "")
+    entry = read_record(path)["devices"]["0000:df:00.0"]
+    assert (entry["state"], entry["source"]) == (HEALTH_DEGRADED, "fabric-manager")
+    assert "ports 3, 7" in entry["reason"]
+    # the timer's run without Fabric Manager, and one while it does not answer: it stands
+    for fabric in (None, dict(over["fabric_manager"], fmpm=str(tmp_path / "no-fmpm"))):
+        ctx, _before, after, _report = health_check.apply(
+            dict(p, fabric_manager=fabric), health_check.CHECK, [], "")
+        assert after["devices"]["0000:df:00.0"]["state"] == HEALTH_DEGRADED
+        assert ctx.health["0000:df:00.0"].state == HEALTH_DEGRADED
+    # Fabric Manager answers again without the failure: gone
+    state = fm_state.state()
+    state["failed_gpus"] = []
+    with open(fm_state.path, "w", encoding="utf-8") as handle:
+        json.dump(state, handle)
+    health_check.apply(p, health_check.CHECK, [], "")
+    assert read_record(path)["devices"]["0000:df:00.0"]["state"] == HEALTH_OK
+
+
+def test_carried_adds_only_the_unread_sources_signals_once():
+    from ansible_collections.gpuvirt.kvm.plugins.module_utils._health_record import carried
+
+    record = {"format": 1, "devices": {"0000:07:00.0": {
+        "kind": "nvswitch", "state": "failed", "since": "t",
+        "signals": [{"source": "sxid", "state": "failed", "reason": "fatal SXid 24007"},
+                    {"source": "aer", "state": "failed", "reason": "1 fatal"}],
+        "cleared": {"reason": "r", "since": "t", "signals": ["non-fatal SXid 20009"],
+                    "found": [{"source": "sxid", "state": "degraded",
+                               "reason": "non-fatal SXid 20009"}]}}}}
+    live = {"0000:07:00.0": DeviceHealth("0000:07:00.0"), "0000:08:00.0": DeviceHealth("x")}
+    out = carried(live, record, {"sxid"})
+    assert [(s.source, s.reason) for s in out["0000:07:00.0"].signals] == [
+        ("sxid", "fatal SXid 24007"), ("sxid", "non-fatal SXid 20009")]
+    assert out["0000:08:00.0"] is live["0000:08:00.0"]
+    assert carried(live, record, set()) is live
+    assert carried(out, record, {"sxid"})["0000:07:00.0"].signals == \
+        out["0000:07:00.0"].signals  # not twice
