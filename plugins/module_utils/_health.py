@@ -181,6 +181,9 @@ def _lowest(*values):
 _SXID_RE = re.compile(
     r"nvidia-nvswitch\d+: SXid \(PCI:([0-9A-Fa-f]{4}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.[0-7])\): "
     r"(\d+), (?:(Fatal|Non-fatal)(?:, (.*))?|(.*))$")
+# What the driver prints after an error's SXid line, with the same code (nvswitch_record_error ->
+# _nvswitch_dump_error_entry, NVSWITCH_PRINT_SXID_NO_BBX): more about that error, no error itself.
+_SXID_MORE_RE = re.compile(r"^(?:Severity \d+ Engine instance|Data \{)")
 _KMSG_PREFIX_RE = re.compile(r"^\s*\d+,(\d+),(\d+),[^;]*;")
 _DMESG_PREFIX_RE = re.compile(r"^\s*\[\s*(\d+)\.(\d{1,6})\]")
 
@@ -215,8 +218,9 @@ def parse_sxid(text):
     """{NVSwitch address: [SxidEvent, ...]} from kernel log text (``/dev/kmsg`` records,
     ``dmesg`` lines, or lines without a prefix), in the order logged. An SXid line the driver
     prints without a severity (NVSWITCH_ERR_HW_HOST_IO_FAILURE's "IO failure", the thermal
-    warnings) is a non-fatal one. Lines that are not SXid lines, or that are cut short, are
-    passed over."""
+    warnings) is a non-fatal one; the lines the driver prints after an error's line, with its
+    code ("Severity N Engine instance ...", "Data {...}"), are part of that error. Lines that are
+    not SXid lines, or that are cut short, are passed over."""
     found = {}
     for line in (text or "").splitlines():
         m = _SXID_RE.search(line.rstrip())
@@ -224,6 +228,8 @@ def parse_sxid(text):
             continue
         # A line without a severity ("IO failure", a temperature warning) counts as non-fatal.
         bdf, code, severity, what, other = m.groups()
+        if other is not None and _SXID_MORE_RE.match(other.strip()):
+            continue
         found.setdefault(bdf.lower(), []).append(
             SxidEvent(int(code), severity == "Fatal", (what or other or "").strip(),
                       _usec(line)))

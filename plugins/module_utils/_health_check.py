@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 
@@ -431,6 +432,30 @@ def _parser():
     return parser
 
 
+def fabric_settings(path):
+    """(the fabric_manager mapping, None) from the settings kvm_host writes for its libvirt hook
+    on a shared-NVSwitch host (``{}``: Fabric Manager on this host, fmpm on PATH), or (None,
+    None) when there is no such file, or (None, why) when it cannot be used."""
+    if not os.path.exists(path):
+        return None, None
+    try:
+        found = read_hook_config(path)
+    except FabricError as exc:
+        return None, exc.message
+    wait = found.get("starting_wait", 60)
+    if isinstance(wait, bool) or not isinstance(wait, int) or wait < 0:
+        return None, "%s: starting_wait is %r, not a number of seconds" % (path, wait)
+    return {"address": found.get("address"), "fmpm": found.get("fmpm"),
+            "starting_wait": wait, "service_vm": found.get("service_vm")}, None
+
+
+def unread_lines(ctx):
+    """What a health command says of the sources a check could not read."""
+    return ["%s not read (%s); the health record's last word on it stands" % (
+        "Fabric Manager" if source == "fabric-manager" else "the kernel log's SXid lines", why)
+        for source, why in sorted(ctx.unread_sources.items())]
+
+
 def _line(row):
     what = "%s%d %s" % ("GPU" if row["kind"] == "gpu" else "NVSwitch", row["index"],
                         row["address"])
@@ -452,15 +477,10 @@ def main(argv=None, stdout=None, stderr=None, stdin=None):
          "health_record": args.record, "lock_path": args.lock, "lock_timeout": args.lock_timeout,
          "uri": args.uri}
     deep = None
-    if args.action != VET and args.fabric_config:
-        try:
-            found = read_hook_config(args.fabric_config)
-        except FabricError as exc:
-            stderr.write("gpuvirt-health: %s: Fabric Manager is not asked this run\n"
-                         % exc.message)
-            found = {}
-        keys = ("address", "fmpm", "starting_wait", "service_vm")
-        p["fabric_manager"] = {k: found[k] for k in keys if k in found} if found else None
+    if args.action not in (VET, SHOW) and args.fabric_config:
+        p["fabric_manager"], why = fabric_settings(args.fabric_config)
+        if why:
+            stderr.write("gpuvirt-health: %s: Fabric Manager is not asked this run\n" % why)
     if getattr(args, "deep", False):
         deep = {"driver": args.deep_driver, "nvidia_smi": args.nvidia_smi,
                 "timeout": args.deep_timeout}
@@ -499,6 +519,9 @@ def main(argv=None, stdout=None, stderr=None, stdin=None):
     except HealthError as exc:
         stderr.write("gpuvirt-health: %s\n" % exc)
         return 1
+    if args.action != SHOW and (p["fabric_manager"] or "sxid" in ctx.unread_sources):
+        for line in unread_lines(ctx):
+            stderr.write("gpuvirt-health: %s\n" % line)
     held, why = holders(args.uri)
     if why:
         stderr.write("gpuvirt-health: holders not read: %s\n" % why)

@@ -34,6 +34,8 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._health import (
     HEALTH_DEGRADED,
     HEALTH_FAILED,
     HEALTH_OK,
+    SOURCE_FABRIC_MANAGER,
+    SOURCE_SXID,
     DeviceHealth,
     Signal,
 )
@@ -44,6 +46,8 @@ SOURCE_ADMIN = "admin"
 SOURCE_DEEP = "nvidia-smi"
 KINDS = ("gpu", "nvswitch")
 STATES = (HEALTH_OK, HEALTH_DEGRADED, HEALTH_FAILED)
+# The sources a run may not read, in the order a run that reads them finds their signals.
+CARRIED_ORDER = (SOURCE_FABRIC_MANAGER, SOURCE_SXID)
 _FIX = "; fix it, or move it away (a check then writes a new one): it is never reset"
 
 
@@ -217,7 +221,15 @@ def carried(live, record, sources):
             if item.get("source") in sources and key not in have:
                 have.add(key)
                 extra.append(Signal(item["source"], item["state"], item["reason"]))
-        out[bdf] = DeviceHealth(bdf, health.signals + tuple(extra)) if extra else health
+        if not extra:
+            out[bdf] = health
+            continue
+        # In the order a run that reads every source finds them (sysfs's, Fabric Manager's,
+        # the kernel log's): the record does not change only because a source was not read.
+        signals = list(health.signals) + extra
+        rank = {source: n for n, source in enumerate(CARRIED_ORDER)}
+        out[bdf] = DeviceHealth(bdf, tuple(sorted(
+            signals, key=lambda sig: rank.get(sig.source, -1))))
     return out
 
 

@@ -112,6 +112,9 @@ class HostContext:
     health_record: dict | None = None  # the health record read (None: there is none)
     health_record_error: str | None = None  # it could not be read: nothing is placed or started
     failed_switches: tuple = ()  # NVSwitches whose health failed: no block that needs one
+    # Health sources this run did not read (a shared-NVSwitch host's kernel log, Fabric
+    # Manager): {source: why}; their signals are the health record's (carried).
+    unread_sources: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
     _bdfs: dict = field(default_factory=dict, repr=False)
 
@@ -164,14 +167,15 @@ def host_context(p, store=None, bridges=True):
             "with module IDs assumed to follow PCI order, and VMs record no partition for the "
             "collection's libvirt hook to activate: multi-GPU VMs get no NVLink. Set "
             "fabric_manager and install the hook (docs/fabric.md)" % platform.name)
-    unread = set()  # sources this run did not read: the record's word on them stands
+    unread = {}  # sources this run did not read, and why: the record's word on them stands
     if platform.fabric == FABRIC_SHARED_NVSWITCH:
         if fabric is None:
-            unread.add(SOURCE_FABRIC_MANAGER)
+            unread[SOURCE_FABRIC_MANAGER] = fabric_error or "fabric_manager is not set"
+        before = len(warnings)
         sxid = kernel_log_health(
             p, [d.bdf for d in platform_nvswitches(topology, platform)], warnings)
         if sxid is None:
-            unread.add(SOURCE_SXID)
+            unread[SOURCE_SXID] = warnings[before] if len(warnings) > before else "not read"
         found = _joined(found, sxid or {})
     live, record, record_error = live_health(p, topology, platform, found), None, None
     try:
@@ -194,7 +198,7 @@ def host_context(p, store=None, bridges=True):
         nvlinks=nvlinks, bridges=read_bridges(p["sysfs_root"]) if bridges else (),
         busy_gpus=busy, fabric=fabric, fabric_error=fabric_error, health=health,
         live_health=live, health_record=record, health_record_error=record_error,
-        failed_switches=tuple(failed_switches),
+        failed_switches=tuple(failed_switches), unread_sources=unread,
         warnings=warnings)
 
 

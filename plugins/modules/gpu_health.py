@@ -250,6 +250,7 @@ from ansible_collections.gpuvirt.kvm.plugins.module_utils._health_check import (
     holders,
     rows,
     stop_affected,
+    unread_lines,
 )
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._health_record import summary
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._health_store import (
@@ -307,6 +308,9 @@ def main():
             write=not module.check_mode, deep=deep)
     except HealthError as exc:
         module.fail_json(msg=str(exc), record=path)
+    if p["fabric_manager"] or "sxid" in ctx.unread_sources:
+        for line in unread_lines(ctx):
+            module.warn(line)
     held, why = holders(resolve_uri(p["uri"]))
     if why:
         if p["stop_affected"]:

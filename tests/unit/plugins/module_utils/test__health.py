@@ -425,6 +425,24 @@ def test_sxid_lines_without_a_severity_degrade_the_switch():
     assert signal.state == HEALTH_DEGRADED and "SXid 10004" in signal.reason
 
 
+def test_the_lines_after_an_sxid_are_part_of_its_error():
+    """nvswitch_record_error prints, after an error's own line, two more with its code
+    (_nvswitch_dump_error_entry: "Severity %d Engine instance %02d Sub-engine instance %02d",
+    "Data {0x%08x, ...}"): they add nothing, and must not count as severity-less errors."""
+    found = parse_sxid(
+        "[ 700.000001] nvidia-nvswitch0: SXid (PCI:0000:07:00.0): 24007, Fatal, Link 30 "
+        "sourcetrack timeout error\n"
+        "[ 700.000002] nvidia-nvswitch0: SXid (PCI:0000:07:00.0): 24007, Severity 1 Engine "
+        "instance 30 Sub-engine instance 00\n"
+        "[ 700.000003] nvidia-nvswitch0: SXid (PCI:0000:07:00.0): 24007, Data {0x00000000, "
+        "0x00000000, 0x00000000, 0x00000000, 0x00000000, 0x00000000, 0x00000000, 0x00000000, "
+        "0x00000000}\n")
+    assert found == {"0000:07:00.0": [
+        SxidEvent(24007, True, "Link 30 sourcetrack timeout error", 700000001)]}
+    assert [s.state for s in sxid_signals("0000:07:00.0", found["0000:07:00.0"])] == [
+        HEALTH_FAILED]
+
+
 def test_a_fatal_sxid_fails_the_switch_and_non_fatal_ones_degrade_it():
     found = parse_sxid(KMSG)
     signals = sxid_signals("0000:c3:00.0", found["0000:c3:00.0"])

@@ -288,7 +288,8 @@ def health_cmd(tmp_path):
                              if k.startswith("GPUVIRT_SMI_")}))  # the stand-in nvidia-smi's
         return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
 
-    run.options = ["--record", str(tmp_path / "health.json"), "--sysfs", sysfs_root,
+    run.options = ["--fabric-config", str(tmp_path / "no-fabric.json"),
+                   "--record", str(tmp_path / "health.json"), "--sysfs", sysfs_root,
                    "--proc", proc_root, "--host-record", str(tmp_path / "none.json"),
                    "--lock", str(tmp_path / "alloc.lock"), "--uri", "test:///default"]
     run.env = env
@@ -658,7 +659,7 @@ def test_a_run_that_cannot_read_the_kernel_log_keeps_the_sxid_and_its_clear(tmp_
     os.rename(kmsg + ".away", kmsg)
     health_check.apply(p, health_check.CHECK, [], "")
     assert switch()["state"] == HEALTH_OK and "cleared" in switch()
-    # a record from before cleared.found: the clear is kept while the log is read
+    # the same SXid logged again is a new line: it counts
     with open(kmsg, "a", encoding="utf-8") as handle:
         handle.write(SXID_07_AGAIN + "\n")
     health_check.apply(p, health_check.CHECK, [], "")
@@ -714,3 +715,48 @@ def test_carried_adds_only_the_unread_sources_signals_once():
     assert carried(live, record, set()) is live
     assert carried(out, record, {"sxid"})["0000:07:00.0"].signals == \
         out["0000:07:00.0"].signals  # not twice
+
+
+def test_the_command_asks_the_fabric_manager_of_the_hook_settings_and_says_when_it_cannot(
+        health_cmd, fm_state, tmp_path):
+    """gpuvirt-health --fabric-config: kvm_host's hook settings name Fabric Manager (``{}``:
+    on this host); FM's NVLink failures reach the record; FM not answering is said, and the
+    record's word stands."""
+    from conftest import FMPM
+
+    sysfs_root, proc_root = h100_with_kmsg(tmp_path / "h100fm")
+    gpus = sorted(health_check.host_context(
+        _params(sysfs_root, proc_root, str(tmp_path / "x.json")), bridges=False).gpu_bdfs)
+    fm_state("h100")
+    state = fm_state.state()
+    state["failed_gpus"] = [{"uuid": "GPU-8f1e", "pciBusId": "00000000:DF:00.0",
+                             "portNum": [3]}]
+    with open(fm_state.path, "w", encoding="utf-8") as handle:
+        json.dump(state, handle)
+    (tmp_path / "none.json").write_text(json.dumps(
+        {"fabric": {"module_ids": {b: i + 1 for i, b in enumerate(gpus)}}}))
+    fmpm = tmp_path / "fmpm"
+    fmpm.write_text("#!/bin/sh\nFMPM_STATE=%s exec %s \"$@\"\n" % (fm_state.path, FMPM))
+    fmpm.chmod(0o755)
+    config = tmp_path / "fabric.json"
+    tree = ["--sysfs", sysfs_root, "--proc", proc_root, "--fabric-config", str(config)]
+    config.write_text(json.dumps({"fmpm": str(fmpm), "starting_wait": 0}))
+    status, out, err = health_cmd(*tree, "check")
+    assert status == 0, err
+    line = [row for row in out.splitlines() if "0000:df:00.0" in row][0]
+    assert "degraded" in line and "reports failed NVLinks on GPU 0000:df:00.0" in line
+    assert "not read" not in err
+    # FM not answering: said, and the record's word stands
+    config.write_text(json.dumps({"fmpm": str(tmp_path / "gone"), "starting_wait": 0}))
+    status, out, err = health_cmd(*tree, "check")
+    assert status == 0 and "Fabric Manager not read (fabric_manager: " in err
+    assert "degraded" in [row for row in out.splitlines() if "0000:df:00.0" in row][0]
+    # settings it cannot use: said, not asked
+    config.write_text(json.dumps({"starting_wait": "120"}))
+    status, _out, err = health_cmd(*tree, "check")
+    assert status == 0 and "starting_wait is '120', not a number of seconds" in err
+    # an empty file is kvm_host's default (FM on this host): asked, with fmpm from PATH
+    assert health_check.fabric_settings(str(tmp_path / "nothing.json")) == (None, None)
+    config.write_text("{}")
+    assert health_check.fabric_settings(str(config)) == ({
+        "address": None, "fmpm": None, "starting_wait": 60, "service_vm": None}, None)
