@@ -575,9 +575,10 @@ def h100_with_kmsg(root, *lines):
     return sysfs_builder.build(desc, str(root))
 
 
-def test_a_cleared_sxid_stays_cleared_while_its_line_stays_and_a_new_line_counts(tmp_path):
+def sxid_host(tmp_path):
+    """(apply's options, the kernel log, switch()) of a DGX H100 tree whose kernel log holds
+    SXID_07; switch() reads NVSwitch 0000:07:00.0's entry of the record."""
     sysfs_root, proc_root = h100_with_kmsg(tmp_path / "h100", SXID_07)
-    kmsg = os.path.join(os.path.dirname(sysfs_root), "dev", "kmsg")
     path = str(tmp_path / "health.json")
     p = dict(_params(sysfs_root, proc_root, path), lock_path=str(tmp_path / "alloc.lock"),
              lock_timeout=5, uri="test:///default")
@@ -585,6 +586,12 @@ def test_a_cleared_sxid_stays_cleared_while_its_line_stays_and_a_new_line_counts
     def switch():
         return read_record(path)["devices"]["0000:07:00.0"]
 
+    return p, os.path.join(os.path.dirname(sysfs_root), "dev", "kmsg"), switch
+
+
+def test_a_cleared_sxid_stays_cleared_while_its_line_stays_and_a_new_line_counts(tmp_path):
+    p, kmsg, switch = sxid_host(tmp_path)
+    path = p["health_record"]
     health_check.apply(p, health_check.CHECK, [], "")
     entry = switch()
     assert (entry["state"], entry["source"]) == (HEALTH_FAILED, "sxid")
@@ -635,15 +642,7 @@ def test_a_run_that_cannot_read_the_kernel_log_keeps_the_sxid_and_its_clear(tmp_
     """A check without the kernel log (dmesg_restrict without root, a container) neither
     forgets the SXid it recorded nor undoes an admin's clear of it: the next run that reads the
     log judges them again."""
-    sysfs_root, proc_root = h100_with_kmsg(tmp_path / "h100", SXID_07)
-    kmsg = os.path.join(os.path.dirname(sysfs_root), "dev", "kmsg")
-    path = str(tmp_path / "health.json")
-    p = dict(_params(sysfs_root, proc_root, path), lock_path=str(tmp_path / "alloc.lock"),
-             lock_timeout=5, uri="test:///default")
-
-    def switch():
-        return read_record(path)["devices"]["0000:07:00.0"]
-
+    p, kmsg, switch = sxid_host(tmp_path)
     health_check.apply(p, health_check.CHECK, [], "")
     assert switch()["state"] == HEALTH_FAILED
     os.rename(kmsg, kmsg + ".away")

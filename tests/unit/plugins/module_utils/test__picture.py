@@ -8,7 +8,6 @@ fleet page lists free capacity by block size, and Chromium renders the page with
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import struct
@@ -18,8 +17,8 @@ from html.parser import HTMLParser
 from xml.etree import ElementTree
 
 import pytest
+from test__health import _faulty as faulty
 
-import sysfs_builder
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_context import host_context
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._host_facts import build
 from ansible_collections.gpuvirt.kvm.plugins.module_utils._picture import (
@@ -35,30 +34,10 @@ SVG = "{http://www.w3.org/2000/svg}"
 DAY = ({"name": "train-a", "gpus": 4}, {"name": "dev-b", "gpus": 2}, {"name": "dev-c", "gpus": 1})
 
 
-def _entry(tree, bdf):
-    lists = [tree]
-    while lists:
-        entries = lists.pop()
-        for i, entry in enumerate(entries):
-            if isinstance(entry, str):
-                short, model = entry.split()
-                if short.lower() == bdf[5:]:
-                    entries[i] = {"bdf": short, "model": model}
-                    return entries[i]
-                continue
-            if str(entry.get("bdf", "")).lower() == bdf[5:]:
-                return entry
-            lists.extend(x for x in (entry.get("children"), entry.get("devices")) if x)
-    raise AssertionError("no %s in the fixture" % bdf)
-
-
 def _result(name, root, faults=None, requests=DAY):
     """gpu_topology's result for fixture host ``name`` with ``{bdf: fixture fields}`` faults
     written into its tree, read the way a host is read, with ``requests`` planned."""
-    desc = copy.deepcopy(sysfs_builder.load_host(name))
-    for bdf, fields in (faults or {}).items():
-        _entry(desc["pci"], bdf).update(fields)
-    sysfs_root, proc_root = sysfs_builder.build(desc, str(root))
+    sysfs_root, proc_root = faulty(name, faults or {}, root)
     ctx = host_context({
         "sysfs_root": sysfs_root, "proc_root": proc_root, "platform": "auto",
         "nvidia_smi_topo": None, "unhealthy_gpus": [], "reserved_cpus": "",
