@@ -497,9 +497,11 @@ def main(argv=None, stdout=None, stderr=None, stdin=None):
             return 1
         try:
             why = vet(p, xml, platform_of=lambda: read_record_platform(args.host_record))
-        except Exception as exc:  # noqa: BLE001  pylint: disable=broad-except
-            # libvirt shows this text: a reason, not a traceback (and the VM does not start).
-            why = "not started: the start check failed unexpectedly: %s: %s" % (
+        except (OSError, ValueError) as exc:
+            # A sysfs or record file that cannot be read mid-way (a device gone from the bus):
+            # libvirt shows this text, a reason rather than a traceback, and the VM does not
+            # start.
+            why = "not started: the start check could not read the host: %s: %s" % (
                 type(exc).__name__, exc)
         if why:
             stderr.write("gpuvirt-health: %s\n" % why)

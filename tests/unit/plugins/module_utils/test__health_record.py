@@ -759,3 +759,20 @@ def test_the_command_asks_the_fabric_manager_of_the_hook_settings_and_says_when_
     config.write_text("{}")
     assert health_check.fabric_settings(str(config)) == ({
         "address": None, "fmpm": None, "starting_wait": 60, "service_vm": None}, None)
+
+
+def test_vet_says_in_one_line_when_the_host_cannot_be_read_mid_way(tmp_path, monkeypatch):
+    import io
+
+    def gone(*args, **kwargs):
+        raise OSError(19, "No such device", "/sys/bus/pci/devices/0000:34:00.0/config")
+
+    monkeypatch.setattr(health_check, "host_context", gone)
+    err = io.StringIO()
+    status = health_check.main(
+        ["--fabric-config", "", "--platform", "dgx2", "--record", str(tmp_path / "h.json"),
+         "vet"], stdout=io.StringIO(), stderr=err, stdin=io.StringIO(held_domain_xml().decode()))
+    assert status == 1
+    assert err.getvalue() == (
+        "gpuvirt-health: not started: the start check could not read the host: OSError: "
+        "[Errno 19] No such device: '/sys/bus/pci/devices/0000:34:00.0/config'\n")
